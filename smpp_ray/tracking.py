@@ -1,0 +1,150 @@
+"""MLflow tracking: one parent run per pipeline, a child run per stage and per Tune trial.
+
+Nesting uses the ``mlflow.parentRunId`` tag, which is what the MLflow UI groups by, so it works
+across processes (a Ray worker, a Tune trial) where MLflow's active-run stack does not reach.
+Everything goes through :class:`mlflow.MlflowClient` with an explicit tracking URI: no process-
+global state, so a Ray worker logs to the same store as the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+STAGE_TAG = "smpp.stage"
+_MAX_PARAM_CHARS = 6000
+
+
+def resolve_tracking_uri(configured: str, out_dir: str | Path) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store beside the stage outputs."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(out_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlruns.db'}"
+
+
+def client(tracking_uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    """Id of the named experiment, created (with artifacts beside a SQLite store) when missing."""
+    c = client(tracking_uri)
+    found = c.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        artifact_location = (db.parent / "mlartifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # another process created it between our lookup and create
+        found = c.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
+
+
+def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(str(k), _param_value(v)) for k, v in params.items()]
+    c = client(tracking_uri)
+    for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        c.log_batch(run_id, params=items[start:start + 100])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """All metrics of one step in a single ``log_batch`` call (non-finite values are skipped)."""
+    import math
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()
+             if v is not None and math.isfinite(float(v))]
+    c = client(tracking_uri)
+    for start in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[start:start + 1000])
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    c = client(tracking_uri)
+    c.log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+
+def create_run(tracking_uri: str, experiment: str, name: str, *, parent_run_id: str | None = None,
+               tags: Mapping[str, Any] | None = None) -> str:
+    """Create a RUNNING run (a child of ``parent_run_id`` when given) and return its id."""
+    all_tags = {"mlflow.runName": name, **(tags or {})}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client(tracking_uri).create_run(experiment_id(tracking_uri, experiment), run_name=name,
+                                          tags={k: str(v) for k, v in all_tags.items()})
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(tracking_uri).set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def tracked_run(tracking_uri: str, experiment: str, name: str, *, parent_run_id: str | None = None,
+                params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+                enabled: bool = True) -> Iterator[str | None]:
+    """A run that ends FINISHED, or FAILED (then re-raises) when the body raises.
+
+    Yields the run id, or None when tracking is disabled, so callers write
+    ``if run_id: log_metrics(...)`` instead of branching on config.
+    """
+    if not enabled:
+        yield None
+        return
+    run_id = create_run(tracking_uri, experiment, name, parent_run_id=parent_run_id, tags=tags)
+    if params:
+        log_params(tracking_uri, run_id, params)
+    try:
+        yield run_id
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    end_run(tracking_uri, run_id, "FINISHED")
+
+
+def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    c = client(tracking_uri)
+    if Path(path).is_dir():
+        c.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        c.log_artifact(run_id, str(path), artifact_path)
+
+
+@dataclass(frozen=True)
+class TrackingContext:
+    """Where a stage logs: the store, the experiment, and the stage's own run (children nest under it)."""
+
+    tracking_uri: str
+    experiment: str
+    run_id: str
