@@ -1,0 +1,208 @@
+"""The ``smpp`` command line: one subcommand per stage, each with ``--config`` and ``--set``.
+
+Exit codes: 0 success, 2 bad usage or bad input (unknown config key, missing file, invalid
+data), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+from smpp_ray.config import Config, ConfigError, load_config
+
+logger = logging.getLogger("smpp_ray.cli")
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML config (jobs/configs/*.yaml); defaults otherwise")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add(sub, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=examples,
+                            formatter_class=_Formatter)
+    _common(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smpp", formatter_class=_Formatter,
+        description=textwrap.dedent("""\
+            Social media popularity prediction on Ray: prompt-tuned CLIP with hierarchical
+            prototypes and dual-grained prompts, then LightGBM/CatBoost tuned on Ray Tune.
+            Stages: synth -> prepare -> prototypes -> train -> extract -> tune -> evaluate."""),
+        epilog=_examples("smpp pipeline --config jobs/configs/demo.yaml --out runs/demo",
+                         "smpp train --data runs/demo/data --prototypes runs/demo/prototypes --out runs/t1 "
+                         "--set train.epochs=3",
+                         "smpp <command> --help"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = _add(sub, "synth", "write a synthetic corpus in the SMPD layout (JPEGs + oracle.parquet)",
+             _examples("smpp synth --out runs/raw --posts 2000 --seed 0"))
+    p.add_argument("--out", required=True, help="folder for the raw SMPD files")
+    p.add_argument("--posts", type=int, help="number of training posts (synth.posts)")
+    p.add_argument("--seed", type=int, help="random seed (synth.seed)")
+
+    p = _add(sub, "prepare", "validate a raw SMPD folder into Parquet shards, rejects and manifest.json",
+             _examples("smpp prepare --raw runs/raw --out runs/data", "smpp prepare --raw /data/smpd --out runs/data --split user"))
+    p.add_argument("--raw", required=True, help="raw SMPD folder (train_*.json, train_label.txt, images)")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--split", choices=["time", "user"], help="chronological or grouped-by-user split (data.split)")
+
+    p = _add(sub, "prototypes", "build visual/textual prototypes of the 77 subcategories and 11 categories",
+             _examples("smpp prototypes --data runs/data --out runs/prototypes --set prototypes.shots=64"))
+    p.add_argument("--data", required=True, help="prepared dataset folder")
+    p.add_argument("--out", required=True, help="folder for prototypes.safetensors and members.json")
+
+    p = _add(sub, "train", "prompt-tune the network on Ray Train (resumes when relaunched with the same name)",
+             _examples("smpp train --data runs/data --prototypes runs/prototypes --out runs/train",
+                       "smpp train ... --set train.num_workers=8 --set train.use_gpu=true"))
+    p.add_argument("--data", required=True, help="prepared dataset folder")
+    p.add_argument("--prototypes", required=True, help="prototypes stage folder")
+    p.add_argument("--out", required=True, help="train stage folder (checkpoints under ray_results/)")
+
+    p = _add(sub, "extract", "extract network + tabular features for every post with a Ray Data actor pool",
+             _examples("smpp extract --data runs/data --checkpoint runs/train --out runs/features",
+                       "smpp extract --data runs/data --out runs/features_meta   # tabular only"))
+    p.add_argument("--data", required=True, help="prepared dataset folder")
+    p.add_argument("--checkpoint", default="", help="train stage folder or checkpoint folder; empty: tabular only")
+    p.add_argument("--out", required=True, help="features folder to write")
+
+    p = _add(sub, "tune", "search LightGBM and CatBoost on Ray Tune, refit, blend and evaluate",
+             _examples("smpp tune --features runs/features --out runs/tune --set tune.num_samples=50"))
+    p.add_argument("--features", required=True, help="features folder")
+    p.add_argument("--out", required=True, help="tune stage folder")
+
+    p = _add(sub, "evaluate", "results table and HTML report of a finished pipeline folder",
+             _examples("smpp evaluate --pipeline runs/demo"))
+    p.add_argument("--pipeline", required=True, help="pipeline output folder")
+
+    p = _add(sub, "predict", "score new posts (SMPD layout, no labels) with a finished pipeline",
+             _examples("smpp predict --pipeline runs/demo --posts new_posts/ --out scores.csv"))
+    p.add_argument("--pipeline", required=True, help="pipeline output folder")
+    p.add_argument("--posts", required=True, help="folder of new posts in the SMPD layout (test_ or train_ files)")
+    p.add_argument("--out", required=True, help="output file: .csv or .parquet")
+
+    p = _add(sub, "pipeline", "run every stage under one parent MLflow run, skipping complete ones",
+             _examples("smpp pipeline --config jobs/configs/demo.yaml --out runs/demo",
+                       "smpp pipeline --raw /data/smpd --config jobs/configs/smpd-8gpu.yaml --out s3://bucket/run1"))
+    p.add_argument("--out", required=True, help="pipeline folder: raw/, data/, prototypes/, train/, ...")
+    p.add_argument("--raw", default="", help="a real SMPD folder; without it a synthetic corpus is generated")
+    p.add_argument("--only", default="", help="comma-separated stages to run (default all)")
+    p.add_argument("--force", action="store_true", help="rerun stages even when their artifact is complete")
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("urllib3", "matplotlib", "PIL", "alembic", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Flags that are shorthands for config keys become ``--set`` overrides (flags win over YAML)."""
+    extra = list(args.overrides)
+    shorthands = {"posts": "synth.posts", "seed": "synth.seed", "split": "data.split"}
+    for flag, key in shorthands.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            extra.append(f"{key}={value}")
+    return extra
+
+
+def _dispatch(args: argparse.Namespace, config: Config) -> object:
+    from smpp_ray import stages
+
+    command = args.command
+    if command == "synth":
+        return stages.run_synth(config, args.out)
+    if command == "prepare":
+        return stages.run_prepare(config, args.raw, args.out)
+    if command == "prototypes":
+        return stages.run_prototypes(config, args.data, args.out)
+    if command == "train":
+        return stages.run_train(config, args.data, args.prototypes, args.out)
+    if command == "extract":
+        return stages.run_extract(config, args.data, args.checkpoint or None, args.out)
+    if command == "tune":
+        return stages.run_tune(config, args.features, args.out)
+    if command == "evaluate":
+        from smpp_ray.evaluate import print_results, run_evaluate
+
+        result = run_evaluate(config, args.pipeline)
+        print_results(result)
+        return result["report"]
+    if command == "predict":
+        from smpp_ray.predict import predict_posts
+
+        return predict_posts(args.pipeline, args.posts, args.out, config=config)
+    if command == "pipeline":
+        from smpp_ray.evaluate import print_results
+        from smpp_ray.pipeline import run_pipeline
+
+        only = [s.strip() for s in args.only.split(",") if s.strip()]
+        result = run_pipeline(config, args.out, raw_dir=args.raw or None, only=only, force=args.force)
+        if "table" in result:
+            print_results(result)
+        return args.out
+    raise ConfigError(f"unknown command {command!r}")
+
+
+def _print_summary(location: object) -> None:
+    summary_file = Path(str(location)) / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        print(json.dumps({"stage": summary["stage"], "out": str(location), "metrics": summary["metrics"]},
+                         indent=2, default=str))
+    else:
+        print(location)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits 2 on bad usage, 0 on --help
+        return int(exit_.code or 0)
+    _configure_logging(args.verbose)
+    try:
+        config = load_config(args.config, _overrides(args))
+        location = _dispatch(args, config)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        if args.verbose:
+            logger.exception("details")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return EXIT_FAILURE
+    except Exception:
+        logger.exception("smpp %s failed", args.command)
+        return EXIT_FAILURE
+    if args.command not in ("evaluate", "pipeline"):
+        _print_summary(location)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

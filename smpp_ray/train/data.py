@@ -1,0 +1,96 @@
+"""The Ray Data side of training: Parquet shards -> decoded, tokenised batches -> torch tensors.
+
+Nothing here materialises a split: ``read_parquet`` streams the shards, ``map_batches`` decodes
+JPEGs and tokenises text in CPU tasks, and Ray Train hands each worker a streaming shard of the
+train split (``DataConfig(datasets_to_split=["train"])``) while the val split stays whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from smpp_ray.data.schema import posts_path
+
+logger = logging.getLogger(__name__)
+
+#: Columns the preprocessor needs; reading only these skips geo/user columns in the shards.
+INPUT_COLUMNS = ["pid", "uid", "image", "title", "tags", "subcategory_id", "category_id", "label",
+                 "postdate"]
+
+#: Columns that stay Python strings after collation (ids, not tensors).
+STRING_COLUMNS = ("pid", "uid")
+
+#: Rows per preprocessing task; big enough to amortise task overhead, small enough to stream.
+PREPROCESS_BATCH_ROWS = 64
+
+
+def count_rows(data_dir: str, split: str) -> int:
+    """Rows of one split from the Parquet footers (no data pages are read)."""
+    import pyarrow.dataset as pads
+
+    path = posts_path(data_dir, split)
+    try:
+        dataset = pads.dataset(path, format="parquet")
+    except (FileNotFoundError, OSError) as err:
+        raise FileNotFoundError(f"no Parquet shards for split {split!r} at {path!r}; "
+                                "run `smpp prepare` first") from err
+    return sum(fragment.count_rows() for fragment in dataset.get_fragments())
+
+
+def create_split_dataset(data_dir: str, split: str, *, backbone: str, image_size: int,
+                         context_length: int, train: bool):
+    """A lazy Ray Dataset of one split, decoded and tokenised by the model's BatchPreprocessor.
+
+    ``train`` switches on the preprocessor's augmentation (random resized crop + flip). The
+    preprocessor instance is a plain callable, so Ray Data runs it in stateless CPU tasks that
+    hold no CPUs between epochs; an actor pool would pin CPUs that the training workers and the
+    other split's pipeline also need on a small machine.
+    """
+    import ray.data
+
+    from smpp_ray.model.preprocess import BatchPreprocessor
+
+    path = posts_path(data_dir, split)
+    rows = count_rows(data_dir, split)
+    if rows == 0:
+        raise ValueError(f"split {split!r} at {path!r} has no rows; training needs train and val posts")
+    preprocessor = BatchPreprocessor(backbone, image_size, context_length, train)
+    dataset = ray.data.read_parquet(path, columns=INPUT_COLUMNS)
+    return dataset.map_batches(preprocessor, batch_size=PREPROCESS_BATCH_ROWS, batch_format="numpy",
+                               num_cpus=1)
+
+
+def collate_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Numeric columns become tensors; ``pid``/``uid`` stay a list of strings (cache keys, probes).
+
+    ``iter_torch_batches`` cannot turn string columns into tensors, hence this collate function.
+    """
+    out: dict[str, Any] = {}
+    for name, values in batch.items():
+        if name in STRING_COLUMNS or values.dtype.kind in ("U", "S", "O"):
+            out[name] = [str(v) for v in values]
+        else:
+            out[name] = torch.as_tensor(np.ascontiguousarray(values))
+    return out
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensor columns of a collated batch to ``device`` (strings stay on the host)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def iterate_torch(iterator, batch_size: int, *, train: bool, seed: int | None = None):
+    """Collated torch batches from a Ray ``DataIterator`` (a worker's shard or the whole val split).
+
+    Train batches get a local shuffle buffer so consecutive batches mix shards; the device move
+    is left to the loop so the same batches feed CPU and GPU runs.
+    """
+    return iterator.iter_torch_batches(
+        batch_size=batch_size, collate_fn=collate_batch, drop_last=False,
+        local_shuffle_buffer_size=4 * batch_size if train else None,
+        local_shuffle_seed=seed if train else None)

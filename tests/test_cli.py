@@ -1,0 +1,50 @@
+"""The `smpp` command line: help for every subcommand and exit codes that mean something."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from smpp_ray.cli import EXIT_BAD_INPUT, build_parser, main
+
+COMMANDS = ["synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate", "predict", "pipeline"]
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_subcommand_has_help_with_examples_config_and_set(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "--config" in out and "--set" in out
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "smpp_ray.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: smpp" in result.stdout
+
+
+def test_bad_usage_and_bad_config_exit_2(tmp_path, caplog):
+    assert main(["train"]) == EXIT_BAD_INPUT  # required flags missing
+    assert main(["synth", "--out", str(tmp_path), "--set", "synth.postz=3"]) == EXIT_BAD_INPUT
+    assert "synth.postz" in caplog.text
+
+
+def test_missing_input_folder_exits_2(tmp_path, caplog):
+    code = main(["prepare", "--raw", str(tmp_path / "absent"), "--out", str(tmp_path / "data"),
+                 "--set", "tracking.enabled=false"])
+    assert code == EXIT_BAD_INPUT
+    assert "absent" in caplog.text
+
+
+def test_parser_knows_every_command():
+    parser = build_parser()
+    choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert sorted(choices) == sorted(COMMANDS)
