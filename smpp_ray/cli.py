@@ -149,7 +149,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
     if command == "evaluate":
         from smpp_ray.evaluate import print_results, run_evaluate
 
-        result = run_evaluate(config, args.pipeline)
+        result = run_evaluate(config, args.pipeline, stages.default_stage_run(config, root=args.pipeline))
         print_results(result)
         return result["report"]
     if command == "predict":
