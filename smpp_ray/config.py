@@ -209,6 +209,8 @@ class TrainConfig:
     """Run name under storage_path; relaunching with the same name resumes."""
     fail_at_epoch: int = -1
     """Testing aid: raise once in rank 1 at this epoch to exercise fault tolerance (-1: never)."""
+    seed: int = 0
+    """Seed of the prompt/head initialisation and of the train shuffle buffer."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, f"train.num_workers must be >= 1, got {self.num_workers!r}")
@@ -281,8 +283,12 @@ class TuneConfig:
     """Registered MLflow model names are <prefix>-lightgbm and <prefix>-catboost."""
     seed: int = 0
     """Seed of the search algorithm and of the models."""
+    interrupt_after_trials: int = 0
+    """Testing aid: interrupt each search as Ctrl+C would after this many trials complete (0: never)."""
 
     def __post_init__(self) -> None:
+        _require(self.interrupt_after_trials >= 0,
+                 f"tune.interrupt_after_trials must be >= 0, got {self.interrupt_after_trials!r}")
         unknown = set(self.models) - {"lightgbm", "catboost"}
         _require(not unknown and len(self.models) > 0,
                  f"tune.models must be a non-empty subset of [lightgbm, catboost], got {list(self.models)!r}")

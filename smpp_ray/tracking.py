@@ -148,3 +148,17 @@ class TrackingContext:
     tracking_uri: str
     experiment: str
     run_id: str
+
+
+def find_runs(tracking_uri: str, experiment: str, tags: Mapping[str, Any]) -> list[str]:
+    """Ids of the runs of ``experiment`` carrying every tag in ``tags`` (oldest first)."""
+    def quote(value: Any) -> str:
+        return "'" + str(value).replace("'", "\\'") + "'"
+
+    found = client(tracking_uri).get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = {quote(v)}" for k, v in tags.items())
+    runs = client(tracking_uri).search_runs([found.experiment_id], filter_string=query,
+                                            order_by=["attributes.start_time ASC"], max_results=1000)
+    return [run.info.run_id for run in runs]

@@ -91,7 +91,7 @@ class Taxonomy:
         return {
             "categories": [{"id": i, "name": n} for i, n in enumerate(self.categories)],
             "subcategories": [{"id": i, "name": n, "category_id": p}
-                              for i, (n, p) in enumerate(zip(self.subcategories, self.parents))],
+                              for i, (n, p) in enumerate(zip(self.subcategories, self.parents, strict=True))],
         }
 
     @classmethod

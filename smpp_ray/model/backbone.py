@@ -80,7 +80,7 @@ class Backbone(nn.Module):
     """A frozen open_clip model with the image and text paths the prompt model needs.
 
     Attributes: ``embed_dim`` (joint space D), ``text_width`` (W, token embedding width),
-    ``image_size``, ``context_length`` (L), ``eot_token_id``, ``pad_token_id``,
+    ``image_size``, ``num_patches`` (P), ``context_length`` (L), ``eot_token_id``, ``pad_token_id``,
     ``image_mean`` / ``image_std``, ``randomly_initialised``.
     """
 
@@ -109,6 +109,8 @@ class Backbone(nn.Module):
         self.text_width = int(self.token_embedding.weight.shape[1])
         size = clip.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        grid = clip.visual.grid_size
+        self.num_patches = int(grid[0] * grid[1])
         preprocess = getattr(clip.visual, "preprocess_cfg", {}) or {}
         self.image_mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
         self.image_std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))

@@ -8,10 +8,12 @@ train split (``DataConfig(datasets_to_split=["train"])``) while the val split st
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from smpp_ray.data.schema import posts_path
 
@@ -28,6 +30,38 @@ STRING_COLUMNS = ("pid", "uid")
 PREPROCESS_BATCH_ROWS = 64
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """What the preprocessor must produce for a backbone: image side, text length, normalisation."""
+
+    backbone: str
+    image_size: int
+    context_length: int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def input_spec(backbone: str, context_length: int = 0) -> InputSpec:
+    """Read the backbone's input geometry from its open_clip config (no weights are loaded).
+
+    ``context_length`` 0 keeps the backbone's own text length (``model.context_length``).
+    """
+    import open_clip
+
+    import smpp_ray.model.backbone  # noqa: F401  registers the packaged architectures
+
+    cfg = open_clip.get_model_config(backbone)
+    if cfg is None:
+        raise ValueError(f"unknown backbone {backbone!r}; expected an open_clip model name")
+    size = cfg["vision_cfg"]["image_size"]
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    native = int(cfg.get("text_cfg", {}).get("context_length", 77))
+    preprocess = cfg.get("preprocess_cfg", {}) or {}
+    mean, std = preprocess.get("mean"), preprocess.get("std")
+    return InputSpec(backbone, size, context_length or native,
+                     tuple(mean) if mean else None, tuple(std) if std else None)
+
+
 def count_rows(data_dir: str, split: str) -> int:
     """Rows of one split from the Parquet footers (no data pages are read)."""
     import pyarrow.dataset as pads
@@ -41,8 +75,7 @@ def count_rows(data_dir: str, split: str) -> int:
     return sum(fragment.count_rows() for fragment in dataset.get_fragments())
 
 
-def create_split_dataset(data_dir: str, split: str, *, backbone: str, image_size: int,
-                         context_length: int, train: bool):
+def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: bool):
     """A lazy Ray Dataset of one split, decoded and tokenised by the model's BatchPreprocessor.
 
     ``train`` switches on the preprocessor's augmentation (random resized crop + flip). The
@@ -58,30 +91,33 @@ def create_split_dataset(data_dir: str, split: str, *, backbone: str, image_size
     rows = count_rows(data_dir, split)
     if rows == 0:
         raise ValueError(f"split {split!r} at {path!r} has no rows; training needs train and val posts")
-    preprocessor = BatchPreprocessor(backbone, image_size, context_length, train)
+    preprocessor = BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, train,
+                                     mean=spec.mean, std=spec.std)
     dataset = ray.data.read_parquet(path, columns=INPUT_COLUMNS)
     return dataset.map_batches(preprocessor, batch_size=PREPROCESS_BATCH_ROWS, batch_format="numpy",
                                num_cpus=1)
 
 
 def collate_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Numeric columns become tensors; ``pid``/``uid`` stay a list of strings (cache keys, probes).
-
-    ``iter_torch_batches`` cannot turn string columns into tensors, hence this collate function.
-    """
+    """Numeric columns become tensors; ``pid``/``uid`` stay a list of strings (cache keys, probes)."""
     out: dict[str, Any] = {}
     for name, values in batch.items():
         if name in STRING_COLUMNS or values.dtype.kind in ("U", "S", "O"):
             out[name] = [str(v) for v in values]
         else:
-            out[name] = torch.as_tensor(np.ascontiguousarray(values))
+            # Ray hands out read-only views of object-store memory; torch needs a writable array.
+            out[name] = torch.from_numpy(values if values.flags.writeable else values.copy())
     return out
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move the tensor columns of a collated batch to ``device`` (strings stay on the host)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+class CollateBatch(NumpyBatchCollateFn):
+    """:func:`collate_batch` as the collate class ``iter_torch_batches`` expects.
+
+    ``iter_torch_batches`` cannot turn string columns into tensors, hence a collate function.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return collate_batch(batch)
 
 
 def iterate_torch(iterator, batch_size: int, *, train: bool, seed: int | None = None):
@@ -91,6 +127,6 @@ def iterate_torch(iterator, batch_size: int, *, train: bool, seed: int | None = 
     is left to the loop so the same batches feed CPU and GPU runs.
     """
     return iterator.iter_torch_batches(
-        batch_size=batch_size, collate_fn=collate_batch, drop_last=False,
+        batch_size=batch_size, collate_fn=CollateBatch(), drop_last=False,
         local_shuffle_buffer_size=4 * batch_size if train else None,
         local_shuffle_seed=seed if train else None)

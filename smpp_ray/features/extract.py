@@ -1,0 +1,428 @@
+"""``smpp extract``: network + tabular features for every post, partitioned by split.
+
+Output (``out_dir``)::
+
+    split=train/part-*.parquet   key columns pid, uid, postdate, label, category, subcategory
+    split=val/part-*.parquet     + feature columns (see feature_manifest.json)
+    split=test/part-*.parquet
+    feature_manifest.json        every feature column with its group and categorical flag
+    extract_state.json, pca.npz  what was fitted on train (corpus start, PCA projections)
+
+How the work is split:
+
+1. Metadata only (never images) is read on the driver for the tabular and leak-free history
+   features, which need whole-corpus views (a user's earlier posts, train tag vocabulary).
+2. With a checkpoint, one Ray Data pass streams the posts: ``read_parquet`` -> JPEG decoding and
+   tokenisation in CPU tasks (:func:`decode_batch`) -> the model in an actor pool
+   (:class:`NetworkFeatureExtractor`, ``ActorPoolStrategy(min_size, max_size)``, ``num_gpus``)
+   -> ``_network/split=*`` Parquet. Decoding is a separate stage so GPUs wait on nothing.
+3. The embedding PCAs are fitted on ``_network/split=train`` only, streamed batch by batch.
+4. A second Ray Data pass joins the network rows with the tabular rows *by pid* (order
+   independent; the tabular table is shared once through the object store), projects the
+   embeddings and writes the final files; the driver then checks every post appears exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from smpp_ray.config import ExtractConfig
+from smpp_ray.data.schema import SPLITS, Taxonomy
+from smpp_ray.features import storage
+from smpp_ray.features.history import history_features
+from smpp_ray.features.manifest import GROUPS, KEY_COLUMNS, FeatureColumn, write_feature_manifest
+from smpp_ray.features.network import TENSOR_OUTPUTS, NetworkFeatureExtractor, decode_batch
+from smpp_ray.features.pca import PCAAccumulator, PCAProjection
+from smpp_ray.features.tabular import build_tabular_features, load_post_metadata
+
+logger = logging.getLogger(__name__)
+
+NETWORK_TMP = "_network"
+STATE_FILE = "extract_state.json"
+PCA_FILE = "pca.npz"
+#: Rows per output file: few enough files for fast listing, small enough to stream.
+ROWS_PER_FILE = 8192
+EMBEDDINGS = ("image_embedding", "text_embedding")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint that was checked against the dataset and loads into its backbone."""
+
+    path: str
+    backbone: str
+    image_size: int
+    context_length: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+
+def _part_files():
+    """A FilenameProvider naming files ``part-<task>-<write uuid>.parquet``."""
+    from ray.data.datasource import FilenameProvider
+
+    class PartFiles(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:05d}-{write_uuid}.parquet"
+
+    return PartFiles()
+
+
+def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
+                     extract_config: ExtractConfig) -> dict[str, Any]:
+    """Write features of every post of ``data_dir`` to ``out_dir`` and return a summary.
+
+    ``checkpoint_dir`` None writes tabular features only (a metadata-only baseline, no Ray
+    needed). A missing checkpoint, or one whose taxonomy or backbone does not fit the dataset,
+    raises ValueError naming the path and what differs, before any work starts.
+    """
+    from smpp_ray.data.manifest import load_manifest
+
+    started = time.perf_counter()
+    data_dir, out_dir = storage.absolute_uri(data_dir), storage.absolute_uri(out_dir)
+    manifest = load_manifest(data_dir)
+    checkpoint = validate_checkpoint(checkpoint_dir, data_dir) if checkpoint_dir else None
+
+    meta = load_post_metadata(data_dir)
+    start = (manifest.get("time_range") or {}).get("start")
+    tabular = build_tabular_features(meta, user_description_components=extract_config.user_description_components,
+                                     corpus_start=int(start) if isinstance(start, (int, float)) else None)
+    history, history_columns = history_features(meta)
+    frame = pd.concat([tabular.frame, history], axis=1)
+    frame["split"] = meta["split"].to_numpy()
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    feature_columns = tabular.columns + history_columns
+    del meta, frame
+    for split in SPLITS:
+        storage.reset_dir(storage.join(out_dir, f"split={split}"))
+
+    summary: dict[str, Any] = {"network": checkpoint is not None}
+    projections: dict[str, PCAProjection] = {}
+    if checkpoint is None:
+        _write_tabular_only(table, out_dir)
+    else:
+        tmp_dir = storage.join(out_dir, NETWORK_TMP)
+        storage.reset_dir(tmp_dir)
+        summary.update(_run_network_pass(data_dir, checkpoint, tmp_dir, extract_config))
+        if extract_config.pca_components > 0:
+            projections = _fit_embedding_pcas(tmp_dir, extract_config.pca_components)
+        _run_join_pass(tmp_dir, table, projections, out_dir)
+        storage.remove_dir(tmp_dir)
+
+    rows = _check_outputs(out_dir, table)
+    schema = _ensure_every_split_has_a_file(out_dir)
+    network_columns = [FeatureColumn(name, "network", categorical=name.startswith("net_pred_"))
+                       for name in schema.names if name.startswith("net_")]
+    columns = feature_columns + network_columns
+    write_feature_manifest(out_dir, columns)
+    _write_fitted_state(out_dir, checkpoint, tabular.fitted, projections, tabular.user_description_pca)
+
+    summary.update({
+        "rows": rows,
+        "feature_columns": len(columns),
+        "columns_per_group": {g: sum(c.group == g for c in columns) for g in GROUPS},
+        "pca_components": extract_config.pca_components if checkpoint else 0,
+        "seconds": round(time.perf_counter() - started, 3),
+        "features_dir": out_dir,
+    })
+    for name, projection in projections.items():
+        total = float(projection.explained_variance.sum())
+        summary[f"{name}_pca_variance"] = round(total, 6)
+    logger.info("wrote features of %s posts (%d columns) to %s", rows, len(columns), out_dir)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint
+
+
+def validate_checkpoint(checkpoint_dir: str, data_dir: str) -> CheckpointInfo:
+    """Check a checkpoint against the dataset before any work starts; ValueError says what is wrong.
+
+    Checks: the folder and its ``trainable.pt`` / ``meta.json`` exist; its taxonomy equals the
+    dataset manifest's; its backbone is a known architecture and the trainable state loads into
+    it (a dry load on CPU, so a mismatch fails here, not inside an actor).
+    """
+    from smpp_ray.data.manifest import load_taxonomy
+    from smpp_ray.train.checkpoint import (
+        TRAINABLE_FILE,
+        load_model_from_checkpoint,
+        model_config_from_meta,
+        read_meta,
+        resolve_checkpoint_dir,
+    )
+    from smpp_ray.train.data import input_spec
+
+    try:
+        path = resolve_checkpoint_dir(checkpoint_dir)
+    except FileNotFoundError as err:
+        raise ValueError(f"checkpoint {str(checkpoint_dir)!r} not found: {err}") from err
+    if not (path / TRAINABLE_FILE).is_file():
+        raise ValueError(f"checkpoint {str(path)!r} has no {TRAINABLE_FILE}")
+    try:
+        meta = read_meta(path)
+        config = model_config_from_meta(meta, where=str(path))
+    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint {str(path)!r} has an unreadable meta.json: {err}") from err
+    difference = taxonomy_difference(Taxonomy.from_dict(meta["taxonomy"]), load_taxonomy(data_dir))
+    if difference:
+        raise ValueError(f"checkpoint {str(path)!r} does not match dataset {data_dir!r}: {difference}")
+    prototype_backbone = _prototype_backbone(path, meta)
+    if prototype_backbone and prototype_backbone != config.backbone:
+        raise ValueError(f"checkpoint {str(path)!r} was trained on backbone {config.backbone!r} but its "
+                         f"prototypes were built with backbone {prototype_backbone!r}")
+    try:
+        spec = input_spec(config.backbone, config.context_length)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {str(path)!r}: {err}") from err
+    try:
+        model = load_model_from_checkpoint(path, device="cpu")
+    except Exception as err:  # any load failure means the state does not fit the stored backbone
+        raise ValueError(f"checkpoint {str(path)!r} does not load into backbone {config.backbone!r}: {err}") from err
+    del model
+    return CheckpointInfo(str(path), config.backbone, spec.image_size, spec.context_length, spec.mean, spec.std)
+
+
+def _prototype_backbone(path: Any, meta: dict) -> str:
+    """The backbone recorded in the checkpoint's prototype bank (empty when none is recorded)."""
+    from safetensors import safe_open
+
+    from smpp_ray.train.checkpoint import prototypes_in_checkpoint
+
+    try:
+        prototypes = prototypes_in_checkpoint(path, meta)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from err
+    if not prototypes:
+        return ""
+    with safe_open(prototypes, framework="pt") as handle:
+        return (handle.metadata() or {}).get("backbone", "")
+
+
+def taxonomy_difference(checkpoint: Taxonomy, dataset: Taxonomy) -> str:
+    """Empty when equal, else the first difference in words."""
+    for level, a, b in (("categories", checkpoint.categories, dataset.categories),
+                        ("subcategories", checkpoint.subcategories, dataset.subcategories)):
+        if len(a) != len(b):
+            return f"checkpoint has {len(a)} {level}, dataset has {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return f"{level} id {i} is {x!r} in the checkpoint but {y!r} in the dataset"
+    for i, (x, y) in enumerate(zip(checkpoint.parents, dataset.parents)):
+        if x != y:
+            return f"subcategory {checkpoint.subcategories[i]!r} has parent {x} in the checkpoint but {y} in the dataset"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data passes
+
+
+def _run_network_pass(data_dir: str, checkpoint: CheckpointInfo, tmp_dir: str, cfg: ExtractConfig) -> dict[str, Any]:
+    """Decode (CPU tasks) -> model (actor pool) -> ``tmp_dir/split=*``; returns throughput and actors used."""
+    import ray
+    import ray.data
+
+    from smpp_ray.runtime import init_ray
+
+    init_ray()
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if cfg.num_gpus_per_actor > 0 and gpus < cfg.min_actors * cfg.num_gpus_per_actor:
+        raise ValueError(f"extract.min_actors={cfg.min_actors} x extract.num_gpus_per_actor={cfg.num_gpus_per_actor} "
+                         f"needs {cfg.min_actors * cfg.num_gpus_per_actor:g} GPUs but the Ray cluster has {gpus:g}")
+    started = time.perf_counter()
+    # Batch-sized blocks (a streaming split, no shuffle): Parquet reads coalesce small files into
+    # one block, which would hand the whole corpus to a single actor.
+    posts = (ray.data.read_parquet(storage.join(data_dir, "posts"))
+             .select_columns(["pid", "image", "title", "tags", "split"])
+             .repartition(target_num_rows_per_block=cfg.batch_size))
+    decoded_bytes = cfg.batch_size * 3 * checkpoint.image_size ** 2 * 4
+    decoded = posts.map_batches(
+        decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
+        # Reserving the decoded batch's memory (input + output) also keeps Ray Data from fusing
+        # decoding into the model actors, which it does for stages with equal resources: decoding
+        # must run in its own CPU tasks, in parallel with inference, so accelerators never wait.
+        memory=2 * decoded_bytes,
+        fn_kwargs={"backbone": checkpoint.backbone, "image_size": checkpoint.image_size,
+                   "context_length": checkpoint.context_length, "mean": checkpoint.mean, "std": checkpoint.std})
+    features = decoded.map_batches(
+        NetworkFeatureExtractor,
+        fn_constructor_kwargs={"checkpoint_dir": checkpoint.path,
+                               "device": "cuda" if cfg.num_gpus_per_actor > 0 else "cpu",
+                               "num_threads": max(1, int(round(cfg.cpus_per_actor)))},
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
+        batch_size=cfg.batch_size, batch_format="numpy")
+    features.write_parquet(tmp_dir, partition_cols=["split"], filename_provider=_part_files())
+    seconds = time.perf_counter() - started
+
+    fs, path = storage.resolve(tmp_dir)
+    import pyarrow.dataset as pads
+
+    written = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table(columns=["worker"])
+    workers = sorted(set(written.column("worker").to_pylist()))
+    logger.info("network features of %d posts in %.1f s by %d actor(s): %s",
+                written.num_rows, seconds, len(workers), workers)
+    return {"network_seconds": round(seconds, 3),
+            "images_per_s": round(written.num_rows / seconds, 2) if seconds > 0 else 0.0,
+            "actors_used": len(workers), "workers": workers}
+
+
+def _fit_embedding_pcas(tmp_dir: str, components: int) -> dict[str, PCAProjection]:
+    """One PCA per embedding, fitted on the train split's rows only (streamed)."""
+    import ray.data
+
+    files = storage.list_parquet_files(storage.join(tmp_dir, "split=train"))
+    if not files:
+        raise ValueError(f"no training posts under {tmp_dir!r}: the embedding PCA is fitted on train only; "
+                         "set extract.pca_components=0 to keep the embeddings whole")
+    fs, _ = storage.resolve(tmp_dir)
+    accumulators: dict[str, PCAAccumulator] = {}
+    batches = ray.data.read_parquet(files, filesystem=fs).select_columns(list(EMBEDDINGS))
+    for batch in batches.iter_batches(batch_size=4096, batch_format="numpy"):
+        for name in EMBEDDINGS:
+            values = np.asarray(batch[name])
+            accumulators.setdefault(name, PCAAccumulator(values.shape[1])).add(values)
+    return {name.split("_")[0]: accumulators[name].fit(components) for name in EMBEDDINGS}
+
+
+def _run_join_pass(tmp_dir: str, table: pa.Table, projections: dict[str, PCAProjection], out_dir: str) -> None:
+    """Network rows joined with tabular rows by pid, embeddings projected, written per split."""
+    import ray
+    import ray.data
+
+    tabular_ref = ray.put(table)
+    plain = {name: (p.mean, p.components) for name, p in projections.items()}
+    fs, _ = storage.resolve(tmp_dir)
+    for split in SPLITS:
+        files = storage.list_parquet_files(storage.join(tmp_dir, f"split={split}"))
+        if not files:
+            continue
+        joined = ray.data.read_parquet(files, filesystem=fs).map_batches(
+            join_network_batch, batch_format="numpy", batch_size=None,
+            fn_kwargs={"tabular_ref": [tabular_ref], "projections": plain})
+        joined.write_parquet(storage.join(out_dir, f"split={split}"), filename_provider=_part_files(),
+                             min_rows_per_file=ROWS_PER_FILE)
+
+
+_TABULAR: dict[str, pa.Table] = {}
+
+
+def join_network_batch(batch: dict[str, np.ndarray], *, tabular_ref: list,
+                       projections: dict[str, tuple[np.ndarray, np.ndarray]]) -> pa.Table:
+    """Network arrays of a batch + the tabular rows of the same pids -> one flat output table.
+
+    ``tabular_ref`` is ``[ObjectRef]`` of the whole tabular table (metadata-sized), fetched once
+    per worker process; rows are matched by pid, so block order never matters.
+    """
+    import ray
+
+    key = tabular_ref[0].hex()
+    if key not in _TABULAR:
+        _TABULAR.clear()
+        _TABULAR[key] = ray.get(tabular_ref[0])
+    tabular = _TABULAR[key]
+    pids = pa.array(np.asarray(batch["pid"]).astype(str), pa.string())
+    positions = pc.index_in(pids, value_set=tabular.column("pid"))
+    if positions.null_count:
+        missing = pids.filter(pc.is_null(positions))[0].as_py()
+        raise ValueError(f"post {missing!r} has network features but no metadata row")
+    rows = tabular.take(positions)
+    return pa.table({**{name: rows.column(name) for name in rows.column_names if name != "split"},
+                     **network_feature_columns(batch, projections)})
+
+
+def network_feature_columns(batch: dict[str, np.ndarray],
+                            projections: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Flat ``net_*`` columns from the extractor's arrays (embeddings projected when a PCA is given)."""
+    out: dict[str, np.ndarray] = {}
+    for name in TENSOR_OUTPUTS:
+        values = np.asarray(batch[name], dtype=np.float32)
+        prefix = f"net_{name}"
+        kind = name.split("_")[0]
+        if name in EMBEDDINGS and kind in projections:
+            mean, components = projections[kind]
+            values = ((values.astype(np.float64) - mean) @ components.T).astype(np.float32)
+            prefix = f"net_{kind}_pc"
+        for i in range(values.shape[1]):
+            out[f"{prefix}_{i}"] = values[:, i]
+    out["net_pred_subcategory"] = np.asarray(batch["pred_subcategory"], dtype=np.int64)
+    out["net_pred_category"] = np.asarray(batch["pred_category"], dtype=np.int64)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and checking
+
+
+def _write_tabular_only(table: pa.Table, out_dir: str) -> None:
+    fs, root = storage.resolve(out_dir)
+    for split in SPLITS:
+        part = table.filter(pc.equal(table.column("split"), split)).drop_columns(["split"])
+        for i, start in enumerate(range(0, part.num_rows, ROWS_PER_FILE)):
+            pq.write_table(part.slice(start, ROWS_PER_FILE), f"{root}/split={split}/part-{i:05d}.parquet",
+                           filesystem=fs)
+
+
+def _check_outputs(out_dir: str, table: pa.Table) -> dict[str, int]:
+    """Every post of every split appears exactly once in its split's output files."""
+    fs, _ = storage.resolve(out_dir)
+    rows: dict[str, int] = {}
+    for split in SPLITS:
+        expected = table.filter(pc.equal(table.column("split"), split)).column("pid")
+        files = storage.list_parquet_files(storage.join(out_dir, f"split={split}"))
+        written = (pa.concat_arrays([c for f in files for c in pq.read_table(f, columns=["pid"], filesystem=fs)
+                                     .column("pid").chunks]) if files else pa.array([], pa.string()))
+        if written.to_pandas().duplicated().any() or len(written) != len(expected) or \
+                set(written.to_pylist()) != set(expected.to_pylist()):
+            raise RuntimeError(f"split {split!r}: wrote {len(written)} feature rows for {len(expected)} posts "
+                               f"under {out_dir!r}; the pid sets differ")
+        rows[split] = len(written)
+    return rows
+
+
+def _ensure_every_split_has_a_file(out_dir: str) -> pa.Schema:
+    """An empty split still gets one (empty) file with the full schema, so readers see the columns."""
+    fs, root = storage.resolve(out_dir)
+    files = {split: storage.list_parquet_files(storage.join(out_dir, f"split={split}")) for split in SPLITS}
+    any_file = next((f[0] for f in files.values() if f), None)
+    if any_file is None:
+        raise ValueError(f"no posts to write under {out_dir!r}: the dataset is empty")
+    schema = pq.read_schema(any_file, filesystem=fs)
+    for split, split_files in files.items():
+        if not split_files:
+            pq.write_table(schema.empty_table(), f"{root}/split={split}/part-00000.parquet", filesystem=fs)
+    missing = [k for k in KEY_COLUMNS if k not in schema.names]
+    if missing:
+        raise RuntimeError(f"feature files under {out_dir!r} lack key columns {missing}")
+    return schema
+
+
+def _write_fitted_state(out_dir: str, checkpoint: CheckpointInfo | None, fitted: dict,
+                        projections: dict[str, PCAProjection], user_pca: PCAProjection | None) -> None:
+    """What was fitted on train, so later stages (predict) can featurise new posts the same way."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, projection in projections.items():
+        arrays.update(projection.to_arrays(name))
+    if user_pca is not None:
+        arrays.update(user_pca.to_arrays("user_description"))
+    state = {**fitted, "checkpoint": checkpoint.path if checkpoint else None,
+             "backbone": checkpoint.backbone if checkpoint else None,
+             "pca_arrays": sorted(arrays)}
+    storage.write_json(storage.join(out_dir, STATE_FILE), state)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    fs, root = storage.resolve(out_dir)
+    with fs.open_output_stream(f"{root}/{PCA_FILE}") as stream:
+        stream.write(buffer.getvalue())

@@ -1,0 +1,203 @@
+"""Metadata features of each post: user, time, text, geo and category groups.
+
+Only metadata columns are read (never images), so the whole metadata table fits on the driver
+even for SMPD (305k posts). Everything fitted from data (the user-description PCA, the training
+tag vocabulary) is fitted on the *train* split only, and no feature here reads a label: the
+label-dependent features are the leak-free history in :mod:`smpp_ray.features.history`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from smpp_ray.data.schema import POSTS_SCHEMA, SPLITS, posts_path
+from smpp_ray.features import storage
+from smpp_ray.features.manifest import KEY_COLUMNS, FeatureColumn
+from smpp_ray.features.pca import PCAAccumulator, PCAProjection
+
+logger = logging.getLogger(__name__)
+
+SECONDS_PER_DAY = 86400.0
+
+#: Columns of prepared posts the tabular and history features read (everything but the image).
+METADATA_COLUMNS = (
+    "pid", "uid", "title", "tags", "category", "subcategory", "concept", "category_id",
+    "subcategory_id", "concept_id", "postdate", "latitude", "longitude", "geoaccuracy",
+    "photo_firstdate", "photo_count", "ispro", "canbuypro", "timezone_offset", "user_description",
+    "label",
+)
+
+
+@dataclass
+class TabularFeatures:
+    """Feature frame (key columns + features, one row per post, same order as the input)."""
+
+    frame: pd.DataFrame
+    columns: list[FeatureColumn]
+    fitted: dict = field(default_factory=dict)
+    """What was fitted on train: corpus start, tag vocabulary size, user-description PCA."""
+    user_description_pca: PCAProjection | None = None
+
+
+def load_post_metadata(data_dir: str) -> pd.DataFrame:
+    """Metadata columns of every prepared post with a ``split`` column, split by split in file order."""
+    frames = []
+    schema = pa.schema([POSTS_SCHEMA.field(name) for name in METADATA_COLUMNS])
+    fs, _ = storage.resolve(data_dir)
+    for split in SPLITS:
+        files = storage.list_parquet_files(posts_path(data_dir, split))
+        tables = [pq.read_table(path, columns=list(METADATA_COLUMNS), filesystem=fs) for path in files]
+        table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+        frame = table.to_pandas()
+        frame["split"] = split
+        frames.append(frame)
+        logger.info("read metadata of %d %s posts from %d files", len(frame), split, len(files))
+    meta = pd.concat(frames, ignore_index=True)
+    duplicated = meta["pid"][meta["pid"].duplicated()]
+    if len(duplicated):
+        raise ValueError(f"dataset {data_dir!r}: pid {duplicated.iloc[0]!r} appears in more than one row")
+    return meta
+
+
+def build_tabular_features(meta: pd.DataFrame, *, user_description_components: int,
+                           corpus_start: int | None = None) -> TabularFeatures:
+    """User, time, text, geo and category features for every row of ``meta`` (needs ``split``).
+
+    ``corpus_start`` (unix seconds) anchors ``time_days_since_start``; by default the earliest
+    postdate in ``meta``.
+    """
+    is_train = (meta["split"] == "train").to_numpy()
+    start = int(meta["postdate"].min()) if corpus_start is None and len(meta) else int(corpus_start or 0)
+    user, user_cols, pca = user_features(meta, is_train, user_description_components)
+    time, time_cols = time_features(meta, start)
+    text, text_cols, vocabulary_size = text_features(meta, is_train)
+    geo, geo_cols = geo_features(meta)
+    cats, cat_cols = category_features(meta)
+    keys = meta[list(KEY_COLUMNS)].reset_index(drop=True)
+    frame = pd.concat([keys, user, time, text, geo, cats], axis=1)
+    fitted = {"corpus_start": start, "train_tag_vocabulary": vocabulary_size,
+              "user_description_components": user_description_components,
+              "user_description_dim": int(pca.mean.shape[0]) if pca is not None else 0}
+    return TabularFeatures(frame, user_cols + time_cols + text_cols + geo_cols + cat_cols, fitted, pca)
+
+
+def user_features(meta: pd.DataFrame, is_train: np.ndarray,
+                  components: int) -> tuple[pd.DataFrame, list[FeatureColumn], PCAProjection | None]:
+    """Account features at posting time plus the user description reduced by a train-only PCA."""
+    photo_count = meta["photo_count"].astype("float64")
+    first = meta["photo_firstdate"].astype("float64")
+    out = pd.DataFrame({
+        "user_log_photo_count": np.log1p(photo_count.clip(lower=0)).to_numpy(),
+        "user_ispro": meta["ispro"].astype("float64").to_numpy(),
+        "user_canbuypro": meta["canbuypro"].astype("float64").to_numpy(),
+        "user_timezone_offset": meta["timezone_offset"].astype("float64").to_numpy(),
+        # Age of the account when the post was made, not at crawl time: later posts are older accounts.
+        "user_account_age_days": ((meta["postdate"].astype("float64") - first) / SECONDS_PER_DAY).to_numpy(),
+    })
+    pca = None
+    if components > 0:
+        vectors, dim = _description_matrix(meta["user_description"], is_train)
+        # Fit once per user, not once per post: prolific users would otherwise dominate the axes.
+        first_rows = ~meta["uid"].duplicated().to_numpy()
+        accumulator = PCAAccumulator(dim)
+        if dim:
+            accumulator.add(vectors[is_train & first_rows])
+        pca = accumulator.fit(components)
+        reduced = pca.transform(vectors) if dim else np.full((len(meta), components), np.nan, np.float32)
+        for i in range(components):
+            out[f"user_desc_pc_{i}"] = reduced[:, i].astype(np.float64)
+    columns = [FeatureColumn(name, "user") for name in out.columns]
+    return out, columns, pca
+
+
+def _description_matrix(series: pd.Series, is_train: np.ndarray) -> tuple[np.ndarray, int]:
+    """(N, D) float64 of user descriptions; D is the most common train length, other rows NaN."""
+    lengths = series.map(lambda v: -1 if v is None else len(v)).to_numpy()
+    train_lengths = lengths[is_train & (lengths > 0)]
+    if len(train_lengths) == 0:
+        return np.zeros((len(series), 0)), 0
+    dim = int(Counter(train_lengths.tolist()).most_common(1)[0][0])
+    matrix = np.full((len(series), dim), np.nan, dtype=np.float64)
+    ok = np.flatnonzero(lengths == dim)
+    if len(ok):
+        matrix[ok] = np.stack([np.asarray(series.iloc[i], dtype=np.float64) for i in ok])
+    if (lengths > 0).sum() > len(ok):
+        logger.warning("%d user descriptions do not have the common length %d and are left missing",
+                       int((lengths > 0).sum() - len(ok)), dim)
+    return matrix, dim
+
+
+def time_features(meta: pd.DataFrame, corpus_start: int) -> tuple[pd.DataFrame, list[FeatureColumn]]:
+    """Hour, weekday and month in the user's timezone where known (else UTC), and corpus age."""
+    postdate = meta["postdate"].astype("int64").to_numpy()
+    offset = meta["timezone_offset"].astype("float64").to_numpy()
+    known = ~np.isnan(offset)
+    shift = np.where(known, np.round(np.nan_to_num(offset) * 3600.0), 0.0).astype("int64")
+    local = pd.to_datetime(postdate + shift, unit="s")
+    out = pd.DataFrame({
+        "time_hour": local.hour.to_numpy(dtype=np.int64),
+        "time_weekday": local.day_of_week.to_numpy(dtype=np.int64),
+        "time_month": local.month.to_numpy(dtype=np.int64),
+        "time_days_since_start": (postdate - corpus_start) / SECONDS_PER_DAY,
+        "time_local_known": known.astype(np.int64),
+    })
+    return out, [FeatureColumn(name, "time") for name in out.columns]
+
+
+def _tag_sets(tags: pd.Series) -> list[frozenset[str]]:
+    return [frozenset(t.lower().split()) if isinstance(t, str) else frozenset() for t in tags]
+
+
+def text_features(meta: pd.DataFrame, is_train: np.ndarray) -> tuple[pd.DataFrame, list[FeatureColumn], int]:
+    """Title and tag statistics, and the share of a post's tags seen in (other) training posts."""
+    titles = meta["title"].fillna("").astype(str)
+    tag_sets = _tag_sets(meta["tags"])
+    tag_counts = meta["tags"].fillna("").astype(str).map(lambda t: len(t.split())).to_numpy()
+    frequency: Counter[str] = Counter()
+    for tags, train in zip(tag_sets, is_train):
+        if train:
+            frequency.update(tags)
+    seen_share = np.full(len(meta), np.nan)
+    for i, (tags, train) in enumerate(zip(tag_sets, is_train)):
+        if tags:
+            # A training post's own tags would make its share 1 by construction; count only the
+            # *other* training posts so train and val/test rows mean the same thing.
+            own = 1 if train else 0
+            seen_share[i] = sum(frequency[t] - own > 0 for t in tags) / len(tags)
+    out = pd.DataFrame({
+        "text_title_length": titles.str.len().to_numpy(dtype=np.int64),
+        "text_title_words": titles.map(lambda t: len(t.split())).to_numpy(dtype=np.int64),
+        "text_tag_count": tag_counts.astype(np.int64),
+        "text_has_title": (titles.str.strip() != "").to_numpy().astype(np.int64),
+        "text_tag_seen_share": seen_share,
+    })
+    return out, [FeatureColumn(name, "text") for name in out.columns], len(frequency)
+
+
+def geo_features(meta: pd.DataFrame) -> tuple[pd.DataFrame, list[FeatureColumn]]:
+    """Whether the post is geotagged, and where (NaN when not)."""
+    lat = meta["latitude"].astype("float64").to_numpy()
+    lon = meta["longitude"].astype("float64").to_numpy()
+    out = pd.DataFrame({
+        "geo_has_geo": (~np.isnan(lat) & ~np.isnan(lon)).astype(np.int64),
+        "geo_latitude": lat,
+        "geo_longitude": lon,
+        "geo_accuracy": meta["geoaccuracy"].astype("float64").to_numpy(),
+    })
+    return out, [FeatureColumn(name, "geo") for name in out.columns]
+
+
+def category_features(meta: pd.DataFrame) -> tuple[pd.DataFrame, list[FeatureColumn]]:
+    """Category, subcategory and concept ids as categorical integer codes (-1 unknown)."""
+    out = pd.DataFrame({
+        f"{name}_code": meta[f"{name}_id"].astype("float64").fillna(-1).to_numpy().astype(np.int64)
+        for name in ("category", "subcategory", "concept")
+    })
+    return out, [FeatureColumn(name, "category", categorical=True) for name in out.columns]

@@ -1,0 +1,179 @@
+"""``tune_models``: search both families, refit the best of each, blend, evaluate, log, register.
+
+Output folder::
+
+    ray_results/<family>/      Tune experiment folders (``Tuner.restore`` resumes from them)
+    search_<family>.json       every trial: config, status, best val_src and its round
+    models/<family>/           MLflow model folder of the final model (lightgbm / catboost flavour)
+    feature_spec.json          feature list, groups and categorical vocabularies of the models
+    blend.json                 blend weights (chosen on val) and the rounds of each family
+    predictions.parquet        pid, split, label, category, pred_<family>..., pred_blend
+    metrics.json               overall / per category / per decile metrics on val and test
+    plots/*.png                pred_vs_true, mae_per_category, feature_importance, deciles
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from smpp_ray import tracking
+from smpp_ray.config import TuneConfig
+from smpp_ray.gbdt.blend import apply_weights, choose_weights
+from smpp_ray.gbdt.data import FeatureSpec, load_feature_manifest, select_columns
+from smpp_ray.gbdt.evaluate import evaluate_predictions, mlflow_metrics, summary_metrics
+from smpp_ray.gbdt.plots import write_plots
+from smpp_ray.gbdt.refit import refit_remote
+from smpp_ray.gbdt.registry import log_and_register, save_flavour
+from smpp_ray.gbdt.search import SearchResult, run_search
+from smpp_ray.tracking import TrackingContext
+
+logger = logging.getLogger(__name__)
+
+
+def tune_models(features_dir: str | Path, out_dir: str | Path, *, tune_config: TuneConfig,
+                tracking: TrackingContext | None = None) -> dict[str, Any]:
+    """Search, refit, blend and evaluate; see the module docstring for what lands in ``out_dir``.
+
+    Needs a running Ray (``smpp_ray.runtime.init_ray``). ``tracking`` is the stage's MLflow run
+    (created by the caller); None skips MLflow. Rerunning with the same ``out_dir`` resumes an
+    interrupted search and overwrites the refit outputs.
+
+    Returns ``metrics`` ({model: {val_src, val_mae, val_mse, test_src, test_mae, test_mse}} for
+    each family and ``blend``), ``best_params``, ``best_rounds``, ``search`` (per family: trials,
+    best_val_src, experiment_path, search_run_id, seconds), ``blend_weights``,
+    ``registered_models`` (empty without tracking), ``timings`` and ``paths``.
+    """
+    started = time.perf_counter()
+    features_dir = str(features_dir)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    select_columns(load_feature_manifest(features_dir), tune_config.feature_groups)  # fail before any trial
+    models = list(tune_config.models)
+
+    searches: dict[str, SearchResult] = {}
+    for family in models:
+        searches[family] = run_search(family, features_dir, out / "ray_results", tune_config=tune_config,
+                                      tracking_ctx=tracking)
+        (out / f"search_{family}.json").write_text(json.dumps(searches[family].to_dict(), indent=1, default=str))
+    search_seconds = time.perf_counter() - started
+
+    refit_started = time.perf_counter()
+    honest, final = _refit_all(searches, features_dir, tune_config)
+    predictions, weights = _predictions(honest, final, models)
+    refit_seconds = time.perf_counter() - refit_started
+
+    evaluation = evaluate_predictions(predictions, [*models, "blend"])
+    spec = FeatureSpec.from_dict(final[models[0]]["spec"])
+    paths = _write_outputs(out, predictions, evaluation, final, spec, searches, weights, tune_config)
+
+    registered: dict[str, dict[str, str]] = {}
+    mlflow_started = time.perf_counter()
+    if tracking is not None:
+        registered = _log_to_mlflow(tracking, out, searches, evaluation, weights, paths, tune_config)
+    mlflow_seconds = time.perf_counter() - mlflow_started + sum(s.mlflow_seconds for s in searches.values())
+
+    summary = summary_metrics(evaluation)
+    logger.info("tune: %s", {m: {k: round(v, 4) for k, v in values.items()} for m, values in summary.items()})
+    return {
+        "metrics": summary,
+        "best_params": {f: s.best_config for f, s in searches.items()},
+        "best_rounds": {f: s.best_rounds for f, s in searches.items()},
+        "search": {f: {"trials": len(s.trials), "best_val_src": s.best_val_src, "best_trial_id": s.best_trial_id,
+                       "experiment_path": s.experiment_path, "search_run_id": s.search_run_id,
+                       "restored": s.restored, "seconds": s.wall_seconds} for f, s in searches.items()},
+        "blend_weights": weights,
+        "registered_models": registered,
+        "timings": {"total_s": time.perf_counter() - started, "search_s": search_seconds,
+                    "refit_s": refit_seconds, "mlflow_s": mlflow_seconds},
+        "paths": paths,
+    }
+
+
+def _refit_all(searches: dict[str, SearchResult], features_dir: str,
+               config: TuneConfig) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Refits on train (val predictions for the blend weight and honest val metrics), then on
+    train+val when configured (the final models; test predictions come from them)."""
+    import ray
+
+    def launch(fit_on: tuple[str, ...]) -> dict[str, Any]:
+        return {f: refit_remote(f, s.best_config, s.best_rounds, features_dir, fit_on=fit_on,
+                                feature_groups=config.feature_groups, cpus=config.cpus_per_trial, seed=config.seed)
+                for f, s in searches.items()}
+
+    refs = launch(("train",))
+    final_refs = launch(("train", "val")) if config.refit_on == "train+val" else None
+    honest = dict(zip(refs, ray.get(list(refs.values()))))
+    final = dict(zip(final_refs, ray.get(list(final_refs.values())))) if final_refs else honest
+    return honest, final
+
+
+def _predictions(honest: dict[str, dict], final: dict[str, dict], models: list[str]) -> tuple[pd.DataFrame, dict[str, float]]:
+    """One row per post: val predictions from the train-only refit, train/test from the final model."""
+    frame = None
+    for family in models:
+        h, f = honest[family]["predictions"], final[family]["predictions"]
+        pred = np.where(f["split"] == "val", h["pred"], f["pred"])  # same rows, same order
+        column = f[["pid", "split", "label", "category"]].assign(**{f"pred_{family}": pred})
+        frame = column if frame is None else frame.merge(column, on=["pid", "split", "label", "category"], how="inner",
+                                                         validate="one_to_one")
+    assert frame is not None
+    val = frame[frame["split"] == "val"]
+    weights = choose_weights(val["label"].to_numpy(), {m: val[f"pred_{m}"].to_numpy() for m in models})
+    frame["pred_blend"] = apply_weights({m: frame[f"pred_{m}"].to_numpy() for m in models}, weights)
+    return frame, weights
+
+
+def _write_outputs(out: Path, predictions: pd.DataFrame, evaluation: dict[str, Any], final: dict[str, dict],
+                   spec: FeatureSpec, searches: dict[str, SearchResult], weights: dict[str, float],
+                   config: TuneConfig) -> dict[str, str]:
+    predictions.to_parquet(out / "predictions.parquet", index=False)
+    spec.save(out / "feature_spec.json")
+    (out / "blend.json").write_text(json.dumps(
+        {"weights": weights, "chosen_on": "val", "rounds": {f: s.best_rounds for f, s in searches.items()},
+         "refit_on": config.refit_on}, indent=1))
+    models_dir = {f: str(save_flavour(f, r["model"], out / "models" / f, r["sample"])) for f, r in final.items()}
+    importance = {f: r["importance"] for f, r in final.items()}
+    plots = write_plots(predictions, evaluation, importance, spec.groups, [*final, "blend"], out / "plots")
+    document = {
+        **evaluation,
+        "blend": {"weights": weights, "chosen_on": "val"},
+        "best": {f: {"params": s.best_config, "rounds": s.best_rounds, "search_val_src": s.best_val_src,
+                     "search_val_mae": s.best_val_mae, "trials": len(s.trials)} for f, s in searches.items()},
+        "refit_on": config.refit_on,
+        "validation": config.validation,
+        "importance": importance,
+    }
+    (out / "metrics.json").write_text(json.dumps(document, indent=1, default=_nan_safe))
+    return {"out_dir": str(out), "metrics": str(out / "metrics.json"), "predictions": str(out / "predictions.parquet"),
+            "feature_spec": str(out / "feature_spec.json"), "blend": str(out / "blend.json"),
+            **{f"model_{f}": p for f, p in models_dir.items()}, **{f"plot_{k}": v for k, v in plots.items()}}
+
+
+def _nan_safe(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {value!r} to JSON")
+
+
+def _log_to_mlflow(ctx: TrackingContext, out: Path, searches: dict[str, SearchResult], evaluation: dict[str, Any],
+                   weights: dict[str, float], paths: dict[str, str], config: TuneConfig) -> dict[str, dict[str, str]]:
+    """Models to each family's search run (registered), metrics and artifacts to the stage run."""
+    registered = {}
+    for family, search in searches.items():
+        run_id = search.search_run_id or ctx.run_id
+        registered[family] = log_and_register(ctx.tracking_uri, run_id, Path(paths[f"model_{family}"]),
+                                              f"{config.registered_model_prefix}-{family}")
+    flat = mlflow_metrics(evaluation)
+    flat.update({f"blend_weight_{f}": w for f, w in weights.items()})
+    tracking.log_metrics(ctx.tracking_uri, ctx.run_id, flat)
+    for key in ("metrics", "predictions", "feature_spec", "blend"):
+        tracking.log_artifact(ctx.tracking_uri, ctx.run_id, paths[key])
+    tracking.log_artifact(ctx.tracking_uri, ctx.run_id, out / "plots", "plots")
+    return registered

@@ -1,0 +1,223 @@
+"""One Ray Tune search per model family, resumable, with every trial tracked in MLflow.
+
+``run_search`` builds (or, when its experiment folder already exists, restores) a
+``ray.tune.Tuner``: a seeded Optuna or random search over :mod:`smpp_ray.gbdt.spaces`, ASHA on
+``val_src`` per boosting round, ``max_concurrent_trials`` and CPUs per trial from the config.
+A search cut short (Ctrl+C, ``ray job stop``) raises :class:`SearchInterrupted`; calling again
+with the same output folder restores it with ``Tuner.restore``: finished trials are kept, cut
+trials restart under their own trial id, and only the missing trials are sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune import Callback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+from smpp_ray import tracking
+from smpp_ray.config import TuneConfig
+from smpp_ray.gbdt.spaces import search_space
+from smpp_ray.gbdt.tracking_callback import FAMILY_TAG, SEARCH_TAG, MlflowTrialCallback
+from smpp_ray.gbdt.trainables import TrialSetup, run_trial
+from smpp_ray.tracking import TrackingContext
+
+logger = logging.getLogger(__name__)
+
+METRIC = "val_src"
+
+
+class SearchInterrupted(RuntimeError):
+    """The search stopped before its trials completed; rerun with the same out_dir to resume."""
+
+
+@dataclass
+class SearchResult:
+    """The outcome of one family's search."""
+
+    family: str
+    best_config: dict[str, Any]
+    best_rounds: int
+    best_val_src: float
+    best_val_mae: float
+    best_trial_id: str
+    trials: list[dict[str, Any]]
+    experiment_path: str
+    search_run_id: str | None
+    wall_seconds: float
+    mlflow_seconds: float = 0.0
+    restored: bool = False
+    statuses: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _TrialLedger(Callback):
+    """Records the final status of every trial (the ResultGrid does not expose it)."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[str, str] = {}
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.statuses = {t.trial_id: str(t.status) for t in trials}
+
+
+class _InterruptAfter(Callback):
+    """Testing aid: after ``count`` trials complete, interrupt the search as Ctrl+C would."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.completed = 0
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.completed += 1
+        if self.completed == self.count:
+            logger.warning("interrupting the search after %d completed trials (tune.interrupt_after_trials)", self.count)
+            signal.raise_signal(signal.SIGINT)
+
+
+def _search_alg(config: TuneConfig) -> Any:
+    if config.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=config.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=config.seed)
+
+
+def _scheduler(config: TuneConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=config.max_rounds,
+                         grace_period=config.grace_rounds, reduction_factor=3)
+
+
+def _search_run(tracking_ctx: TrackingContext, family: str, search_path: str) -> str:
+    """The family's search run under the stage run: reused when a resumed search finds it."""
+    found = tracking.find_runs(tracking_ctx.tracking_uri, tracking_ctx.experiment,
+                               {FAMILY_TAG: family, SEARCH_TAG: search_path, tracking.PARENT_TAG: tracking_ctx.run_id})
+    if found:
+        tracking.client(tracking_ctx.tracking_uri).update_run(found[0], status="RUNNING")
+        return found[0]
+    return tracking.create_run(tracking_ctx.tracking_uri, tracking_ctx.experiment, f"search-{family}",
+                               parent_run_id=tracking_ctx.run_id, tags={FAMILY_TAG: family, SEARCH_TAG: search_path})
+
+
+def run_search(family: str, features_dir: str, storage_dir: str | Path, *, tune_config: TuneConfig,
+               tracking_ctx: TrackingContext | None) -> SearchResult:
+    """Run (or resume) the search of ``family``; raises :class:`SearchInterrupted` when cut short."""
+    storage_dir = Path(storage_dir).resolve()
+    experiment_path = storage_dir / family
+    setup = TrialSetup(family=family, features_dir=str(features_dir), feature_groups=tune_config.feature_groups,
+                       validation=tune_config.validation, folds=tune_config.folds, max_rounds=tune_config.max_rounds,
+                       threads=max(1, int(tune_config.cpus_per_trial)), seed=tune_config.seed)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": tune_config.cpus_per_trial})
+    space = search_space(family)
+
+    search_run_id = None
+    ledger = _TrialLedger()
+    # progress.csv / result.json are the per-round record the best round is read back from (also
+    # after a restore); they are named explicitly because TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1
+    # (set in tests and quiet deployments) drops Tune's automatic loggers.
+    callbacks: list[Callback] = [ledger, CSVLoggerCallback(), JsonLoggerCallback()]
+    mlflow_cb = None
+    if tracking_ctx is not None:
+        search_run_id = _search_run(tracking_ctx, family, str(experiment_path))
+        tracking.log_params(tracking_ctx.tracking_uri, search_run_id,
+                            {"family": family, "num_samples": tune_config.num_samples, "search_alg": tune_config.search_alg,
+                             "max_rounds": tune_config.max_rounds, "grace_rounds": tune_config.grace_rounds,
+                             "validation": tune_config.validation, "seed": tune_config.seed})
+        mlflow_cb = MlflowTrialCallback(tracking_ctx.tracking_uri, tracking_ctx.experiment, search_run_id,
+                                        family=family, search_path=str(experiment_path))
+        callbacks.append(mlflow_cb)
+    if tune_config.interrupt_after_trials:
+        callbacks.append(_InterruptAfter(tune_config.interrupt_after_trials))
+
+    restored = tune.Tuner.can_restore(str(experiment_path))
+    if restored:
+        logger.info("restoring the %s search from %s", family, experiment_path)
+        tuner = tune.Tuner.restore(str(experiment_path), trainable, param_space=space, resume_unfinished=True)
+        # Tuner.restore brings back the RunConfig pickled at the first launch, callbacks included
+        # (an old parent run, a spent interruption hook); this launch's callbacks replace them.
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", search_alg=_search_alg(tune_config), scheduler=_scheduler(tune_config),
+                num_samples=tune_config.num_samples, max_concurrent_trials=tune_config.max_concurrent_trials,
+                time_budget_s=tune_config.time_budget_s or None),
+            run_config=tune.RunConfig(name=family, storage_path=str(storage_dir), callbacks=callbacks, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    started = time.perf_counter()
+    try:
+        grid = tuner.fit()
+        wall = time.perf_counter() - started
+        _check_complete(family, ledger.statuses, wall, tune_config, experiment_path)
+        result = _summarise(family, grid, ledger.statuses, str(experiment_path), search_run_id, wall, restored)
+    except BaseException as err:
+        if search_run_id and tracking_ctx is not None:
+            status = "KILLED" if isinstance(err, (SearchInterrupted, KeyboardInterrupt)) else "FAILED"
+            tracking.end_run(tracking_ctx.tracking_uri, search_run_id, status)
+        raise
+    if mlflow_cb is not None:
+        result.mlflow_seconds = mlflow_cb.seconds
+    if search_run_id and tracking_ctx is not None:
+        tracking.log_params(tracking_ctx.tracking_uri, search_run_id,
+                            {f"best.{k}": v for k, v in result.best_config.items()} | {"best.rounds": result.best_rounds})
+        tracking.log_metrics(tracking_ctx.tracking_uri, search_run_id,
+                             {"best_val_src": result.best_val_src, "best_val_mae": result.best_val_mae,
+                              "trials": len(result.trials), "search_seconds": wall})
+        tracking.end_run(tracking_ctx.tracking_uri, search_run_id, "FINISHED")
+    return result
+
+
+def _check_complete(family: str, statuses: dict[str, str], wall: float, config: TuneConfig, path: Path) -> None:
+    """Raise :class:`SearchInterrupted` unless every trial ended (or the time budget ran out)."""
+    finished = [k for k, v in statuses.items() if v in ("TERMINATED", "ERROR")]
+    cut = [k for k in statuses if k not in finished]
+    budget_spent = config.time_budget_s > 0 and wall >= 0.95 * config.time_budget_s
+    if cut or (len(finished) < config.num_samples and not budget_spent):
+        raise SearchInterrupted(
+            f"the {family} search in {path} stopped after {len(finished)} of {config.num_samples} "
+            f"trials ({len(cut)} cut short); rerun with the same out_dir to resume it")
+
+
+def _summarise(family: str, grid: Any, statuses: dict[str, str], experiment_path: str,
+               search_run_id: str | None, wall: float, restored: bool) -> SearchResult:
+    """Best round of the best trial: SRC is maximised over trials *and* rounds (early stopping on val)."""
+    trials: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    for result in grid:
+        frame = result.metrics_dataframe
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        entry: dict[str, Any] = {"trial_id": trial_id, "config": result.config, "status": statuses.get(trial_id, "UNKNOWN"),
+                                 "error": str(result.error) if result.error else None}
+        if frame is not None and METRIC in frame and frame[METRIC].notna().any():
+            row = frame.loc[frame[METRIC].idxmax()]
+            entry.update(best_val_src=float(row[METRIC]), best_val_mae=float(row["val_mae"]),
+                         best_round=int(row["training_iteration"]), rounds_run=int(frame["training_iteration"].max()))
+            if result.error is None and (best is None or entry["best_val_src"] > best["best_val_src"]):
+                best = entry
+        trials.append(entry)
+    if best is None:
+        errors = [t["error"] for t in trials if t["error"]]
+        raise RuntimeError(f"no {family} trial in {experiment_path} reported {METRIC}; first error: "
+                           f"{errors[0] if errors else 'none'}")
+    logger.info("%s search: %d trials, best %s=%.4f at round %d (%s)", family, len(trials), METRIC,
+                best["best_val_src"], best["best_round"], json.dumps(best["config"], default=str))
+    return SearchResult(family=family, best_config=dict(best["config"]), best_rounds=best["best_round"],
+                        best_val_src=best["best_val_src"], best_val_mae=best["best_val_mae"],
+                        best_trial_id=best["trial_id"], trials=trials, experiment_path=experiment_path,
+                        search_run_id=search_run_id, wall_seconds=wall, statuses=statuses,
+                        restored=restored)
+

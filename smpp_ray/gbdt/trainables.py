@@ -1,0 +1,195 @@
+"""Training one GBDT (shared by Tune trials and the refit) and the Tune trial functions.
+
+Trials and refits call the same :func:`fit_model`, with the same seed and thread count, so the
+refit of the best configuration reproduces the predictions the trial was scored on. Each trial
+reads its own data from the features Parquet (the trainable receives a path, never the frames).
+
+Per-iteration reports feed ASHA: LightGBM through Ray's
+``ray.tune.integration.lightgbm.TuneReportCheckpointCallback`` (a LightGBM ``feval`` computes
+SRC each round), CatBoost through :class:`TuneReportCatBoostCallback` with a Python eval
+metric that computes SRC. Both report ``val_src`` and ``val_mae``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from smpp_ray import metrics
+from smpp_ray.gbdt.data import group_folds, load_splits
+from smpp_ray.gbdt.spaces import fixed_params
+
+logger = logging.getLogger(__name__)
+
+REPORTED = ("val_src", "val_mae")
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What a trial needs besides its hyperparameters (paths and sizes only: no data)."""
+
+    family: str
+    features_dir: str
+    feature_groups: tuple[str, ...]
+    validation: str
+    folds: int
+    max_rounds: int
+    threads: int
+    seed: int
+
+
+def _lightgbm_src(preds: np.ndarray, data: Any) -> tuple[str, float, bool]:
+    """LightGBM ``feval``: Spearman on the evaluation set, higher is better."""
+    return "src", metrics.src(data.get_label(), preds), True
+
+
+class CatBoostSRC:
+    """CatBoost Python eval metric: Spearman of the evaluation set.
+
+    CatBoost also evaluates the eval metric on the learning set every round; ranking the whole
+    train split each round would dominate the trial's time, so rows whose count differs from the
+    evaluation set's are not scored (their value is 0 and is never reported).
+    """
+
+    def __init__(self, eval_size: int) -> None:
+        self.eval_size = eval_size
+
+    def is_max_optimal(self) -> bool:
+        return True
+
+    def evaluate(self, approxes: Sequence[Sequence[float]], target: Sequence[float],
+                 weight: Sequence[float] | None) -> tuple[float, float]:
+        if len(target) != self.eval_size:
+            return 0.0, 1.0
+        return metrics.src(np.asarray(target), np.asarray(approxes[0])), 1.0
+
+    def get_final_error(self, error: float, weight: float) -> float:
+        return error
+
+
+class TuneReportCatBoostCallback:
+    """CatBoost ``after_iteration`` callback: report validation metrics to Tune every round."""
+
+    def __init__(self, metric_names: dict[str, str]) -> None:
+        self.metric_names = metric_names
+
+    def after_iteration(self, info: Any) -> bool:
+        from ray import tune
+
+        validation = info.metrics["validation"]
+        tune.report({key: float(validation[name][-1]) for key, name in self.metric_names.items()})
+        return True
+
+
+class _RecordCatBoostCallback:
+    """Keep every round's validation metrics (grouped validation averages folds afterwards)."""
+
+    def __init__(self, metric_names: dict[str, str]) -> None:
+        self.metric_names = metric_names
+        self.rounds: list[dict[str, float]] = []
+
+    def after_iteration(self, info: Any) -> bool:
+        validation = info.metrics["validation"]
+        self.rounds.append({key: float(validation[name][-1]) for key, name in self.metric_names.items()})
+        return True
+
+
+def fit_model(family: str, params: dict[str, Any], rounds: int, X: pd.DataFrame, y: np.ndarray,
+              categorical: Sequence[str], *, valid: tuple[pd.DataFrame, np.ndarray] | None = None,
+              callbacks: Sequence[Any] = ()) -> Any:
+    """Train ``rounds`` boosting rounds of ``family`` (a ``lightgbm.Booster`` or ``CatBoostRegressor``)."""
+    if family == "lightgbm":
+        import lightgbm as lgb
+
+        train_set = lgb.Dataset(X, y, categorical_feature=list(categorical), free_raw_data=False)
+        kwargs: dict[str, Any] = {}
+        if valid is not None:
+            kwargs = {"valid_sets": [lgb.Dataset(valid[0], valid[1], reference=train_set)],
+                      "valid_names": ["val"], "feval": _lightgbm_src}
+        return lgb.train(params, train_set, num_boost_round=rounds, callbacks=list(callbacks), **kwargs)
+    if family == "catboost":
+        from catboost import CatBoostRegressor, Pool
+
+        extra: dict[str, Any] = {}
+        if valid is not None:
+            # use_best_model=False: the model keeps all rounds, as the refit will.
+            extra = {"eval_metric": CatBoostSRC(len(valid[1])), "custom_metric": ["MAE"], "use_best_model": False}
+        model = CatBoostRegressor(iterations=rounds, **params, **extra)
+        # CatBoost warns on every fit with a Python metric when numba is absent; it is optional.
+        warnings.filterwarnings("ignore", message="Failed to import numba")
+        fit_kwargs: dict[str, Any] = {"callbacks": list(callbacks)} if callbacks else {}
+        if valid is not None:
+            fit_kwargs["eval_set"] = Pool(valid[0], valid[1], cat_features=list(categorical))
+        model.fit(Pool(X, y, cat_features=list(categorical)), **fit_kwargs)
+        return model
+    raise ValueError(f"unknown model family {family!r}; expected lightgbm or catboost")
+
+
+def predict(model: Any, X: pd.DataFrame) -> np.ndarray:
+    """Predictions of a fitted model as float64."""
+    return np.asarray(model.predict(X), dtype=np.float64)
+
+
+def _catboost_metric_names() -> dict[str, str]:
+    return {"val_src": CatBoostSRC.__name__, "val_mae": "MAE"}
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune trainable: one hyperparameter configuration, reported every boosting round."""
+    spec, data = load_splits(setup.features_dir, setup.feature_groups, splits=("train", "val"))
+    params = {**fixed_params(setup.family, seed=setup.seed, threads=setup.threads), **config}
+    if setup.validation == "time":
+        _time_validation(setup, params, spec.categorical, data)
+    elif setup.validation == "group":
+        _group_validation(setup, params, spec.categorical, data)
+    else:
+        raise ValueError(f"unknown validation {setup.validation!r}; expected time or group")
+
+
+def _time_validation(setup: TrialSetup, params: dict[str, Any], categorical: Sequence[str],
+                     data: dict[str, Any]) -> None:
+    if setup.family == "lightgbm":
+        from ray.tune.integration.lightgbm import TuneReportCheckpointCallback
+
+        callback: Any = TuneReportCheckpointCallback(metrics={"val_src": "val-src", "val_mae": "val-l1"},
+                                                     frequency=0, checkpoint_at_end=False)
+    else:
+        callback = TuneReportCatBoostCallback(_catboost_metric_names())
+    fit_model(setup.family, params, setup.max_rounds, data["train"].X, data["train"].y, categorical,
+              valid=(data["val"].X, data["val"].y), callbacks=[callback])
+
+
+def _group_validation(setup: TrialSetup, params: dict[str, Any], categorical: Sequence[str],
+                      data: dict[str, Any]) -> None:
+    """GroupKFold by user over train+val; the reported value is the mean over folds per round."""
+    from ray import tune
+
+    X = pd.concat([data["train"].X, data["val"].X], ignore_index=True)
+    y = np.concatenate([data["train"].y, data["val"].y])
+    uids = np.concatenate([data["train"].keys["uid"].to_numpy(), data["val"].keys["uid"].to_numpy()])
+    folds = group_folds(uids, setup.folds)
+    if setup.family == "lightgbm":
+        import lightgbm as lgb
+        from ray.tune.integration.lightgbm import TuneReportCheckpointCallback
+
+        callback = TuneReportCheckpointCallback(
+            metrics={"val_src": "valid-src-mean", "val_mae": "valid-l1-mean"}, frequency=0, checkpoint_at_end=False)
+        lgb.cv(params, lgb.Dataset(X, y, categorical_feature=list(categorical), free_raw_data=False),
+               num_boost_round=setup.max_rounds, folds=folds, feval=_lightgbm_src, callbacks=[callback])
+        return
+    # CatBoost has no per-round cross-validation callback: fit the folds one after another,
+    # then replay the per-round fold means to Tune (ASHA still ranks trials, saving less time).
+    curves = []
+    for train_idx, val_idx in folds:
+        recorder = _RecordCatBoostCallback(_catboost_metric_names())
+        fit_model("catboost", params, setup.max_rounds, X.iloc[train_idx], y[train_idx], categorical,
+                  valid=(X.iloc[val_idx], y[val_idx]), callbacks=[recorder])
+        curves.append(recorder.rounds)
+    for rounds in zip(*curves):
+        tune.report({key: float(np.mean([r[key] for r in rounds])) for key in REPORTED})

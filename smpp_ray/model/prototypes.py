@@ -1,0 +1,419 @@
+"""Hierarchical visual and textual prototypes: diversity sampling, the bank, the Ray stage.
+
+For each of the 77 subcategories the stage selects up to ``shots`` training posts that spread
+over time (equal-width time buckets of the class's span get equal quotas), over users (a post
+of the least-used user is always preferred) and over CLIP space (farthest-point / k-center
+selection on the joint image+text embedding), then averages their normalised image embeddings
+(visual prototype) and text embeddings (textual prototype). Each of the 11 categories selects
+the same way from the union of its subcategories' members, so a category's members are that
+union whenever it fits in ``shots``.
+
+Bank layout: rows ``0..S-1`` are the subcategories (taxonomy ids), rows ``S..S+C-1`` the
+categories, ``S + C = 88`` on SMPD. A class without training posts has a zero row and count 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from smpp_ray.data.schema import Taxonomy, posts_path
+
+logger = logging.getLogger(__name__)
+
+PROTOTYPES_FILE = "prototypes.safetensors"
+MEMBERS_FILE = "members.json"
+EMBEDDING_COLUMNS = ("pid", "uid", "postdate", "subcategory_id", "category_id", "image_emb", "text_emb")
+_READ_COLUMNS = ["pid", "uid", "postdate", "subcategory_id", "category_id", "image", "title", "tags"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The bank
+
+
+class PrototypeBank(nn.Module):
+    """Visual and textual prototypes ``(S + C, D)`` held as buffers (never trained).
+
+    ``visual`` / ``textual`` are the mean normalised embeddings of each class's members;
+    ``counts`` ``(S + C,)`` the number of members (0: an empty class with a zero row).
+    """
+
+    def __init__(self, visual: torch.Tensor, textual: torch.Tensor, counts: torch.Tensor,
+                 num_subcategories: int, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        if visual.shape != textual.shape or visual.ndim != 2:
+            raise ValueError(f"visual {tuple(visual.shape)} and textual {tuple(textual.shape)} prototypes "
+                             "must both be (classes, dim)")
+        if counts.shape != (visual.shape[0],):
+            raise ValueError(f"counts shape {tuple(counts.shape)} does not match {visual.shape[0]} classes")
+        if not 0 < num_subcategories < visual.shape[0]:
+            raise ValueError(f"num_subcategories {num_subcategories} out of range for {visual.shape[0]} rows")
+        self.register_buffer("visual", visual.float())
+        self.register_buffer("textual", textual.float())
+        self.register_buffer("counts", counts.long())
+        self.num_subcategories = int(num_subcategories)
+        self.num_categories = int(visual.shape[0] - num_subcategories)
+        self.metadata = dict(metadata or {})
+
+    @property
+    def num_classes(self) -> int:
+        return self.visual.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.visual.shape[1]
+
+    def normalized(self, kind: str = "visual") -> torch.Tensor:
+        """Unit-norm prototypes ``(S + C, D)`` (zero rows stay zero)."""
+        return F.normalize(self._table(kind), dim=-1)
+
+    def _table(self, kind: str) -> torch.Tensor:
+        if kind == "visual":
+            return self.visual
+        if kind in ("textual", "text"):
+            return self.textual
+        raise ValueError(f"unknown prototype kind {kind!r}; expected 'visual' or 'textual'")
+
+    def row(self, class_id: int, level: str = "subcategory") -> int:
+        """Bank row of a subcategory or category id."""
+        if level == "subcategory":
+            limit, offset = self.num_subcategories, 0
+        elif level == "category":
+            limit, offset = self.num_categories, self.num_subcategories
+        else:
+            raise ValueError(f"unknown level {level!r}; expected 'subcategory' or 'category'")
+        if not 0 <= class_id < limit:
+            raise ValueError(f"{level} id {class_id} out of range [0, {limit})")
+        return offset + class_id
+
+    def prototypes(self, class_id: int, level: str = "subcategory") -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(visual, textual)`` prototypes ``(D,)`` of one class."""
+        index = self.row(class_id, level)
+        return self.visual[index], self.textual[index]
+
+    def similarities(self, embeddings: torch.Tensor, kind: str = "visual") -> torch.Tensor:
+        """Cosine similarity ``(B, S + C)`` of embeddings ``(B, D)`` to every prototype of ``kind``."""
+        return F.normalize(embeddings, dim=-1) @ self.normalized(kind).t()
+
+    def save(self, path: str) -> None:
+        meta = {k: str(v) for k, v in self.metadata.items()}
+        meta["num_subcategories"] = str(self.num_subcategories)
+        save_file({"visual": self.visual.contiguous(), "textual": self.textual.contiguous(),
+                   "counts": self.counts.contiguous()}, path, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str) -> PrototypeBank:
+        if not os.path.isfile(path):
+            raise ValueError(f"prototype file {path!r} not found; run `smpp prototypes` first")
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            meta = dict(handle.metadata() or {})
+        tensors = load_file(path)
+        missing = {"visual", "textual", "counts"} - set(tensors)
+        if missing or "num_subcategories" not in meta:
+            raise ValueError(f"prototype file {path!r} lacks {sorted(missing) or ['num_subcategories metadata']}")
+        return cls(tensors["visual"], tensors["textual"], tensors["counts"],
+                   int(meta.pop("num_subcategories")), meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diversity sampling
+
+
+def time_buckets_of(postdates: np.ndarray, buckets: int) -> np.ndarray:
+    """Equal-width bucket index in ``[0, buckets)`` over the span of ``postdates``."""
+    postdates = np.asarray(postdates, dtype=np.float64)
+    if len(postdates) == 0:
+        return np.zeros(0, dtype=np.int64)
+    low, high = postdates.min(), postdates.max()
+    if high <= low:
+        return np.zeros(len(postdates), dtype=np.int64)
+    index = np.floor((postdates - low) / (high - low) * buckets).astype(np.int64)
+    return np.clip(index, 0, buckets - 1)
+
+
+def _quotas(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` picks over strata as evenly as their sizes allow (round-robin fill)."""
+    quota = np.zeros_like(sizes)
+    while quota.sum() < total:
+        open_strata = np.flatnonzero(quota < sizes)
+        for s in open_strata[: total - quota.sum()]:
+            quota[s] += 1
+    return quota
+
+
+def select_diverse(features: np.ndarray, uids: Sequence[Any], postdates: np.ndarray, *, shots: int,
+                   time_buckets: int, seed: int) -> np.ndarray:
+    """Indices of at most ``shots`` rows spread over time buckets, users and feature space.
+
+    Each time bucket gets an even quota; inside the quotas a greedy k-center pass picks, among
+    posts of the users picked least so far, the one farthest (cosine) from everything already
+    picked. The first pick is drawn with ``seed``. Given the same row order the result is
+    deterministic. All rows are returned when there are at most ``shots``.
+    """
+    n = len(features)
+    if n <= shots:
+        return np.arange(n)
+    feats = np.asarray(features, dtype=np.float64)
+    feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    bucket = time_buckets_of(postdates, time_buckets)
+    remaining = _quotas(np.bincount(bucket, minlength=time_buckets), shots)
+    _, user = np.unique(np.asarray([str(u) for u in uids]), return_inverse=True)
+    user_picks = np.zeros(user.max() + 1, dtype=np.int64)
+    selected = np.zeros(n, dtype=bool)
+    min_dist = np.full(n, np.inf)
+    order: list[int] = []
+    rng = np.random.default_rng(seed)
+    for step in range(shots):
+        open_rows = ~selected & (remaining[bucket] > 0)
+        least = user_picks[user[open_rows]].min()
+        eligible = open_rows & (user_picks[user] == least)
+        if step == 0:
+            pick = int(rng.choice(np.flatnonzero(eligible)))
+        else:
+            pick = int(np.argmax(np.where(eligible, min_dist, -np.inf)))
+        order.append(pick)
+        selected[pick] = True
+        remaining[bucket[pick]] -= 1
+        user_picks[user[pick]] += 1
+        min_dist = np.minimum(min_dist, 1.0 - feats @ feats[pick])
+    return np.asarray(order)
+
+
+def _joint_features(rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Image and text embeddings side by side: distances see both modalities."""
+    return np.concatenate([np.asarray(rows["image_emb"]), np.asarray(rows["text_emb"])], axis=1)
+
+
+def _take(rows: Mapping[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[index] for k, v in rows.items()}
+
+
+def select_class_members(rows: Mapping[str, np.ndarray], *, shots: int, time_buckets: int,
+                         seed: int) -> dict[str, np.ndarray]:
+    """Diverse members of one class (all rows share a class); adds ``available`` (class size).
+
+    Rows are first sorted by Pid so the choice does not depend on the order the rows arrived
+    in (Ray Data groups arrive in any order).
+    """
+    rows = _take(rows, np.argsort(np.asarray(rows["pid"]).astype(str), kind="stable"))
+    n = len(rows["pid"])
+    if n == 0:
+        return dict(rows, available=np.zeros(0, dtype=np.int64))
+    index = select_diverse(_joint_features(rows), rows["uid"], rows["postdate"], shots=shots,
+                           time_buckets=time_buckets, seed=seed)
+    chosen = _take(rows, np.sort(index))
+    chosen["available"] = np.full(len(index), n, dtype=np.int64)
+    return chosen
+
+
+def _select_group(rows: dict[str, np.ndarray], shots: int, time_buckets: int, seed: int) -> dict[str, np.ndarray]:
+    """``map_groups`` UDF: one subcategory's rows in, its selected members out."""
+    class_id = int(np.asarray(rows["subcategory_id"])[0])
+    return select_class_members(rows, shots=shots, time_buckets=time_buckets, seed=seed + class_id)
+
+
+def assemble_prototypes(selected: Mapping[str, np.ndarray], taxonomy: Taxonomy, *, shots: int,
+                        time_buckets: int, seed: int, embed_dim: int,
+                        metadata: Mapping[str, str] | None = None) -> tuple[PrototypeBank, dict]:
+    """Build the bank and the members record from the selected subcategory members.
+
+    ``selected`` holds the rows chosen per subcategory (with ``available``); categories select
+    from the union of their subcategories' members.
+    """
+    num_sub, num_cat = taxonomy.num_subcategories, taxonomy.num_categories
+    visual = torch.zeros(num_sub + num_cat, embed_dim)
+    textual = torch.zeros(num_sub + num_cat, embed_dim)
+    counts = torch.zeros(num_sub + num_cat, dtype=torch.long)
+    classes: list[dict] = []
+    sub_ids = np.asarray(selected["subcategory_id"]) if len(selected["pid"]) else np.zeros(0, dtype=np.int64)
+    parents = np.asarray(taxonomy.parents)
+
+    def record(row: int, level: str, class_id: int, name: str, members: dict[str, np.ndarray], available: int) -> None:
+        if len(members["pid"]):
+            visual[row] = torch.from_numpy(np.asarray(members["image_emb"], dtype=np.float32).mean(0))
+            textual[row] = torch.from_numpy(np.asarray(members["text_emb"], dtype=np.float32).mean(0))
+        counts[row] = len(members["pid"])
+        classes.append({"level": level, "id": class_id, "name": name, "row": row, "available": int(available),
+                        "count": int(len(members["pid"])), "pids": [str(p) for p in members["pid"]]})
+
+    for s in range(num_sub):
+        members = _take(selected, np.flatnonzero(sub_ids == s))
+        available = int(members["available"][0]) if len(members["pid"]) else 0
+        record(s, "subcategory", s, taxonomy.subcategories[s], members, available)
+    for c in range(num_cat):
+        pool = _take(selected, np.flatnonzero(np.isin(sub_ids, np.flatnonzero(parents == c))))
+        chosen = select_class_members(pool, shots=shots, time_buckets=time_buckets, seed=seed + num_sub + c)
+        record(num_sub + c, "category", c, taxonomy.categories[c], chosen, len(pool["pid"]))
+    meta = dict(metadata or {}, shots=str(shots), time_buckets=str(time_buckets), seed=str(seed))
+    bank = PrototypeBank(visual, textual, counts, num_sub, meta)
+    return bank, {**meta, "classes": classes}
+
+
+def compute_prototypes(embedded: Mapping[str, np.ndarray], taxonomy: Taxonomy, *, shots: int,
+                       time_buckets: int, seed: int, embed_dim: int,
+                       metadata: Mapping[str, str] | None = None) -> tuple[PrototypeBank, dict]:
+    """In-process equivalent of the Ray stage on already embedded rows (``EMBEDDING_COLUMNS``)."""
+    sub_ids = np.asarray(embedded["subcategory_id"])
+    parts = [select_class_members(_take(embedded, np.flatnonzero(sub_ids == s)), shots=shots,
+                                  time_buckets=time_buckets, seed=seed + int(s))
+             for s in np.unique(sub_ids[sub_ids >= 0])]
+    selected = _concat(parts, embed_dim)
+    return assemble_prototypes(selected, taxonomy, shots=shots, time_buckets=time_buckets, seed=seed,
+                               embed_dim=embed_dim, metadata=metadata)
+
+
+def _concat(parts: list[Mapping[str, np.ndarray]], embed_dim: int) -> dict[str, np.ndarray]:
+    parts = [p for p in parts if len(p["pid"])]
+    if not parts:
+        empty = {k: np.zeros(0, dtype=object if k in ("pid", "uid") else np.int64) for k in EMBEDDING_COLUMNS}
+        empty["image_emb"] = empty["text_emb"] = np.zeros((0, embed_dim), dtype=np.float32)
+        return dict(empty, available=np.zeros(0, dtype=np.int64))
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding (the Ray Data actor) and the stage
+
+
+class EmbedPosts:
+    """Ray Data callable class: prepared posts in, normalised image and text embeddings out.
+
+    Loads the frozen backbone once per actor; rows without a subcategory are dropped (they
+    belong to no class). Output columns: ``EMBEDDING_COLUMNS``.
+    """
+
+    def __init__(self, backbone: str, pretrained: str = "", device: str = "cpu", context_length: int = 0) -> None:
+        from smpp_ray.model.backbone import create_backbone
+        from smpp_ray.model.preprocess import BatchPreprocessor
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            logger.warning("device %s requested but CUDA is unavailable; embedding on CPU", device)
+            device = "cpu"
+        self.device = torch.device(device)
+        self.backbone = create_backbone(backbone, pretrained, context_length=context_length).to(self.device).eval()
+        self.preprocess = BatchPreprocessor(backbone, self.backbone.image_size, self.backbone.context_length,
+                                            train=False, mean=self.backbone.image_mean, std=self.backbone.image_std)
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from smpp_ray.model.preprocess import _ids
+
+        keep = np.flatnonzero(_ids(np.asarray(batch["subcategory_id"])) >= 0)
+        batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
+        dim = self.backbone.embed_dim
+        if len(keep) == 0:
+            out = {k: np.zeros(0, dtype=np.int64) for k in ("postdate", "subcategory_id", "category_id")}
+            return dict(out, pid=np.zeros(0, dtype=object), uid=np.zeros(0, dtype=object),
+                        image_emb=np.zeros((0, dim), np.float32), text_emb=np.zeros((0, dim), np.float32))
+        pre = self.preprocess(batch)
+        with torch.inference_mode():
+            pooled, _ = self.backbone.encode_image(torch.from_numpy(pre["pixels"]).to(self.device))
+            text = self.backbone.encode_text(torch.from_numpy(pre["tokens"]).to(self.device))
+        return {"pid": pre["pid"], "uid": pre["uid"], "postdate": pre["postdate"],
+                "subcategory_id": pre["subcategory_id"], "category_id": pre["category_id"],
+                "image_emb": F.normalize(pooled, dim=-1).float().cpu().numpy(),
+                "text_emb": F.normalize(text, dim=-1).float().cpu().numpy()}
+
+
+def embedding_dim(backbone: str) -> int:
+    """Joint embedding width of an open_clip architecture, read from its config (no weights)."""
+    import open_clip
+
+    from smpp_ray.model import backbone as _backbone  # noqa: F401  registers packaged configs
+
+    config = open_clip.get_model_config(backbone)
+    if config is None:
+        raise ValueError(f"unknown backbone {backbone!r}; expected an open_clip model name")
+    return int(config["embed_dim"])
+
+
+def load_taxonomy_from_manifest(data_dir: str) -> Taxonomy:
+    """The taxonomy stored under ``"taxonomy"`` in ``DATA/manifest.json``."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path!r} not found; is {data_dir!r} a prepared dataset (smpp prepare)?")
+    with open(path) as handle:
+        manifest = json.load(handle)
+    if "taxonomy" not in manifest:
+        raise ValueError(f"{path!r} has no 'taxonomy' key")
+    return Taxonomy.from_dict(manifest["taxonomy"])
+
+
+def build_prototypes(data_dir: str, out_dir: str, *, backbone: str, pretrained: str = "", shots: int = 256,
+                     time_buckets: int = 8, batch_size: int = 64, num_actors: int = 1,
+                     num_gpus_per_actor: float = 0.0, seed: int = 0) -> dict:
+    """Embed the train split with a Ray Data actor pool, select members, write the bank.
+
+    Writes ``out_dir/prototypes.safetensors`` and ``out_dir/members.json`` (selected Pids and
+    counts per class) and returns a summary: ``posts`` (labelled train posts embedded),
+    ``empty_classes``, ``min_count`` / ``max_count`` over the 88 classes, ``counts`` per
+    level and class name, the two paths and ``backbone_randomly_initialised``.
+    """
+    import ray
+    import ray.data
+
+    from smpp_ray.model.backbone import PACKAGED_MODELS
+
+    if shots < 1 or time_buckets < 1 or batch_size < 1 or num_actors < 1:
+        raise ValueError(f"shots={shots}, time_buckets={time_buckets}, batch_size={batch_size} and "
+                         f"num_actors={num_actors} must all be >= 1")
+    taxonomy = load_taxonomy_from_manifest(data_dir)
+    train_dir = posts_path(data_dir, "train")
+    if not os.path.isdir(train_dir) and "://" not in train_dir:
+        raise ValueError(f"train split {train_dir!r} not found in prepared dataset {data_dir!r}")
+    device = "cuda" if num_gpus_per_actor > 0 else "cpu"
+    embedded = ray.data.read_parquet(train_dir, columns=_READ_COLUMNS).map_batches(
+        EmbedPosts,
+        fn_constructor_kwargs={"backbone": backbone, "pretrained": pretrained, "device": device},
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_gpus=num_gpus_per_actor or None,
+    )
+    # Few partitions: there are at most 77 groups and the selection itself is cheap.
+    selected_ds = embedded.groupby("subcategory_id", num_partitions=min(8, taxonomy.num_subcategories)).map_groups(
+        _select_group, fn_kwargs={"shots": shots, "time_buckets": time_buckets, "seed": seed},
+        batch_format="numpy")
+    embed_dim = embedding_dim(backbone)
+    parts = list(selected_ds.iter_batches(batch_format="numpy", batch_size=None))
+    selected = _concat(parts, embed_dim)
+    meta = {"backbone": backbone, "pretrained": pretrained}
+    bank, members = assemble_prototypes(selected, taxonomy, shots=shots, time_buckets=time_buckets, seed=seed,
+                                        embed_dim=embed_dim, metadata=meta)
+    return _write_outputs(bank, members, out_dir, randomly_initialised=not pretrained and backbone in PACKAGED_MODELS)
+
+
+def _write_outputs(bank: PrototypeBank, members: dict, out_dir: str, *, randomly_initialised: bool) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    proto_path = os.path.join(out_dir, PROTOTYPES_FILE)
+    members_path = os.path.join(out_dir, MEMBERS_FILE)
+    bank.save(proto_path)
+    members = dict(members, randomly_initialised=randomly_initialised)
+    with open(members_path, "w") as handle:
+        json.dump(members, handle, indent=1)
+    sub = [c for c in members["classes"] if c["level"] == "subcategory"]
+    cat = [c for c in members["classes"] if c["level"] == "category"]
+    counts = [c["count"] for c in members["classes"]]
+    summary = {
+        "posts": int(sum(c["available"] for c in sub)),
+        "empty_classes": int(sum(1 for c in counts if c == 0)),
+        "min_count": int(min(counts)), "max_count": int(max(counts)),
+        "counts": {"subcategory": {c["name"]: c["count"] for c in sub},
+                   "category": {c["name"]: c["count"] for c in cat}},
+        "prototypes_path": proto_path, "members_path": members_path,
+        "backbone_randomly_initialised": randomly_initialised,
+    }
+    logger.info("prototypes: %d posts, %d classes, %d empty, members per class %d..%d -> %s",
+                summary["posts"], len(counts), summary["empty_classes"], summary["min_count"],
+                summary["max_count"], proto_path)
+    return summary

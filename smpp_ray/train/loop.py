@@ -1,0 +1,184 @@
+"""Plain training and evaluation loops: no Ray in here, so they run (and are tested) on any iterable.
+
+``train_epoch`` and ``evaluate`` take an iterable of collated batches (dicts of tensors plus
+``pid`` strings); :mod:`smpp_ray.train.trainer` feeds them Ray Data shards inside Ray Train
+workers, the benchmark feeds them the same batches in a bare PyTorch loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from smpp_ray.train.image_cache import ImageFeatureCache
+
+#: ``loss_fn(outputs, batch) -> (B,)`` per-sample total loss (``compute_losses(reduction="none")``).
+LossFn = Callable[[dict[str, torch.Tensor], dict[str, Any]], torch.Tensor]
+
+
+@dataclass
+class StepSettings:
+    """How ``train_epoch`` turns batches into optimizer steps."""
+
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    sample_selection_keep: float = 1.0
+    """Share of each batch (lowest per-sample loss) that contributes gradients, after warm-up."""
+    warmup_steps: int = 0
+    """Optimizer steps before sample selection starts (early losses say little about noise)."""
+    device: torch.device = torch.device("cpu")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; on CPU plain float32 (CPU bf16 is slower and less exact here)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensor columns of a collated batch to ``device`` (strings stay on the host)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def forward_batch(model: torch.nn.Module, batch: dict[str, Any],
+                  cache: ImageFeatureCache | None = None) -> dict[str, torch.Tensor]:
+    """One forward pass; with a cache the frozen image tower is skipped for posts already seen."""
+    image_features = None
+    if cache is not None:
+        image_features = cache.features(unwrap(model).backbone, batch["pixels"], batch["pid"])
+    return model(batch["pixels"], batch["tokens"], image_features=image_features)
+
+
+def select_lowest_loss(per_sample: torch.Tensor, keep: float) -> torch.Tensor:
+    """Indices of the ``ceil(keep * B)`` smallest losses (at least one): loss-based sample selection.
+
+    High-loss samples early in training are mostly noisy labels; dropping them (the paper keeps
+    77%) trains on the clean majority. Selection uses detached values; gradients flow only
+    through the kept samples.
+    """
+    batch = per_sample.shape[0]
+    k = max(1, min(batch, math.ceil(keep * batch)))
+    return torch.topk(per_sample.detach(), k, largest=False).indices
+
+
+def train_epoch(model: torch.nn.Module, batches: Iterable[dict[str, Any]], loss_fn: LossFn,
+                optimizer: torch.optim.Optimizer, scheduler: Any, settings: StepSettings, *,
+                global_step: int = 0, cache: ImageFeatureCache | None = None,
+                on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One pass over ``batches``; returns loss/sample/step counts and the new ``global_step``.
+
+    Gradients accumulate over ``grad_accum_steps`` micro-batches; DDP's all-reduce is skipped
+    (``no_sync``) on all but the last of them. A trailing partial accumulation still steps (and
+    its last micro-batch syncs), so every sample of the epoch counts; all ranks see the same
+    number of batches (``streaming_split(equal=True)``), so their steps line up. ``on_step`` is
+    called with the number of optimizer steps taken so far this epoch after each one.
+    """
+    model.train()
+    device = settings.device
+    loss_sum, samples, kept, micro, steps = 0.0, 0, 0, 0, 0
+    optimizer.zero_grad(set_to_none=True)
+    no_sync = getattr(model, "no_sync", None)
+    started = time.perf_counter()
+    for batch, last in _with_last(batches):
+        batch = to_device(batch, device)
+        micro += 1
+        boundary = last or micro % settings.grad_accum_steps == 0
+        sync = contextlib.nullcontext() if boundary or no_sync is None else no_sync()
+        with sync:
+            with autocast(device):
+                per_sample = loss_fn(forward_batch(model, batch, cache), batch).float()  # (B,)
+            selecting = settings.sample_selection_keep < 1.0 and global_step >= settings.warmup_steps
+            index = select_lowest_loss(per_sample, settings.sample_selection_keep) if selecting else None
+            objective = per_sample[index].mean() if index is not None else per_sample.mean()
+            (objective / settings.grad_accum_steps).backward()
+        loss_sum += float(per_sample.detach().sum())
+        samples += per_sample.shape[0]
+        kept += per_sample.shape[0] if index is None else index.shape[0]
+        if boundary:
+            _step(optimizer, scheduler)
+            global_step, steps = global_step + 1, steps + 1
+            micro = 0
+            if on_step is not None:
+                on_step(steps)
+    seconds = time.perf_counter() - started
+    return {"loss_sum": loss_sum, "samples": float(samples), "kept": float(kept), "steps": float(steps),
+            "seconds": seconds, "global_step": float(global_step)}
+
+
+def _with_last(items: Iterable[Any]):
+    """Yield ``(item, is_last)``: the last micro-batch must all-reduce even mid-accumulation."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield current, False
+        current = following
+    yield current, True
+
+
+def _step(optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], loss_fn: LossFn,
+             device: torch.device, *, probe_rows: int = 0) -> dict[str, Any]:
+    """Validation loss and top-1 (77-way ``logits_sub``, 11-way ``logits_cat``) over ``batches``.
+
+    Runs the bare model (not its DDP wrapper) so one rank can evaluate alone. Posts without a
+    label id (-1) are left out of the accuracies. With ``probe_rows`` the first rows' pids and
+    ``logits_sub`` are returned under ``probe`` (saved in checkpoints to check a reload).
+    """
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    loss_sum, samples, correct_sub, correct_cat, labelled_sub, labelled_cat = 0.0, 0, 0, 0, 0, 0
+    probe_pids: list[str] = []
+    probe_logits: list[torch.Tensor] = []
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(device):
+            outputs = forward_batch(net, batch)
+            per_sample = loss_fn(outputs, batch).float()
+        loss_sum += float(per_sample.sum())
+        samples += per_sample.shape[0]
+        sub, cat = batch["subcategory_id"].long(), batch["category_id"].long()
+        mask_sub, mask_cat = sub >= 0, cat >= 0
+        correct_sub += int((outputs["logits_sub"].argmax(-1).eq(sub) & mask_sub).sum())
+        correct_cat += int((outputs["logits_cat"].argmax(-1).eq(cat) & mask_cat).sum())
+        labelled_sub += int(mask_sub.sum())
+        labelled_cat += int(mask_cat.sum())
+        if len(probe_pids) < probe_rows:
+            take = probe_rows - len(probe_pids)
+            probe_pids += list(batch["pid"][:take])
+            probe_logits.append(outputs["logits_sub"][:take].float().cpu())
+    net.train(was_training)
+    if samples == 0:
+        raise ValueError("evaluate got no batches: the validation split is empty")
+    result: dict[str, Any] = {
+        "val_loss": loss_sum / samples,
+        "val_top1": correct_sub / max(1, labelled_sub),
+        "val_top1_cat": correct_cat / max(1, labelled_cat),
+        "val_samples": float(samples),
+    }
+    if probe_rows:
+        result["probe"] = {"pid": probe_pids, "logits_sub": torch.cat(probe_logits) if probe_logits
+                           else torch.empty(0)}
+    return result

@@ -1,0 +1,410 @@
+"""Distributed prompt tuning on Ray Train (V2): ``train_model`` on the driver, ``train_loop_per_worker``.
+
+The driver builds two lazy Ray Datasets (train, val), a ``TorchTrainer`` with DDP workers and
+the run's storage, then collects the best checkpoint. Each worker streams its shard of the
+train split through :func:`smpp_ray.train.loop.train_epoch`; rank 0 evaluates the whole val
+split, shares the metrics with the other ranks (so early stopping agrees everywhere), writes the
+checkpoint and logs the epoch to MLflow. Relaunching with the same ``storage_path``/``name``
+resumes from the latest checkpoint, and a worker failure restarts the group from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smpp_ray.config import ModelConfig, TrainConfig
+from smpp_ray.data.schema import Taxonomy
+from smpp_ray.tracking import TrackingContext, log_artifact, log_metrics, set_tags
+from smpp_ray.train import checkpoint as ckpt
+from smpp_ray.train.data import count_rows, create_split_dataset, input_spec, iterate_torch
+from smpp_ray.train.image_cache import ImageFeatureCache
+from smpp_ray.train.loop import StepSettings, evaluate, train_epoch
+from smpp_ray.train.schedule import create_optimizer, create_scheduler
+
+logger = logging.getLogger(__name__)
+
+PROTOTYPES_FILE = "prototypes.safetensors"
+BEST_CHECKPOINT_DIR = "best_checkpoint"
+#: Validation rows whose logits are stored in each checkpoint (probe.pt) to verify reloads.
+PROBE_ROWS = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, model_config: ModelConfig,
+                train_config: TrainConfig, tracking: TrackingContext | None = None) -> dict[str, Any]:
+    """Prompt-tune the model with Ray Train and return the best epoch's metrics.
+
+    Returns ``val_top1``, ``val_top1_cat``, ``val_loss``, ``train_loss`` and ``samples_per_s`` of
+    the best epoch (by val top-1), ``best_epoch``, ``epochs_run`` (epochs completed, across
+    relaunches), ``resumes`` (worker-group starts from a checkpoint: failures recovered plus
+    relaunches), ``stopped_early``,
+    ``best_checkpoint`` (``out_dir/best_checkpoint``, a copy that outlives Ray's retention),
+    ``run_path`` and ``history`` (every epoch's metrics).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig as RayDataConfig
+    from ray.train.torch import TorchTrainer
+
+    from smpp_ray.data.manifest import load_taxonomy
+
+    _validate(model_config, train_config)
+    _check_cpu_budget(train_config)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    taxonomy = load_taxonomy(data_dir)
+    prototypes_path = _prototypes_file(prototypes_dir, model_config)
+    storage_path = train_config.storage_path or str(out / "ray_results")
+    run_path = f"{storage_path.rstrip('/')}/{train_config.name}"
+
+    previous = _previous_run(run_path, model_config)
+    if previous is not None and _finished(previous, train_config):
+        logger.info("train run %s already finished (epoch %d); nothing to do", run_path,
+                    previous["meta"]["epoch"])
+        return _finish(previous["result"], out, run_path, tracking)
+
+    train_rows = count_rows(data_dir, "train")
+    steps_per_epoch = _steps_per_epoch(train_rows, train_config)
+    total_steps = steps_per_epoch * train_config.epochs
+    warmup_steps = int(round(train_config.warmup_epochs * steps_per_epoch))
+    spec = input_spec(model_config.backbone, model_config.context_length)
+    augment = train_config.augment and not train_config.cache_image_features
+    if train_config.augment and not augment:
+        logger.info("train.cache_image_features: augmentation off (cached features fix each image)")
+    datasets = {
+        "train": create_split_dataset(data_dir, "train", spec, train=augment),
+        "val": create_split_dataset(data_dir, "val", spec, train=False),
+    }
+    loop_config = {
+        "model_config": dataclasses.asdict(model_config),
+        "train_config": dataclasses.asdict(train_config),
+        "taxonomy": taxonomy.to_dict(),
+        "prototypes_path": prototypes_path,
+        "tracking": dataclasses.asdict(tracking) if tracking else None,
+        "steps_per_epoch": steps_per_epoch,
+        "warmup_steps": warmup_steps,
+        "total_steps": total_steps,
+        "run_path": run_path,
+    }
+    resources = {"CPU": train_config.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=train_config.num_workers, use_gpu=train_config.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=train_config.name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=train_config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train_config.checkpoints_to_keep,
+                                               checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_order="max")),
+        datasets=datasets,
+        dataset_config=RayDataConfig(datasets_to_split=["train"]),
+    )
+    logger.info("training %d workers x batch %d, %d train posts, %d optimizer steps/epoch, storage %s",
+                train_config.num_workers, train_config.batch_size, train_rows, steps_per_epoch, run_path)
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training run {run_path} failed: {result.error}") from result.error
+    return _finish(result, out, run_path, tracking)
+
+
+def _validate(model_config: ModelConfig, train_config: TrainConfig) -> None:
+    if train_config.cache_image_features and model_config.unfreeze_image_blocks > 0:
+        raise ValueError(
+            "train.cache_image_features=true needs a frozen image tower, but "
+            f"model.unfreeze_image_blocks={model_config.unfreeze_image_blocks}; set one of them off")
+    if train_config.fail_at_epoch >= 0 and train_config.max_failures < 1:
+        raise ValueError(f"train.fail_at_epoch={train_config.fail_at_epoch} needs train.max_failures >= 1 "
+                         "to recover, got 0")
+
+
+def _check_cpu_budget(train_config: TrainConfig) -> None:
+    """Refuse a worker group that would leave Ray Data no CPU: the run would hang, not fail.
+
+    Training workers hold their CPUs for the whole run; decoding and tokenising run as Ray Data
+    tasks that need at least one more logical CPU, or every epoch waits forever on its input.
+    """
+    import ray
+
+    from smpp_ray.runtime import init_ray
+
+    init_ray()  # joins RAY_ADDRESS or starts a local Ray unless one is up already
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    needed = train_config.num_workers * train_config.cpus_per_worker
+    if needed <= total < needed + 1:
+        raise ValueError(
+            f"train.num_workers={train_config.num_workers} x train.cpus_per_worker={train_config.cpus_per_worker} "
+            f"takes {needed:g} of the cluster's {total:g} logical CPUs and leaves Ray Data none for "
+            "preprocessing; lower train.cpus_per_worker or give Ray more logical CPUs (ray.num_cpus)")
+
+
+def _prototypes_file(prototypes_dir: str | None, model_config: ModelConfig) -> str | None:
+    if not prototypes_dir:
+        if model_config.use_prototypes:
+            raise ValueError("model.use_prototypes=true needs a prototypes folder (run `smpp prototypes`)")
+        return None
+    path = Path(prototypes_dir) / PROTOTYPES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"prototype bank {str(path)!r} not found; run `smpp prototypes` first")
+    return str(path.resolve())
+
+
+def _steps_per_epoch(train_rows: int, train_config: TrainConfig) -> int:
+    """Optimizer steps per epoch per worker, as ``train_epoch`` will take them."""
+    rows_per_worker = train_rows // train_config.num_workers  # streaming_split(equal=True) drops the rest
+    if rows_per_worker == 0:
+        raise ValueError(f"{train_rows} train posts cannot feed {train_config.num_workers} workers")
+    batches = math.ceil(rows_per_worker / train_config.batch_size)
+    return math.ceil(batches / train_config.grad_accum_steps)
+
+
+def _previous_run(run_path: str, model_config: ModelConfig) -> dict[str, Any] | None:
+    """The latest checkpoint of an earlier launch with this name; its model config must match."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(run_path)
+    except RuntimeError:  # no such run folder, or no checkpoint reported yet
+        return None
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as directory:
+        meta = ckpt.read_meta(directory)
+    stored = meta["model_config"]
+    current = dataclasses.asdict(model_config)
+    changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if changed:
+        key = changed[0]
+        raise ValueError(f"train run {run_path!r} was started with model.{key}={stored.get(key)!r} but "
+                         f"model.{key}={current.get(key)!r} now; resume with the same model config or "
+                         "choose another train.name")
+    return {"result": result, "meta": meta}
+
+
+def _finished(previous: dict[str, Any], train_config: TrainConfig) -> bool:
+    state = previous["meta"]["state"]
+    return bool(state.get("stopped_early")) or previous["meta"]["epoch"] + 1 >= train_config.epochs
+
+
+def _finish(result: Any, out: Path, run_path: str, tracking: TrackingContext | None) -> dict[str, Any]:
+    """Copy the best checkpoint next to the stage outputs, log it to MLflow, build the summary."""
+    best = result.get_best_checkpoint("val_top1", "max") or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"training run {run_path} reported no checkpoint")
+    best_dir = out / BEST_CHECKPOINT_DIR
+    if best_dir.exists():
+        shutil.rmtree(best_dir)
+    best.to_directory(str(best_dir))
+    best_meta = ckpt.read_meta(best_dir)
+    with result.checkpoint.as_directory() as directory:
+        last_meta = ckpt.read_meta(directory)
+    state = last_meta["state"]
+    metrics = best_meta["metrics"]
+    summary: dict[str, Any] = {
+        **{k: metrics[k] for k in ("val_top1", "val_top1_cat", "val_loss", "train_loss", "samples_per_s")},
+        "best_epoch": best_meta["epoch"],
+        "epochs_run": last_meta["epoch"] + 1,
+        "resumes": state["attempt"],
+        "stopped_early": bool(state.get("stopped_early")),
+        "best_checkpoint": str(best_dir),
+        "run_path": run_path,
+        "history": state["history"],
+    }
+    if tracking is not None:
+        log_artifact(tracking.tracking_uri, tracking.run_id, best_dir, BEST_CHECKPOINT_DIR)
+        set_tags(tracking.tracking_uri, tracking.run_id,
+                 {"smpp.train.run_path": run_path, "smpp.train.best_epoch": best_meta["epoch"]})
+    logger.info("training done: best epoch %d val_top1 %.4f (checkpoint %s)", best_meta["epoch"],
+                metrics["val_top1"], best_dir)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker: build the model, resume if a checkpoint exists, run the epochs."""
+    import ray.train
+    import ray.train.torch
+
+    train_config = TrainConfig(**config["train_config"])
+    model_config = ckpt.model_config_from_meta({"model_config": config["model_config"]}, where="train loop")
+    taxonomy = Taxonomy.from_dict(config["taxonomy"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(train_config.cpus_per_worker)))
+
+    model, loss_fn = _build_model(model_config, taxonomy, config["prototypes_path"], train_config.seed)
+    cache = None
+    if train_config.cache_image_features:
+        ImageFeatureCache.check_frozen(model.backbone)
+        cache = ImageFeatureCache()
+    optimizer = create_optimizer([p for p in model.parameters() if p.requires_grad], train_config.optimizer,
+                                 train_config.lr, train_config.weight_decay)
+    scheduler = create_scheduler(optimizer, config["warmup_steps"], config["total_steps"])
+    state = _initial_state()
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            loaded = ckpt.load_training_state(directory)
+        model.load_trainable_state_dict(loaded["trainable"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+        state = loaded["meta"]["state"]
+        state["attempt"] += 1
+        logger.info("rank %d resumed from epoch %d (attempt %d)", rank, state["epoch"], state["attempt"])
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
+
+    settings = StepSettings(grad_accum_steps=train_config.grad_accum_steps,
+                            sample_selection_keep=train_config.sample_selection_keep,
+                            warmup_steps=config["warmup_steps"], device=device)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_split = ray.train.get_dataset_shard("val")
+    for epoch in range(state["epoch"] + 1, train_config.epochs):
+        fail = _failure_hook(train_config.fail_at_epoch, epoch, rank, world, config["run_path"])
+        stats = train_epoch(model, iterate_torch(train_shard, train_config.batch_size, train=True,
+                                                 seed=train_config.seed + epoch),
+                            loss_fn, optimizer, scheduler, settings, global_step=state["global_step"], cache=cache,
+                            on_step=fail)
+        train_metrics = _reduce_train_stats(stats, device)
+        val = None
+        if rank == 0:
+            val = evaluate(model, iterate_torch(val_split, train_config.batch_size, train=False), loss_fn, device,
+                           probe_rows=PROBE_ROWS)
+        val = _broadcast(val, rank, world)
+        metrics = {"epoch": epoch, **train_metrics,
+                   **{k: v for k, v in val.items() if k != "probe"},
+                   "lr": scheduler.get_last_lr()[0], "attempt": state["attempt"]}
+        if cache is not None:
+            metrics["image_cache_hit_rate"] = cache.hits / max(1, cache.hits + cache.misses)
+        _advance_state(state, epoch, int(stats["global_step"]), metrics, train_config.early_stopping_patience)
+        _report(model, optimizer, scheduler, model_config, taxonomy, config["prototypes_path"], metrics, state,
+                val.get("probe"), rank)
+        if rank == 0 and config["tracking"]:
+            tracking = config["tracking"]
+            log_metrics(tracking["tracking_uri"], tracking["run_id"],
+                        {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+        if state["stopped_early"]:
+            logger.info("early stopping after epoch %d: no better val_top1 for %d epochs", epoch,
+                        train_config.early_stopping_patience)
+            break
+
+
+def _build_model(model_config: ModelConfig, taxonomy: Taxonomy, prototypes_path: str | None, seed: int):
+    """The model (same prompt init on every rank, though DDP broadcasts rank 0's anyway) and its loss."""
+    from smpp_ray.model.model import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(model_config, taxonomy, prototypes_path)
+    return model, create_loss_fn(model)
+
+
+def create_loss_fn(model: torch.nn.Module):
+    """``loss_fn(outputs, batch) -> (B,)``: the model's weighted per-sample loss (for selection)."""
+
+    def loss_fn(outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        return model.compute_losses(outputs, batch["subcategory_id"], batch["category_id"], batch["label"],
+                                    reduction="none")["loss"]  # (B,)
+
+    return loss_fn
+
+
+def _initial_state() -> dict[str, Any]:
+    return {"epoch": -1, "global_step": 0, "best_val_top1": -1.0, "best_epoch": -1, "epochs_since_best": 0,
+            "stopped_early": False, "attempt": 0, "history": []}
+
+
+def _advance_state(state: dict[str, Any], epoch: int, global_step: int, metrics: dict[str, float],
+                   patience: int) -> None:
+    state["epoch"] = epoch
+    state["global_step"] = global_step
+    state["history"].append(dict(metrics))
+    if metrics["val_top1"] > state["best_val_top1"]:
+        state["best_val_top1"], state["best_epoch"], state["epochs_since_best"] = metrics["val_top1"], epoch, 0
+    else:
+        state["epochs_since_best"] += 1
+    state["stopped_early"] = bool(patience and state["epochs_since_best"] >= patience)
+
+
+def _reduce_train_stats(stats: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Loss and throughput over all workers: sums of losses/samples, the slowest worker's time."""
+    import torch.distributed as dist
+
+    sums = torch.tensor([stats["loss_sum"], stats["samples"], stats["kept"]], dtype=torch.float64)
+    seconds = torch.tensor([stats["seconds"]], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        sums, seconds = sums.to(backend_device), seconds.to(backend_device)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    loss_sum, samples, kept = (float(v) for v in sums.cpu())
+    return {"train_loss": loss_sum / max(1.0, samples), "train_samples": samples,
+            "kept_fraction": kept / max(1.0, samples),
+            "samples_per_s": samples / max(1e-9, float(seconds.cpu()[0]))}
+
+
+def _broadcast(value: Any, rank: int, world: int) -> Any:
+    """Rank 0's object on every rank (gloo/nccl via ``broadcast_object_list``)."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _report(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, model_config: ModelConfig,
+            taxonomy: Taxonomy, prototypes_path: str | None, metrics: dict[str, float], state: dict[str, Any],
+            probe: dict[str, Any] | None, rank: int) -> None:
+    """Every rank reports (it is a barrier); only rank 0 attaches the checkpoint it wrote."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="smpp-ckpt-") as directory:
+        ckpt.save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=scheduler,
+                             model_config=model_config, taxonomy=taxonomy, prototypes_path=prototypes_path,
+                             metrics=metrics, state=state, probe=probe)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _failure_hook(fail_at_epoch: int, epoch: int, rank: int, world: int, run_path: str):
+    """Testing aid: rank 1 (rank 0 when alone) raises after the first optimizer step of
+    ``fail_at_epoch``, once: a marker file in the run's storage lets the restarted group pass.
+
+    Failing after a step rather than at the epoch start makes the failure deterministic: the
+    step's all-reduce is a barrier, so rank 0 has finished logging the previous epoch.
+    """
+    if epoch != fail_at_epoch or rank != min(1, world - 1):
+        return None
+    import pyarrow.fs as pafs
+
+    def fail(steps: int) -> None:
+        filesystem, root = pafs.FileSystem.from_uri(
+            run_path if "://" in run_path else str(Path(run_path).resolve()))
+        marker = f"{root}/fail_at_epoch_{epoch}.marker"
+        if filesystem.get_file_info(marker).type != pafs.FileType.NotFound:
+            return
+        with filesystem.open_output_stream(marker) as stream:
+            stream.write(f"failed on purpose at {time.time()}\n".encode())
+        raise RuntimeError(f"train.fail_at_epoch: rank {rank} fails on purpose in epoch {epoch} "
+                           f"after {steps} step(s)")
+
+    return fail

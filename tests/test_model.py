@@ -1,0 +1,262 @@
+"""The SMPP network on the tiny backbone: outputs, gradients, checkpoints, ablations, overfit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from smpp_ray.config import ModelConfig
+from smpp_ray.data.schema import Taxonomy
+from smpp_ray.model.backbone import TINY_MODEL, create_backbone
+from smpp_ray.model.losses import compute_losses
+from smpp_ray.model.model import SMPPModel, create_model
+from smpp_ray.model.prototypes import PrototypeBank
+
+NUM_SUB, NUM_CAT = 77, 11
+TAXONOMY = Taxonomy(tuple(f"category {c}" for c in range(NUM_CAT)),
+                    tuple(f"sub_{s}" for s in range(NUM_SUB)), tuple(s % NUM_CAT for s in range(NUM_SUB)))
+CONTRACT_KEYS = {"logits_sub", "logits_cat", "fused", "image_embedding", "text_embedding",
+                 "proto_sim_visual", "proto_sim_text", "local_feature"}
+
+
+def make_bank(seed: int = 0, backbone: str = TINY_MODEL) -> PrototypeBank:
+    g = torch.Generator().manual_seed(seed)
+    return PrototypeBank(torch.randn(88, 64, generator=g), torch.randn(88, 64, generator=g),
+                         torch.full((88,), 4), NUM_SUB, {"backbone": backbone})
+
+
+@pytest.fixture(scope="module")
+def proto_path(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("proto") / "prototypes.safetensors")
+    make_bank().save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def batch():
+    backbone = create_backbone(TINY_MODEL)
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randn(4, 3, 64, 64, generator=g)
+    tokens = backbone.tokenize(["red car on a road", "", "sunset " * 40, "cat"])
+    return pixels, tokens, torch.tensor([0, 5, 12, 76]), torch.tensor([0, 5, 1, 10])
+
+
+def build(proto_path: str | None, **changes) -> SMPPModel:
+    torch.manual_seed(0)
+    return create_model(ModelConfig(**changes), TAXONOMY, proto_path)
+
+
+def test_forward_keys_and_shapes(proto_path, batch):
+    pixels, tokens, _, _ = batch
+    model = build(proto_path, direct_regression=True)
+    for size in (1, 4):
+        out = model(pixels[:size], tokens[:size])
+        assert CONTRACT_KEYS | {"regression"} <= set(out)
+        assert out["logits_sub"].shape == (size, NUM_SUB) and out["logits_cat"].shape == (size, NUM_CAT)
+        assert out["proto_sim_visual"].shape == out["proto_sim_text"].shape == (size, NUM_SUB + NUM_CAT)
+        for key in ("fused", "image_embedding", "text_embedding", "local_feature"):
+            assert out[key].shape == (size, 64), key
+        assert out["regression"].shape == (size,)
+        torch.testing.assert_close(out["image_embedding"].norm(dim=-1), torch.ones(size))
+
+
+def test_category_logits_follow_the_hierarchy(proto_path, batch):
+    pixels, tokens, _, _ = batch
+    model = build(proto_path)
+    with torch.no_grad():
+        out = model(pixels, tokens)
+        direct = model.head_cat(out["fused"])
+    for c in range(NUM_CAT):
+        children = [s for s, p in enumerate(TAXONOMY.parents) if p == c]
+        expected = torch.logsumexp(out["logits_sub"][:, children], dim=-1) + direct[:, c]
+        torch.testing.assert_close(out["logits_cat"][:, c], expected)
+
+
+def test_image_features_argument_skips_the_image_tower(proto_path, batch):
+    pixels, tokens, _, _ = batch
+    model = build(proto_path)
+    with torch.no_grad():
+        full = model(pixels, tokens)
+        cached = model(None, tokens, image_features=model.backbone.encode_image(pixels))
+    torch.testing.assert_close(full["logits_sub"], cached["logits_sub"])
+
+
+def test_one_step_updates_every_trainable_parameter_and_no_frozen_one(proto_path, batch):
+    pixels, tokens, sub, cat = batch
+    model = build(proto_path, direct_regression=True, weight_regression=1.0)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(frozen_before) > 0 and len(trainable_before) > 10
+    out = model(pixels, tokens)
+    model.compute_losses(out, sub, cat, torch.tensor([1.0, 2.0, 3.0, 4.0]))["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert no_grad == []
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    torch.optim.SGD(model.trainable_parameters(), lr=0.1).step()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, trainable_before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(p, frozen_before[name]), f"frozen {name} changed"
+
+
+def test_checkpoint_holds_exactly_the_trainable_parameters_and_reloads(proto_path, batch, tmp_path):
+    pixels, tokens, sub, cat = batch
+    model = build(proto_path)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.compute_losses(model(pixels, tokens), sub, cat)["loss"].backward()
+        optimizer.step()
+    state = model.trainable_state_dict()
+    assert set(state) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(k.startswith("backbone.") or k.startswith("bank.") for k in state)
+    torch.save(state, tmp_path / "trainable.pt")
+    torch.manual_seed(123)  # a different init that the load must overwrite
+    fresh = create_model(ModelConfig(), TAXONOMY, proto_path)
+    fresh.load_trainable_state_dict(torch.load(tmp_path / "trainable.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(model(pixels, tokens)["logits_sub"], fresh(pixels, tokens)["logits_sub"])
+    other = build(None, use_prototypes=False)
+    with pytest.raises(ValueError, match="unexpected.*log_scale_prototype"):
+        other.load_trainable_state_dict(state)
+
+
+def test_model_is_deterministic_given_a_seed(proto_path, batch):
+    pixels, tokens, _, _ = batch
+    with torch.no_grad():
+        assert torch.equal(build(proto_path)(pixels, tokens)["fused"], build(proto_path)(pixels, tokens)["fused"])
+
+
+def test_prototypes_off_ignores_the_bank_in_the_prediction(proto_path, batch, tmp_path):
+    pixels, tokens, sub, cat = batch
+    other_path = str(tmp_path / "other.safetensors")
+    make_bank(seed=9).save(other_path)
+    with torch.no_grad():
+        off_a = build(proto_path, use_prototypes=False)(pixels, tokens)
+        off_b = build(other_path, use_prototypes=False)(pixels, tokens)
+        on_a = build(proto_path)(pixels, tokens)
+        on_b = build(other_path)(pixels, tokens)
+    assert torch.equal(off_a["logits_sub"], off_b["logits_sub"])
+    assert not torch.allclose(on_a["logits_sub"], on_b["logits_sub"])
+    assert not torch.allclose(off_a["proto_sim_visual"], off_b["proto_sim_visual"])  # still features
+    assert "proto_align_sub" not in off_a
+    assert float(compute_losses(off_a, sub, cat)["prototype"]) == 0.0
+    no_bank = build(None, use_prototypes=False)(pixels, tokens)
+    assert torch.equal(no_bank["proto_sim_visual"], torch.zeros(4, 88))
+    with pytest.raises(ValueError, match="use_prototypes"):
+        build(None)
+
+
+def test_bank_from_another_backbone_is_rejected(tmp_path):
+    path = str(tmp_path / "vit.safetensors")
+    make_bank(backbone="ViT-B-16").save(path)
+    with pytest.raises(ValueError, match="built with backbone 'ViT-B-16'"):
+        build(path)
+
+
+def test_global_prompts_off_leaves_only_the_direct_head(proto_path, batch):
+    pixels, tokens, _, _ = batch
+    model = build(proto_path, use_global_prompts=False)
+    assert model.global_prompts is None and not any("global" in n for n in model.trainable_state_dict())
+    with torch.no_grad():
+        out = model(pixels, tokens)
+        torch.testing.assert_close(out["logits_sub"], model.head_sub(out["fused"]))
+
+
+def test_local_prompts_off_uses_the_plain_text_embedding(proto_path, batch):
+    pixels, tokens, _, _ = batch
+    model = build(proto_path, use_local_prompts=False)
+    assert model.local_prompts is None and "local" not in model.modalities
+    with torch.no_grad():
+        out = model(pixels, tokens)
+        plain = model.backbone.encode_text(tokens, normalize=True)
+    torch.testing.assert_close(out["text_embedding"], plain)
+    assert torch.equal(out["local_feature"], torch.zeros(4, 64))
+    with torch.no_grad():
+        on = build(proto_path)(pixels, tokens)
+    assert not torch.allclose(on["text_embedding"], plain)  # the learnable tokens change the text path
+
+
+def test_fusion_off_averages_the_tokens(proto_path, batch):
+    pixels, tokens, _, _ = batch
+    model = build(proto_path, use_fusion=False)
+    assert model.fusion is None and not any(k.startswith("fusion.") for k in model.trainable_state_dict())
+    with torch.no_grad():
+        out = model(pixels, tokens)
+    torch.testing.assert_close(out["fused"].norm(dim=-1) <= 1.0 + 1e-6, torch.ones(4, dtype=torch.bool))
+    assert set(model.modalities) == {"image", "text", "local", "visual_prototype", "textual_prototype"}
+
+
+def test_direct_regression_head_and_loss(proto_path, batch):
+    pixels, tokens, sub, cat = batch
+    plain = build(proto_path)
+    assert "regression" not in plain(pixels, tokens)
+    model = build(proto_path, direct_regression=True, weight_regression=2.0)
+    out = model(pixels, tokens)
+    label = torch.tensor([1.0, float("nan"), 3.0, 4.0])
+    losses = model.compute_losses(out, sub, cat, label, reduction="none")
+    expected = (out["regression"] - torch.nan_to_num(label)) ** 2 * torch.isfinite(label)
+    torch.testing.assert_close(losses["regression"], expected)
+
+
+def test_losses_per_sample_and_ignored_labels(proto_path, batch):
+    pixels, tokens, sub, cat = batch
+    model = build(proto_path)
+    out = model(pixels, tokens)
+    none = model.compute_losses(out, torch.tensor([0, -1, 12, 76]), cat, reduction="none")
+    assert none["loss"].shape == (4,) and float(none["ce_sub"][1]) == 0.0
+    mean = model.compute_losses(out, sub, cat)
+    torch.testing.assert_close(mean["loss"], model.compute_losses(out, sub, cat, reduction="none")["loss"].mean())
+    with pytest.raises(ValueError, match="reduction 'sum'"):
+        model.compute_losses(out, sub, cat, reduction="sum")
+
+
+def _synthetic_posts(backbone, n: int = 64, classes: int = 8, seed: int = 0):
+    """Posts whose image colour and title words depend on the class (a learnable proxy task)."""
+    rng = np.random.default_rng(seed)
+    subs = np.arange(n) % classes
+    words = ["beach", "city", "food", "dog", "car", "flower", "snow", "concert"]
+    pixels = torch.empty(n, 3, 64, 64)
+    texts = []
+    for i, s in enumerate(subs):
+        colour = torch.tensor([(s * 37 % 255) / 255, (s * 91 % 255) / 255, (s * 53 % 255) / 255]).view(3, 1, 1)
+        pixels[i] = colour * 4 - 2 + 0.5 * torch.from_numpy(rng.standard_normal((3, 64, 64))).float()
+        texts.append(f"{words[s]} {rng.choice(words)} photo {i}")
+    return pixels, backbone.tokenize(texts), torch.from_numpy(subs).long()
+
+
+def test_full_model_overfits_a_small_fixed_batch(proto_path):
+    model = build(proto_path)
+    pixels, tokens, sub = _synthetic_posts(model.backbone)
+    cat = torch.tensor([TAXONOMY.parents[s] for s in sub])
+    with torch.no_grad():
+        image_features = model.backbone.encode_image(pixels)  # frozen tower: cache once
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=5e-3)
+    first = None
+    for _ in range(150):
+        optimizer.zero_grad()
+        out = model(None, tokens, image_features=image_features)
+        loss = model.compute_losses(out, sub, cat)["loss"]
+        loss.backward()
+        optimizer.step()
+        first = float(loss) if first is None else first
+    with torch.no_grad():
+        out = model(None, tokens, image_features=image_features)
+    accuracy = float((out["logits_sub"].argmax(-1) == sub).float().mean())
+    assert float(loss) < 0.3 * first
+    assert accuracy >= 0.95
+
+
+def test_config_switches_map_to_modules():
+    config = dataclasses.replace(ModelConfig(), n_ctx=2, ctx_init="a photo")
+    backbone = create_backbone(TINY_MODEL)
+    model = SMPPModel(dataclasses.replace(config, use_prototypes=False), TAXONOMY, backbone)
+    assert model.global_prompts.ctx.shape == (2, backbone.text_width)
+    csc = SMPPModel(dataclasses.replace(config, use_prototypes=False, class_specific_ctx=True), TAXONOMY, backbone)
+    assert csc.global_prompts.ctx.shape == (NUM_SUB, 2, backbone.text_width)
+    with pytest.raises(ValueError, match="tokenises to"):
+        SMPPModel(dataclasses.replace(config, use_prototypes=False, ctx_init="a photograph"), TAXONOMY, backbone)

@@ -1,0 +1,376 @@
+"""Training: the plain loops (no Ray) and the Ray Train run (real Ray, tiny model, 2 gloo workers).
+
+Ray Train runs are expensive here, so one module-scoped run covers accuracy, fault tolerance,
+checkpoints and MLflow, and one relaunch of it covers resumption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from smpp_ray.config import ModelConfig, TrainConfig
+from smpp_ray.data.taxonomy_names import default_taxonomy
+from smpp_ray.train import checkpoint as ckpt
+from smpp_ray.train.data import INPUT_COLUMNS, collate_batch, input_spec
+from smpp_ray.train.image_cache import ImageFeatureCache
+from smpp_ray.train.loop import StepSettings, evaluate, select_lowest_loss, train_epoch
+from smpp_ray.train.schedule import create_optimizer, create_scheduler, warmup_cosine_factor
+from smpp_ray.train.trainer import create_loss_fn, train_model
+
+# The plain-loop tests need per-sample losses that do not depend on the rest of the batch, so
+# they switch off the (batch-wide) InfoNCE term and the prototypes.
+PLAIN = ModelConfig(use_prototypes=False, weight_contrastive=0.0)
+
+
+def _model(config: ModelConfig = PLAIN, seed: int = 0):
+    from smpp_ray.model.model import create_model
+
+    torch.manual_seed(seed)
+    return create_model(config, default_taxonomy(), None)
+
+
+def _batch(model, size: int, seed: int = 0) -> dict:
+    """A collated batch of random images and real tokenised text, with some unknown labels."""
+    g = torch.Generator().manual_seed(seed)
+    side = model.backbone.image_size
+    taxonomy = default_taxonomy()
+    sub = torch.randint(0, taxonomy.num_subcategories, (size,), generator=g)
+    return {
+        "pixels": torch.randn(size, 3, side, side, generator=g),
+        "tokens": model.backbone.tokenize([f"post {i} about {taxonomy.subcategories[int(s)]}"
+                                           for i, s in enumerate(sub)]),
+        "subcategory_id": sub,
+        "category_id": torch.tensor([taxonomy.parents[int(s)] for s in sub]),
+        "label": torch.randn(size, generator=g, dtype=torch.float64),
+        "pid": [f"p{seed}-{i}" for i in range(size)],
+    }
+
+
+def _split(batch: dict, parts: int) -> list[dict]:
+    size = len(batch["pid"]) // parts
+    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def _trainables(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.trainable_state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule, selection, loops (no Ray)
+
+
+def test_warmup_then_cosine_schedule():
+    factors = [warmup_cosine_factor(step, 4, 20) for step in range(25)]
+    assert factors[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert factors[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[4:20], factors[5:21], strict=True))  # monotone decay
+    assert factors[12] == pytest.approx(0.5)  # half-way through the cosine
+    assert factors[20:] == [pytest.approx(0.0)] * 5  # stays at 0 past the end, no climb back
+    with pytest.raises(ValueError, match="total_steps"):
+        warmup_cosine_factor(0, 0, 0)
+
+
+def test_select_lowest_loss_keeps_the_easiest_share():
+    losses = torch.tensor([5.0, 0.1, 3.0, 0.2, 4.0, 0.3, 2.0, 1.0, 9.0, 0.4])
+    kept = select_lowest_loss(losses, 0.77)
+    assert len(kept) == 8  # ceil(0.77 * 10)
+    assert set(kept.tolist()) == {1, 3, 5, 9, 7, 6, 2, 4}
+    assert len(select_lowest_loss(losses, 0.01)) == 1
+
+
+def test_gradient_accumulation_equals_one_full_batch():
+    full, accumulated = _model(), _model()
+    batch = _batch(full, 8)
+    for model, batches, accum in ((full, [batch], 1), (accumulated, _split(batch, 2), 2)):
+        optimizer = create_optimizer(model.trainable_parameters(), "sgd", 0.5, 0.0)
+        stats = train_epoch(model, batches, create_loss_fn(model), optimizer, None,
+                            StepSettings(grad_accum_steps=accum))
+        assert stats["steps"] == 1 and stats["samples"] == 8
+    a, b = _trainables(full), _trainables(accumulated)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_trailing_partial_accumulation_still_steps():
+    model = _model()
+    optimizer = create_optimizer(model.trainable_parameters(), "adamw", 1e-3, 0.0)
+    stats = train_epoch(model, _split(_batch(model, 6), 3), create_loss_fn(model), optimizer, None,
+                        StepSettings(grad_accum_steps=2))
+    assert stats["steps"] == 2  # micro-batches 1+2, then 3 alone
+    assert all(p.grad is None for p in model.trainable_parameters())  # nothing left half-accumulated
+
+
+def test_sample_selection_starts_after_warmup_and_trains_on_kept_samples_only():
+    model = _model()
+    batches = [_batch(model, 8, seed=s) for s in range(4)]
+    optimizer = create_optimizer(model.trainable_parameters(), "sgd", 0.1, 0.0)
+    scheduler = create_scheduler(optimizer, 2, 10)
+    stats = train_epoch(model, batches, create_loss_fn(model), optimizer, scheduler,
+                        StepSettings(sample_selection_keep=0.5, warmup_steps=2))
+    assert stats["kept"] == 8 + 8 + 4 + 4  # full batches during the 2 warm-up steps, then half
+    assert stats["global_step"] == 4
+
+    # One selecting step equals a plain step on the selected half.
+    selecting, reference = _model(seed=1), _model(seed=1)
+    batch = _batch(selecting, 8, seed=7)
+    with torch.no_grad():
+        per_sample = create_loss_fn(reference)(reference(batch["pixels"], batch["tokens"]), batch)
+    kept = select_lowest_loss(per_sample, 0.5)
+    subset = {k: (v[kept] if isinstance(v, torch.Tensor) else [v[i] for i in kept.tolist()])
+              for k, v in batch.items()}
+    for model, data, keep in ((selecting, batch, 0.5), (reference, subset, 1.0)):
+        optimizer = create_optimizer(model.trainable_parameters(), "sgd", 0.5, 0.0)
+        train_epoch(model, [data], create_loss_fn(model), optimizer, None, StepSettings(sample_selection_keep=keep))
+    a, b = _trainables(selecting), _trainables(reference)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_image_cache_serves_frozen_tower_outputs():
+    model = _model().eval()
+    batch = _batch(model, 6)
+    cache = ImageFeatureCache()
+    pooled, patches = cache.features(model.backbone, batch["pixels"], batch["pid"])
+    with torch.no_grad():
+        expected_pooled, expected_patches = model.backbone.encode_image(batch["pixels"])
+        torch.testing.assert_close(pooled, expected_pooled)
+        torch.testing.assert_close(patches, expected_patches)
+        assert (cache.hits, cache.misses, len(cache)) == (0, 6, 6)
+        # Second time round the tower is skipped: garbage pixels still give the cached features.
+        again, _ = cache.features(model.backbone, torch.zeros_like(batch["pixels"]), batch["pid"])
+        torch.testing.assert_close(again, expected_pooled)
+        assert cache.hits == 6
+        cached = model(batch["pixels"], batch["tokens"], image_features=(pooled, patches))
+        direct = model(batch["pixels"], batch["tokens"])
+        torch.testing.assert_close(cached["logits_sub"], direct["logits_sub"])
+
+
+def test_image_cache_refuses_a_training_image_tower():
+    unfrozen = _model(ModelConfig(use_prototypes=False, unfreeze_image_blocks=1))
+    with pytest.raises(ValueError, match="unfreeze_image_blocks"):
+        ImageFeatureCache.check_frozen(unfrozen.backbone)
+    with pytest.raises(ValueError, match="cache_image_features.*unfreeze_image_blocks=1"):
+        train_model("unused", None, "unused", model_config=ModelConfig(use_prototypes=False, unfreeze_image_blocks=1),
+                    train_config=TrainConfig(cache_image_features=True), tracking=None)
+
+
+def test_evaluate_counts_labelled_posts_only():
+    model = _model().eval()
+    batch = _batch(model, 10)
+    batch["subcategory_id"][:3] = -1  # unlabelled posts
+    with torch.no_grad():
+        outputs = model(batch["pixels"], batch["tokens"])
+    predicted = outputs["logits_sub"].argmax(-1)
+    batch["subcategory_id"][3:6] = predicted[3:6]  # three known hits among the labelled seven
+    batch["subcategory_id"][6:] = (predicted[6:] + 1) % 77
+    result = evaluate(model, _split(batch, 2), create_loss_fn(model), torch.device("cpu"), probe_rows=4)
+    assert result["val_top1"] == pytest.approx(3 / 7)
+    assert result["val_samples"] == 10
+    assert result["probe"]["pid"] == batch["pid"][:4]
+    torch.testing.assert_close(result["probe"]["logits_sub"], outputs["logits_sub"][:4])
+    assert model.training is False
+
+
+def test_checkpoint_holds_exactly_the_trainable_state_and_reloads(tmp_path):
+    model = _model()
+    optimizer = create_optimizer(model.trainable_parameters(), "adamw", 1e-2, 0.0)
+    scheduler = create_scheduler(optimizer, 1, 4)
+    train_epoch(model, [_batch(model, 4)], create_loss_fn(model), optimizer, scheduler, StepSettings())
+    state = {"epoch": 3, "global_step": 1, "attempt": 0, "history": []}
+    ckpt.save_checkpoint(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, model_config=PLAIN,
+                         taxonomy=default_taxonomy(), prototypes_path=None, metrics={"val_top1": 0.5}, state=state)
+    saved = torch.load(tmp_path / ckpt.TRAINABLE_FILE, weights_only=True)
+    assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(name.startswith("backbone.") for name in saved)  # the frozen tower stays out
+    meta = json.loads((tmp_path / ckpt.META_FILE).read_text())
+    assert meta["epoch"] == 3 and meta["model_config"]["use_prototypes"] is False
+    assert len(meta["taxonomy"]["subcategories"]) == 77
+
+    reloaded = ckpt.load_model_from_checkpoint(tmp_path)
+    assert reloaded.training is False
+    batch = _batch(model, 5, seed=3)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(batch["pixels"], batch["tokens"])["logits_sub"],
+                                   model(batch["pixels"], batch["tokens"])["logits_sub"])
+    resumed = ckpt.load_training_state(tmp_path)
+    assert resumed["scheduler"]["last_epoch"] == 1
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        ckpt.load_model_from_checkpoint(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train
+
+
+EPOCHS_FIRST = 2  # the first launch, which fails once in epoch 1 and recovers
+EPOCHS_RELAUNCH = 3  # the relaunch with the same name runs only epoch 2
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, ray_session):
+    """~600 synthetic posts, prepared, plus a prototype bank built in-process (no Ray needed)."""
+    from smpp_ray.data.manifest import load_taxonomy
+    from smpp_ray.data.prepare import prepare_dataset
+    from smpp_ray.data.synth import synthesize_corpus
+    from smpp_ray.model.prototypes import EmbedPosts, compute_prototypes, embedding_dim
+
+    root = tmp_path_factory.mktemp("train")
+    synthesize_corpus(root / "raw", posts=600, seed=0)
+    data = str(root / "data")
+    prepare_dataset(str(root / "raw"), data, val_fraction=0.15, test_fraction=0.05)
+    table = pq.read_table(f"{data}/posts/split=train")
+    embedded = EmbedPosts("smpp-tiny-clip")({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names})
+    bank, _ = compute_prototypes(embedded, load_taxonomy(data), shots=16, time_buckets=2, seed=0,
+                                 embed_dim=embedding_dim("smpp-tiny-clip"), metadata={"backbone": "smpp-tiny-clip"})
+    (root / "proto").mkdir()
+    bank.save(str(root / "proto" / "prototypes.safetensors"))
+    return {"root": root, "data": data, "prototypes": str(root / "proto")}
+
+
+@pytest.fixture(scope="module")
+def tracking(corpus):
+    from smpp_ray.tracking import TrackingContext, create_run
+
+    uri = f"sqlite:///{corpus['root'] / 'mlruns.db'}"
+    return TrackingContext(uri, "smpp-test", create_run(uri, "smpp-test", "train"))
+
+
+def _train_config(epochs: int, **overrides) -> TrainConfig:
+    values = dict(num_workers=2, cpus_per_worker=1.0, epochs=epochs, batch_size=16, lr=5e-3, warmup_epochs=0.5,
+                  checkpoints_to_keep=2, max_failures=1, early_stopping_patience=0, name="fault-run")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def first_run(corpus, tracking):
+    """2 workers on gloo; rank 1 raises in epoch 1 once, the group restarts from epoch 0's checkpoint."""
+    out = corpus["root"] / "out"
+    config = _train_config(EPOCHS_FIRST, fail_at_epoch=1, storage_path=str(corpus["root"] / "ray_results"))
+    result = train_model(corpus["data"], corpus["prototypes"], str(out), model_config=ModelConfig(),
+                         train_config=config, tracking=tracking)
+    return {"result": result, "config": config, "out": out}
+
+
+@pytest.fixture(scope="module")
+def relaunch(corpus, tracking, first_run):
+    """The same storage and name with one more epoch: resumes at epoch 2."""
+    config = dataclass_replace(first_run["config"], epochs=EPOCHS_RELAUNCH)
+    result = train_model(corpus["data"], corpus["prototypes"], str(first_run["out"]), model_config=ModelConfig(),
+                         train_config=config, tracking=tracking)
+    return {"result": result, "config": config, "out": first_run["out"], "data": corpus["data"],
+            "prototypes": corpus["prototypes"]}
+
+
+def dataclass_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def _checkpoint_dirs(run_path: str) -> list[Path]:
+    return sorted(p for p in Path(run_path).iterdir() if p.name.startswith("checkpoint_"))
+
+
+@pytest.mark.slow
+def test_failed_worker_resumes_from_last_checkpoint(first_run):
+    result = first_run["result"]
+    history = result["history"]
+    assert [h["epoch"] for h in history] == list(range(EPOCHS_FIRST))  # no epoch repeated, none lost
+    assert [h["attempt"] for h in history] == [0, 1]  # epoch 1 ran in the restarted group
+    assert result["resumes"] == 1 and result["epochs_run"] == EPOCHS_FIRST
+    assert (Path(result["run_path"]) / "fail_at_epoch_1.marker").is_file()
+    for entry in history:
+        assert entry["train_samples"] == 480  # both workers' shards, every train post once
+        assert entry["val_samples"] == 90  # rank 0 saw the whole (unsplit) val split
+        assert entry["samples_per_s"] > 0 and math.isfinite(entry["train_loss"])
+
+
+@pytest.mark.slow
+def test_relaunch_with_same_name_continues_epochs(relaunch, first_run):
+    result = relaunch["result"]
+    assert [h["epoch"] for h in result["history"]] == list(range(EPOCHS_RELAUNCH))
+    assert [h["attempt"] for h in result["history"]] == [0, 1, 2]
+    assert result["history"][:EPOCHS_FIRST] == first_run["result"]["history"]
+    # Checkpoint retention keeps the best 2 by val_top1, whatever the order.
+    assert len(_checkpoint_dirs(result["run_path"])) == 2
+
+    # A third launch with nothing left to do is a no-op: no new checkpoint, same answer.
+    before = _checkpoint_dirs(result["run_path"])
+    again = train_model(relaunch["data"], relaunch["prototypes"], str(relaunch["out"]),
+                        model_config=ModelConfig(), train_config=relaunch["config"], tracking=None)
+    assert _checkpoint_dirs(result["run_path"]) == before
+    assert again["history"] == result["history"]
+
+
+@pytest.mark.slow
+def test_two_workers_learn_well_above_chance(relaunch):
+    result = relaunch["result"]
+    assert result["val_top1"] >= 5 / 77, result["history"]
+    assert result["val_top1"] == max(h["val_top1"] for h in result["history"])
+    best = json.loads((Path(result["best_checkpoint"]) / ckpt.META_FILE).read_text())
+    assert best["epoch"] == result["best_epoch"] and best["metrics"]["val_top1"] == result["val_top1"]
+
+
+@pytest.mark.slow
+def test_reloaded_checkpoint_gives_the_workers_logits(relaunch, corpus):
+    from smpp_ray.model.preprocess import BatchPreprocessor
+    from smpp_ray.train.trainer import create_loss_fn as loss_for
+
+    best = relaunch["result"]["best_checkpoint"]
+    model = ckpt.load_model_from_checkpoint(best)
+    probe = torch.load(Path(best) / ckpt.PROBE_FILE, weights_only=True)
+    assert len(probe["pid"]) == 16
+    spec = input_spec("smpp-tiny-clip")
+    table = pq.read_table(f"{corpus['data']}/posts/split=val", columns=INPUT_COLUMNS)
+    columns = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    batch = collate_batch(BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, False)(columns))
+    row = {pid: i for i, pid in enumerate(batch["pid"])}
+    index = torch.tensor([row[pid] for pid in probe["pid"]])
+    with torch.no_grad():
+        logits = model(batch["pixels"][index], batch["tokens"][index])["logits_sub"]
+    torch.testing.assert_close(logits, probe["logits_sub"], rtol=1e-4, atol=1e-4)
+    # And the whole val split, evaluated outside Ray, gives the top-1 the worker reported.
+    local = evaluate(model, [batch], loss_for(model), torch.device("cpu"))
+    meta = ckpt.read_meta(best)
+    assert local["val_top1"] == pytest.approx(meta["metrics"]["val_top1"])
+    assert local["val_loss"] == pytest.approx(meta["metrics"]["val_loss"], rel=0.05)  # InfoNCE is per batch
+    assert Path(best, ckpt.PROTOTYPES_FILE).is_file()  # the checkpoint carries its prototype bank
+
+
+@pytest.mark.slow
+def test_mlflow_run_has_epoch_metrics_and_best_checkpoint(relaunch, tracking):
+    from smpp_ray.tracking import client
+
+    c = client(tracking.tracking_uri)
+    for name in ("train_loss", "val_loss", "val_top1", "val_top1_cat", "samples_per_s"):
+        steps = [m.step for m in c.get_metric_history(tracking.run_id, name)]
+        assert sorted(steps) == list(range(1, EPOCHS_RELAUNCH + 1)), name  # one value per epoch, no repeats
+    history = {m.step: m.value for m in c.get_metric_history(tracking.run_id, "val_top1")}
+    assert history == {h["epoch"] + 1: pytest.approx(h["val_top1"]) for h in relaunch["result"]["history"]}
+    artifacts = {Path(a.path).name for a in c.list_artifacts(tracking.run_id, "best_checkpoint")}
+    assert {ckpt.TRAINABLE_FILE, ckpt.OPTIMIZER_FILE, ckpt.META_FILE, ckpt.PROTOTYPES_FILE} <= artifacts
+
+
+@pytest.mark.slow
+def test_relaunch_with_another_model_config_is_refused(relaunch):
+    changed = ModelConfig(n_ctx=2, ctx_init="a photo")
+    with pytest.raises(ValueError, match="model.n_ctx=4 .* model.n_ctx=2"):
+        train_model(relaunch["data"], relaunch["prototypes"], str(relaunch["out"]),
+                    model_config=changed, train_config=relaunch["config"], tracking=None)
+
+
+def test_worker_group_that_starves_ray_data_is_refused(ray_session, tmp_path):
+    total = int(ray_session.cluster_resources()["CPU"])
+    with pytest.raises(ValueError, match="leaves Ray Data none"):
+        train_model(str(tmp_path), None, str(tmp_path), model_config=PLAIN,
+                    train_config=TrainConfig(num_workers=total, cpus_per_worker=1.0), tracking=None)
+

@@ -1,0 +1,205 @@
+"""Ray Tune search over LightGBM and CatBoost with MLflow tracking (real Ray, real MLflow store).
+
+One module-scoped search (both families, 3 trials each, 40 rounds) on a synthetic features folder
+with a known signal feeds most tests; the resume test runs its own interrupted search.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from smpp_ray import metrics
+from smpp_ray.config import TuneConfig
+from smpp_ray.gbdt import SearchInterrupted, tune_models
+from smpp_ray.gbdt.data import group_folds, load_splits
+from smpp_ray.gbdt.registry import load_flavour, registered_source
+from smpp_ray.gbdt.synthetic import write_synthetic_features
+from smpp_ray.gbdt.tracking_callback import TRIAL_TAG, MlflowTrialCallback
+from smpp_ray.tracking import PARENT_TAG, TrackingContext, client, create_run
+
+pytestmark = pytest.mark.slow
+
+SAMPLES = 3
+CONFIG = TuneConfig(num_samples=SAMPLES, max_rounds=40, grace_rounds=10, max_concurrent_trials=2,
+                    cpus_per_trial=1.0, registered_model_prefix="test")
+
+
+def _stage(root: Path) -> TrackingContext:
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    return TrackingContext(uri, "tune-test", create_run(uri, "tune-test", "tune-stage"))
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("features")
+    write_synthetic_features(path, rows=3000, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned(ray_session, features, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    ctx = _stage(root)
+    result = tune_models(features, root / "out", tune_config=CONFIG, tracking=ctx)
+    return result, ctx, root / "out"
+
+
+def _children(ctx: TrackingContext, parent: str) -> list:
+    experiment = client(ctx.tracking_uri).get_experiment_by_name(ctx.experiment)
+    return client(ctx.tracking_uri).search_runs([experiment.experiment_id],
+                                                filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
+
+
+def _progress(experiment_path: str, trial_id: str) -> list[dict]:
+    (folder,) = [p for p in Path(experiment_path).iterdir() if p.is_dir() and trial_id in p.name]
+    with open(folder / "progress.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_reported_metric_equals_spearman_of_saved_predictions(tuned):
+    result, _, out = tuned
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    val = predictions[predictions["split"] == "val"]
+    for family in ("lightgbm", "catboost"):
+        search = result["search"][family]
+        rows = _progress(search["experiment_path"], search["best_trial_id"])
+        reported = {int(r["training_iteration"]): float(r["val_src"]) for r in rows}
+        rounds = result["best_rounds"][family]
+        assert reported[rounds] == max(reported.values())
+        recomputed = stats.spearmanr(val["label"], val[f"pred_{family}"]).statistic
+        assert reported[rounds] == pytest.approx(recomputed, abs=1e-9)
+        mae_reported = float(next(r["val_mae"] for r in rows if int(r["training_iteration"]) == rounds))
+        # CatBoost accumulates its MAE in single precision; SRC (ranks) matches exactly above.
+        assert mae_reported == pytest.approx(metrics.mae(val["label"], val[f"pred_{family}"]), rel=1e-5)
+
+
+def test_every_trial_is_a_child_run_of_its_search_run(tuned):
+    result, ctx, _ = tuned
+    c = client(ctx.tracking_uri)
+    search_runs = _children(ctx, ctx.run_id)
+    assert sorted(r.data.tags["smpp.family"] for r in search_runs) == ["catboost", "lightgbm"]
+    for family in ("lightgbm", "catboost"):
+        search = result["search"][family]
+        trials = json.loads(Path(search["experiment_path"]).parent.parent.joinpath(f"search_{family}.json").read_text())
+        runs = _children(ctx, search["search_run_id"])
+        assert len(runs) == search["trials"] == SAMPLES
+        assert sorted(r.data.tags[TRIAL_TAG] for r in runs) == sorted(t["trial_id"] for t in trials["trials"])
+        for run in runs:
+            assert run.info.status == "FINISHED"
+            trial = next(t for t in trials["trials"] if t["trial_id"] == run.data.tags[TRIAL_TAG])
+            assert float(run.data.params["learning_rate"]) == pytest.approx(trial["config"]["learning_rate"])
+            history = c.get_metric_history(run.info.run_id, "val_src")
+            assert sorted(m.step for m in history) == list(range(1, trial["rounds_run"] + 1))
+            assert run.data.metrics["best_val_src"] == pytest.approx(trial["best_val_src"])
+
+
+def test_registered_models_reload_and_predict_identically(tuned, features):
+    result, ctx, out = tuned
+    _, data = load_splits(str(features))
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    test_rows = predictions[predictions["split"] == "test"]
+    for family in ("lightgbm", "catboost"):
+        assert result["registered_models"][family]["name"] == f"test-{family}"
+        model = load_flavour(family, registered_source(ctx.tracking_uri, f"test-{family}"))
+        reloaded = np.asarray(model.predict(data["test"].X), dtype=np.float64)
+        assert np.array_equal(data["test"].keys["pid"].to_numpy(), test_rows["pid"].to_numpy())
+        assert np.array_equal(reloaded, test_rows[f"pred_{family}"].to_numpy())
+
+
+def test_tuned_blend_beats_constant_and_single_feature_baselines(tuned, features):
+    result, _, _ = tuned
+    _, data = load_splits(str(features))
+    y_train, y_test = data["train"].y, data["test"].y
+    constant_mae = metrics.mae(y_test, np.full_like(y_test, np.median(y_train)))
+    x_train, x_test = data["train"].X["user_followers"].to_numpy(), data["test"].X["user_followers"].to_numpy()
+    slope, intercept = np.polyfit(x_train, y_train, 1)
+    single = slope * x_test + intercept
+    blend = result["metrics"]["blend"]
+    assert blend["test_mae"] < constant_mae
+    assert blend["test_mae"] < metrics.mae(y_test, single)
+    assert blend["test_src"] > metrics.src(y_test, single) + 0.05
+    for family in ("lightgbm", "catboost"):
+        assert result["metrics"][family]["test_src"] > metrics.src(y_test, single)
+
+
+def test_metrics_json_plots_and_stage_metrics(tuned):
+    result, ctx, out = tuned
+    document = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for model in ("lightgbm", "catboost", "blend"):
+            assert set(document["overall"][split][model]) == {"src", "mae", "mse", "n"}
+            assert sorted(document["per_category"][split][model]) == ["Animal", "Food", "Sports", "Travel"]
+            assert len(document["per_decile"][split][model]) == 10
+    weights = result["blend_weights"]
+    assert sum(weights.values()) == pytest.approx(1.0)
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert list(predictions.columns) == ["pid", "split", "label", "category", "pred_lightgbm", "pred_catboost", "pred_blend"]
+    expected = weights["lightgbm"] * predictions["pred_lightgbm"] + weights["catboost"] * predictions["pred_catboost"]
+    assert np.allclose(predictions["pred_blend"], expected)
+    for name in ("pred_vs_true", "mae_per_category", "feature_importance", "deciles"):
+        png = Path(result["paths"][f"plot_{name}"])
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stage = client(ctx.tracking_uri).get_run(ctx.run_id).data.metrics
+    assert stage["test_blend_src"] == pytest.approx(document["overall"]["test"]["blend"]["src"])
+    assert stage["val_catboost_mae/Food"] == pytest.approx(document["per_category"]["val"]["catboost"]["Food"]["mae"])
+
+
+def test_interrupted_search_resumes_to_the_requested_count(ray_session, features, tmp_path):
+    ctx = _stage(tmp_path)
+    config = TuneConfig(models=("lightgbm",), num_samples=4, max_rounds=20, grace_rounds=20,
+                        max_concurrent_trials=1, interrupt_after_trials=2)
+    with pytest.raises(SearchInterrupted, match="after 2 of 4"):
+        tune_models(features, tmp_path / "out", tune_config=config, tracking=ctx)
+    result = tune_models(features, tmp_path / "out",
+                         tune_config=TuneConfig(**{**config.__dict__, "interrupt_after_trials": 0}), tracking=ctx)
+    search = result["search"]["lightgbm"]
+    assert search["restored"] and search["trials"] == 4
+    trials = json.loads((tmp_path / "out" / "search_lightgbm.json").read_text())["trials"]
+    assert len({t["trial_id"] for t in trials}) == 4
+    assert len({json.dumps(t["config"], sort_keys=True) for t in trials}) == 4
+    assert all(t["rounds_run"] == 20 for t in trials)  # grace = max: none stopped early, all ran fully
+    runs = _children(ctx, search["search_run_id"])
+    assert sorted(r.data.tags[TRIAL_TAG] for r in runs) == sorted(t["trial_id"] for t in trials)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_failing_trials_are_failed_child_runs(ray_session, features, tmp_path):
+    # A features folder whose val split lacks a manifest column: every trial fails reading it.
+    broken = tmp_path / "features"
+    shutil.copytree(features, broken)
+    for part in (broken / "split=val").glob("*.parquet"):
+        pd.read_parquet(part).drop(columns=["noise_0"]).to_parquet(part, index=False)
+    ctx = _stage(tmp_path)
+    config = TuneConfig(models=("lightgbm",), num_samples=2, max_rounds=5, grace_rounds=5, max_concurrent_trials=2)
+    with pytest.raises(RuntimeError, match="no lightgbm trial .* reported val_src"):
+        tune_models(broken, tmp_path / "out", tune_config=config, tracking=ctx)
+    (search_run,) = _children(ctx, ctx.run_id)
+    assert search_run.info.status == "FAILED"
+    runs = _children(ctx, search_run.info.run_id)
+    assert len(runs) == 2
+    assert {r.info.status for r in runs} == {"FAILED"}
+    assert all("noise_0" in r.data.tags["smpp.error"] for r in runs)
+
+
+def test_group_folds_keep_users_apart():
+    uids = np.repeat(np.arange(12).astype(str), 5)
+    folds = group_folds(uids, 3)
+    assert len(folds) == 3
+    for train_idx, val_idx in folds:
+        assert not set(uids[train_idx]) & set(uids[val_idx])
+    assert sorted(np.concatenate([v for _, v in folds]).tolist()) == list(range(60))
+    with pytest.raises(ValueError, match="at least 3 users"):
+        group_folds(np.array(["a", "b"] * 5), 3)
+
+
+def test_unknown_feature_group_fails_before_any_trial(features, tmp_path):
+    with pytest.raises(ValueError, match="unknown feature group 'audio'"):
+        tune_models(features, tmp_path, tune_config=TuneConfig(feature_groups=("audio",)), tracking=None)
