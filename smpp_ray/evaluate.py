@@ -64,12 +64,13 @@ def oracle_src(raw_dir: Path, test_pids: pd.Series, labels: pd.Series) -> float 
 
 
 def results_table(tune_metrics: dict[str, Any], baseline: dict[str, float], oracle: float | None) -> pd.DataFrame:
-    """One row per model: test SRC, MAE, MSE."""
+    """One row per model: test SRC, MAE, MSE (``tune_metrics`` is the tune summary's metrics)."""
     rows = []
     for name in ("lightgbm", "catboost", "blend"):
-        test = tune_metrics.get(name, {}).get("test", {})
-        if test:
-            rows.append({"model": name, "src": test["src"], "mae": test["mae"], "mse": test["mse"]})
+        values = tune_metrics.get(name)
+        if values:
+            rows.append({"model": name, "src": values["test_src"], "mae": values["test_mae"],
+                         "mse": values["test_mse"]})
     rows.append({"model": "metadata-only baseline", **{k: baseline[k] for k in ("src", "mae", "mse")}})
     if oracle is not None:
         rows.append({"model": "oracle (noise-free score)", "src": oracle, "mae": np.nan, "mse": np.nan})
@@ -87,7 +88,7 @@ def run_evaluate(config: Config, pipeline_dir: str | Path, stage_run=None) -> di
         if not (layout[stage] / "summary.json").is_file():
             raise ValueError(f"{str(layout[stage])!r} has no finished {stage} stage; run the pipeline first")
     started = time.time()
-    tune_metrics = json.loads((layout["tune"] / "metrics.json").read_text())
+    tune_metrics = json.loads((layout["tune"] / "summary.json").read_text())["metrics"]
     baseline = metadata_baseline(layout["features"], seed=config.tune.seed)
     test = _read_features(layout["features"], "test")
     test = test[test["label"].notna()]

@@ -262,6 +262,7 @@ def run_tune(config: Config, features_dir: str | Path, out_dir: str | Path,
 
     def body(tracking: TrackingContext | None) -> dict[str, Any]:
         result = tune_models(str(features_dir), str(out_dir), tune_config=config.tune, tracking=tracking)
-        return {"metrics": result.get("metrics", result), "artifacts": result.get("artifacts", {})}
+        metrics = {**result["metrics"], "blend_weights": result["blend_weights"]}
+        return {"metrics": metrics, "artifacts": result["paths"]}
 
     return _run_stage("tune", config, out_dir, {"features": str(features_dir)}, stage_run, body)

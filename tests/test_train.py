@@ -6,6 +6,8 @@ checkpoints and MLflow, and one relaunch of it covers resumption.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 from pathlib import Path
@@ -28,11 +30,17 @@ from smpp_ray.train.trainer import create_loss_fn, train_model
 PLAIN = ModelConfig(use_prototypes=False, weight_contrastive=0.0)
 
 
-def _model(config: ModelConfig = PLAIN, seed: int = 0):
+@functools.cache
+def _base_model(config: ModelConfig, seed: int):
     from smpp_ray.model.model import create_model
 
     torch.manual_seed(seed)
     return create_model(config, default_taxonomy(), None)
+
+
+def _model(config: ModelConfig = PLAIN, seed: int = 0):
+    """A fresh copy of the tiny model (building one costs seconds here; copies are cheap)."""
+    return copy.deepcopy(_base_model(config, seed))
 
 
 def _batch(model, size: int, seed: int = 0) -> dict:
