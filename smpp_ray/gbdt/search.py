@@ -91,7 +91,9 @@ def _search_alg(config: TuneConfig) -> Any:
         return OptunaSearch(seed=config.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=config.seed)
+    # Tune ignores TuneConfig.max_concurrent_trials for a BasicVariantGenerator (it is not a
+    # Searcher it can wrap), so the random search carries the limit itself.
+    return BasicVariantGenerator(random_state=config.seed, max_concurrent=config.max_concurrent_trials)
 
 
 def _scheduler(config: TuneConfig) -> Any:
@@ -154,8 +156,12 @@ def run_search(family: str, features_dir: str, storage_dir: str | Path, *, tune_
             trainable, param_space=space,
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", search_alg=_search_alg(tune_config), scheduler=_scheduler(tune_config),
-                num_samples=tune_config.num_samples, max_concurrent_trials=tune_config.max_concurrent_trials,
-                time_budget_s=tune_config.time_budget_s or None),
+                num_samples=tune_config.num_samples,
+                max_concurrent_trials=tune_config.max_concurrent_trials if tune_config.search_alg == "optuna" else None,
+                time_budget_s=tune_config.time_budget_s or None,
+                # Trials of a family share resources: reusing their actors saves a worker start-up
+                # (seconds on a busy node) per trial, the bulk of Tune's overhead for short trials.
+                reuse_actors=True),
             run_config=tune.RunConfig(name=family, storage_path=str(storage_dir), callbacks=callbacks, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)))
     started = time.perf_counter()

@@ -1,0 +1,180 @@
+"""Training throughput: Ray Train (1 and 2 workers) against a plain PyTorch loop, same model.
+
+Every setup trains the same SMPP model (``--backbone``, default the packaged tiny CLIP) with the
+same per-worker batch size and torch threads on a synthetic corpus, and reports training
+samples/s (the train phase of each epoch; validation excluded; the first epoch is dropped as
+warm-up when there are two or more):
+
+- ``plain``: a bare PyTorch loop over batches decoded beforehand and held in memory, the best
+  case for the network itself;
+- ``ray-1``: ``train_model`` with one worker, fed by the Ray Data pipeline (decode + tokenise in
+  CPU tasks, streamed to the worker);
+- ``ray-2``: two workers (DDP; gloo on CPU, NCCL on GPU; skipped with fewer than 2 GPUs).
+
+Writes a Markdown table to ``--out`` (and stdout)::
+
+    python bench/bench_train.py --posts 600 --epochs 3 --out bench/out/train.md
+    python bench/bench_train.py --device cuda --posts 4000 --batch-size 64 --threads 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("bench_train")
+
+
+def prepare_corpus(workdir: Path, posts: int, backbone: str) -> tuple[str, str]:
+    """Synthetic posts -> prepared dataset -> prototype bank (reused when already there)."""
+    import pyarrow.parquet as pq
+
+    from smpp_ray.data.manifest import load_taxonomy
+    from smpp_ray.data.prepare import prepare_dataset
+    from smpp_ray.data.synth import synthesize_corpus
+    from smpp_ray.model.prototypes import EmbedPosts, compute_prototypes, embedding_dim
+
+    data, proto = workdir / f"data-{posts}", workdir / f"proto-{posts}-{backbone}"
+    if not (data / "manifest.json").is_file():
+        synthesize_corpus(workdir / f"raw-{posts}", posts=posts, seed=0)
+        prepare_dataset(str(workdir / f"raw-{posts}"), str(data), val_fraction=0.1, test_fraction=0.0)
+    bank_path = proto / "prototypes.safetensors"
+    if not bank_path.is_file():
+        table = pq.read_table(data / "posts" / "split=train")
+        rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+        embedded = EmbedPosts(backbone)(rows)
+        bank, _ = compute_prototypes(embedded, load_taxonomy(str(data)), shots=16, time_buckets=2, seed=0,
+                                     embed_dim=embedding_dim(backbone), metadata={"backbone": backbone})
+        proto.mkdir(parents=True, exist_ok=True)
+        bank.save(str(bank_path))
+    return str(data), str(proto)
+
+
+def steady(values: list[float]) -> float:
+    """Mean over epochs after the first (compile/warm-up/worker start-up), or the only one."""
+    return statistics.mean(values[1:] if len(values) > 1 else values)
+
+
+def bench_plain(data: str, proto: str, args: argparse.Namespace) -> float:
+    """A bare PyTorch loop: same model, optimizer, schedule, batch and threads; data pre-decoded."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from smpp_ray.config import ModelConfig
+    from smpp_ray.data.manifest import load_taxonomy
+    from smpp_ray.model.model import create_model
+    from smpp_ray.model.preprocess import BatchPreprocessor
+    from smpp_ray.train.data import INPUT_COLUMNS, collate_batch, input_spec
+    from smpp_ray.train.loop import StepSettings, train_epoch
+    from smpp_ray.train.schedule import create_optimizer, create_scheduler
+    from smpp_ray.train.trainer import create_loss_fn
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    spec = input_spec(args.backbone)
+    table = pq.read_table(f"{data}/posts/split=train", columns=INPUT_COLUMNS)
+    rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    decode = BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, True, mean=spec.mean, std=spec.std)
+    everything = collate_batch(decode(rows))
+    size = len(everything["pid"])
+    batches = [{k: v[i:i + args.batch_size] for k, v in everything.items()} for i in range(0, size, args.batch_size)]
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(backbone=args.backbone, pretrained=args.pretrained),
+                         load_taxonomy(data), f"{proto}/prototypes.safetensors").to(device)
+    optimizer = create_optimizer(model.trainable_parameters(), "adamw", 5e-3, 1e-4)
+    scheduler = create_scheduler(optimizer, len(batches) // 2, len(batches) * args.epochs)
+    rates, step = [], 0
+    for epoch in range(args.epochs):
+        stats = train_epoch(model, batches, create_loss_fn(model), optimizer, scheduler, StepSettings(device=device),
+                            global_step=step)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step = int(stats["global_step"])
+        rates.append(stats["samples"] / stats["seconds"])
+        logger.info("plain epoch %d: %.1f samples/s", epoch, rates[-1])
+    return steady(rates)
+
+
+def bench_ray(data: str, proto: str, workers: int, args: argparse.Namespace, workdir: Path) -> float:
+    from smpp_ray.config import ModelConfig, TrainConfig
+    from smpp_ray.train import train_model
+
+    config = TrainConfig(num_workers=workers, use_gpu=args.device == "cuda", cpus_per_worker=float(args.threads),
+                         epochs=args.epochs, batch_size=args.batch_size, lr=5e-3, early_stopping_patience=0,
+                         max_failures=0, name=f"bench-{workers}w-{time.time_ns()}",
+                         storage_path=str(workdir / "ray_results"))
+    result = train_model(data, proto, str(workdir / f"out-{workers}w"),
+                         model_config=ModelConfig(backbone=args.backbone, pretrained=args.pretrained),
+                         train_config=config, tracking=None)
+    rates = [h["samples_per_s"] for h in result["history"]]
+    logger.info("ray %d worker(s): %s samples/s per epoch", workers, [round(r, 1) for r in rates])
+    return steady(rates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--posts", type=int, default=600)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads = CPUs per Ray worker")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--backbone", default="smpp-tiny-clip")
+    parser.add_argument("--pretrained", default="")
+    parser.add_argument("--num-cpus", type=int, default=0, help="logical CPUs of the local Ray (0: max(4, cores))")
+    parser.add_argument("--workdir", default="bench/out/train")
+    parser.add_argument("--out", default="bench/out/train.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    import torch
+
+    from smpp_ray.runtime import init_ray
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    init_ray(num_cpus=args.num_cpus or max(4, os.cpu_count() or 1))
+    data, proto = prepare_corpus(workdir, args.posts, args.backbone)
+
+    started = time.time()
+    results: dict[str, float | None] = {"plain": bench_plain(data, proto, args)}
+    results["ray-1"] = bench_ray(data, proto, 1, args, workdir)
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    results["ray-2"] = bench_ray(data, proto, 2, args, workdir) if args.device == "cpu" or gpus >= 2 else None
+
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    lines = [
+        f"### Training throughput: Ray Train vs plain PyTorch ({args.backbone}, {device_name})",
+        "",
+        f"{args.posts} synthetic posts (train split), batch {args.batch_size} per worker, {args.threads} torch "
+        f"thread(s) per worker, {args.epochs} epochs (first dropped as warm-up), train phase only.",
+        "",
+        "| setup | workers | samples/s | vs plain | vs ray-1 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, workers in (("plain", 1), ("ray-1", 1), ("ray-2", 2)):
+        rate = results[name]
+        if rate is None:
+            lines.append(f"| {name} | {workers} | n/a (needs 2 GPUs) | | |")
+            continue
+        vs_plain = rate / results["plain"]
+        vs_one = rate / results["ray-1"] if name == "ray-2" else math.nan
+        lines.append(f"| {name} | {workers} | {rate:.1f} | {vs_plain:.2f}x | "
+                     f"{'' if math.isnan(vs_one) else f'{vs_one:.2f}x'} |")
+    lines += ["", f"Total wall time {time.time() - started:.0f} s."]
+    text = "\n".join(lines) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
