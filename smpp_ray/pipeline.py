@@ -20,6 +20,8 @@ from smpp_ray.tracking import STAGE_TAG, log_metrics, resolve_tracking_uri, set_
 logger = logging.getLogger(__name__)
 
 PIPELINE_STAGES = ("synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate")
+STAGE_FOLDERS = {"synth": "raw", "prepare": "data", "prototypes": "prototypes", "train": "train",
+                 "extract": "features", "tune": "tune", "evaluate": "report"}
 
 
 def pipeline_layout(out_dir: str | Path) -> dict[str, Path]:
@@ -77,7 +79,7 @@ def run_pipeline(config: Config, out_dir: str | Path, *, raw_dir: str | Path | N
             if stage == "evaluate":
                 continue
             run, inputs = plan[stage]
-            folder = layout["raw" if stage == "synth" else stage if stage != "extract" else "features"]
+            folder = layout[STAGE_FOLDERS[stage]]
             if not force and stages.is_complete(stage, config, inputs, folder):
                 logger.info("[%d/%d] %s: complete for these inputs and config, skipped", number,
                             len(selected), stage)

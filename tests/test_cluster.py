@@ -3,8 +3,12 @@
 The slow tests bring up a real two-node Ray (head + worker with resource ``node_b``, token auth)
 and an MLflow server in a temporary state folder, submit a job through the real CLI, read the
 MLflow server back through its client, then take everything down and check /proc.
-To submit another entrypoint, call ``submit_job(cluster, ["python", "jobs/pipeline.py",
-"--config", "jobs/configs/smoke.yaml"])``.
+
+To test another job on the same cluster, add a slow test *above* test_down_stops_everything_up_started
+(tests run in file order and that one stops the module's cluster) that calls e.g.
+``submit_job(local_cluster, ["python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml",
+"--out", str(tmp_path / "run")])``. Paths must be absolute: the job runs in a temporary copy of
+the checkout on the cluster.
 """
 
 from __future__ import annotations
