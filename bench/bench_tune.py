@@ -42,12 +42,15 @@ def calibrate_rounds(features: Path, trial_seconds: float) -> int:
     """Boosting rounds that take about ``trial_seconds`` with mid-range hyperparameters on 1 thread."""
     spec, data = load_splits(str(features), splits=("train", "val"))
     params = {**fixed_params("lightgbm", seed=0, threads=1), "num_leaves": 48, "learning_rate": 0.05}
-    probe = 40
-    started = time.perf_counter()
-    fit_model("lightgbm", params, probe, data["train"].X, data["train"].y, spec.categorical,
-              valid=(data["val"].X, data["val"].y))
-    per_round = (time.perf_counter() - started) / probe
-    return max(10, int(trial_seconds / per_round))
+    timings = {}
+    for probe in (20, 80):  # two lengths: the difference removes the fixed cost (binning the data)
+        started = time.perf_counter()
+        fit_model("lightgbm", params, probe, data["train"].X, data["train"].y, spec.categorical,
+                  valid=(data["val"].X, data["val"].y))
+        timings[probe] = time.perf_counter() - started
+    per_round = max(1e-4, (timings[80] - timings[20]) / 60)
+    fixed = max(0.0, timings[20] - 20 * per_round)
+    return max(10, int((trial_seconds - fixed) / per_round))
 
 
 def trial_seconds_sum(experiment_path: str) -> tuple[float, int]:

@@ -271,6 +271,8 @@ class TuneConfig:
     """Boosting rounds per trial (ASHA stops weak trials earlier)."""
     grace_rounds: int = 50
     """ASHA grace period in boosting rounds."""
+    report_every: int = 10
+    """Trials report val_src/val_mae to Tune (and MLflow) every this many rounds (and at the last)."""
     validation: Literal["time", "group"] = "time"
     """``time``: the time-ordered val split; ``group``: GroupKFold by user over train+val."""
     folds: int = 3
@@ -287,6 +289,8 @@ class TuneConfig:
     """Testing aid: interrupt each search as Ctrl+C would after this many trials complete (0: never)."""
 
     def __post_init__(self) -> None:
+        _require(1 <= self.report_every <= self.grace_rounds,
+                 f"tune.report_every ({self.report_every}) must be in [1, tune.grace_rounds ({self.grace_rounds})]")
         _require(self.interrupt_after_trials >= 0,
                  f"tune.interrupt_after_trials must be >= 0, got {self.interrupt_after_trials!r}")
         unknown = set(self.models) - {"lightgbm", "catboost"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -74,6 +75,11 @@ def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> Non
         c.log_batch(run_id, params=items[start:start + 100])
 
 
+def metric_name(key: object) -> str:
+    """MLflow allows only alphanumerics and ``_-. :/`` in names; class names like "Girls,Fashion" don't."""
+    return re.sub(r"[^\w\-. :/]", "_", str(key))
+
+
 def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
     """All metrics of one step in a single ``log_batch`` call (non-finite values are skipped)."""
     import math
@@ -81,7 +87,7 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], st
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()
+    items = [Metric(metric_name(k), float(v), now, int(step)) for k, v in metrics.items()
              if v is not None and math.isfinite(float(v))]
     c = client(tracking_uri)
     for start in range(0, len(items), 1000):

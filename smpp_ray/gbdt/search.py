@@ -99,7 +99,7 @@ def _search_alg(config: TuneConfig) -> Any:
 def _scheduler(config: TuneConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", max_t=config.max_rounds,
+    return ASHAScheduler(time_attr="rounds", max_t=config.max_rounds,
                          grace_period=config.grace_rounds, reduction_factor=3)
 
 
@@ -121,7 +121,8 @@ def run_search(family: str, features_dir: str, storage_dir: str | Path, *, tune_
     experiment_path = storage_dir / family
     setup = TrialSetup(family=family, features_dir=str(features_dir), feature_groups=tune_config.feature_groups,
                        validation=tune_config.validation, folds=tune_config.folds, max_rounds=tune_config.max_rounds,
-                       threads=max(1, int(tune_config.cpus_per_trial)), seed=tune_config.seed)
+                       threads=max(1, int(tune_config.cpus_per_trial)), seed=tune_config.seed,
+                       report_every=tune_config.report_every)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": tune_config.cpus_per_trial})
     space = search_space(family)
 
@@ -211,7 +212,7 @@ def _summarise(family: str, grid: Any, statuses: dict[str, str], experiment_path
         if frame is not None and METRIC in frame and frame[METRIC].notna().any():
             row = frame.loc[frame[METRIC].idxmax()]
             entry.update(best_val_src=float(row[METRIC]), best_val_mae=float(row["val_mae"]),
-                         best_round=int(row["training_iteration"]), rounds_run=int(frame["training_iteration"].max()))
+                         best_round=int(row["rounds"]), rounds_run=int(frame["rounds"].max()))
             if result.error is None and (best is None or entry["best_val_src"] > best["best_val_src"]):
                 best = entry
         trials.append(entry)

@@ -2,7 +2,7 @@
 
 Ray's stock ``MLflowLoggerCallback`` creates flat runs. Here each trial is a child run (tag
 ``mlflow.parentRunId``) of the model family's search run, with the trial's hyperparameters as
-params, ``val_src`` / ``val_mae`` per boosting round as metric history, and status FINISHED or
+params, ``val_src`` / ``val_mae`` per reported boosting round (step = rounds) as metric history, and status FINISHED or
 FAILED. Metrics are buffered and written with ``log_batch`` every ``flush_every`` rounds, so
 MLflow costs a handful of calls per trial rather than one per round.
 
@@ -73,7 +73,7 @@ class MlflowTrialCallback(Callback):
 
         if trial.trial_id not in self.run_ids:
             return
-        step = int(result.get("training_iteration", 0))
+        step = int(result.get("rounds", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
         pending = self._pending.setdefault(trial.trial_id, [])
         for key in self.metric_keys:
@@ -110,7 +110,7 @@ class MlflowTrialCallback(Callback):
         if trial_id in self._best:
             value, step = self._best[trial_id]
             tracking.log_metrics(self.tracking_uri, run_id, {"best_val_src": value, "best_round": step})
-        tags: dict[str, Any] = {"smpp.rounds": (trial.last_result or {}).get("training_iteration", 0)}
+        tags: dict[str, Any] = {"smpp.rounds": (trial.last_result or {}).get("rounds", 0)}
         if status == "FAILED":
             tags["smpp.error"] = _error_text(trial)
         tracking.set_tags(self.tracking_uri, run_id, tags)

@@ -7,7 +7,10 @@ reads its own data from the features Parquet (the trainable receives a path, nev
 Per-iteration reports feed ASHA: LightGBM through Ray's
 ``ray.tune.integration.lightgbm.TuneReportCheckpointCallback`` (a LightGBM ``feval`` computes
 SRC each round), CatBoost through :class:`TuneReportCatBoostCallback` with a Python eval
-metric that computes SRC. Both report ``val_src`` and ``val_mae``.
+metric that computes SRC. Both report ``val_src``, ``val_mae`` and ``rounds`` (the number of
+trees the values belong to; ASHA's time attribute) on rounds 1, 1 + k, 1 + 2k, ... and the
+last, k = ``report_every``: a report is a round trip to the driver, which would dominate
+rounds that take milliseconds.
 """
 
 from __future__ import annotations
@@ -42,6 +45,26 @@ class TrialSetup:
     max_rounds: int
     threads: int
     seed: int
+    report_every: int = 1
+
+
+def is_report_round(rounds: int, every: int, total: int) -> bool:
+    """Rounds 1, 1 + every, ... and the last: the rounds CatBoost's ``metric_period`` evaluates."""
+    return (rounds - 1) % every == 0 or rounds == total
+
+
+def lightgbm_report_callback(metric_names: dict[str, str], every: int) -> Any:
+    """Ray's LightGBM Tune callback, reporting on :func:`is_report_round` rounds with ``rounds``."""
+    from ray.tune.integration.lightgbm import TuneReportCheckpointCallback
+
+    class _EveryRounds(TuneReportCheckpointCallback):
+        def __call__(self, env: Any) -> None:
+            rounds = env.iteration + 1
+            if is_report_round(rounds, every, env.end_iteration):
+                report = self._get_report_dict(self._get_eval_result(env))
+                self._report_metrics({**report, "rounds": rounds})
+
+    return _EveryRounds(metrics=metric_names, frequency=0, checkpoint_at_end=False)
 
 
 def _lightgbm_src(preds: np.ndarray, data: Any) -> tuple[str, float, bool]:
@@ -74,35 +97,41 @@ class CatBoostSRC:
 
 
 class TuneReportCatBoostCallback:
-    """CatBoost ``after_iteration`` callback: report validation metrics to Tune every round."""
+    """CatBoost ``after_iteration`` callback: report validation metrics to Tune when CatBoost
+    computed them (every ``metric_period`` rounds and the last), with ``rounds``."""
 
-    def __init__(self, metric_names: dict[str, str]) -> None:
+    def __init__(self, metric_names: dict[str, str], report: Any = None) -> None:
         self.metric_names = metric_names
+        self._report = report
+        self._seen = 0
 
     def after_iteration(self, info: Any) -> bool:
-        from ray import tune
-
         validation = info.metrics["validation"]
-        tune.report({key: float(validation[name][-1]) for key, name in self.metric_names.items()})
+        first = validation[next(iter(self.metric_names.values()))]
+        if len(first) > self._seen:  # a new evaluation landed this round
+            self._seen = len(first)
+            values = {key: float(validation[name][-1]) for key, name in self.metric_names.items()}
+            (self._report or _tune_report)({**values, "rounds": int(info.iteration)})
         return True
 
 
-class _RecordCatBoostCallback:
-    """Keep every round's validation metrics (grouped validation averages folds afterwards)."""
+def _tune_report(values: dict[str, float]) -> None:
+    from ray import tune
+
+    tune.report(values)
+
+
+class _RecordCatBoostCallback(TuneReportCatBoostCallback):
+    """Keep the reports instead of sending them (grouped validation averages folds afterwards)."""
 
     def __init__(self, metric_names: dict[str, str]) -> None:
-        self.metric_names = metric_names
         self.rounds: list[dict[str, float]] = []
-
-    def after_iteration(self, info: Any) -> bool:
-        validation = info.metrics["validation"]
-        self.rounds.append({key: float(validation[name][-1]) for key, name in self.metric_names.items()})
-        return True
+        super().__init__(metric_names, report=self.rounds.append)
 
 
 def fit_model(family: str, params: dict[str, Any], rounds: int, X: pd.DataFrame, y: np.ndarray,
               categorical: Sequence[str], *, valid: tuple[pd.DataFrame, np.ndarray] | None = None,
-              callbacks: Sequence[Any] = ()) -> Any:
+              callbacks: Sequence[Any] = (), report_every: int = 1) -> Any:
     """Train ``rounds`` boosting rounds of ``family`` (a ``lightgbm.Booster`` or ``CatBoostRegressor``)."""
     if family == "lightgbm":
         import lightgbm as lgb
@@ -119,7 +148,8 @@ def fit_model(family: str, params: dict[str, Any], rounds: int, X: pd.DataFrame,
         extra: dict[str, Any] = {}
         if valid is not None:
             # use_best_model=False: the model keeps all rounds, as the refit will.
-            extra = {"eval_metric": CatBoostSRC(len(valid[1])), "custom_metric": ["MAE"], "use_best_model": False}
+            extra = {"eval_metric": CatBoostSRC(len(valid[1])), "custom_metric": ["MAE"], "use_best_model": False,
+                     "metric_period": report_every}
         model = CatBoostRegressor(iterations=rounds, **params, **extra)
         # CatBoost warns on every fit with a Python metric when numba is absent; it is optional.
         warnings.filterwarnings("ignore", message="Failed to import numba")
@@ -155,31 +185,25 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 def _time_validation(setup: TrialSetup, params: dict[str, Any], categorical: Sequence[str],
                      data: dict[str, Any]) -> None:
     if setup.family == "lightgbm":
-        from ray.tune.integration.lightgbm import TuneReportCheckpointCallback
-
-        callback: Any = TuneReportCheckpointCallback(metrics={"val_src": "val-src", "val_mae": "val-l1"},
-                                                     frequency=0, checkpoint_at_end=False)
+        callback: Any = lightgbm_report_callback({"val_src": "val-src", "val_mae": "val-l1"}, setup.report_every)
     else:
         callback = TuneReportCatBoostCallback(_catboost_metric_names())
     fit_model(setup.family, params, setup.max_rounds, data["train"].X, data["train"].y, categorical,
-              valid=(data["val"].X, data["val"].y), callbacks=[callback])
+              valid=(data["val"].X, data["val"].y), callbacks=[callback], report_every=setup.report_every)
 
 
 def _group_validation(setup: TrialSetup, params: dict[str, Any], categorical: Sequence[str],
                       data: dict[str, Any]) -> None:
     """GroupKFold by user over train+val; the reported value is the mean over folds per round."""
-    from ray import tune
-
     X = pd.concat([data["train"].X, data["val"].X], ignore_index=True)
     y = np.concatenate([data["train"].y, data["val"].y])
     uids = np.concatenate([data["train"].keys["uid"].to_numpy(), data["val"].keys["uid"].to_numpy()])
     folds = group_folds(uids, setup.folds)
     if setup.family == "lightgbm":
         import lightgbm as lgb
-        from ray.tune.integration.lightgbm import TuneReportCheckpointCallback
 
-        callback = TuneReportCheckpointCallback(
-            metrics={"val_src": "valid-src-mean", "val_mae": "valid-l1-mean"}, frequency=0, checkpoint_at_end=False)
+        callback = lightgbm_report_callback({"val_src": "valid-src-mean", "val_mae": "valid-l1-mean"},
+                                            setup.report_every)
         lgb.cv(params, lgb.Dataset(X, y, categorical_feature=list(categorical), free_raw_data=False),
                num_boost_round=setup.max_rounds, folds=folds, feval=_lightgbm_src, callbacks=[callback])
         return
@@ -189,7 +213,7 @@ def _group_validation(setup: TrialSetup, params: dict[str, Any], categorical: Se
     for train_idx, val_idx in folds:
         recorder = _RecordCatBoostCallback(_catboost_metric_names())
         fit_model("catboost", params, setup.max_rounds, X.iloc[train_idx], y[train_idx], categorical,
-                  valid=(X.iloc[val_idx], y[val_idx]), callbacks=[recorder])
+                  valid=(X.iloc[val_idx], y[val_idx]), callbacks=[recorder], report_every=setup.report_every)
         curves.append(recorder.rounds)
-    for rounds in zip(*curves):
-        tune.report({key: float(np.mean([r[key] for r in rounds])) for key in REPORTED})
+    for reports in zip(*curves):
+        _tune_report({key: float(np.mean([r[key] for r in reports])) for key in REPORTED} | {"rounds": reports[0]["rounds"]})
