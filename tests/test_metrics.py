@@ -51,4 +51,4 @@ def test_grouped_and_decile_metrics_partition_the_rows():
     assert [d["decile"] for d in deciles] == list(range(1, 11))
     assert sum(d["n"] for d in deciles) == 100
     # deciles are ordered by the true label: each one's range starts above the previous one's
-    assert all(a["label_max"] <= b["label_min"] for a, b in zip(deciles, deciles[1:]))
+    assert all(a["label_max"] <= b["label_min"] for a, b in zip(deciles, deciles[1:], strict=False))

@@ -22,6 +22,15 @@ CONTRACT_KEYS = {"logits_sub", "logits_cat", "fused", "image_embedding", "text_e
                  "proto_sim_visual", "proto_sim_text", "local_feature"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine run several times faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_bank(seed: int = 0, backbone: str = TINY_MODEL) -> PrototypeBank:
     g = torch.Generator().manual_seed(seed)
     return PrototypeBank(torch.randn(88, 64, generator=g), torch.randn(88, 64, generator=g),

@@ -252,7 +252,7 @@ def tracking(corpus):
 
 
 def _train_config(epochs: int, **overrides) -> TrainConfig:
-    values = dict(num_workers=2, cpus_per_worker=1.0, epochs=epochs, batch_size=16, lr=5e-3, warmup_epochs=0.5,
+    values = dict(num_workers=2, cpus_per_worker=1.0, epochs=epochs, batch_size=8, lr=1e-2, warmup_epochs=0.5,
                   checkpoints_to_keep=2, max_failures=1, early_stopping_patience=0, name="fault-run")
     values.update(overrides)
     return TrainConfig(**values)
@@ -285,7 +285,7 @@ def dataclass_replace(config, **changes):
 
 
 def _checkpoint_dirs(run_path: str) -> list[Path]:
-    return sorted(p for p in Path(run_path).iterdir() if p.name.startswith("checkpoint_"))
+    return sorted(p for p in Path(run_path).iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from smpp_ray.gbdt import SearchInterrupted, tune_models
 from smpp_ray.gbdt.data import group_folds, load_splits
 from smpp_ray.gbdt.registry import load_flavour, registered_source
 from smpp_ray.gbdt.synthetic import write_synthetic_features
-from smpp_ray.gbdt.tracking_callback import TRIAL_TAG, MlflowTrialCallback
+from smpp_ray.gbdt.tracking_callback import TRIAL_TAG
 from smpp_ray.tracking import PARENT_TAG, TrackingContext, client, create_run
 
 pytestmark = pytest.mark.slow

@@ -54,6 +54,8 @@ PCA_FILE = "pca.npz"
 #: Rows per output file: few enough files for fast listing, small enough to stream.
 ROWS_PER_FILE = 8192
 EMBEDDINGS = ("image_embedding", "text_embedding")
+#: Seconds to wait for the minimum actor pool (model loading included) before failing.
+MIN_ACTORS_WAIT_S = 900
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,15 @@ def _run_network_pass(data_dir: str, checkpoint: CheckpointInfo, tmp_dir: str, c
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
         batch_size=cfg.batch_size, batch_format="numpy")
-    features.write_parquet(tmp_dir, partition_cols=["split"], filename_provider=_part_files())
+    context = ray.data.DataContext.get_current()
+    previous_wait = context.wait_for_min_actors_s
+    # Start the whole minimum pool before work flows (Ray's default starts actors lazily, so the
+    # first actor up can take every batch), and fail clearly if the cluster cannot host it.
+    context.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
+    try:
+        features.write_parquet(tmp_dir, partition_cols=["split"], filename_provider=_part_files())
+    finally:
+        context.wait_for_min_actors_s = previous_wait
     seconds = time.perf_counter() - started
 
     fs, path = storage.resolve(tmp_dir)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from smpp_ray.gbdt.data import FEATURE_GROUPS
 
-GROUP_COLOURS = dict(zip(FEATURE_GROUPS, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3")))
+GROUP_COLOURS = dict(zip(FEATURE_GROUPS, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"), strict=True))
 
 
 def _pyplot() -> Any:
@@ -28,7 +28,7 @@ def plot_pred_vs_true(predictions: pd.DataFrame, models: list[str], split: str, 
     rows = predictions[(predictions["split"] == split) & predictions["label"].notna()]
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
     low, high = rows["label"].min(), rows["label"].max()
-    for ax, model in zip(axes[0], models):
+    for ax, model in zip(axes[0], models, strict=True):
         ax.scatter(rows["label"], rows[f"pred_{model}"], s=4, alpha=0.4)
         ax.plot([low, high], [low, high], color="black", linewidth=1)
         ax.set(title=f"{model} ({split})", xlabel="true popularity", ylabel="predicted")
@@ -64,7 +64,7 @@ def plot_importance(importance: dict[str, dict[str, float]], groups: dict[str, s
 
     shown = min(top, max(len(v) for v in importance.values()))
     fig, axes = plt.subplots(1, len(importance), figsize=(6 * len(importance), 0.3 * shown + 2.5), squeeze=False)
-    for ax, (model, values) in zip(axes[0], importance.items()):
+    for ax, (model, values) in zip(axes[0], importance.items(), strict=True):
         ranked = sorted(values.items(), key=lambda kv: kv[1], reverse=True)[:top][::-1]
         ax.barh([name for name, _ in ranked], [v for _, v in ranked],
                 color=[GROUP_COLOURS.get(groups.get(name, ""), "grey") for name, _ in ranked])

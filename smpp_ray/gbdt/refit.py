@@ -44,7 +44,7 @@ def refit(family: str, config: dict[str, Any], rounds: int, features_dir: str, *
     total = raw.sum() or 1.0
     logger.info("refit %s on %s: %d rows, %d rounds", family, "+".join(fit_on), len(y), rounds)
     return {"model": model, "spec": spec.to_dict(), "predictions": pd.concat(frames, ignore_index=True),
-            "importance": dict(zip(spec.features, (raw / total).tolist())), "sample": data["val"].X.head(5)}
+            "importance": dict(zip(spec.features, (raw / total).tolist(), strict=True)), "sample": data["val"].X.head(5)}
 
 
 def refit_remote(family: str, config: dict[str, Any], rounds: int, features_dir: str, *, fit_on: tuple[str, ...],

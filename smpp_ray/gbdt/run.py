@@ -109,8 +109,8 @@ def _refit_all(searches: dict[str, SearchResult], features_dir: str,
 
     refs = launch(("train",))
     final_refs = launch(("train", "val")) if config.refit_on == "train+val" else None
-    honest = dict(zip(refs, ray.get(list(refs.values()))))
-    final = dict(zip(final_refs, ray.get(list(final_refs.values())))) if final_refs else honest
+    honest = dict(zip(refs, ray.get(list(refs.values())), strict=True))
+    final = dict(zip(final_refs, ray.get(list(final_refs.values())), strict=True)) if final_refs else honest
     return honest, final
 
 

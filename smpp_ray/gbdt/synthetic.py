@@ -29,7 +29,7 @@ def write_synthetic_features(out_dir: str | Path, *, rows: int = 3000, users: in
     hour = rng.uniform(0, 2 * np.pi, rows)
     text = rng.normal(0, 1, rows)
     device = rng.choice(DEVICES, rows)
-    effect = dict(zip(DEVICES, (0.0, 0.6, 1.2, -0.8, 0.3)))
+    effect = dict(zip(DEVICES, (0.0, 0.6, 1.2, -0.8, 0.3), strict=True))
     label = (1.5 * followers + np.sin(2 * hour) + 0.8 * text**2 + np.vectorize(effect.get)(device)
              + noise * rng.normal(0, 1, rows) + 5.0)
     frame = pd.DataFrame({

@@ -215,5 +215,5 @@ def _group_validation(setup: TrialSetup, params: dict[str, Any], categorical: Se
         fit_model("catboost", params, setup.max_rounds, X.iloc[train_idx], y[train_idx], categorical,
                   valid=(X.iloc[val_idx], y[val_idx]), callbacks=[recorder], report_every=setup.report_every)
         curves.append(recorder.rounds)
-    for reports in zip(*curves):
+    for reports in zip(*curves, strict=True):
         _tune_report({key: float(np.mean([r[key] for r in reports])) for key in REPORTED} | {"rounds": reports[0]["rounds"]})

@@ -372,7 +372,7 @@ def build_prototypes(data_dir: str, out_dir: str, *, backbone: str, pretrained: 
     if not os.path.isdir(train_dir) and "://" not in train_dir:
         raise ValueError(f"train split {train_dir!r} not found in prepared dataset {data_dir!r}")
     device = "cuda" if num_gpus_per_actor > 0 else "cpu"
-    embedded = ray.data.read_parquet(train_dir, columns=_READ_COLUMNS).map_batches(
+    embedded = ray.data.read_parquet(train_dir).select_columns(_READ_COLUMNS).map_batches(
         EmbedPosts,
         fn_constructor_kwargs={"backbone": backbone, "pretrained": pretrained, "device": device},
         compute=ray.data.ActorPoolStrategy(size=num_actors),
@@ -380,8 +380,10 @@ def build_prototypes(data_dir: str, out_dir: str, *, backbone: str, pretrained: 
         batch_format="numpy",
         num_gpus=num_gpus_per_actor or None,
     )
-    # Few partitions: there are at most 77 groups and the selection itself is cheap.
-    selected_ds = embedded.groupby("subcategory_id", num_partitions=min(8, taxonomy.num_subcategories)).map_groups(
+    # One partition per cluster CPU (at most one per class): Ray's default of 200 hash
+    # partitions only adds scheduling overhead for at most 77 groups.
+    partitions = max(1, min(taxonomy.num_subcategories, int(ray.cluster_resources().get("CPU", 1))))
+    selected_ds = embedded.groupby("subcategory_id", num_partitions=partitions).map_groups(
         _select_group, fn_kwargs={"shots": shots, "time_buckets": time_buckets, "seed": seed},
         batch_format="numpy")
     embed_dim = embedding_dim(backbone)
