@@ -69,7 +69,7 @@ def test_random_init_only_for_the_tiny_model_is_seeded_and_logged(caplog):
     assert first.randomly_initialised
     assert "randomly initialised" in caplog.text
     second = create_backbone(TINY_MODEL)
-    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

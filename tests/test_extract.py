@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_features_tabular import T0, make_posts, write_posts
 
 from smpp_ray.config import ExtractConfig, ModelConfig
 from smpp_ray.data.schema import SCHEMA_VERSION, SPLITS
@@ -21,7 +22,6 @@ from smpp_ray.features.history import history_features
 from smpp_ray.features.network import NetworkFeatureExtractor, decode_batch, outputs_to_numpy
 from smpp_ray.features.pca import fit_pca
 from smpp_ray.features.tabular import build_tabular_features
-from test_features_tabular import T0, make_posts, write_posts
 
 POSTS = 96
 
@@ -195,7 +195,8 @@ def test_ray_extraction_equals_in_process_model(ray_session, dataset: Path, chec
     result = extract_features(str(dataset), str(checkpoint), str(tmp_path), extract_config=config)
     assert result["network"] is True and result["rows"] == posts.groupby("split").size().to_dict()
     # the actor pool had exactly the configured size, and every actor did work
-    assert result["actors_used"] == 2 and len(result["workers"]) == 2
+    assert result["actors_used"] == 2 and len(result["workers"]) == 2, result["workers"]
+    assert result["steady_images_per_s"] > 0 and result["images_per_s"] > 0
     assert not (tmp_path / "_network").exists()
 
     manifest = load_feature_manifest(str(tmp_path))
@@ -225,3 +226,11 @@ def test_ray_extraction_equals_in_process_model(ray_session, dataset: Path, chec
     assert (out["subcategory_code"].to_numpy() == posts["subcategory_id"].to_numpy()).all()
     state = json.loads((tmp_path / "extract_state.json").read_text())
     assert state["backbone"] == "smpp-tiny-clip" and "image_components" in state["pca_arrays"]
+
+
+def test_steady_throughput_drops_the_first_batch() -> None:
+    from smpp_ray.features.extract import steady_throughput
+
+    finished = np.repeat([100.0, 101.0, 102.0, 104.0], 8)  # 4 batches of 8 rows
+    assert steady_throughput(finished) == pytest.approx(24 / 4.0)
+    assert np.isnan(steady_throughput(np.full(8, 5.0)))

@@ -13,7 +13,13 @@ import pytest
 
 from smpp_ray.data.schema import POSTS_SCHEMA, posts_path
 from smpp_ray.features.history import HISTORY_COLUMNS, history_features
-from smpp_ray.features.manifest import GROUPS, KEY_COLUMNS, FeatureColumn, build_manifest, select_columns
+from smpp_ray.features.manifest import (
+    GROUPS,
+    KEY_COLUMNS,
+    FeatureColumn,
+    build_manifest,
+    select_columns,
+)
 from smpp_ray.features.pca import PCAAccumulator, fit_pca
 from smpp_ray.features.tabular import build_tabular_features, load_post_metadata
 
@@ -100,7 +106,7 @@ def _assert_rows_identical(a: pd.DataFrame, b: pd.DataFrame, pids) -> None:
     cols = [c for c in a.columns if c not in ("label",)]
     left = a.loc[pids, cols].to_numpy(dtype=object)
     right = b.loc[pids, cols].to_numpy(dtype=object)
-    for x, y in zip(left.ravel(), right.ravel()):
+    for x, y in zip(left.ravel(), right.ravel(), strict=True):
         if isinstance(x, float) and isinstance(y, float):
             assert np.float64(x).tobytes() == np.float64(y).tobytes()
         else:

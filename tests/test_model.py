@@ -240,13 +240,13 @@ def _synthetic_posts(backbone, n: int = 64, classes: int = 8, seed: int = 0):
 
 def test_full_model_overfits_a_small_fixed_batch(proto_path):
     model = build(proto_path)
-    pixels, tokens, sub = _synthetic_posts(model.backbone, n=32)
+    pixels, tokens, sub = _synthetic_posts(model.backbone, n=64)
     cat = torch.tensor([TAXONOMY.parents[s] for s in sub])
     with torch.no_grad():
         image_features = model.backbone.encode_image(pixels)  # frozen tower: cache once
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     first = None
-    for _ in range(30):
+    for _ in range(40):
         optimizer.zero_grad()
         out = model(None, tokens, image_features=image_features)
         loss = model.compute_losses(out, sub, cat)["loss"]

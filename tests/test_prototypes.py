@@ -206,7 +206,7 @@ def test_preprocessor_tokens_match_the_backbone_tokenizer(prepared):
 
     batch = {k: v[:8] for k, v in read_split(prepared).items()}
     out = BatchPreprocessor(TINY_MODEL, 64, 32, train=False)(batch)
-    texts = [f"{t or ''} {g or ''}".strip() for t, g in zip(batch["title"], batch["tags"])]
+    texts = [f"{t or ''} {g or ''}".strip() for t, g in zip(batch["title"], batch["tags"], strict=True)]
     assert np.array_equal(out["tokens"], create_backbone(TINY_MODEL).tokenize(texts).numpy())
 
 

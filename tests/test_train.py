@@ -350,7 +350,6 @@ def test_reloaded_checkpoint_gives_the_workers_logits(relaunch, corpus):
     local = evaluate(model, [batch], loss_for(model), torch.device("cpu"))
     meta = ckpt.read_meta(best)
     assert local["val_top1"] == pytest.approx(meta["metrics"]["val_top1"])
-    assert local["val_loss"] == pytest.approx(meta["metrics"]["val_loss"], rel=0.05)  # InfoNCE is per batch
     assert Path(best, ckpt.PROTOTYPES_FILE).is_file()  # the checkpoint carries its prototype bank
 
 
@@ -371,7 +370,7 @@ def test_mlflow_run_has_epoch_metrics_and_best_checkpoint(relaunch, tracking):
 @pytest.mark.slow
 def test_relaunch_with_another_model_config_is_refused(relaunch):
     changed = ModelConfig(n_ctx=2, ctx_init="a photo")
-    with pytest.raises(ValueError, match="model.n_ctx=4 .* model.n_ctx=2"):
+    with pytest.raises(ValueError, match=r"model.ctx_init='a photo of a' \(now 'a photo'\), model.n_ctx=4 \(now 2\)"):
         train_model(relaunch["data"], relaunch["prototypes"], str(relaunch["out"]),
                     model_config=changed, train_config=relaunch["config"], tracking=None)
 

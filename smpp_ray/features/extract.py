@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from smpp_ray.config import ExtractConfig
@@ -44,7 +45,7 @@ from smpp_ray.features.history import history_features
 from smpp_ray.features.manifest import GROUPS, KEY_COLUMNS, FeatureColumn, write_feature_manifest
 from smpp_ray.features.network import TENSOR_OUTPUTS, NetworkFeatureExtractor, decode_batch
 from smpp_ray.features.pca import PCAAccumulator, PCAProjection
-from smpp_ray.features.tabular import build_tabular_features, load_post_metadata
+from smpp_ray.features.tabular import TabularFeatures, build_tabular_features, load_post_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +97,8 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
     manifest = load_manifest(data_dir)
     checkpoint = validate_checkpoint(checkpoint_dir, data_dir) if checkpoint_dir else None
 
-    meta = load_post_metadata(data_dir)
-    start = (manifest.get("time_range") or {}).get("start")
-    tabular = build_tabular_features(meta, user_description_components=extract_config.user_description_components,
-                                     corpus_start=int(start) if isinstance(start, (int, float)) else None)
-    history, history_columns = history_features(meta)
-    frame = pd.concat([tabular.frame, history], axis=1)
-    frame["split"] = meta["split"].to_numpy()
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    feature_columns = tabular.columns + history_columns
-    del meta, frame
+    tabular, table = metadata_features(data_dir, manifest, extract_config.user_description_components)
+    feature_columns = tabular.columns
     for split in SPLITS:
         storage.reset_dir(storage.join(out_dir, f"split={split}"))
 
@@ -143,6 +136,23 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
         summary[f"{name}_pca_variance"] = round(total, 6)
     logger.info("wrote features of %s posts (%d columns) to %s", rows, len(columns), out_dir)
     return summary
+
+
+def metadata_features(data_dir: str, manifest: dict, user_description_components: int) -> tuple[TabularFeatures, pa.Table]:
+    """Tabular + history features of every post (metadata only), as one Arrow table with ``split``.
+
+    The returned :class:`TabularFeatures` lists every column (history included) and what was fitted.
+    """
+    meta = load_post_metadata(data_dir)
+    start = (manifest.get("time_range") or {}).get("start")
+    tabular = build_tabular_features(meta, user_description_components=user_description_components,
+                                     corpus_start=int(start) if isinstance(start, (int, float)) else None)
+    history, history_columns = history_features(meta)
+    frame = pd.concat([tabular.frame, history], axis=1)
+    frame["split"] = meta["split"].to_numpy()
+    tabular.frame = frame
+    tabular.columns = tabular.columns + history_columns
+    return tabular, pa.Table.from_pandas(frame, preserve_index=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,10 +228,10 @@ def taxonomy_difference(checkpoint: Taxonomy, dataset: Taxonomy) -> str:
                         ("subcategories", checkpoint.subcategories, dataset.subcategories)):
         if len(a) != len(b):
             return f"checkpoint has {len(a)} {level}, dataset has {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             if x != y:
                 return f"{level} id {i} is {x!r} in the checkpoint but {y!r} in the dataset"
-    for i, (x, y) in enumerate(zip(checkpoint.parents, dataset.parents)):
+    for i, (x, y) in enumerate(zip(checkpoint.parents, dataset.parents, strict=True)):
         if x != y:
             return f"subcategory {checkpoint.subcategories[i]!r} has parent {x} in the checkpoint but {y} in the dataset"
     return ""
@@ -231,19 +241,13 @@ def taxonomy_difference(checkpoint: Taxonomy, dataset: Taxonomy) -> str:
 # Ray Data passes
 
 
-def _run_network_pass(data_dir: str, checkpoint: CheckpointInfo, tmp_dir: str, cfg: ExtractConfig) -> dict[str, Any]:
-    """Decode (CPU tasks) -> model (actor pool) -> ``tmp_dir/split=*``; returns throughput and actors used."""
-    import ray
+def network_feature_dataset(data_dir: str, checkpoint: CheckpointInfo, cfg: ExtractConfig):
+    """The lazy Ray Dataset of network features: posts -> decode (CPU tasks) -> model (actor pool).
+
+    Rows: ``pid``, ``split``, the extractor's arrays and ``worker``. Nothing runs until consumed.
+    """
     import ray.data
 
-    from smpp_ray.runtime import init_ray
-
-    init_ray()
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    if cfg.num_gpus_per_actor > 0 and gpus < cfg.min_actors * cfg.num_gpus_per_actor:
-        raise ValueError(f"extract.min_actors={cfg.min_actors} x extract.num_gpus_per_actor={cfg.num_gpus_per_actor} "
-                         f"needs {cfg.min_actors * cfg.num_gpus_per_actor:g} GPUs but the Ray cluster has {gpus:g}")
-    started = time.perf_counter()
     # Batch-sized blocks (a streaming split, no shuffle): Parquet reads coalesce small files into
     # one block, which would hand the whole corpus to a single actor.
     posts = (ray.data.read_parquet(storage.join(data_dir, "posts"))
@@ -258,7 +262,7 @@ def _run_network_pass(data_dir: str, checkpoint: CheckpointInfo, tmp_dir: str, c
         memory=2 * decoded_bytes,
         fn_kwargs={"backbone": checkpoint.backbone, "image_size": checkpoint.image_size,
                    "context_length": checkpoint.context_length, "mean": checkpoint.mean, "std": checkpoint.std})
-    features = decoded.map_batches(
+    return decoded.map_batches(
         NetworkFeatureExtractor,
         fn_constructor_kwargs={"checkpoint_dir": checkpoint.path,
                                "device": "cuda" if cfg.num_gpus_per_actor > 0 else "cpu",
@@ -266,27 +270,55 @@ def _run_network_pass(data_dir: str, checkpoint: CheckpointInfo, tmp_dir: str, c
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
         batch_size=cfg.batch_size, batch_format="numpy")
+
+
+def _run_network_pass(data_dir: str, checkpoint: CheckpointInfo, tmp_dir: str, cfg: ExtractConfig) -> dict[str, Any]:
+    """Network features of every post to ``tmp_dir/split=*``; returns throughput and actors used."""
+    import ray
+    import ray.data
+
+    from smpp_ray.runtime import init_ray
+
+    init_ray()
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if cfg.num_gpus_per_actor > 0 and gpus < cfg.min_actors * cfg.num_gpus_per_actor:
+        raise ValueError(f"extract.min_actors={cfg.min_actors} x extract.num_gpus_per_actor={cfg.num_gpus_per_actor} "
+                         f"needs {cfg.min_actors * cfg.num_gpus_per_actor:g} GPUs but the Ray cluster has {gpus:g}")
+    started = time.perf_counter()
     context = ray.data.DataContext.get_current()
     previous_wait = context.wait_for_min_actors_s
     # Start the whole minimum pool before work flows (Ray's default starts actors lazily, so the
     # first actor up can take every batch), and fail clearly if the cluster cannot host it.
     context.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
     try:
-        features.write_parquet(tmp_dir, partition_cols=["split"], filename_provider=_part_files())
+        network_feature_dataset(data_dir, checkpoint, cfg).write_parquet(
+            tmp_dir, partition_cols=["split"], filename_provider=_part_files())
     finally:
         context.wait_for_min_actors_s = previous_wait
     seconds = time.perf_counter() - started
 
     fs, path = storage.resolve(tmp_dir)
-    import pyarrow.dataset as pads
-
-    written = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table(columns=["worker"])
+    written = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table(
+        columns=["worker", "finished_at"])
     workers = sorted(set(written.column("worker").to_pylist()))
-    logger.info("network features of %d posts in %.1f s by %d actor(s): %s",
-                written.num_rows, seconds, len(workers), workers)
+    steady = steady_throughput(written.column("finished_at").to_numpy())
+    logger.info("network features of %d posts in %.1f s (steady %.1f images/s) by %d actor(s): %s",
+                written.num_rows, seconds, steady, len(workers), workers)
     return {"network_seconds": round(seconds, 3),
             "images_per_s": round(written.num_rows / seconds, 2) if seconds > 0 else 0.0,
-            "actors_used": len(workers), "workers": workers}
+            "steady_images_per_s": round(steady, 2), "actors_used": len(workers), "workers": workers}
+
+
+def steady_throughput(finished_at: np.ndarray) -> float:
+    """Rows per second once the pipeline flows: rows after the first batch ÷ time since it finished.
+
+    Drops start-up (actor creation, model loading, the first decode) like a warm-up batch; NaN
+    with fewer than two batches.
+    """
+    times, counts = np.unique(finished_at, return_counts=True)
+    if len(times) < 2 or times[-1] <= times[0]:
+        return float("nan")
+    return float(counts[1:].sum() / (times[-1] - times[0]))
 
 
 def _fit_embedding_pcas(tmp_dir: str, components: int) -> dict[str, PCAProjection]:

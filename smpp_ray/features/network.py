@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import numpy as np
@@ -80,8 +81,8 @@ class NetworkFeatureExtractor:
 
     Input columns: ``pid``, ``pixels`` (B, 3, H, W) float32, ``tokens`` (B, L) int64 and
     optionally ``split`` (passed through). Output: ``pid``, [``split``], the arrays of
-    :data:`TENSOR_OUTPUTS` and :data:`CLASS_OUTPUTS`, and ``worker`` (host:pid of the actor,
-    so a run can show how many actors did the work).
+    :data:`TENSOR_OUTPUTS` and :data:`CLASS_OUTPUTS`, ``worker`` (host:pid of the actor, so a
+    run can show how many actors did the work) and ``finished_at`` (unix seconds).
     """
 
     def __init__(self, checkpoint_dir: str, device: str = "auto", num_threads: int = 0) -> None:
@@ -112,4 +113,6 @@ class NetworkFeatureExtractor:
         if "split" in batch:
             features["split"] = np.asarray(batch["split"])
         features["worker"] = np.full(len(features["pid"]), self.worker, dtype=object)
+        # When the batch left the model: lets a run measure its steady-state throughput.
+        features["finished_at"] = np.full(len(features["pid"]), time.time(), dtype=np.float64)
         return features

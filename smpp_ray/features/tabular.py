@@ -161,11 +161,11 @@ def text_features(meta: pd.DataFrame, is_train: np.ndarray) -> tuple[pd.DataFram
     tag_sets = _tag_sets(meta["tags"])
     tag_counts = meta["tags"].fillna("").astype(str).map(lambda t: len(t.split())).to_numpy()
     frequency: Counter[str] = Counter()
-    for tags, train in zip(tag_sets, is_train):
+    for tags, train in zip(tag_sets, is_train, strict=True):
         if train:
             frequency.update(tags)
     seen_share = np.full(len(meta), np.nan)
-    for i, (tags, train) in enumerate(zip(tag_sets, is_train)):
+    for i, (tags, train) in enumerate(zip(tag_sets, is_train, strict=True)):
         if tags:
             # A training post's own tags would make its share 1 by construction; count only the
             # *other* training posts so train and val/test rows mean the same thing.

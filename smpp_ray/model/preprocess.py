@@ -34,7 +34,7 @@ def post_texts(titles: Any, tags: Any, size: int) -> list[str]:
     """``title + " " + tags`` per post, nulls as empty strings."""
     titles = [""] * size if titles is None else titles
     tags = [""] * size if tags is None else tags
-    return [f"{_as_text(t)} {_as_text(g)}".strip() for t, g in zip(titles, tags)]
+    return [f"{_as_text(t)} {_as_text(g)}".strip() for t, g in zip(titles, tags, strict=True)]
 
 
 def _ids(values: np.ndarray) -> np.ndarray:

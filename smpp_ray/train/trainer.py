@@ -186,10 +186,9 @@ def _previous_run(run_path: str, model_config: ModelConfig) -> dict[str, Any] | 
     current = dataclasses.asdict(model_config)
     changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     if changed:
-        key = changed[0]
-        raise ValueError(f"train run {run_path!r} was started with model.{key}={stored.get(key)!r} but "
-                         f"model.{key}={current.get(key)!r} now; resume with the same model config or "
-                         "choose another train.name")
+        diff = ", ".join(f"model.{k}={stored.get(k)!r} (now {current.get(k)!r})" for k in changed)
+        raise ValueError(f"train run {run_path!r} was started with {diff}; resume with the same model config "
+                         "or choose another train.name")
     return {"result": result, "meta": meta}
 
 
@@ -250,6 +249,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(train_config.cpus_per_worker)))
 
     model, loss_fn = _build_model(model_config, taxonomy, config["prototypes_path"], train_config.seed)
+    # On the device before the optimizer exists, so restored optimizer state lands there too.
+    model.to(device)
     cache = None
     if train_config.cache_image_features:
         ImageFeatureCache.check_frozen(model.backbone)
@@ -261,7 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            loaded = ckpt.load_training_state(directory)
+            loaded = ckpt.load_training_state(directory, map_location=device)
         model.load_trainable_state_dict(loaded["trainable"])
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
