@@ -7,8 +7,11 @@ the same batch size and the same threads:
 - ``ray``: :func:`smpp_ray.features.extract_features` (decode + tokenise in CPU tasks, the model
   in an actor pool of ``--actors`` actors with ``--threads-per-actor`` torch threads each, or one
   GPU each with ``--device cuda``), on 2N posts after a discarded warm-up run on N posts (which
-  starts Ray's worker processes). Steady-state images/s: rows after the first batch ÷ time from
-  the first batch's end to the last's, from the ``finished_at`` the actors stamp on each batch.
+  starts Ray's worker processes).
+
+Steady-state images/s, the same on both sides: rows of the later half of the batches ÷ the time
+they took (``steady_throughput`` over the ``finished_at`` stamped on each batch), so start-up and
+the decode backlog built up while the model loads are behind.
 - ``plain``: one process; a torch ``DataLoader`` decodes with as many worker processes as Ray had
   left for decode tasks, and the model runs with ``actors x threads-per-actor`` torch threads
   (first batch dropped as warm-up).
@@ -31,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch.utils.data
 
 logger = logging.getLogger("bench_extract")
@@ -148,6 +152,7 @@ def bench_plain(data_dir: str, checkpoint: str, args) -> dict:
     import torch
 
     from smpp_ray.features import storage
+    from smpp_ray.features.extract import steady_throughput
     from smpp_ray.features.network import outputs_to_numpy
     from smpp_ray.train.checkpoint import (
         load_model_from_checkpoint,
@@ -169,18 +174,13 @@ def bench_plain(data_dir: str, checkpoint: str, args) -> dict:
                                          multiprocessing_context="spawn" if decode_workers else None)
     started = time.perf_counter()
     model = load_model_from_checkpoint(checkpoint, device=device)
-    images, steady_images, steady_start = 0, 0, None
+    finished_at = []
     with torch.inference_mode():
         for pixels, tokens in loader:
             outputs_to_numpy(model(pixels.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))
-            images += len(pixels)
-            if steady_start is None:  # the first batch pays worker start-up and lazy init
-                steady_start = time.perf_counter()
-            else:
-                steady_images += len(pixels)
+            finished_at += [time.time()] * len(pixels)
     total = time.perf_counter() - started
-    steady = time.perf_counter() - steady_start if steady_start else float("nan")
-    return {"images": images, "seconds": total, "images_per_s": steady_images / steady if steady else float("nan"),
+    return {"images": len(finished_at), "seconds": total, "images_per_s": steady_throughput(np.array(finished_at)),
             "decode_workers": decode_workers, "threads": threads}
 
 
@@ -245,7 +245,7 @@ def render(args, ray_result: dict, plain: dict, roof: dict) -> str:
         f"- Object-store bytes spilled during the Ray runs: {'n/a' if spilled is None else spilled}.",
         f"- Ray: network pass = decode tasks -> actor pool -> Parquet, after a warm-up run on "
         f"{sum(ray_result['runs'][0]['rows'].values())} posts; actors used: {second['actors_used']}. "
-        "Steady = first batch dropped on both sides.",
+        "Steady = later half of the batches on both sides.",
         f"- Whole `extract_features` (metadata features, join by pid, checks): {second['seconds']:.1f} s for {posts} posts.",
     ]
     return "\n".join(lines) + "\n"

@@ -11,9 +11,13 @@ warm-up when there are two or more):
   CPU tasks, streamed to the worker);
 - ``ray-2``: two workers (DDP; gloo on CPU, NCCL on GPU; skipped with fewer than 2 GPUs).
 
+"time waiting for input" is the share of the train phase spent waiting for the next batch:
+high values mean the Ray Data pipeline (or its start-up each epoch) is the bottleneck, not
+Ray Train. With small corpora the per-epoch pipeline start-up dominates; use enough posts.
+
 Writes a Markdown table to ``--out`` (and stdout)::
 
-    python bench/bench_train.py --posts 600 --epochs 3 --out bench/out/train.md
+    python bench/bench_train.py --posts 3000 --epochs 3 --out bench/out/train.md
     python bench/bench_train.py --device cuda --posts 4000 --batch-size 64 --threads 4
 """
 
@@ -61,7 +65,7 @@ def steady(values: list[float]) -> float:
     return statistics.mean(values[1:] if len(values) > 1 else values)
 
 
-def bench_plain(data: str, proto: str, args: argparse.Namespace) -> float:
+def bench_plain(data: str, proto: str, args: argparse.Namespace) -> tuple[float, float]:
     """A bare PyTorch loop: same model, optimizer, schedule, batch and threads; data pre-decoded."""
     import pyarrow.parquet as pq
     import torch
@@ -89,7 +93,7 @@ def bench_plain(data: str, proto: str, args: argparse.Namespace) -> float:
                          load_taxonomy(data), f"{proto}/prototypes.safetensors").to(device)
     optimizer = create_optimizer(model.trainable_parameters(), "adamw", 5e-3, 1e-4)
     scheduler = create_scheduler(optimizer, len(batches) // 2, len(batches) * args.epochs)
-    rates, step = [], 0
+    rates, waits, step = [], [], 0
     for epoch in range(args.epochs):
         stats = train_epoch(model, batches, create_loss_fn(model), optimizer, scheduler, StepSettings(device=device),
                             global_step=step)
@@ -97,11 +101,13 @@ def bench_plain(data: str, proto: str, args: argparse.Namespace) -> float:
             torch.cuda.synchronize()
         step = int(stats["global_step"])
         rates.append(stats["samples"] / stats["seconds"])
+        waits.append(stats["data_wait_seconds"] / stats["seconds"])
         logger.info("plain epoch %d: %.1f samples/s", epoch, rates[-1])
-    return steady(rates)
+    return steady(rates), steady(waits)
 
 
-def bench_ray(data: str, proto: str, workers: int, args: argparse.Namespace, workdir: Path) -> float:
+def bench_ray(data: str, proto: str, workers: int, args: argparse.Namespace,
+              workdir: Path) -> tuple[float, float]:
     from smpp_ray.config import ModelConfig, TrainConfig
     from smpp_ray.train import train_model
 
@@ -113,13 +119,14 @@ def bench_ray(data: str, proto: str, workers: int, args: argparse.Namespace, wor
                          model_config=ModelConfig(backbone=args.backbone, pretrained=args.pretrained),
                          train_config=config, tracking=None)
     rates = [h["samples_per_s"] for h in result["history"]]
+    waits = [h["data_wait_fraction"] for h in result["history"]]
     logger.info("ray %d worker(s): %s samples/s per epoch", workers, [round(r, 1) for r in rates])
-    return steady(rates)
+    return steady(rates), steady(waits)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--posts", type=int, default=600)
+    parser.add_argument("--posts", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads = CPUs per Ray worker")
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     data, proto = prepare_corpus(workdir, args.posts, args.backbone)
 
     started = time.time()
-    results: dict[str, float | None] = {"plain": bench_plain(data, proto, args)}
+    results: dict[str, tuple[float, float] | None] = {"plain": bench_plain(data, proto, args)}
     results["ray-1"] = bench_ray(data, proto, 1, args, workdir)
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     results["ray-2"] = bench_ray(data, proto, 2, args, workdir) if args.device == "cpu" or gpus >= 2 else None
@@ -156,18 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.posts} synthetic posts (train split), batch {args.batch_size} per worker, {args.threads} torch "
         f"thread(s) per worker, {args.epochs} epochs (first dropped as warm-up), train phase only.",
         "",
-        "| setup | workers | samples/s | vs plain | vs ray-1 |",
-        "|---|---|---|---|---|",
+        "| setup | workers | samples/s | vs plain | vs ray-1 | time waiting for input |",
+        "|---|---|---|---|---|---|",
     ]
     for name, workers in (("plain", 1), ("ray-1", 1), ("ray-2", 2)):
-        rate = results[name]
-        if rate is None:
-            lines.append(f"| {name} | {workers} | n/a (needs 2 GPUs) | | |")
+        if results[name] is None:
+            lines.append(f"| {name} | {workers} | n/a (needs 2 GPUs) | | | |")
             continue
-        vs_plain = rate / results["plain"]
-        vs_one = rate / results["ray-1"] if name == "ray-2" else math.nan
+        rate, wait = results[name]
+        vs_plain = rate / results["plain"][0]
+        vs_one = rate / results["ray-1"][0] if name == "ray-2" else math.nan
         lines.append(f"| {name} | {workers} | {rate:.1f} | {vs_plain:.2f}x | "
-                     f"{'' if math.isnan(vs_one) else f'{vs_one:.2f}x'} |")
+                     f"{'' if math.isnan(vs_one) else f'{vs_one:.2f}x'} | {100 * wait:.0f}% |")
     lines += ["", f"Total wall time {time.time() - started:.0f} s."]
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

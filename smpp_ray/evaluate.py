@@ -55,12 +55,10 @@ def oracle_src(raw_dir: Path, test_pids: pd.Series, labels: pd.Series) -> float 
     oracle_file = raw_dir / "oracle.parquet"
     if not oracle_file.is_file():
         return None
-    oracle = pd.read_parquet(oracle_file)
-    oracle.columns = [c.lower() for c in oracle.columns]
-    joined = pd.DataFrame({"pid": test_pids.astype(str), "label": labels.to_numpy()}).merge(
-        oracle.assign(pid=oracle["pid"].astype(str)), on="pid")
-    score_column = [c for c in joined.columns if c not in ("pid", "label")][0]
-    return regression_metrics(joined["label"].to_numpy(), joined[score_column].to_numpy())["src"]
+    oracle = pd.read_parquet(oracle_file, columns=["pid", "score"])
+    joined = pd.DataFrame({"pid": test_pids.astype(str).to_numpy(), "label": labels.to_numpy()}).merge(
+        oracle.assign(pid=oracle["pid"].astype(str)), on="pid", how="inner", validate="one_to_one")
+    return regression_metrics(joined["label"].to_numpy(), joined["score"].to_numpy())["src"]
 
 
 def results_table(tune_metrics: dict[str, Any], baseline: dict[str, float], oracle: float | None) -> pd.DataFrame:

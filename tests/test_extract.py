@@ -228,9 +228,9 @@ def test_ray_extraction_equals_in_process_model(ray_session, dataset: Path, chec
     assert state["backbone"] == "smpp-tiny-clip" and "image_components" in state["pca_arrays"]
 
 
-def test_steady_throughput_drops_the_first_batch() -> None:
+def test_steady_throughput_uses_the_later_half_of_the_batches() -> None:
     from smpp_ray.features.extract import steady_throughput
 
-    finished = np.repeat([100.0, 101.0, 102.0, 104.0], 8)  # 4 batches of 8 rows
-    assert steady_throughput(finished) == pytest.approx(24 / 4.0)
+    finished = np.repeat([100.0, 101.0, 110.0, 111.0, 113.0], 8)  # 5 batches of 8 rows
+    assert steady_throughput(finished) == pytest.approx(16 / 3.0)  # batches 4-5 after batch 3
     assert np.isnan(steady_throughput(np.full(8, 5.0)))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -177,7 +178,8 @@ def validate_checkpoint(checkpoint_dir: str, data_dir: str) -> CheckpointInfo:
     from smpp_ray.train.data import input_spec
 
     try:
-        path = resolve_checkpoint_dir(checkpoint_dir)
+        # Absolute: the actors that load it may run with another working directory (ray job submit).
+        path = resolve_checkpoint_dir(os.path.abspath(checkpoint_dir))
     except FileNotFoundError as err:
         raise ValueError(f"checkpoint {str(checkpoint_dir)!r} not found: {err}") from err
     if not (path / TRAINABLE_FILE).is_file():
@@ -310,15 +312,16 @@ def _run_network_pass(data_dir: str, checkpoint: CheckpointInfo, tmp_dir: str, c
 
 
 def steady_throughput(finished_at: np.ndarray) -> float:
-    """Rows per second once the pipeline flows: rows after the first batch ÷ time since it finished.
+    """Rows per second over the later half of the batches (by the time each batch finished).
 
-    Drops start-up (actor creation, model loading, the first decode) like a warm-up batch; NaN
-    with fewer than two batches.
+    Start-up (actor creation, model loading) and the decode backlog built up meanwhile are both
+    behind by then; NaN with fewer than two batches.
     """
     times, counts = np.unique(finished_at, return_counts=True)
-    if len(times) < 2 or times[-1] <= times[0]:
+    middle = (len(times) - 1) // 2
+    if len(times) < 2 or times[-1] <= times[middle]:
         return float("nan")
-    return float(counts[1:].sum() / (times[-1] - times[0]))
+    return float(counts[middle + 1:].sum() / (times[-1] - times[middle]))
 
 
 def _fit_embedding_pcas(tmp_dir: str, components: int) -> dict[str, PCAProjection]:

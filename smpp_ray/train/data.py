@@ -93,7 +93,7 @@ def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: b
         raise ValueError(f"split {split!r} at {path!r} has no rows; training needs train and val posts")
     preprocessor = BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, train,
                                      mean=spec.mean, std=spec.std)
-    dataset = ray.data.read_parquet(path, columns=INPUT_COLUMNS)
+    dataset = ray.data.read_parquet(path).select_columns(INPUT_COLUMNS)
     return dataset.map_batches(preprocessor, batch_size=PREPROCESS_BATCH_ROWS, batch_format="numpy",
                                num_cpus=1)
 

@@ -77,7 +77,10 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict[str, Any]], loss_
                 optimizer: torch.optim.Optimizer, scheduler: Any, settings: StepSettings, *,
                 global_step: int = 0, cache: ImageFeatureCache | None = None,
                 on_step: Callable[[int], None] | None = None) -> dict[str, float]:
-    """One pass over ``batches``; returns loss/sample/step counts and the new ``global_step``.
+    """One pass over ``batches``; returns loss/sample/step counts, timing and the new ``global_step``.
+
+    ``data_wait_seconds`` is the part of ``seconds`` spent waiting for the next batch: near 0
+    when the input pipeline keeps up, most of the epoch when it does not.
 
     Gradients accumulate over ``grad_accum_steps`` micro-batches; DDP's all-reduce is skipped
     (``no_sync``) on all but the last of them. A trailing partial accumulation still steps (and
@@ -91,7 +94,8 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict[str, Any]], loss_
     optimizer.zero_grad(set_to_none=True)
     no_sync = getattr(model, "no_sync", None)
     started = time.perf_counter()
-    for batch, last in _with_last(batches):
+    waited = [0.0]  # seconds spent waiting for input batches (Ray Data pipeline latency)
+    for batch, last in _with_last(_timed(batches, waited)):
         batch = to_device(batch, device)
         micro += 1
         boundary = last or micro % settings.grad_accum_steps == 0
@@ -114,7 +118,21 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict[str, Any]], loss_
                 on_step(steps)
     seconds = time.perf_counter() - started
     return {"loss_sum": loss_sum, "samples": float(samples), "kept": float(kept), "steps": float(steps),
-            "seconds": seconds, "global_step": float(global_step)}
+            "seconds": seconds, "data_wait_seconds": waited[0], "global_step": float(global_step)}
+
+
+def _timed(items: Iterable[Any], waited: list[float]):
+    """Yield ``items``, adding the time spent inside ``next()`` to ``waited[0]``."""
+    iterator = iter(items)
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            waited[0] += time.perf_counter() - started
+            return
+        waited[0] += time.perf_counter() - started
+        yield item
 
 
 def _with_last(items: Iterable[Any]):

@@ -343,20 +343,23 @@ def _advance_state(state: dict[str, Any], epoch: int, global_step: int, metrics:
 
 
 def _reduce_train_stats(stats: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Loss and throughput over all workers: sums of losses/samples, the slowest worker's time."""
+    """Loss and throughput over all workers: sums of losses/samples, the slowest worker's times
+    (epoch and input wait, each maximised separately)."""
     import torch.distributed as dist
 
     sums = torch.tensor([stats["loss_sum"], stats["samples"], stats["kept"]], dtype=torch.float64)
-    seconds = torch.tensor([stats["seconds"]], dtype=torch.float64)
+    seconds = torch.tensor([stats["seconds"], stats["data_wait_seconds"]], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
         sums, seconds = sums.to(backend_device), seconds.to(backend_device)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     loss_sum, samples, kept = (float(v) for v in sums.cpu())
+    epoch_seconds, wait_seconds = (float(v) for v in seconds.cpu())
     return {"train_loss": loss_sum / max(1.0, samples), "train_samples": samples,
-            "kept_fraction": kept / max(1.0, samples),
-            "samples_per_s": samples / max(1e-9, float(seconds.cpu()[0]))}
+            "kept_fraction": kept / max(1.0, samples), "train_seconds": epoch_seconds,
+            "samples_per_s": samples / max(1e-9, epoch_seconds),
+            "data_wait_fraction": wait_seconds / max(1e-9, epoch_seconds)}
 
 
 def _broadcast(value: Any, rank: int, world: int) -> Any:
