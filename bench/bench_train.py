@@ -7,6 +7,8 @@ warm-up when there are two or more):
 
 - ``plain``: a bare PyTorch loop over batches decoded beforehand and held in memory, the best
   case for the network itself;
+- ``plain+decode``: the same loop decoding and tokenising each batch inline (the work Ray Data
+  does in parallel CPU tasks);
 - ``ray-1``: ``train_model`` with one worker, fed by the Ray Data pipeline (decode + tokenise in
   CPU tasks, streamed to the worker);
 - ``ray-2``: two workers (DDP; gloo on CPU, NCCL on GPU; skipped with fewer than 2 GPUs).
@@ -65,8 +67,13 @@ def steady(values: list[float]) -> float:
     return statistics.mean(values[1:] if len(values) > 1 else values)
 
 
-def bench_plain(data: str, proto: str, args: argparse.Namespace) -> tuple[float, float]:
-    """A bare PyTorch loop: same model, optimizer, schedule, batch and threads; data pre-decoded."""
+def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inline: bool) -> tuple[float, float]:
+    """A bare PyTorch loop: same model, optimizer, schedule, batch and threads.
+
+    ``decode_inline=False``: batches decoded beforehand and held in memory (network only);
+    ``True``: each batch decoded and tokenised in the loop, as a single-process PyTorch loop
+    without a data loader would (the same work the Ray Data pipeline does in its tasks).
+    """
     import pyarrow.parquet as pq
     import torch
 
@@ -85,24 +92,32 @@ def bench_plain(data: str, proto: str, args: argparse.Namespace) -> tuple[float,
     table = pq.read_table(f"{data}/posts/split=train", columns=INPUT_COLUMNS)
     rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     decode = BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, True, mean=spec.mean, std=spec.std)
-    everything = collate_batch(decode(rows))
-    size = len(everything["pid"])
-    batches = [{k: v[i:i + args.batch_size] for k, v in everything.items()} for i in range(0, size, args.batch_size)]
+    size = len(rows["pid"])
+    raw_batches = [{k: v[i:i + args.batch_size] for k, v in rows.items()} for i in range(0, size, args.batch_size)]
+    decoded = None if decode_inline else [collate_batch(decode(b)) for b in raw_batches]
+
+    def batches():
+        if decoded is not None:
+            yield from decoded
+            return
+        for raw in raw_batches:
+            yield collate_batch(decode(raw))
+
     torch.manual_seed(0)
     model = create_model(ModelConfig(backbone=args.backbone, pretrained=args.pretrained),
                          load_taxonomy(data), f"{proto}/prototypes.safetensors").to(device)
     optimizer = create_optimizer(model.trainable_parameters(), "adamw", 5e-3, 1e-4)
-    scheduler = create_scheduler(optimizer, len(batches) // 2, len(batches) * args.epochs)
+    scheduler = create_scheduler(optimizer, len(raw_batches) // 2, len(raw_batches) * args.epochs)
     rates, waits, step = [], [], 0
     for epoch in range(args.epochs):
-        stats = train_epoch(model, batches, create_loss_fn(model), optimizer, scheduler, StepSettings(device=device),
+        stats = train_epoch(model, batches(), create_loss_fn(model), optimizer, scheduler, StepSettings(device=device),
                             global_step=step)
         if device.type == "cuda":
             torch.cuda.synchronize()
         step = int(stats["global_step"])
         rates.append(stats["samples"] / stats["seconds"])
         waits.append(stats["data_wait_seconds"] / stats["seconds"])
-        logger.info("plain epoch %d: %.1f samples/s", epoch, rates[-1])
+        logger.info("plain%s epoch %d: %.1f samples/s", "+decode" if decode_inline else "", epoch, rates[-1])
     return steady(rates), steady(waits)
 
 
@@ -151,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     data, proto = prepare_corpus(workdir, args.posts, args.backbone)
 
     started = time.time()
-    results: dict[str, tuple[float, float] | None] = {"plain": bench_plain(data, proto, args)}
+    results: dict[str, tuple[float, float] | None] = {
+        "plain": bench_plain(data, proto, args, decode_inline=False),
+        "plain+decode": bench_plain(data, proto, args, decode_inline=True),
+    }
     results["ray-1"] = bench_ray(data, proto, 1, args, workdir)
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     results["ray-2"] = bench_ray(data, proto, 2, args, workdir) if args.device == "cpu" or gpus >= 2 else None
@@ -166,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "| setup | workers | samples/s | vs plain | vs ray-1 | time waiting for input |",
         "|---|---|---|---|---|---|",
     ]
-    for name, workers in (("plain", 1), ("ray-1", 1), ("ray-2", 2)):
+    for name, workers in (("plain", 1), ("plain+decode", 1), ("ray-1", 1), ("ray-2", 2)):
         if results[name] is None:
             lines.append(f"| {name} | {workers} | n/a (needs 2 GPUs) | | | |")
             continue
