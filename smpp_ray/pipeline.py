@@ -31,16 +31,33 @@ def pipeline_layout(out_dir: str | Path) -> dict[str, Path]:
             "report": root / "report"}
 
 
-def _node_tag() -> dict[str, str]:
-    """The driver's Ray node id: lets a cluster test see which nodes a pipeline touched."""
+def _node_tags() -> dict[str, str]:
+    """The Ray nodes this driver's job ran work on: the driver's node and, from the state API,
+    every node that ran one of the job's tasks or actors (Ray Data, Train, Tune). Lets a cluster
+    test, or a person, see which nodes a pipeline touched."""
     try:
         import ray
 
-        if ray.is_initialized():
-            return {"smpp.driver_node_id": ray.get_runtime_context().get_node_id()}
-    except Exception:  # tagging is best effort; never fail a pipeline over it
+        if not ray.is_initialized():
+            return {}
+        context = ray.get_runtime_context()
+        tags = {"smpp.driver_node_id": context.get_node_id()}
+    except Exception:  # tagging is best effort; never fail a finished pipeline over it
         logger.debug("could not read the Ray node id", exc_info=True)
-    return {}
+        return {}
+    try:
+        from ray.util.state import list_tasks
+
+        # The GCS this driver is connected to: other Rays may run on the same host
+        tasks = list_tasks(address=context.gcs_address, filters=[("job_id", "=", context.get_job_id())],
+                           limit=10_000, raise_on_missing_output=False)
+        # Intersected with this cluster's nodes: a local Ray without a dashboard still points the
+        # state API at 127.0.0.1:8265, where another cluster on the host may answer.
+        ours = {node["NodeID"] for node in ray.nodes()}
+        tags["smpp.node_ids"] = ",".join(sorted({t.node_id for t in tasks if t.node_id in ours}))
+    except Exception as err:  # a local Ray started without a dashboard has no state API
+        logger.info("Ray state API unavailable (%s); not tagging the nodes that ran tasks", err)
+    return tags
 
 
 def run_pipeline(config: Config, out_dir: str | Path, *, raw_dir: str | Path | None = None,
@@ -92,7 +109,7 @@ def run_pipeline(config: Config, out_dir: str | Path, *, raw_dir: str | Path | N
 
             result = run_evaluate(config, out_dir, stage_run)
         if parent_id:
-            set_tags(tracking_uri, parent_id, _node_tag())
+            set_tags(tracking_uri, parent_id, _node_tags())
             final = result.get("final_metrics", {})
             log_metrics(tracking_uri, parent_id, {**final, "pipeline_seconds": time.time() - started})
     result["mlflow_run_id"] = parent_id

@@ -21,8 +21,10 @@ from smpp_ray.config import Config, config_to_dict, flatten_config_dict
 from smpp_ray.tracking import (
     STAGE_TAG,
     TrackingContext,
+    client,
     log_artifact,
     log_metrics,
+    metric_name,
     resolve_tracking_uri,
     set_tags,
     tracked_run,
@@ -112,7 +114,11 @@ def _run_stage(stage: str, config: Config, out_dir: str | Path, inputs: dict[str
         result = body(context)
         metrics = result.get("metrics", {})
         if run_id:
-            log_metrics(stage_run.tracking_uri, run_id, _numeric_leaves(metrics))
+            # Only what the stage did not log itself: a final value at step 0 would sit in front
+            # of its per-epoch series and bend every training curve.
+            logged = set(client(stage_run.tracking_uri).get_run(run_id).data.metrics)
+            final = {k: v for k, v in _numeric_leaves(metrics).items() if metric_name(k) not in logged}
+            log_metrics(stage_run.tracking_uri, run_id, final)
             set_tags(stage_run.tracking_uri, run_id, {f"input.{k}": v for k, v in inputs.items()})
         summary = {
             "stage": stage,

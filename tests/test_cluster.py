@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -100,24 +101,46 @@ def _logs_of(state_dir: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((state_dir / "logs").glob("*.log")))
 
 
-def submit_job(cluster: LocalCluster, entrypoint_args: list[str], timeout: float = 600) -> tuple[str, str, str]:
+def _submit_sh(cluster: LocalCluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SUBMIT_SH), *args], env=cluster.env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def job_status(cluster: LocalCluster, job_id: str) -> str:
+    """The job's status as ``ray job status`` prints it (SUCCEEDED, RUNNING, STOPPED, ...)."""
+    out = _submit_sh(cluster, "status", job_id)
+    text = out.stdout + out.stderr
+    match = re.search(r"Job '[^']+' (?:was )?(succeeded|failed|stopped)|Status for job '[^']+': (\w+)", text)
+    if not match:
+        return "UNKNOWN"
+    return (match.group(1) or match.group(2)).upper()
+
+
+def job_logs(cluster: LocalCluster, job_id: str) -> str:
+    return _submit_sh(cluster, "logs", job_id).stdout
+
+
+def submit_job(cluster: LocalCluster, entrypoint_args: list[str], timeout: float = 600,
+               job_id: str | None = None) -> tuple[str, str, str]:
     """Submit through jobs/submit.sh (real ``ray job submit``); wait; return (job_id, status, logs)."""
-    job_id = f"test-{uuid.uuid4().hex[:10]}"
+    job_id = job_id or f"test-{uuid.uuid4().hex[:10]}"
     submitted = subprocess.run(["bash", str(SUBMIT_SH), "--id", job_id, "run", "--", *entrypoint_args],
                                env=cluster.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    status_out = subprocess.run(["bash", str(SUBMIT_SH), "status", job_id], env=cluster.env,
-                                capture_output=True, text=True, timeout=120, cwd=REPO)
-    match = re.search(r"Job '[^']+' (succeeded|failed|stopped)|Status for job '[^']+': (\w+)",
-                      status_out.stdout + status_out.stderr)
-    status = "UNKNOWN"
-    if match:
-        status = (match.group(1) or match.group(2)).upper()
-        status = {"SUCCEEDED": "SUCCEEDED", "FAILED": "FAILED", "STOPPED": "STOPPED"}.get(status, status)
-    logs = subprocess.run(["bash", str(SUBMIT_SH), "logs", job_id], env=cluster.env,
-                          capture_output=True, text=True, timeout=120, cwd=REPO).stdout
+    status = job_status(cluster, job_id)
+    logs = job_logs(cluster, job_id)
     if status != "SUCCEEDED":
         logs += f"\n--- ray job submit (rc {submitted.returncode}):\n{submitted.stdout[-4000:]}{submitted.stderr[-4000:]}"
     return job_id, status, logs
+
+
+def start_job(cluster: LocalCluster, entrypoint_args: list[str]) -> str:
+    """Submit with ``--no-wait`` (real ``ray job submit``) and return the submission id."""
+    job_id = f"test-{uuid.uuid4().hex[:10]}"
+    submitted = subprocess.run(["bash", str(SUBMIT_SH), "--id", job_id, "--no-wait", "run", "--",
+                                *entrypoint_args], env=cluster.env, capture_output=True, text=True,
+                               timeout=300, cwd=REPO)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    return job_id
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +233,146 @@ def test_probe_job_runs_on_both_nodes_and_logs_to_mlflow(local_cluster: LocalClu
     assert all(c.info.status == "FINISHED" and "node_index" in c.data.metrics for c in children)
     # Remember the Ray worker pids that ran the tasks: `down` must take them too.
     local_cluster.task_pids.extend(int(t["pid"]) for t in result["tasks"])
+
+
+PIPELINE_STAGES = ("synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate")
+STAGE_FOLDERS = {"synth": "raw", "prepare": "data", "prototypes": "prototypes", "train": "train",
+                 "extract": "features", "tune": "tune", "evaluate": "report"}
+
+
+@dataclass
+class PipelineJob:
+    job_id: str
+    status: str
+    logs: str
+    out: Path
+    experiment: str
+
+
+@pytest.fixture(scope="module")
+def pipeline_job(local_cluster: LocalCluster, tmp_path_factory) -> PipelineJob:
+    """The smoke pipeline submitted once through the real CLI (3-4 minutes on 2 busy cores)."""
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    experiment = f"pipeline-{uuid.uuid4().hex[:6]}"
+    job_id, status, logs = submit_job(local_cluster, [
+        "python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml", "--out", str(out),
+        "--set", f"tracking.experiment={experiment}"], timeout=840)
+    return PipelineJob(job_id, status, logs, out, experiment)
+
+
+def _alive_node_ids(cluster: LocalCluster) -> set[str]:
+    token = Path(cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(f"{cluster.dashboard}/api/v0/nodes",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        nodes = json.load(response)["data"]["result"]["result"]
+    return {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_pipeline_job_tracks_every_stage_on_both_nodes(local_cluster: LocalCluster, pipeline_job: PipelineJob):
+    import mlflow
+
+    assert pipeline_job.status == "SUCCEEDED", pipeline_job.logs
+    client = mlflow.MlflowClient(tracking_uri=local_cluster.tracking_uri)
+    experiment = client.get_experiment_by_name(pipeline_job.experiment)
+    assert experiment is not None, f"no experiment {pipeline_job.experiment} on the cluster's MLflow server"
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`smpp.stage` = 'pipeline'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
+    assert parent.data.tags["smpp.out_dir"] == str(pipeline_job.out)
+
+    # One child run per stage, each the run its stage folder's summary.json names
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert sorted(by_name) == sorted(PIPELINE_STAGES) and len(children) == len(PIPELINE_STAGES)
+    for stage, run in by_name.items():
+        assert run.info.status == "FINISHED", stage
+        assert run.data.tags["smpp.stage"] == stage
+        if stage != "evaluate":  # evaluate's summary has no run id (its run is logged by run_evaluate)
+            summary = json.loads((pipeline_job.out / STAGE_FOLDERS[stage] / "summary.json").read_text())
+            assert summary["status"] == "complete" and summary["mlflow_run_id"] == run.info.run_id, stage
+    # Tune nests its searches (and their trials) under the tune stage run
+    searches = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{by_name['tune'].info.run_id}'")
+    assert {r.info.run_name for r in searches} >= {"search-lightgbm", "search-catboost"}
+    assert by_name["train"].data.metrics["epochs_run"] == 1
+
+    # The final metrics on the parent are the evaluate stage's, SRCs in [-1, 1]
+    final = {k: v for k, v in by_name["evaluate"].data.metrics.items() if k.startswith("test_")}
+    for name in ("test_src_lightgbm", "test_src_catboost", "test_src_blend"):
+        assert -1.0 <= parent.data.metrics[name] <= 1.0, name
+    assert {k: parent.data.metrics[k] for k in final} == pytest.approx(final)
+
+    # The job's tasks and actors (Ray Data, Train, Tune) ran on both nodes of the cluster
+    nodes = _alive_node_ids(local_cluster)
+    used = set(parent.data.tags["smpp.node_ids"].split(","))
+    assert len(nodes) == 2 and used == nodes, (used, nodes)
+    assert parent.data.tags["smpp.driver_node_id"] in nodes
+
+
+def _latest_checkpoint_epoch(run_path: Path) -> int | None:
+    """Epoch of the newest checkpoint Ray Train has registered in the run's storage, if any.
+
+    Train V2 writes ``checkpoint_manager_snapshot.json`` once a reported checkpoint is persisted,
+    so a checkpoint it names is complete (a ``checkpoint_*`` folder alone may be mid-upload).
+    """
+    try:
+        snapshot = json.loads((run_path / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return int(latest["metrics"]["epoch"]) if latest else None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_stopped_training_job_resumes_from_its_checkpoint(local_cluster: LocalCluster, pipeline_job: PipelineJob,
+                                                          tmp_path: Path):
+    import mlflow
+
+    assert pipeline_job.status == "SUCCEEDED", "needs the pipeline job's data and prototypes"
+    out, name, experiment = tmp_path / "train", "resume-test", f"resume-{uuid.uuid4().hex[:6]}"
+    command = ["python", "jobs/train.py", "--config", "jobs/configs/smoke.yaml",
+               "--data", str(pipeline_job.out / "data"), "--prototypes", str(pipeline_job.out / "prototypes"),
+               "--out", str(out), "--set", "train.epochs=3", "--set", f"train.name={name}",
+               "--set", "train.early_stopping_patience=0", "--set", f"tracking.experiment={experiment}"]
+    run_path = out / "ray_results" / name
+
+    first = start_job(local_cluster, command)
+    deadline = time.monotonic() + 600
+    while (stopped_at := _latest_checkpoint_epoch(run_path)) is None:
+        status = job_status(local_cluster, first)
+        assert status in ("PENDING", "RUNNING"), f"{status} before a checkpoint:\n{job_logs(local_cluster, first)}"
+        assert time.monotonic() < deadline, f"no checkpoint in {run_path}:\n{job_logs(local_cluster, first)}"
+        time.sleep(1)
+    stop = _submit_sh(local_cluster, "stop", first, timeout=180)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert job_status(local_cluster, first) == "STOPPED"
+    stopped_at = _latest_checkpoint_epoch(run_path)  # an epoch may have finished while stopping
+    assert stopped_at is not None and stopped_at < 2, "the job finished before it could be stopped"
+    assert not (out / "summary.json").exists()
+
+    second, status, logs = submit_job(local_cluster, command)
+    assert status == "SUCCEEDED", logs
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = summary["metrics"]
+    assert metrics["epochs_run"] == 3 and metrics["resumes"] == 1
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    # Epochs up to the checkpoint ran in the first job (attempt 0), only the rest in the second
+    assert [h["attempt"] for h in history] == [0 if h["epoch"] <= stopped_at else 1 for h in history]
+
+    # MLflow: the second job's train run logged only the epochs after the checkpoint (step = epoch + 1)
+    client = mlflow.MlflowClient(tracking_uri=local_cluster.tracking_uri)
+    resumed_steps = sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "val_top1"))
+    assert resumed_steps == list(range(stopped_at + 2, 4))
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              filter_string="tags.`smpp.stage` = 'train'")
+    assert len(runs) == 2  # one per job; the stopped one's run is left RUNNING by the killed driver
 
 
 @pytest.mark.slow
