@@ -1,0 +1,59 @@
+"""`make bench`: every CPU benchmark in turn, each against its plain baseline, into one Markdown file.
+
+Each script runs in its own process (a fresh Ray per benchmark) and writes its own table; this
+collects them. The GPU benchmark (bench_gpu.py, and the --device cuda modes) is run by hand on
+a GPU machine. Sizes here fit a 2-core machine in about 15-20 minutes; pass --quick for a smoke
+run that only checks the scripts work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+FULL = {
+    "train": ["bench_train.py", "--posts", "3000", "--epochs", "3"],
+    "extract": ["bench_extract.py", "--posts", "1024"],
+    "tune": ["bench_tune.py", "--trial-seconds", "30", "--trials", "4"],
+}
+QUICK = {
+    "train": ["bench_train.py", "--posts", "600", "--epochs", "2"],
+    "extract": ["bench_extract.py", "--posts", "256"],
+    "tune": ["bench_tune.py", "--quick"],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=str(HERE / "results.md"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated: train,extract,tune")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    chosen = [n for n in plan if not args.only or n in args.only.split(",")]
+    sections = [f"# smpp_ray benchmarks\n\n{datetime.date.today()} on {platform.node()} "
+                f"({platform.machine()}, Python {platform.python_version()}); ratios are against a plain "
+                "baseline run in the same script.\n"]
+    failed = []
+    for name in chosen:
+        part = HERE / "out" / f"{name}.md"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, str(HERE / plan[name][0]), *plan[name][1:], "--out", str(part)]
+        print("running", " ".join(command), flush=True)
+        if subprocess.run(command).returncode != 0 or not part.is_file():
+            failed.append(name)
+            continue
+        sections.append(part.read_text())
+    Path(args.out).write_text("\n\n".join(sections) + "\n")
+    print(f"wrote {args.out}" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
