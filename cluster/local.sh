@@ -13,6 +13,12 @@
 #   VENV                  virtualenv whose ray/mlflow/python run everything (<repo>/.venv)
 #   SMPP_HEAD_CPUS        logical CPUs of the head node (2)
 #   SMPP_WORKER_CPUS      logical CPUs of the worker node (2)
+#                         2 + 2 makes every smoke pipeline use both nodes: Ray Data spreads its
+#                         tasks (scheduling strategy SPREAD), and the two 1-CPU train workers
+#                         (placement PACK) fill one node, so their input pipeline runs on the
+#                         other. 4 in all is what the smoke config needs (train takes 2, and
+#                         refuses to start unless Ray Data keeps at least 1). The head needs >= 1:
+#                         with 0 (as on a cloud head) nothing would run on it.
 #   SMPP_OBJECT_STORE_MB  object store per node in MiB (256)
 #   SMPP_KEEP_RAY_LOGS    1 keeps the Ray temp folder (session logs) after `down`
 #   SMPP_STOP_GRACE_S     seconds `down` waits after SIGTERM before SIGKILL (10)

@@ -7,8 +7,11 @@ MLflow server back through its client, then take everything down and check /proc
 To test another job on the same cluster, add a slow test *above* test_down_stops_everything_up_started
 (tests run in file order and that one stops the module's cluster) that calls e.g.
 ``submit_job(local_cluster, ["python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml",
-"--out", str(tmp_path / "run")])``. Paths must be absolute: the job runs in a temporary copy of
-the checkout on the cluster.
+"--out", str(cluster_workdir / "run")])``. Paths must be absolute: the job runs in a temporary copy
+of the checkout on the cluster. Everything lives under ``cluster_workdir``, a folder of this module
+rather than pytest's tmp_path: pytest deletes old ``pytest-N`` folders when another session starts
+(other test runs on a shared machine), which would pull a running job's data, or the cluster's
+token and process records, from under it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -144,8 +149,19 @@ def start_job(cluster: LocalCluster, entrypoint_args: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def local_cluster(tmp_path_factory):
-    state_dir = tmp_path_factory.mktemp("cluster")
+def cluster_workdir():
+    """This module's own scratch folder (see the module docstring); removed at the end unless
+    SMPP_KEEP_CLUSTER_TEST_DIR=1."""
+    workdir = Path(tempfile.mkdtemp(prefix="smpp-cluster-test-"))
+    yield workdir
+    if os.environ.get("SMPP_KEEP_CLUSTER_TEST_DIR") != "1":
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_cluster(cluster_workdir: Path):
+    state_dir = cluster_workdir / "cluster"
+    state_dir.mkdir()
     up = run_local_sh("up", state_dir)
     if up.returncode != 0:
         run_local_sh("down", state_dir)
@@ -162,7 +178,8 @@ def _read_state(path: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Slow: a real cluster (about a minute on 2 cores). Tests run in file order; the last one stops it.
+# Slow: a real cluster (5-7 minutes on 2 busy cores, most of it the smoke pipeline and the
+# stop/resume training jobs). Tests run in file order; the last one stops it.
 
 
 @pytest.mark.slow
@@ -250,9 +267,9 @@ class PipelineJob:
 
 
 @pytest.fixture(scope="module")
-def pipeline_job(local_cluster: LocalCluster, tmp_path_factory) -> PipelineJob:
+def pipeline_job(local_cluster: LocalCluster, cluster_workdir: Path) -> PipelineJob:
     """The smoke pipeline submitted once through the real CLI (3-4 minutes on 2 busy cores)."""
-    out = tmp_path_factory.mktemp("pipeline") / "run"
+    out = cluster_workdir / "pipeline"
     experiment = f"pipeline-{uuid.uuid4().hex[:6]}"
     job_id, status, logs = submit_job(local_cluster, [
         "python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml", "--out", str(out),
@@ -328,51 +345,63 @@ def _latest_checkpoint_epoch(run_path: Path) -> int | None:
     return int(latest["metrics"]["epoch"]) if latest else None
 
 
+#: Epochs of the stop/resume job. An epoch of the smoke model takes ~6 s and `ray job stop` about
+#: 10 s from the CLI to dead workers, so with 3 epochs the first job could finish before the stop
+#: lands; 5 leaves a margin of 3 epochs and costs ~12 s more in the resumed job.
+RESUME_EPOCHS = 5
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_stopped_training_job_resumes_from_its_checkpoint(local_cluster: LocalCluster, pipeline_job: PipelineJob,
-                                                          tmp_path: Path):
+                                                          cluster_workdir: Path):
     import mlflow
 
     assert pipeline_job.status == "SUCCEEDED", "needs the pipeline job's data and prototypes"
-    out, name, experiment = tmp_path / "train", "resume-test", f"resume-{uuid.uuid4().hex[:6]}"
+    out, name, experiment = cluster_workdir / "resume", "resume-test", f"resume-{uuid.uuid4().hex[:6]}"
     command = ["python", "jobs/train.py", "--config", "jobs/configs/smoke.yaml",
                "--data", str(pipeline_job.out / "data"), "--prototypes", str(pipeline_job.out / "prototypes"),
-               "--out", str(out), "--set", "train.epochs=3", "--set", f"train.name={name}",
+               "--out", str(out), "--set", f"train.epochs={RESUME_EPOCHS}", "--set", f"train.name={name}",
                "--set", "train.early_stopping_patience=0", "--set", f"tracking.experiment={experiment}"]
-    run_path = out / "ray_results" / name
+    run_path = out / "ray_results" / name  # train.storage_path is empty: <out>/ray_results/<name>
 
     first = start_job(local_cluster, command)
-    deadline = time.monotonic() + 600
-    while (stopped_at := _latest_checkpoint_epoch(run_path)) is None:
-        status = job_status(local_cluster, first)
-        assert status in ("PENDING", "RUNNING"), f"{status} before a checkpoint:\n{job_logs(local_cluster, first)}"
-        assert time.monotonic() < deadline, f"no checkpoint in {run_path}:\n{job_logs(local_cluster, first)}"
-        time.sleep(1)
+    deadline = next_status_check = time.monotonic()
+    deadline += 600
+    while _latest_checkpoint_epoch(run_path) is None:
+        # The snapshot is polled often, the job (a CLI call of a few seconds) only now and then
+        if time.monotonic() >= next_status_check:
+            status = job_status(local_cluster, first)
+            assert status in ("PENDING", "RUNNING"), f"{status} before a checkpoint:\n{job_logs(local_cluster, first)}"
+            assert time.monotonic() < deadline, f"no checkpoint in {run_path}:\n{job_logs(local_cluster, first)}"
+            next_status_check = time.monotonic() + 10
+        time.sleep(0.25)
     stop = _submit_sh(local_cluster, "stop", first, timeout=180)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert job_status(local_cluster, first) == "STOPPED"
     stopped_at = _latest_checkpoint_epoch(run_path)  # an epoch may have finished while stopping
-    assert stopped_at is not None and stopped_at < 2, "the job finished before it could be stopped"
+    assert stopped_at is not None and stopped_at < RESUME_EPOCHS - 1, "the job finished before the stop"
     assert not (out / "summary.json").exists()
 
     second, status, logs = submit_job(local_cluster, command)
     assert status == "SUCCEEDED", logs
+    # The workers' own word (Ray's log dedup may fold rank 0's line into rank 1's)
+    assert set(re.findall(r"rank \d resumed from epoch (\d+) \(attempt 1\)", logs)) == {str(stopped_at)}, logs
     summary = json.loads((out / "summary.json").read_text())
     metrics = summary["metrics"]
-    assert metrics["epochs_run"] == 3 and metrics["resumes"] == 1
+    assert metrics["epochs_run"] == RESUME_EPOCHS and metrics["resumes"] == 1
     history = metrics["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert [h["epoch"] for h in history] == list(range(RESUME_EPOCHS))
     # Epochs up to the checkpoint ran in the first job (attempt 0), only the rest in the second
     assert [h["attempt"] for h in history] == [0 if h["epoch"] <= stopped_at else 1 for h in history]
 
     # MLflow: the second job's train run logged only the epochs after the checkpoint (step = epoch + 1)
     client = mlflow.MlflowClient(tracking_uri=local_cluster.tracking_uri)
     resumed_steps = sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "val_top1"))
-    assert resumed_steps == list(range(stopped_at + 2, 4))
+    assert resumed_steps == list(range(stopped_at + 2, RESUME_EPOCHS + 1))
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                               filter_string="tags.`smpp.stage` = 'train'")
-    assert len(runs) == 2  # one per job; the stopped one's run is left RUNNING by the killed driver
+    assert len(runs) == 2  # one per job
 
 
 @pytest.mark.slow

@@ -233,6 +233,10 @@ def _collector_class():
 def _read_raw(raw: Path) -> tuple[list[smpd.FileSet], list[dict], list[dict]]:
     """Parse every row of every file set; returns the sets, the post records and the rejects."""
     sets = [s for s in (smpd.find_file_set(raw, p) for p in smpd.PREFIXES) if s is not None]
+    if not sets:
+        expected = "; ".join(" or ".join(n.format(p="train_") for n in names) for names in smpd.FILE_NAMES.values())
+        raise ValueError(f"raw SMPD folder {str(raw)!r} holds neither train_ nor test_ files; expected {expected} "
+                         "(or the same with the test_ prefix)")
     for file_set in sets:   # every set's files checked before any row is parsed
         smpd.load_file_set(file_set)
     records: list[dict] = []

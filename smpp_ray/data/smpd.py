@@ -83,10 +83,10 @@ class FileSet:
 
 
 def find_file_set(raw_dir: Path, prefix: str) -> FileSet | None:
-    """The files of ``prefix`` in ``raw_dir``; None when none exist (allowed only for ``test_``).
+    """The files of ``prefix`` in ``raw_dir``; None when none of them exist.
 
-    Raises ValueError naming every required file that is missing once any file of the set exists
-    (or always for ``train_``). The label file is optional for ``test_``.
+    Raises ValueError naming every required file that is missing once any file of the set
+    exists. The label file is optional for ``test_``.
     """
     found: dict[str, Path] = {}
     missing: list[str] = []
@@ -97,7 +97,7 @@ def find_file_set(raw_dir: Path, prefix: str) -> FileSet | None:
             found[kind] = hit
         elif not (kind == "label" and prefix == "test_"):
             missing.append(" or ".join(names))
-    if not found and prefix == "test_":
+    if not found:  # a folder may hold train_ files, test_ files or both (new posts to score)
         return None
     if missing:
         raise ValueError(f"raw SMPD folder {str(raw_dir)!r} lacks required file(s): {'; '.join(missing)}")
