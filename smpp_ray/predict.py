@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from smpp_ray.config import Config, config_from_dict, config_to_dict
 
@@ -55,12 +57,33 @@ def _combined_dataset(pipeline_data: Path, new_data: Path, out: Path) -> Path:
     for split in ("train", "val"):
         for shard in sorted((pipeline_data / "posts" / f"split={split}").glob("*.parquet")):
             _link_or_copy(shard, out / "posts" / f"split={split}" / shard.name)
-    new_shards = sorted((new_data / "posts").glob("split=*/*.parquet"))
-    for number, shard in enumerate(new_shards):
-        _link_or_copy(shard, out / "posts" / "split=test" / f"new-{number:05d}-{shard.name}")
-    (out / "posts" / "split=test").mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((pipeline_data / "manifest.json").read_text())
+    test_dir = out / "posts" / "split=test"
+    test_dir.mkdir(parents=True, exist_ok=True)
+    for number, shard in enumerate(sorted((new_data / "posts").glob("split=*/*.parquet"))):
+        table = _with_pipeline_ids(pq.read_table(shard), manifest)
+        pq.write_table(table, test_dir / f"new-{number:05d}-{shard.name}")
     shutil.copy2(pipeline_data / "manifest.json", out / "manifest.json")
     return out
+
+
+def _with_pipeline_ids(table: pa.Table, manifest: dict[str, Any]) -> pa.Table:
+    """Class and concept ids re-derived from names with the pipeline's manifest.
+
+    New posts were prepared on their own, and ids (concepts above all) index *that* dataset's
+    vocabulary; the models learned the pipeline's. A name the pipeline never saw gets -1.
+    """
+    taxonomy = manifest["taxonomy"]
+    vocabularies = {
+        "category": {c["name"]: c["id"] for c in taxonomy["categories"]},
+        "subcategory": {c["name"]: c["id"] for c in taxonomy["subcategories"]},
+        "concept": {name: i for i, name in enumerate(manifest.get("concepts", []))},
+    }
+    for name, ids in vocabularies.items():
+        codes = [ids.get(value, -1) for value in table.column(name).to_pylist()]
+        position = table.schema.get_field_index(f"{name}_id")
+        table = table.set_column(position, table.schema.field(position), pa.array(codes, pa.int32()))
+    return table
 
 
 def score_features(tune_dir: Path, frame: pd.DataFrame) -> pd.DataFrame:
