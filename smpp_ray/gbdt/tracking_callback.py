@@ -22,6 +22,7 @@ from typing import Any
 from ray.tune import Callback
 
 from smpp_ray import tracking
+from smpp_ray.config import flatten_config_dict
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class MlflowTrialCallback(Callback):
                 self.tracking_uri, self.experiment, f"{self.family}-{trial.trial_id}",
                 parent_run_id=self.parent_run_id,
                 tags={TRIAL_TAG: trial.trial_id, SEARCH_TAG: self.search_path, FAMILY_TAG: self.family})
-            tracking.log_params(self.tracking_uri, run_id, {"family": self.family, **_flat(trial.config)})
+            tracking.log_params(self.tracking_uri, run_id, {"family": self.family, **flatten_config_dict(trial.config)})
         self.run_ids[trial.trial_id] = run_id
         self._pending[trial.trial_id] = []
         self._best.pop(trial.trial_id, None)
@@ -160,11 +161,3 @@ def _error_text(trial: Any) -> str:
     return text.strip()[-1000:] or f"trial {trial.trial_id} raised (no error file)"
 
 
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
