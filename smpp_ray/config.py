@@ -272,7 +272,7 @@ class TuneConfig:
     grace_rounds: int = 50
     """ASHA grace period in boosting rounds."""
     report_every: int = 10
-    """Trials report val_src/val_mae to Tune (and MLflow) every this many rounds (and at the last)."""
+    """Trials report val_src/val_mae to Tune (and MLflow) every this many rounds (and at the last); long trials report at most ~200 times."""
     validation: Literal["time", "group"] = "time"
     """``time``: the time-ordered val split; ``group``: GroupKFold by user over train+val."""
     folds: int = 3

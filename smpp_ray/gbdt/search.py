@@ -114,6 +114,17 @@ def _search_run(tracking_ctx: TrackingContext, family: str, search_path: str) ->
                                parent_run_id=tracking_ctx.run_id, tags={FAMILY_TAG: family, SEARCH_TAG: search_path})
 
 
+#: At most about this many reports per trial. Each report is a round trip to the driver, whose
+#: result processing (searcher, scheduler, MLflow callback) then queues behind long trials that
+#: report every few rounds, and that backlog is Tune overhead between trials.
+MAX_REPORTS_PER_TRIAL = 200
+
+
+def effective_report_every(config: TuneConfig) -> int:
+    """``tune.report_every``, coarsened for long trials, never past ASHA's first rung."""
+    return min(config.grace_rounds, max(config.report_every, config.max_rounds // MAX_REPORTS_PER_TRIAL))
+
+
 def run_search(family: str, features_dir: str, storage_dir: str | Path, *, tune_config: TuneConfig,
                tracking_ctx: TrackingContext | None) -> SearchResult:
     """Run (or resume) the search of ``family``; raises :class:`SearchInterrupted` when cut short."""
@@ -122,7 +133,7 @@ def run_search(family: str, features_dir: str, storage_dir: str | Path, *, tune_
     setup = TrialSetup(family=family, features_dir=str(features_dir), feature_groups=tune_config.feature_groups,
                        validation=tune_config.validation, folds=tune_config.folds, max_rounds=tune_config.max_rounds,
                        threads=max(1, int(tune_config.cpus_per_trial)), seed=tune_config.seed,
-                       report_every=tune_config.report_every)
+                       report_every=effective_report_every(tune_config))
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": tune_config.cpus_per_trial})
     space = search_space(family)
 
