@@ -66,6 +66,8 @@ def run_pipeline(config: Config, out_dir: str | Path, *, raw_dir: str | Path | N
 
     ``raw_dir`` points at a real SMPD folder; without it the synthetic corpus is generated.
     """
+    out_dir = stages.local_absolute(out_dir)
+    raw_dir = stages.local_absolute(raw_dir) if raw_dir else None
     layout = pipeline_layout(out_dir)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     raw = Path(raw_dir) if raw_dir else layout["raw"]

@@ -113,9 +113,9 @@ def predict_posts(pipeline_dir: str | Path, posts_dir: str | Path, out_file: str
     from smpp_ray.features import extract_features
     from smpp_ray.pipeline import pipeline_layout
     from smpp_ray.runtime import init_ray
-    from smpp_ray.stages import best_checkpoint
+    from smpp_ray.stages import best_checkpoint, local_absolute
 
-    out_file = Path(out_file)
+    pipeline_dir, posts_dir, out_file = local_absolute(pipeline_dir), local_absolute(posts_dir), Path(local_absolute(out_file))
     if out_file.suffix not in (".csv", ".parquet"):
         raise ValueError(f"--out {str(out_file)!r} must end in .csv or .parquet")
     layout = pipeline_layout(pipeline_dir)

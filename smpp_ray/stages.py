@@ -138,6 +138,13 @@ def _run_stage(stage: str, config: Config, out_dir: str | Path, inputs: dict[str
     return out
 
 
+def local_absolute(location: str | Path) -> str:
+    """Local paths made absolute (Ray workers and Tune trials run in other working folders);
+    URIs (``s3://``, ``gs://``) pass through."""
+    text = str(location)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
 def _ensure_ray(config: Config) -> None:
     from smpp_ray.runtime import init_ray
 
@@ -146,6 +153,7 @@ def _ensure_ray(config: Config) -> None:
 
 def run_synth(config: Config, out_dir: str | Path, stage_run: StageRun | None = None) -> Path:
     """Write a synthetic SMPD corpus (no Ray needed)."""
+    out_dir = local_absolute(out_dir)
     from smpp_ray.data.synth import synthesize_corpus
 
     stage_run = stage_run or default_stage_run(config)
@@ -162,6 +170,7 @@ def run_synth(config: Config, out_dir: str | Path, stage_run: StageRun | None = 
 def run_prepare(config: Config, raw_dir: str | Path, out_dir: str | Path,
                 stage_run: StageRun | None = None) -> Path:
     """Validate a raw SMPD folder and write Parquet shards, rejects and the manifest."""
+    raw_dir, out_dir = local_absolute(raw_dir), local_absolute(out_dir)
     from smpp_ray.data.prepare import prepare_dataset
 
     stage_run = stage_run or default_stage_run(config)
@@ -182,6 +191,7 @@ def run_prepare(config: Config, raw_dir: str | Path, out_dir: str | Path,
 def run_prototypes(config: Config, data_dir: str | Path, out_dir: str | Path,
                    stage_run: StageRun | None = None) -> Path:
     """Select diverse class members and write the visual/textual prototype bank."""
+    data_dir, out_dir = local_absolute(data_dir), local_absolute(out_dir)
     from smpp_ray.model.prototypes import build_prototypes
 
     stage_run = stage_run or default_stage_run(config)
@@ -202,6 +212,7 @@ def run_prototypes(config: Config, data_dir: str | Path, out_dir: str | Path,
 def run_train(config: Config, data_dir: str | Path, prototypes_dir: str | Path, out_dir: str | Path,
               stage_run: StageRun | None = None) -> Path:
     """Prompt-tune the network on Ray Train; the best checkpoint path goes into summary.json."""
+    data_dir, prototypes_dir, out_dir = local_absolute(data_dir), local_absolute(prototypes_dir), local_absolute(out_dir)
     from smpp_ray.train import train_model
 
     stage_run = stage_run or default_stage_run(config)
@@ -231,7 +242,7 @@ def resolve_checkpoint(path: str | Path | None) -> str | None:
     """A train stage folder or a checkpoint folder (with trainable.pt) → checkpoint folder."""
     if path is None or str(path) == "":
         return None
-    path = Path(path)
+    path = Path(local_absolute(path))
     if (path / "trainable.pt").is_file():
         return str(path)
     if (path / SUMMARY_FILE).is_file():
@@ -243,6 +254,7 @@ def resolve_checkpoint(path: str | Path | None) -> str | None:
 def run_extract(config: Config, data_dir: str | Path, checkpoint: str | Path | None, out_dir: str | Path,
                 stage_run: StageRun | None = None) -> Path:
     """Network + tabular features for every post, partitioned by split."""
+    data_dir, out_dir = local_absolute(data_dir), local_absolute(out_dir)
     from smpp_ray.features import extract_features
 
     stage_run = stage_run or default_stage_run(config)
@@ -261,6 +273,7 @@ def run_extract(config: Config, data_dir: str | Path, checkpoint: str | Path | N
 def run_tune(config: Config, features_dir: str | Path, out_dir: str | Path,
              stage_run: StageRun | None = None) -> Path:
     """Search LightGBM and CatBoost on Ray Tune, refit, blend, evaluate."""
+    features_dir, out_dir = local_absolute(features_dir), local_absolute(out_dir)
     from smpp_ray.gbdt import tune_models
 
     stage_run = stage_run or default_stage_run(config)

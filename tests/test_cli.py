@@ -48,3 +48,11 @@ def test_parser_knows_every_command():
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert sorted(choices) == sorted(COMMANDS)
+
+
+def test_local_paths_become_absolute_and_uris_pass_through(tmp_path, monkeypatch):
+    from smpp_ray.stages import local_absolute
+
+    monkeypatch.chdir(tmp_path)
+    assert local_absolute("runs/demo") == str(tmp_path / "runs" / "demo")
+    assert local_absolute("s3://bucket/runs/demo") == "s3://bucket/runs/demo"

@@ -8,6 +8,7 @@ on held-back posts giving the evaluation path's scores.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,13 @@ pytestmark = pytest.mark.slow
 def pipeline_run(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
     config = load_config(ROOT / "jobs" / "configs" / "smoke.yaml", ["synth.test_posts=0"])
-    result = run_pipeline(config, out)
+    # A relative --out, as `make demo` passes: Ray workers and Tune trials run in other folders.
+    previous = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        result = run_pipeline(config, out.name)
+    finally:
+        os.chdir(previous)
     return config, out, result
 
 
