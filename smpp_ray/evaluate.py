@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from smpp_ray.config import Config
+from smpp_ray.gbdt.data import load_feature_manifest, read_split, select_columns
 from smpp_ray.metrics import regression_metrics
 
 logger = logging.getLogger(__name__)
@@ -26,23 +27,14 @@ logger = logging.getLogger(__name__)
 METADATA_GROUPS = ("user", "time", "text", "geo", "category", "history")
 
 
-def _read_features(features_dir: Path, split: str) -> pd.DataFrame:
-    return pd.read_parquet(features_dir / f"split={split}")
-
-
-def _feature_columns(features_dir: Path, groups: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    manifest = json.loads((features_dir / "feature_manifest.json").read_text())
-    columns = [c for c in manifest["columns"] if c["group"] in groups]
-    return [c["name"] for c in columns], [c["name"] for c in columns if c.get("categorical")]
-
-
 def metadata_baseline(features_dir: str | Path, seed: int = 0) -> dict[str, float]:
     """Test metrics of a default LightGBM on the non-network features (fit on train)."""
     import lightgbm as lgb
 
-    features_dir = Path(features_dir)
-    names, categorical = _feature_columns(features_dir, METADATA_GROUPS)
-    train, test = _read_features(features_dir, "train"), _read_features(features_dir, "test")
+    columns = select_columns(load_feature_manifest(str(features_dir)), METADATA_GROUPS)
+    names = [c["name"] for c in columns]
+    categorical = [c["name"] for c in columns if c.get("categorical")]
+    train, test = read_split(str(features_dir), "train"), read_split(str(features_dir), "test")
     test = test[test["label"].notna()]
     model = lgb.LGBMRegressor(n_estimators=300, learning_rate=0.05, num_leaves=31, random_state=seed,
                               n_jobs=2, verbose=-1)
@@ -88,7 +80,7 @@ def run_evaluate(config: Config, pipeline_dir: str | Path, stage_run=None) -> di
     started = time.time()
     tune_metrics = json.loads((layout["tune"] / "summary.json").read_text())["metrics"]
     baseline = metadata_baseline(layout["features"], seed=config.tune.seed)
-    test = _read_features(layout["features"], "test")
+    test = read_split(str(layout["features"]), "test")
     test = test[test["label"].notna()]
     oracle = oracle_src(layout["raw"], test["pid"], test["label"])
     table = results_table(tune_metrics, baseline, oracle)

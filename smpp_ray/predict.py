@@ -154,7 +154,4 @@ def _predicted_subcategory(frame: pd.DataFrame, data_dir: Path) -> list[str | No
     from smpp_ray.data.manifest import load_taxonomy
 
     names = load_taxonomy(str(data_dir)).subcategories
-    column = next((c for c in ("net_pred_subcategory", "pred_subcategory_id") if c in frame.columns), None)
-    if column is None:
-        return [None] * len(frame)
-    return [names[int(i)] if 0 <= int(i) < len(names) else None for i in frame[column].to_numpy()]
+    return [names[int(i)] if 0 <= int(i) < len(names) else None for i in frame["net_pred_subcategory"].to_numpy()]

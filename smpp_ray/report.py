@@ -70,12 +70,10 @@ def _confusion(features_dir: Path, taxonomy_size: int) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    test = pd.read_parquet(features_dir / "split=test")
-    predicted = [c for c in test.columns if c in ("net_pred_subcategory", "pred_subcategory_id", "net_pred_sub")]
-    true = [c for c in test.columns if c in ("subcategory_id", "subcategory_code")]
-    if not predicted or not true:
+    test = pd.read_parquet(features_dir / "split=test", columns=["subcategory_code", "net_pred_subcategory"])
+    if test.empty:
         return None
-    y, p = test[true[0]].to_numpy(), test[predicted[0]].to_numpy()
+    y, p = test["subcategory_code"].to_numpy(), test["net_pred_subcategory"].to_numpy()
     keep = (y >= 0) & (p >= 0)
     matrix = np.zeros((taxonomy_size, taxonomy_size))
     np.add.at(matrix, (y[keep].astype(int), p[keep].astype(int)), 1)
@@ -106,7 +104,8 @@ def write_report(layout: dict[str, Path], table: pd.DataFrame, tracking_uri: str
     curves = _training_curves(train_summary, tracking_uri)
     if curves:
         sections.append(_img(curves, "training curves"))
-    confusion = _confusion(layout["features"], len(manifest["taxonomy"]["subcategories"]))
+    network = json.loads((layout["features"] / "summary.json").read_text())["inputs"].get("checkpoint")
+    confusion = _confusion(layout["features"], len(manifest["taxonomy"]["subcategories"])) if network else None
     if confusion:
         sections.append("<h2>Confusion of the 77-way proxy</h2>" + _img(confusion, "confusion"))
     for png in sorted(layout["tune"].rglob("*.png")):

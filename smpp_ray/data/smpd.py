@@ -163,18 +163,11 @@ def parse_id(value: Any, source: str, name: str) -> str:
 
 def parse_int(value: Any, source: str, name: str, *, optional: bool = True,
               low: float = -math.inf, high: float = math.inf) -> int | None:
-    if _absent(value):
-        if optional:
-            return None
-        raise FieldError(source, name, f"missing {name}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise FieldError(source, name, f"{name} {value!r} is not a number") from None
-    if isinstance(value, bool) or not math.isfinite(number) or not number.is_integer():
+    number = parse_float(value, source, name, optional=optional, low=low, high=high)
+    if number is None:
+        return None
+    if not number.is_integer():
         raise FieldError(source, name, f"{name} {value!r} is not an integer")
-    if not low <= number <= high:
-        raise FieldError(source, name, f"{name} {value!r} outside [{low}, {high}]")
     return int(number)
 
 
