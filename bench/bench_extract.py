@@ -151,7 +151,7 @@ def bench_plain(data_dir: str, checkpoint: str, args) -> dict:
     """Same model, threads and batch in one process, decoding in DataLoader workers."""
     import torch
 
-    from smpp_ray.features import storage
+    from smpp_ray import storage
     from smpp_ray.features.extract import steady_throughput
     from smpp_ray.features.network import outputs_to_numpy
     from smpp_ray.train.checkpoint import (

@@ -129,13 +129,19 @@ cmd_up() {
   : >"$PROCS_FILE"
 
   CLUSTER_ID="$("$PY" -c 'import secrets; print(secrets.token_hex(8))')"
-  # Unix socket paths are capped at 107 bytes, so Ray's temp folder must be short, not in STATE
+  # Unix socket paths are capped at 107 bytes, so Ray's temp folders must be short, not in STATE.
+  # Each node gets its own, as separate hosts would: two nodes sharing one temp folder share
+  # session_*/runtime_resources/, so the worker node's runtime-env agent re-extracts a job's
+  # working_dir over the one the head unpacked and the job driver is running in. The driver's
+  # cwd is then a deleted folder, and `import torch` after `ray.init()` aborts (oneMKL calls
+  # getcwd while libtorch_cpu.so loads: "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so").
   RAY_TMP="$(mktemp -d /tmp/smppray.XXXXXX)"
+  RAY_TMP_WORKER="$(mktemp -d /tmp/smppray.XXXXXX)"
   local ports
   read -r -a ports <<<"$(free_ports 16)"
   GCS_PORT=${ports[0]} DASHBOARD_PORT=${ports[1]} MLFLOW_PORT=${ports[2]} CLIENT_PORT=${ports[3]}
   {
-    printf 'CLUSTER_ID=%q\nRAY_TMP=%q\n' "$CLUSTER_ID" "$RAY_TMP"
+    printf 'CLUSTER_ID=%q\nRAY_TMP=%q\nRAY_TMP_WORKER=%q\n' "$CLUSTER_ID" "$RAY_TMP" "$RAY_TMP_WORKER"
     printf 'GCS_PORT=%q\nDASHBOARD_PORT=%q\nMLFLOW_PORT=%q\n' "$GCS_PORT" "$DASHBOARD_PORT" "$MLFLOW_PORT"
   } >"$STATE_FILE"
   # From here on a failure (die, or set -e) tears down whatever did start
@@ -174,7 +180,7 @@ cmd_up() {
   # shellcheck disable=SC2046
   spawn ray-worker "$VENV/bin/ray" start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1 \
     $(node_ports 10) --num-cpus "$WORKER_CPUS" --num-gpus 0 --resources '{"node_b": 1}' \
-    --object-store-memory "$store" --temp-dir "$RAY_TMP" --disable-usage-stats
+    --object-store-memory "$store" --temp-dir "$RAY_TMP_WORKER" --disable-usage-stats
   wait "$SPAWNED_PID" || die "ray start (worker) failed; see $STATE/logs/ray-worker.log"
 
   wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 120 mlflow
@@ -249,8 +255,11 @@ cmd_down() {
   if [[ -n "$pids" ]]; then
     die "still running after SIGKILL: $(echo $pids)"
   fi
-  if [[ "${SMPP_KEEP_RAY_LOGS:-0}" != 1 && "$RAY_TMP" == /tmp/smppray.* ]]; then
-    rm -rf "$RAY_TMP"
+  if [[ "${SMPP_KEEP_RAY_LOGS:-0}" != 1 ]]; then
+    local tmp
+    for tmp in "$RAY_TMP" "${RAY_TMP_WORKER:-}"; do
+      [[ "$tmp" == /tmp/smppray.* ]] && rm -rf "$tmp"
+    done
   fi
   mv -f "$PROCS_FILE" "$STATE/processes.stopped"
   rm -f "$STATE_FILE" "$STATE/env" "$STATE/auth_token"

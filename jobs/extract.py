@@ -1,11 +1,12 @@
 """`ray job submit ... -- python jobs/extract.py [smpp extract flags]`: the `smpp extract` stage as a Ray job.
 
 Inside a job RAY_ADDRESS is set, so the stage joins the cluster instead of starting a local Ray.
+The stage runs in a supervised child, so a driver killed by a signal is reported plainly.
 """
 
 import sys
 
-from smpp_ray.cli import main
+from smpp_ray.job_entry import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["extract", *sys.argv[1:]]))
+    sys.exit(run_job("extract", sys.argv[1:]))

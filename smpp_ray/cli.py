@@ -7,6 +7,7 @@ data), 1 any other failure.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import sys
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the raw SMPD files")
     p.add_argument("--posts", type=int, help="number of training posts (synth.posts)")
     p.add_argument("--seed", type=int, help="random seed (synth.seed)")
+    p.add_argument("--test-posts", type=int, help="unlabelled test_ posts beside them (synth.test_posts)")
 
     p = _add(sub, "prepare", "validate a raw SMPD folder into Parquet shards, rejects and manifest.json",
              _examples("smpp prepare --raw runs/raw --out runs/data", "smpp prepare --raw /data/smpd --out runs/data --split user"))
@@ -119,10 +121,17 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+_SHORTHANDS: dict[str, dict[str, str]] = {
+    "synth": {"posts": "synth.posts", "seed": "synth.seed", "test_posts": "synth.test_posts"},
+    "prepare": {"split": "data.split"},
+}
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     """Flags that are shorthands for config keys become ``--set`` overrides (flags win over YAML)."""
     extra = list(args.overrides)
-    shorthands = {"posts": "synth.posts", "seed": "synth.seed", "split": "data.split"}
+    # Per subcommand: predict's --posts is a folder, not synth's post count.
+    shorthands = _SHORTHANDS.get(args.command, {})
     for flag, key in shorthands.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -185,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse exits 2 on bad usage, 0 on --help
         return int(exit_.code or 0)
     _configure_logging(args.verbose)
+    # A native crash (SIGSEGV, SIGABRT) prints the Python stack of every thread before dying
+    faulthandler.enable()
     try:
         config = load_config(args.config, _overrides(args))
         location = _dispatch(args, config)

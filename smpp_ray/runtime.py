@@ -23,7 +23,9 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_memory_mb: int =
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         logger.info("joining Ray cluster at %s", address)
+        cwd = os.getcwd()
         ray.init(address=address, log_to_driver=True)
+        _check_working_dir(cwd)
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     kwargs: dict = {"num_cpus": cpus, "include_dashboard": False}
@@ -32,6 +34,28 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_memory_mb: int =
     logger.info("starting a local Ray with %d logical CPUs", cpus)
     ray.init(**kwargs)
     _quiet_ray_data_progress()
+
+
+def _check_working_dir(before: str) -> None:
+    """Fail clearly if joining the cluster deleted this driver's working folder.
+
+    A job driver runs inside its unpacked ``working_dir``. Two Ray nodes on one host that share
+    a ``--temp-dir`` share that folder, and the second node's runtime-env agent re-extracts it
+    while the driver runs there; the next native library that calls ``getcwd`` (torch's oneMKL)
+    then aborts the process. ``cluster/local.sh`` gives each node its own temp folder.
+    """
+    try:
+        os.getcwd()
+        return
+    except FileNotFoundError:
+        pass
+    if os.path.isdir(before):
+        logger.warning("this driver's working folder %s was deleted and re-created while joining Ray "
+                       "(two Ray nodes sharing one --temp-dir on this host?); moving back into it", before)
+        os.chdir(before)
+        return
+    raise RuntimeError(f"this driver's working folder {before} was deleted while joining Ray; two Ray nodes "
+                       "on one host must not share a --temp-dir (start each with its own)")
 
 
 def _quiet_ray_data_progress() -> None:

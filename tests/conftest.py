@@ -36,3 +36,34 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 server (moto) on 127.0.0.1 for the session, with the standard AWS_* variables
+    set in this process (pyarrow and MLflow read them); yields the endpoint URL."""
+    from s3_server import moto_server, s3_env
+
+    with moto_server(tmp_path_factory.mktemp("s3") / "moto.log") as endpoint:
+        saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
+        os.environ.update(s3_env(endpoint))
+        try:
+            yield endpoint
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket on the session's S3 server; yields ``s3://<bucket>``."""
+    import uuid
+
+    from s3_server import create_bucket
+
+    bucket = f"smpp-{uuid.uuid4().hex[:10]}"
+    create_bucket(s3_endpoint, bucket)
+    return f"s3://{bucket}"

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from smpp_ray.config import ExtractConfig
 from smpp_ray.data.schema import SPLITS, Taxonomy
-from smpp_ray.features import storage
+from smpp_ray import storage
 from smpp_ray.features.history import history_features
 from smpp_ray.features.manifest import GROUPS, KEY_COLUMNS, FeatureColumn, write_feature_manifest
 from smpp_ray.features.network import TENSOR_OUTPUTS, NetworkFeatureExtractor, decode_batch
@@ -94,7 +94,7 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
     from smpp_ray.data.manifest import load_manifest
 
     started = time.perf_counter()
-    data_dir, out_dir = storage.absolute_uri(data_dir), storage.absolute_uri(out_dir)
+    data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
     manifest = load_manifest(data_dir)
     checkpoint = validate_checkpoint(checkpoint_dir, data_dir) if checkpoint_dir else None
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from smpp_ray.features import storage
+from smpp_ray import storage
 
 MANIFEST_FILE = "feature_manifest.json"
 GROUPS = ("network", "user", "time", "text", "geo", "category", "history")

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from smpp_ray.data.schema import POSTS_SCHEMA, SPLITS, posts_path
-from smpp_ray.features import storage
+from smpp_ray import storage
 from smpp_ray.features.manifest import KEY_COLUMNS, FeatureColumn
 from smpp_ray.features.pca import PCAAccumulator, PCAProjection
 

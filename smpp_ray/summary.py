@@ -1,0 +1,60 @@
+"""``summary.json``, the file that says a stage's output is complete: its one reader and writer.
+
+Every stage writes it last, into its output location, so a location with a readable summary
+whose ``status`` is ``complete`` holds a whole artifact; a torn or missing one means "not done".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from smpp_ray import storage
+
+SUMMARY_FILE = "summary.json"
+
+
+def summary_location(stage_dir: str) -> str:
+    return storage.join(stage_dir, SUMMARY_FILE)
+
+
+def read_summary(stage_dir: str) -> dict[str, Any] | None:
+    """The stage's summary, or None when it is missing or torn (a killed run)."""
+    location = summary_location(stage_dir)
+    try:
+        if not storage.is_file(location):
+            return None
+        return json.loads(storage.read_text(location))
+    except (json.JSONDecodeError, storage.StorageError, UnicodeDecodeError):
+        return None
+
+
+def require_summary(stage_dir: str, stage: str) -> dict[str, Any]:
+    """The summary of a finished ``stage`` in ``stage_dir``, or a clear error naming both."""
+    summary = read_summary(stage_dir)
+    if not summary or summary.get("status") != "complete":
+        raise ValueError(f"{storage.normalize(stage_dir)!r} holds no finished {stage} stage "
+                         f"({SUMMARY_FILE}); run `smpp {stage}` (or the pipeline) first")
+    return summary
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities become None, so the file stays JSON that every parser reads."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        try:
+            return json_safe(value.item())
+        except (TypeError, ValueError):
+            return str(value)
+    return value
+
+
+def write_summary(stage_dir: str, summary: dict[str, Any]) -> str:
+    """Write the summary (atomically: the stage is complete from this moment)."""
+    return storage.write_json(summary_location(stage_dir), json_safe(summary))

@@ -1,0 +1,103 @@
+"""The README's commands, run as written: the documented path and the tested path cannot drift.
+
+Every fenced ``bash`` block right after a ``<!-- tested: ... -->`` marker in README.md is run by
+bash (``set -euo pipefail``) in a fresh copy of the checkout (tracked and untracked-but-not-
+ignored files, ``.venv`` linked in), as a person who cloned the repository and ran ``make test``
+once would run it. Slow: a real two-node cluster running the smoke pipeline, and ``make demo``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_cluster import _CLIENT_VARS, cluster_processes
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+_MARKER = re.compile(r"<!-- tested:[^>]*-->\s*\n```bash\n(.*?)\n```", re.S)
+
+
+def readme_blocks(section: str) -> list[str]:
+    """The marked bash blocks of the README section headed ``## <section>``."""
+    text = README.read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return _MARKER.findall(text[start:end if end > 0 else len(text)])
+
+
+def test_every_marked_block_is_found():
+    """Each section the suite runs has its block (a renamed heading must not silently skip it)."""
+    assert len(readme_blocks("Running on a cluster")) == 1
+    assert len(readme_blocks("The two commands")) == 1
+    assert len(readme_blocks("Predicting new posts")) == 1
+    assert "cluster/local.sh up" in readme_blocks("Running on a cluster")[0]
+
+
+@pytest.fixture
+def checkout_copy(tmp_path: Path) -> Path:
+    """What a fresh clone holds (committed or not, minus ignored files), with this .venv linked."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    copy = tmp_path / "checkout"
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy / name)  # keeps mtimes: make sees the venv as up to date
+    (copy / ".venv").symlink_to(REPO / ".venv")
+    return copy
+
+
+def run_block(block: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in _CLIENT_VARS and k != "SMPP_CLUSTER_DIR"}
+    return subprocess.run(["bash", "-c", "set -euo pipefail\n" + block], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_readme_cluster_commands_as_written(checkout_copy: Path):
+    block = readme_blocks("Running on a cluster")[0]
+    state = checkout_copy / "cluster" / ".local"
+    try:
+        done = run_block(block, checkout_copy, timeout=1300)
+        output = done.stdout[-6000:] + done.stderr[-6000:]
+        assert done.returncode == 0, output
+        assert "Job 'smoke-1' succeeded" in done.stdout + done.stderr, output
+        assert "SUCCEEDED" in done.stdout, output  # `jobs/submit.sh status smoke-1`
+        out = checkout_copy / "runs" / "cluster-smoke"
+        assert (out / "report" / "report.html").is_file()
+        assert (out / "tune" / "summary.json").is_file()
+        # `down` (the block's last line) left nothing of the cluster running
+        records = (state / "processes.stopped").read_text().splitlines()
+        sessions = {int(line.split()[2]) for line in records}
+        assert cluster_processes("", sessions) == set()
+    finally:
+        subprocess.run(["bash", str(checkout_copy / "cluster" / "local.sh"), "down"], cwd=checkout_copy,
+                       capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_readme_demo_then_predict_as_written(checkout_copy: Path):
+    two_commands = readme_blocks("The two commands")[0]
+    demo = [line for line in two_commands.splitlines() if line.startswith("make demo")]
+    assert len(demo) == 1, two_commands
+    done = run_block(demo[0], checkout_copy, timeout=900)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    assert "Test split" in done.stdout and "blend" in done.stdout, done.stdout[-3000:]
+
+    predict = run_block(readme_blocks("Predicting new posts")[0], checkout_copy, timeout=600)
+    assert predict.returncode == 0, predict.stdout[-6000:] + predict.stderr[-6000:]
+    import pandas as pd
+
+    scores = pd.read_csv(checkout_copy / "runs" / "scores.csv")
+    assert len(scores) == 50  # 40 train_ + 10 test_ posts, none rejected
+    assert scores["predicted_popularity"].notna().all()
+    assert scores["pid"].is_unique
