@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # A real multi-node Ray cluster and an MLflow tracking server on this machine, all on 127.0.0.1.
 #
-#   cluster/local.sh up       head node + a second worker node (token auth) + MLflow server;
+#   cluster/local.sh up [--s3] [--isolate-worker]
+#                             head node + a second worker node (token auth) + MLflow server;
 #                             writes $SMPP_CLUSTER_DIR/env for clients to source
+#       --s3                  also an S3 server on 127.0.0.1 (moto_server, from `make test`'s
+#                             install) with bucket $SMPP_S3_BUCKET (smpp): every node, the job
+#                             drivers and MLflow get the AWS_* variables, and the MLflow server
+#                             stores artifacts in s3://$SMPP_S3_BUCKET/mlflow-artifacts
+#       --isolate-worker      the worker node runs in its own mount namespace (root only) with
+#                             private tmpfs over /tmp, /dev/shm, <repo>/runs and every folder in
+#                             $SMPP_WORKER_HIDE (colon-separated): it sees none of the head's
+#                             files, as a second host would; share data through --s3
 #   cluster/local.sh status   what is running (exit 0 up, 3 down, 1 partly up)
 #   cluster/local.sh down     stop exactly what `up` started; exit 1 if anything is left
 #
@@ -20,6 +29,8 @@
 #                         refuses to start unless Ray Data keeps at least 1). The head needs >= 1:
 #                         with 0 (as on a cloud head) nothing would run on it.
 #   SMPP_OBJECT_STORE_MB  object store per node in MiB (256)
+#   SMPP_S3_BUCKET        bucket created by --s3 (smpp)
+#   SMPP_WORKER_HIDE      extra folders the isolated worker node must not see (colon-separated)
 #   SMPP_KEEP_RAY_LOGS    1 keeps the Ray temp folder (session logs) after `down`
 #   SMPP_STOP_GRACE_S     seconds `down` waits after SIGTERM before SIGKILL (10)
 #
@@ -117,7 +128,22 @@ EOF
 # up
 
 cmd_up() {
+  local with_s3=0 isolate=0
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --s3) with_s3=1; shift ;;
+      --isolate-worker) isolate=1; shift ;;
+      *) die "up: unknown option $1 (known: --s3, --isolate-worker)" 2 ;;
+    esac
+  done
   [[ -x "$VENV/bin/ray" && -x "$VENV/bin/mlflow" ]] || die "no ray/mlflow in $VENV/bin; run 'make test' once or set VENV" 2
+  if ((with_s3)); then
+    [[ -x "$VENV/bin/moto_server" ]] || die "--s3 needs moto_server in $VENV/bin (pip install 'moto[server]'; make test installs it)" 2
+  fi
+  if ((isolate)); then
+    [[ "$(id -u)" == 0 ]] || die "--isolate-worker needs root (a mount namespace per node)" 2
+    unshare --mount --propagation private true 2>/dev/null || die "--isolate-worker: unshare --mount is not permitted here" 2
+  fi
   if load_state; then
     if [[ -n "$(members "$CLUSTER_ID" "$SESSIONS")" ]]; then
       die "a cluster from $STATE is already up; run '$0 down' first" 2
@@ -138,7 +164,7 @@ cmd_up() {
   RAY_TMP="$(mktemp -d /tmp/smppray.XXXXXX)"
   RAY_TMP_WORKER="$(mktemp -d /tmp/smppray.XXXXXX)"
   local ports
-  read -r -a ports <<<"$(free_ports 16)"
+  read -r -a ports <<<"$(free_ports 17)"
   GCS_PORT=${ports[0]} DASHBOARD_PORT=${ports[1]} MLFLOW_PORT=${ports[2]} CLIENT_PORT=${ports[3]}
   {
     printf 'CLUSTER_ID=%q\nRAY_TMP=%q\nRAY_TMP_WORKER=%q\n' "$CLUSTER_ID" "$RAY_TMP" "$RAY_TMP_WORKER"
@@ -157,9 +183,27 @@ cmd_up() {
   export PATH="$VENV/bin:$PATH" RAY_USAGE_STATS_ENABLED=0
   unset RAY_ADDRESS RAY_AUTH_TOKEN
 
+  local artifacts="$STATE/mlflow/artifacts" s3_port=""
+  if ((with_s3)); then
+    s3_port=${ports[16]}
+    local bucket="${SMPP_S3_BUCKET:-smpp}"
+    # Test credentials for the local server only; every process below inherits them.
+    export AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port" MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$s3_port"
+    export AWS_ACCESS_KEY_ID=smpp-local AWS_SECRET_ACCESS_KEY=smpp-local-secret
+    export AWS_DEFAULT_REGION=us-east-1 AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+    log "starting an S3 server (moto) on 127.0.0.1:$s3_port, bucket $bucket"
+    spawn s3 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$s3_port"
+    wait_http "http://127.0.0.1:$s3_port/moto-api/" 60 s3
+    "$PY" -c 'import boto3, sys; boto3.client("s3").create_bucket(Bucket=sys.argv[1])' "$bucket" \
+      || die "could not create bucket $bucket; see $STATE/logs/s3.log"
+    artifacts="s3://$bucket/mlflow-artifacts"
+    printf 'S3_PORT=%q\nS3_BUCKET=%q\n' "$s3_port" "$bucket" >>"$STATE_FILE"
+  fi
+
+  # Clients log through the server (mlflow-artifacts:/), which alone writes the artifact store
   spawn mlflow "$VENV/bin/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" \
-    --artifacts-destination "$STATE/mlflow/artifacts"
+    --artifacts-destination "$artifacts"
 
   node_ports() {  # per-node service ports, so nothing collides with another Ray on this host
     echo --node-manager-port "${ports[$1]}" --object-manager-port "${ports[$(($1 + 1))]}" \
@@ -176,11 +220,26 @@ cmd_up() {
     --object-store-memory "$store" --temp-dir "$RAY_TMP" --disable-usage-stats
   wait "$SPAWNED_PID" || die "ray start --head failed; see $STATE/logs/ray-head.log"
 
-  log "starting Ray worker node ($WORKER_CPUS CPUs, resource node_b)"
   # shellcheck disable=SC2046
-  spawn ray-worker "$VENV/bin/ray" start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1 \
-    $(node_ports 10) --num-cpus "$WORKER_CPUS" --num-gpus 0 --resources '{"node_b": 1}' \
-    --object-store-memory "$store" --temp-dir "$RAY_TMP_WORKER" --disable-usage-stats
+  local worker_start=("$VENV/bin/ray" start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1
+    $(node_ports 10) --num-cpus "$WORKER_CPUS" --num-gpus 0 --resources '{"node_b": 1}'
+    --object-store-memory "$store" --temp-dir "$RAY_TMP_WORKER" --disable-usage-stats)
+  if ((isolate)); then
+    local hide=(/tmp /dev/shm "$REPO/runs") extra
+    IFS=: read -r -a extra <<<"${SMPP_WORKER_HIDE:-}"
+    hide+=("${extra[@]}")
+    mkdir -p "$REPO/runs"
+    log "starting Ray worker node ($WORKER_CPUS CPUs, resource node_b) in its own mount namespace; hidden: ${hide[*]}"
+    # The token file may be under a hidden folder: the node gets the token itself
+    RAY_AUTH_TOKEN="$(cat "$token_file")" spawn ray-worker unshare --mount --propagation private -- \
+      bash -c 'set -e; tmp="$1"; shift; n="$1"; shift
+               for ((i = 0; i < n; i++)); do [[ -d "$1" ]] && mount -t tmpfs -o mode=1777 smpp-hidden "$1"; shift; done
+               mkdir -p "$tmp"; unset RAY_AUTH_TOKEN_PATH; exec "$@"' \
+      worker-ns "$RAY_TMP_WORKER" "${#hide[@]}" "${hide[@]}" "${worker_start[@]}"
+  else
+    log "starting Ray worker node ($WORKER_CPUS CPUs, resource node_b)"
+    spawn ray-worker "${worker_start[@]}"
+  fi
   wait "$SPAWNED_PID" || die "ray start (worker) failed; see $STATE/logs/ray-worker.log"
 
   wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 120 mlflow
@@ -193,6 +252,14 @@ cmd_up() {
     printf 'export MLFLOW_TRACKING_URI=%q\n' "http://127.0.0.1:$MLFLOW_PORT"
     printf 'export RAY_AUTH_MODE=token\n'
     printf 'export RAY_AUTH_TOKEN_PATH=%q\n' "$token_file"
+    if ((with_s3)); then
+      local name
+      for name in AWS_ENDPOINT_URL MLFLOW_S3_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY \
+                  AWS_DEFAULT_REGION AWS_REGION AWS_EC2_METADATA_DISABLED; do
+        printf 'export %s=%q\n' "$name" "${!name}"
+      done
+      printf 'export SMPP_S3=%q\n' "s3://${SMPP_S3_BUCKET:-smpp}"
+    fi
   } >"$STATE/env"
   UP_DONE=1
   log "up: 2 Ray nodes, MLflow at http://127.0.0.1:$MLFLOW_PORT; source $STATE/env"
@@ -234,7 +301,7 @@ cmd_down() {
   fi
   local pids
   # Stop the worker node before the head so it does not spin reconnecting, MLflow last.
-  for name in ray-worker ray-head mlflow; do
+  for name in ray-worker ray-head mlflow s3; do
     local sid
     sid="$(awk -v n="$name" '$1 == n {print $3}' "$PROCS_FILE")"
     [[ -n "$sid" ]] && kill -TERM -- "-$sid" 2>/dev/null || true
@@ -286,6 +353,7 @@ cmd_status() {
   echo "  ray dashboard / job API http://127.0.0.1:$DASHBOARD_PORT (GCS 127.0.0.1:$GCS_PORT)"
   alive_nodes 2>/dev/null | sed 's/^/    node /' || echo "    (Ray state API not answering)"
   echo "  mlflow http://127.0.0.1:$MLFLOW_PORT"
+  [[ -n "${S3_PORT:-}" ]] && echo "  s3 http://127.0.0.1:$S3_PORT (bucket s3://$S3_BUCKET)"
   echo "  client env: source $STATE/env"
   ((alive == total)) && return 0
   ((alive == 0)) && return 3
@@ -293,8 +361,8 @@ cmd_status() {
 }
 
 case "${1:-}" in
-  up) cmd_up ;;
+  up) shift; cmd_up "$@" ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *) echo "usage: $0 up|down|status   (state in \${SMPP_CLUSTER_DIR:-cluster/.local})" >&2; exit 2 ;;
+  *) echo "usage: $0 up [--s3] [--isolate-worker] | down | status   (state in \${SMPP_CLUSTER_DIR:-cluster/.local})" >&2; exit 2 ;;
 esac

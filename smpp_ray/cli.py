@@ -13,7 +13,6 @@ import logging
 import sys
 import textwrap
 from collections.abc import Sequence
-from pathlib import Path
 
 from smpp_ray.config import Config, ConfigError, load_config
 
@@ -156,11 +155,12 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
     if command == "tune":
         return stages.run_tune(config, args.features, args.out)
     if command == "evaluate":
-        from smpp_ray.evaluate import print_results, run_evaluate
+        from smpp_ray.evaluate import load_results, print_results
 
-        result = run_evaluate(config, args.pipeline, stages.default_stage_run(config, root=args.pipeline))
-        print_results(result)
-        return result["report"]
+        stage_run = stages.default_stage_run(config, root=args.pipeline)
+        report_dir = stages.run_evaluate(config, args.pipeline, stage_run)
+        print_results(load_results(report_dir, stage_run.tracking_uri or None))
+        return report_dir
     if command == "predict":
         from smpp_ray.predict import predict_posts
 
@@ -178,9 +178,10 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
 
 
 def _print_summary(location: object) -> None:
-    summary_file = Path(str(location)) / "summary.json"
-    if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
+    from smpp_ray.summary import read_summary
+
+    summary = read_summary(str(location)) if location else None
+    if summary:
         print(json.dumps({"stage": summary["stage"], "out": str(location), "metrics": summary["metrics"]},
                          indent=2, default=str))
     else:
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, _overrides(args))
         location = _dispatch(args, config)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:  # StorageError is a ValueError
         logger.error("%s", err)
         if args.verbose:
             logger.exception("details")

@@ -32,6 +32,22 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def parse_resources(entries: tuple[str, ...], key: str) -> dict[str, float]:
+    """``("node_b=0.5", "accelerator_type:H100=0.01")`` -> ``{"node_b": 0.5, ...}`` (custom Ray resources)."""
+    resources: dict[str, float] = {}
+    for entry in entries:
+        name, sep, amount = entry.rpartition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        _require(bool(sep and name) and value > 0,
+                 f"{key}: {entry!r} must look like NAME=AMOUNT with AMOUNT > 0 (e.g. node_b=0.5)")
+        resources[name] = value
+    return resources
+
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """The synthetic SMPD corpus written by ``smpp synth``."""
@@ -203,6 +219,8 @@ class TrainConfig:
     """Worker-group restarts from the latest checkpoint before the run fails."""
     early_stopping_patience: int = 3
     """Epochs without a better val top-1 before stopping (0 disables)."""
+    worker_resources: tuple[str, ...] = ()
+    """Custom Ray resources each Train worker requests, as NAME=AMOUNT (pins workers to nodes that have them)."""
     storage_path: str = ""
     """Ray Train storage (local path, s3://, gs://); empty uses <out>/ray_results."""
     name: str = "smpp-train"
@@ -215,6 +233,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, f"train.num_workers must be >= 1, got {self.num_workers!r}")
         _require(self.cpus_per_worker > 0, f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+        parse_resources(self.worker_resources, "train.worker_resources")
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs!r}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size!r}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr!r}")
@@ -237,6 +256,8 @@ class ExtractConfig:
     """Maximum actors in the inference pool."""
     num_gpus_per_actor: float = 0.0
     """GPUs per inference actor (0 on CPU)."""
+    actor_resources: tuple[str, ...] = ()
+    """Custom Ray resources each inference actor requests, as NAME=AMOUNT (pins actors to nodes)."""
     cpus_per_actor: float = 1.0
     """Logical CPUs per inference actor."""
     pca_components: int = 16
@@ -245,6 +266,7 @@ class ExtractConfig:
     """Components kept of the user description vector."""
 
     def __post_init__(self) -> None:
+        parse_resources(self.actor_resources, "extract.actor_resources")
         _require(self.batch_size >= 1, f"extract.batch_size must be >= 1, got {self.batch_size!r}")
         _require(1 <= self.min_actors <= self.max_actors,
                  f"extract.min_actors ({self.min_actors}) must be >= 1 and <= extract.max_actors ({self.max_actors})")
@@ -263,6 +285,8 @@ class TuneConfig:
     """Wall-clock budget per model family in seconds (0: none)."""
     max_concurrent_trials: int = 1
     """Trials run at once; leave CPUs for Ray Data."""
+    trial_resources: tuple[str, ...] = ()
+    """Custom Ray resources each Tune trial requests, as NAME=AMOUNT (pins trials to nodes)."""
     cpus_per_trial: float = 1.0
     """Logical CPUs (and GBDT threads) per trial."""
     search_alg: Literal["optuna", "random"] = "optuna"
@@ -289,6 +313,7 @@ class TuneConfig:
     """Testing aid: interrupt each search as Ctrl+C would after this many trials complete (0: never)."""
 
     def __post_init__(self) -> None:
+        parse_resources(self.trial_resources, "tune.trial_resources")
         _require(1 <= self.report_every <= self.grace_rounds,
                  f"tune.report_every ({self.report_every}) must be in [1, tune.grace_rounds ({self.grace_rounds})]")
         _require(self.interrupt_after_trials >= 0,
@@ -312,7 +337,7 @@ class TrackingConfig:
     enabled: bool = True
     """Record runs in MLflow."""
     tracking_uri: str = ""
-    """MLflow tracking URI; empty uses $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlruns.db."""
+    """MLflow tracking URI; empty uses $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlruns.db (a local out only)."""
     experiment: str = "smpp"
     """MLflow experiment name."""
 

@@ -10,25 +10,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from smpp_ray import stages
+from smpp_ray import stages, storage
 from smpp_ray.config import Config, flatten_config
+from smpp_ray.layout import PIPELINE_STAGES, STAGE_FOLDERS, pipeline_layout
 from smpp_ray.tracking import STAGE_TAG, log_metrics, resolve_tracking_uri, set_tags, tracked_run
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_STAGES = ("synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate")
-STAGE_FOLDERS = {"synth": "raw", "prepare": "data", "prototypes": "prototypes", "train": "train",
-                 "extract": "features", "tune": "tune", "evaluate": "report"}
-
-
-def pipeline_layout(out_dir: str | Path) -> dict[str, Path]:
-    root = Path(out_dir)
-    return {"raw": root / "raw", "data": root / "data", "prototypes": root / "prototypes",
-            "train": root / "train", "features": root / "features", "tune": root / "tune",
-            "report": root / "report"}
+__all__ = ["PIPELINE_STAGES", "STAGE_FOLDERS", "pipeline_layout", "run_pipeline"]
 
 
 def _node_tags() -> dict[str, str]:
@@ -60,43 +51,44 @@ def _node_tags() -> dict[str, str]:
     return tags
 
 
-def run_pipeline(config: Config, out_dir: str | Path, *, raw_dir: str | Path | None = None,
+def run_pipeline(config: Config, out_dir: str, *, raw_dir: str | None = None,
                  only: Sequence[str] = (), force: bool = False) -> dict[str, Any]:
     """Run the stages (all, or ``only``) and return the evaluation summary.
 
     ``raw_dir`` points at a real SMPD folder; without it the synthetic corpus is generated.
     """
-    out_dir = stages.local_absolute(out_dir)
-    raw_dir = stages.local_absolute(raw_dir) if raw_dir else None
+    out_dir = storage.normalize(out_dir)
+    # First: an s3:// out without a tracking server is refused before anything is written
+    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri, out_dir) if config.tracking.enabled else ""
+    storage.make_dir(out_dir)
+    raw_dir = storage.normalize(raw_dir) if raw_dir else None
     layout = pipeline_layout(out_dir)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    raw = Path(raw_dir) if raw_dir else layout["raw"]
-    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri, out_dir)
+    raw = raw_dir or layout["raw"]
     selected = [s for s in PIPELINE_STAGES if not only or s in only]
     if raw_dir and "synth" in selected:
         selected.remove("synth")
     started = time.time()
     with tracked_run(tracking_uri, config.tracking.experiment, "pipeline", params=flatten_config(config),
-                     tags={STAGE_TAG: "pipeline", "smpp.out_dir": str(Path(out_dir).resolve())},
+                     tags={STAGE_TAG: "pipeline", "smpp.out_dir": out_dir},
                      enabled=config.tracking.enabled) as parent_id:
         stage_run = stages.StageRun(tracking_uri, config.tracking.experiment, config.tracking.enabled, parent_id)
         plan = {
             "synth": (lambda: stages.run_synth(config, layout["raw"], stage_run), {}),
-            "prepare": (lambda: stages.run_prepare(config, raw, layout["data"], stage_run), {"raw": str(raw)}),
+            "prepare": (lambda: stages.run_prepare(config, raw, layout["data"], stage_run), {"raw": raw}),
             "prototypes": (lambda: stages.run_prototypes(config, layout["data"], layout["prototypes"], stage_run),
-                           {"data": str(layout["data"])}),
+                           {"data": layout["data"]}),
             "train": (lambda: stages.run_train(config, layout["data"], layout["prototypes"], layout["train"],
                                                stage_run),
-                      {"data": str(layout["data"]), "prototypes": str(layout["prototypes"])}),
+                      {"data": layout["data"], "prototypes": layout["prototypes"]}),
             "extract": (lambda: stages.run_extract(config, layout["data"], layout["train"], layout["features"],
                                                    stage_run),
-                        {"data": str(layout["data"]), "checkpoint": str(layout["train"])}),
+                        {"data": layout["data"], "checkpoint": layout["train"]}),
             "tune": (lambda: stages.run_tune(config, layout["features"], layout["tune"], stage_run),
-                     {"features": str(layout["features"])}),
+                     {"features": layout["features"]}),
+            "evaluate": (lambda: stages.run_evaluate(config, out_dir, stage_run),
+                         {name: layout[name] for name in ("raw", "features", "tune")}),
         }
         for number, stage in enumerate(selected, start=1):
-            if stage == "evaluate":
-                continue
             run, inputs = plan[stage]
             folder = layout[STAGE_FOLDERS[stage]]
             if not force and stages.is_complete(stage, config, inputs, folder):
@@ -107,14 +99,14 @@ def run_pipeline(config: Config, out_dir: str | Path, *, raw_dir: str | Path | N
             run()
         result: dict[str, Any] = {}
         if "evaluate" in selected:
-            from smpp_ray.evaluate import run_evaluate
+            from smpp_ray.evaluate import load_results
 
-            result = run_evaluate(config, out_dir, stage_run)
+            result = load_results(layout["report"], tracking_uri or None)
         if parent_id:
             set_tags(tracking_uri, parent_id, _node_tags())
             final = result.get("final_metrics", {})
             log_metrics(tracking_uri, parent_id, {**final, "pipeline_seconds": time.time() - started})
     result["mlflow_run_id"] = parent_id
     result["tracking_uri"] = tracking_uri
-    result["out_dir"] = str(out_dir)
+    result["out_dir"] = out_dir
     return result

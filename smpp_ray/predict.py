@@ -10,11 +10,8 @@ to ``<out>.rejects.csv`` with the reason; the others are scored.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,48 +19,51 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from smpp_ray import storage
 from smpp_ray.config import Config, config_from_dict, config_to_dict
+from smpp_ray.data.manifest import load_manifest, manifest_location
+from smpp_ray.data.schema import posts_path, rejects_path
+from smpp_ray.layout import pipeline_layout
+from smpp_ray.summary import require_summary
 
 logger = logging.getLogger(__name__)
 
 
-def _stage_summary(folder: Path) -> dict[str, Any]:
-    path = folder / "summary.json"
-    if not path.is_file():
-        raise ValueError(f"{str(folder)!r} has no finished stage (summary.json); is --pipeline a finished pipeline?")
-    return json.loads(path.read_text())
-
-
-def _pipeline_config(config: Config, layout: dict[str, Path]) -> Config:
+def _pipeline_config(config: Config, layout: dict[str, str]) -> Config:
     """The config the pipeline's data and extract stages ran with (not today's defaults)."""
     values = config_to_dict(config)
-    for stage in ("data", "features"):
-        values.update(_stage_summary(layout[stage])["config"])
+    for folder, stage in (("data", "prepare"), ("features", "extract")):
+        values.update(require_summary(layout[folder], stage)["config"])
     return config_from_dict(values)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)  # free on the same filesystem; shards are never modified in place
-    except OSError:
-        shutil.copy2(source, target)
+def _copy_shard(source: str, target: str) -> None:
+    if not storage.is_uri(source) and not storage.is_uri(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            os.link(source, target)  # free on one filesystem; shards are never modified in place
+            return
+        except OSError:
+            pass
+    storage.copy_file(source, target)
 
 
-def _combined_dataset(pipeline_data: Path, new_data: Path, out: Path) -> Path:
+def _combined_dataset(pipeline_data: str, new_data: str, out: str) -> str:
     """Pipeline train/val shards + every new post as the test split, with the pipeline's manifest."""
-    if out.exists():
-        shutil.rmtree(out)
+    storage.remove(out)
     for split in ("train", "val"):
-        for shard in sorted((pipeline_data / "posts" / f"split={split}").glob("*.parquet")):
-            _link_or_copy(shard, out / "posts" / f"split={split}" / shard.name)
-    manifest = json.loads((pipeline_data / "manifest.json").read_text())
-    test_dir = out / "posts" / "split=test"
-    test_dir.mkdir(parents=True, exist_ok=True)
-    for number, shard in enumerate(sorted((new_data / "posts").glob("split=*/*.parquet"))):
-        table = _with_pipeline_ids(pq.read_table(shard), manifest)
-        pq.write_table(table, test_dir / f"new-{number:05d}-{shard.name}")
-    shutil.copy2(pipeline_data / "manifest.json", out / "manifest.json")
+        for shard in storage.list_parquet_files(posts_path(pipeline_data, split)):
+            _copy_shard(shard, storage.join(out, "posts", f"split={split}", storage.name(shard)))
+    manifest = load_manifest(pipeline_data)
+    test_dir = storage.make_dir(storage.join(out, "posts", "split=test"))
+    new_shards = [f for f in storage.list_parquet_files(storage.join(new_data, "posts"))
+                  if "/split=" in f]
+    for number, shard in enumerate(new_shards):
+        fs, path = storage.resolve(shard)
+        table = _with_pipeline_ids(pq.read_table(path, filesystem=fs), manifest)
+        out_fs, out_path = storage.resolve(storage.join(test_dir, f"new-{number:05d}-{storage.name(shard)}"))
+        pq.write_table(table, out_path, filesystem=out_fs)
+    storage.copy_file(manifest_location(pipeline_data), manifest_location(out))
     return out
 
 
@@ -86,18 +86,18 @@ def _with_pipeline_ids(table: pa.Table, manifest: dict[str, Any]) -> pa.Table:
     return table
 
 
-def score_features(tune_dir: Path, frame: pd.DataFrame) -> pd.DataFrame:
+def score_features(tune_dir: str, frame: pd.DataFrame) -> pd.DataFrame:
     """Per-family and blended predictions for feature rows, with the tune stage's models."""
     from smpp_ray.gbdt.blend import apply_weights
     from smpp_ray.gbdt.data import FeatureSpec, encode
     from smpp_ray.gbdt.registry import load_flavour
 
-    spec = FeatureSpec.from_dict(json.loads((tune_dir / "feature_spec.json").read_text()))
-    weights = json.loads((tune_dir / "blend.json").read_text())["weights"]
+    spec = FeatureSpec.from_dict(storage.read_json(storage.join(tune_dir, "feature_spec.json")))
+    weights = storage.read_json(storage.join(tune_dir, "blend.json"))["weights"]
     X = encode(frame, spec)
     predictions = {}
     for family in weights:
-        model = load_flavour(family, str(tune_dir / "models" / family))
+        model = load_flavour(family, storage.join(tune_dir, "models", family))
         predictions[family] = np.asarray(model.predict(X), dtype=np.float64)
     scores = pd.DataFrame({"pid": frame["pid"].astype(str).to_numpy()})
     for family, values in predictions.items():
@@ -106,52 +106,62 @@ def score_features(tune_dir: Path, frame: pd.DataFrame) -> pd.DataFrame:
     return scores
 
 
-def predict_posts(pipeline_dir: str | Path, posts_dir: str | Path, out_file: str | Path, *,
-                  config: Config) -> Path:
-    """Write ``out_file`` (.csv or .parquet): Pid, predicted popularity, predicted subcategory."""
+def _write_table(frame: pd.DataFrame, location: str) -> None:
+    if location.endswith(".csv"):
+        storage.write_text(location, frame.to_csv(index=False))
+    else:
+        fs, path = storage.resolve(location)
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, filesystem=fs)
+
+
+def _read_folder(location: str) -> pd.DataFrame:
+    fs, path = storage.resolve(location)
+    return pq.read_table(path, filesystem=fs).to_pandas()
+
+
+def predict_posts(pipeline_dir: str, posts_dir: str, out_file: str, *, config: Config) -> str:
+    """Write ``out_file`` (.csv or .parquet, any location): Pid, predicted popularity, subcategory."""
     from smpp_ray.data.prepare import prepare_dataset
     from smpp_ray.features import extract_features
-    from smpp_ray.pipeline import pipeline_layout
     from smpp_ray.runtime import init_ray
-    from smpp_ray.stages import best_checkpoint, local_absolute
+    from smpp_ray.train.checkpoint import best_checkpoint
 
-    pipeline_dir, posts_dir, out_file = local_absolute(pipeline_dir), local_absolute(posts_dir), Path(local_absolute(out_file))
-    if out_file.suffix not in (".csv", ".parquet"):
-        raise ValueError(f"--out {str(out_file)!r} must end in .csv or .parquet")
+    pipeline_dir, posts_dir, out_file = (storage.normalize(pipeline_dir), storage.normalize(posts_dir),
+                                         storage.normalize(out_file))
+    if not out_file.endswith((".csv", ".parquet")):
+        raise ValueError(f"--out {out_file!r} must end in .csv or .parquet")
     layout = pipeline_layout(pipeline_dir)
-    _stage_summary(layout["tune"])
+    require_summary(layout["tune"], "tune")
     checkpoint = best_checkpoint(layout["train"])
     used = _pipeline_config(config, layout)
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb)
 
-    work = out_file.parent / f".{out_file.name}.work"
+    work = storage.join(storage.parent(out_file), f".{storage.name(out_file)}.work")
     d = used.data
     logger.info("predict: preparing new posts from %s", posts_dir)
-    manifest = prepare_dataset(str(posts_dir), str(work / "new_data"), split=d.split, val_fraction=d.val_fraction,
+    manifest = prepare_dataset(posts_dir, storage.join(work, "new_data"), split=d.split, val_fraction=d.val_fraction,
                                test_fraction=d.test_fraction, max_image_side=d.max_image_side,
                                jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard)
-    combined = _combined_dataset(layout["data"], work / "new_data", work / "combined")
+    combined = _combined_dataset(layout["data"], storage.join(work, "new_data"), storage.join(work, "combined"))
     logger.info("predict: extracting features with %s", checkpoint)
-    extract_features(str(combined), checkpoint, str(work / "features"), extract_config=used.extract)
-    frame = pd.read_parquet(work / "features" / "split=test")
+    extract_features(combined, checkpoint, storage.join(work, "features"), extract_config=used.extract)
+    frame = _read_folder(storage.join(work, "features", "split=test"))
     scores = score_features(layout["tune"], frame)
     scores["predicted_subcategory"] = _predicted_subcategory(frame, layout["data"])
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    if out_file.suffix == ".csv":
-        scores.to_csv(out_file, index=False)
-    else:
-        scores.to_parquet(out_file, index=False)
-    rejects = pd.read_parquet(work / "new_data" / "rejects") if (work / "new_data" / "rejects").exists() else None
+    _write_table(scores, out_file)
+    rejects_dir = rejects_path(storage.join(work, "new_data"))
+    rejects = _read_folder(rejects_dir) if storage.list_parquet_files(rejects_dir) else None
+    rejects_file = out_file.rsplit(".", 1)[0] + ".rejects.csv"
     if rejects is not None and len(rejects):
-        rejects.to_csv(out_file.with_suffix(".rejects.csv"), index=False)
-        logger.warning("predict: %d posts rejected, reasons in %s", len(rejects), out_file.with_suffix(".rejects.csv"))
+        storage.write_text(rejects_file, rejects.to_csv(index=False))
+        logger.warning("predict: %d posts rejected, reasons in %s", len(rejects), rejects_file)
     logger.info("predict: scored %d of %d posts into %s", len(scores), manifest["counts"]["input_rows"], out_file)
-    shutil.rmtree(work, ignore_errors=True)
+    storage.remove(work)
     return out_file
 
 
-def _predicted_subcategory(frame: pd.DataFrame, data_dir: Path) -> list[str | None]:
+def _predicted_subcategory(frame: pd.DataFrame, data_dir: str) -> list[str | None]:
     from smpp_ray.data.manifest import load_taxonomy
 
-    names = load_taxonomy(str(data_dir)).subcategories
+    names = load_taxonomy(data_dir).subcategories
     return [names[int(i)] if 0 <= int(i) < len(names) else None for i in frame["net_pred_subcategory"].to_numpy()]

@@ -7,11 +7,15 @@ import html
 import io
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+
+from smpp_ray import storage
+from smpp_ray.data.manifest import load_manifest
+from smpp_ray.summary import read_summary
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +67,15 @@ def _training_curves(train_summary: dict[str, Any] | None, tracking_uri: str | N
     return _png(fig)
 
 
-def _confusion(features_dir: Path, taxonomy_size: int) -> str | None:
+def _confusion(features_dir: str, taxonomy_size: int) -> str | None:
     """Row-normalised confusion of the 77-way proxy on the test split."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    test = pd.read_parquet(features_dir / "split=test", columns=["subcategory_code", "net_pred_subcategory"])
+    fs, path = storage.resolve(storage.join(features_dir, "split=test"))
+    test = pq.read_table(path, columns=["subcategory_code", "net_pred_subcategory"], filesystem=fs).to_pandas()
     if test.empty:
         return None
     y, p = test["subcategory_code"].to_numpy(), test["net_pred_subcategory"].to_numpy()
@@ -86,9 +91,9 @@ def _confusion(features_dir: Path, taxonomy_size: int) -> str | None:
     return _png(fig)
 
 
-def write_report(layout: dict[str, Path], table: pd.DataFrame, tracking_uri: str | None = None) -> Path:
-    """Write ``report/report.html`` and return its path."""
-    manifest = json.loads((layout["data"] / "manifest.json").read_text())
+def write_report(layout: dict[str, str], table: pd.DataFrame, tracking_uri: str | None = None) -> str:
+    """Write ``report/report.html`` and return its location."""
+    manifest = load_manifest(layout["data"])
     sections: list[str] = []
     counts = manifest.get("counts", {})
     sections.append("<h2>Results on the test split</h2>" + table.to_html(index=False, float_format="%.4f",
@@ -96,27 +101,25 @@ def write_report(layout: dict[str, Path], table: pd.DataFrame, tracking_uri: str
     sections.append("<h2>Data</h2><pre>" + html.escape(json.dumps(
         {"counts": counts, "split": manifest.get("split"), "time_range": manifest.get("time_range")},
         indent=2, default=str)) + "</pre>")
-    train_summary = None
-    if (layout["train"] / "summary.json").is_file():
-        train_summary = json.loads((layout["train"] / "summary.json").read_text())
+    train_summary = read_summary(layout["train"])
+    if train_summary:
         sections.append("<h2>Prompt tuning</h2><pre>" + html.escape(json.dumps(
             train_summary.get("metrics", {}), indent=2, default=str)) + "</pre>")
     curves = _training_curves(train_summary, tracking_uri)
     if curves:
         sections.append(_img(curves, "training curves"))
-    network = json.loads((layout["features"] / "summary.json").read_text())["inputs"].get("checkpoint")
+    network = (read_summary(layout["features"]) or {}).get("inputs", {}).get("checkpoint")
     confusion = _confusion(layout["features"], len(manifest["taxonomy"]["subcategories"])) if network else None
     if confusion:
         sections.append("<h2>Confusion of the 77-way proxy</h2>" + _img(confusion, "confusion"))
-    for png in sorted(layout["tune"].rglob("*.png")):
-        title = png.stem.replace("_", " ")
-        data = base64.b64encode(png.read_bytes()).decode()
+    for png in storage.list_files(layout["tune"], suffix=".png"):
+        title = storage.name(png)[: -len(".png")].replace("_", " ")
+        data = base64.b64encode(storage.read_bytes(png)).decode()
         sections.append(f"<h2>{html.escape(title)}</h2>" + _img(data, title))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>smpp_ray report</title>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
             "td,th{padding:4px 10px;border-bottom:1px solid #ddd}img{max-width:100%}</style></head><body>"
             "<h1>smpp_ray pipeline report</h1>" + "\n".join(sections) + "</body></html>")
-    out = layout["report"] / "report.html"
-    out.write_text(page)
+    out = storage.write_text(storage.join(layout["report"], "report.html"), page)
     logger.info("report written to %s", out)
     return out

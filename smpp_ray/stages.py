@@ -14,10 +14,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from smpp_ray import storage
 from smpp_ray.config import Config, config_to_dict, flatten_config_dict
+from smpp_ray.layout import STAGE_FOLDERS, pipeline_layout
+from smpp_ray.summary import read_summary, summary_location, write_summary
 from smpp_ray.tracking import (
     STAGE_TAG,
     TrackingContext,
@@ -32,8 +34,6 @@ from smpp_ray.tracking import (
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
-
 #: The config sections each stage depends on; a change elsewhere does not invalidate its artifact.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "synth": ("synth",),
@@ -42,6 +42,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "train": ("model", "train"),
     "extract": ("extract",),
     "tune": ("tune",),
+    "evaluate": ("tune",),
 }
 
 
@@ -55,19 +56,13 @@ class StageRun:
     parent_run_id: str | None = None
 
 
-def default_stage_run(config: Config, parent_run_id: str | None = None, root: str | Path = ".") -> StageRun:
+def default_stage_run(config: Config, parent_run_id: str | None = None, root: str = ".") -> StageRun:
+    """Where a single stage reports: the configured store, $MLFLOW_TRACKING_URI, else SQLite in
+    ``root`` (only a store is resolved when tracking is on: an s3:// stage needs a server)."""
+    if not config.tracking.enabled:
+        return StageRun("", config.tracking.experiment, False, parent_run_id)
     uri = resolve_tracking_uri(config.tracking.tracking_uri, root)
     return StageRun(uri, config.tracking.experiment, config.tracking.enabled, parent_run_id)
-
-
-def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(out_dir) / SUMMARY_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a torn write from a killed run: treat as incomplete
 
 
 def stage_fingerprint(stage: str, config: Config, inputs: dict[str, str]) -> str:
@@ -76,13 +71,13 @@ def stage_fingerprint(stage: str, config: Config, inputs: dict[str, str]) -> str
     relevant = {section: values[section] for section in STAGE_SECTIONS[stage]}
     upstream = {}
     for name, location in inputs.items():
-        summary = read_summary(location) if location and Path(location).is_dir() else None
-        upstream[name] = summary["fingerprint"] if summary else str(location)
+        summary = read_summary(location) if location else None
+        upstream[name] = summary["fingerprint"] if summary and summary.get("fingerprint") else str(location)
     blob = json.dumps({"stage": stage, "config": relevant, "inputs": upstream}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def is_complete(stage: str, config: Config, inputs: dict[str, str], out_dir: str | Path) -> bool:
+def is_complete(stage: str, config: Config, inputs: dict[str, str], out_dir: str) -> bool:
     summary = read_summary(out_dir)
     return bool(summary and summary.get("status") == "complete"
                 and summary.get("fingerprint") == stage_fingerprint(stage, config, inputs))
@@ -99,11 +94,10 @@ def _numeric_leaves(values: Any, prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def _run_stage(stage: str, config: Config, out_dir: str | Path, inputs: dict[str, str],
-               stage_run: StageRun, body: Callable[[TrackingContext | None], dict[str, Any]]) -> Path:
-    """Run ``body`` inside the stage's MLflow run and write ``summary.json`` for it."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
+               stage_run: StageRun, body: Callable[[TrackingContext | None], dict[str, Any]]) -> str:
+    """Run ``body`` inside the stage's MLflow run and write ``summary.json`` for it (last)."""
+    out = storage.make_dir(out_dir)
     sections = {s: config_to_dict(config)[s] for s in STAGE_SECTIONS[stage]}
     started = time.time()
     logger.info("stage %s: starting (out=%s)", stage, out)
@@ -131,18 +125,11 @@ def _run_stage(stage: str, config: Config, out_dir: str | Path, inputs: dict[str
             "fingerprint": stage_fingerprint(stage, config, inputs),
             "seconds": round(time.time() - started, 2),
         }
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+        write_summary(out, summary)
         if run_id:
-            log_artifact(stage_run.tracking_uri, run_id, out / SUMMARY_FILE)
+            log_artifact(stage_run.tracking_uri, run_id, summary_location(out))
     logger.info("stage %s: done in %.1f s", stage, time.time() - started)
     return out
-
-
-def local_absolute(location: str | Path) -> str:
-    """Local paths made absolute (Ray workers and Tune trials run in other working folders);
-    URIs (``s3://``, ``gs://``) pass through."""
-    text = str(location)
-    return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
 def _ensure_ray(config: Config) -> None:
@@ -151,9 +138,9 @@ def _ensure_ray(config: Config) -> None:
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb)
 
 
-def run_synth(config: Config, out_dir: str | Path, stage_run: StageRun | None = None) -> Path:
+def run_synth(config: Config, out_dir: str, stage_run: StageRun | None = None) -> str:
     """Write a synthetic SMPD corpus (no Ray needed)."""
-    out_dir = local_absolute(out_dir)
+    out_dir = storage.normalize(out_dir)
     from smpp_ray.data.synth import synthesize_corpus
 
     stage_run = stage_run or default_stage_run(config)
@@ -167,11 +154,13 @@ def run_synth(config: Config, out_dir: str | Path, stage_run: StageRun | None = 
     return _run_stage("synth", config, out_dir, {}, stage_run, body)
 
 
-def run_prepare(config: Config, raw_dir: str | Path, out_dir: str | Path,
-                stage_run: StageRun | None = None) -> Path:
+def run_prepare(config: Config, raw_dir: str, out_dir: str,
+                stage_run: StageRun | None = None) -> str:
     """Validate a raw SMPD folder and write Parquet shards, rejects and the manifest."""
-    raw_dir, out_dir = local_absolute(raw_dir), local_absolute(out_dir)
+    raw_dir, out_dir = storage.normalize(raw_dir), storage.normalize(out_dir)
+    from smpp_ray.data.manifest import manifest_location
     from smpp_ray.data.prepare import prepare_dataset
+    from smpp_ray.data.schema import rejects_path
 
     stage_run = stage_run or default_stage_run(config)
     d = config.data
@@ -182,16 +171,16 @@ def run_prepare(config: Config, raw_dir: str | Path, out_dir: str | Path,
                                    test_fraction=d.test_fraction, max_image_side=d.max_image_side,
                                    jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard)
         return {"metrics": manifest.get("counts", {}),
-                "artifacts": {"manifest": str(Path(out_dir) / "manifest.json"),
-                              "posts": str(Path(out_dir) / "posts"), "rejects": str(Path(out_dir) / "rejects")}}
+                "artifacts": {"manifest": manifest_location(out_dir), "posts": storage.join(out_dir, "posts"),
+                              "rejects": rejects_path(out_dir)}}
 
     return _run_stage("prepare", config, out_dir, {"raw": str(raw_dir)}, stage_run, body)
 
 
-def run_prototypes(config: Config, data_dir: str | Path, out_dir: str | Path,
-                   stage_run: StageRun | None = None) -> Path:
+def run_prototypes(config: Config, data_dir: str, out_dir: str,
+                   stage_run: StageRun | None = None) -> str:
     """Select diverse class members and write the visual/textual prototype bank."""
-    data_dir, out_dir = local_absolute(data_dir), local_absolute(out_dir)
+    data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
     from smpp_ray.model.prototypes import build_prototypes
 
     stage_run = stage_run or default_stage_run(config)
@@ -203,16 +192,16 @@ def run_prototypes(config: Config, data_dir: str | Path, out_dir: str | Path,
                                   shots=p.shots, time_buckets=p.time_buckets, batch_size=p.batch_size,
                                   num_actors=p.num_actors, num_gpus_per_actor=p.num_gpus_per_actor, seed=p.seed)
         return {"metrics": result,
-                "artifacts": {"prototypes": str(Path(out_dir) / "prototypes.safetensors"),
-                              "members": str(Path(out_dir) / "members.json")}}
+                "artifacts": {"prototypes": storage.join(out_dir, "prototypes.safetensors"),
+                              "members": storage.join(out_dir, "members.json")}}
 
     return _run_stage("prototypes", config, out_dir, {"data": str(data_dir)}, stage_run, body)
 
 
-def run_train(config: Config, data_dir: str | Path, prototypes_dir: str | Path, out_dir: str | Path,
-              stage_run: StageRun | None = None) -> Path:
+def run_train(config: Config, data_dir: str, prototypes_dir: str, out_dir: str,
+              stage_run: StageRun | None = None) -> str:
     """Prompt-tune the network on Ray Train; the best checkpoint path goes into summary.json."""
-    data_dir, prototypes_dir, out_dir = local_absolute(data_dir), local_absolute(prototypes_dir), local_absolute(out_dir)
+    data_dir, prototypes_dir, out_dir = storage.normalize(data_dir), storage.normalize(prototypes_dir), storage.normalize(out_dir)
     from smpp_ray.train import train_model
 
     stage_run = stage_run or default_stage_run(config)
@@ -229,51 +218,30 @@ def run_train(config: Config, data_dir: str | Path, prototypes_dir: str | Path, 
                       stage_run, body)
 
 
-def best_checkpoint(train_dir: str | Path) -> str:
-    """The best checkpoint recorded by a finished train stage."""
-    summary = read_summary(train_dir)
-    if not summary or not summary.get("artifacts", {}).get("best_checkpoint"):
-        raise ValueError(f"{str(train_dir)!r} holds no finished train stage (summary.json with best_checkpoint); "
-                         "run `smpp train` first or pass the checkpoint folder itself")
-    return summary["artifacts"]["best_checkpoint"]
-
-
-def resolve_checkpoint(path: str | Path | None) -> str | None:
-    """A train stage folder or a checkpoint folder (with trainable.pt) → checkpoint folder."""
-    if path is None or str(path) == "":
-        return None
-    path = Path(local_absolute(path))
-    if (path / "trainable.pt").is_file():
-        return str(path)
-    if (path / SUMMARY_FILE).is_file():
-        return best_checkpoint(path)
-    raise ValueError(f"checkpoint {str(path)!r} is neither a checkpoint folder (trainable.pt) "
-                     "nor a train stage folder (summary.json)")
-
-
-def run_extract(config: Config, data_dir: str | Path, checkpoint: str | Path | None, out_dir: str | Path,
-                stage_run: StageRun | None = None) -> Path:
+def run_extract(config: Config, data_dir: str, checkpoint: str | None, out_dir: str,
+                stage_run: StageRun | None = None) -> str:
     """Network + tabular features for every post, partitioned by split."""
-    data_dir, out_dir = local_absolute(data_dir), local_absolute(out_dir)
+    data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
     from smpp_ray.features import extract_features
+    from smpp_ray.train.checkpoint import resolve_checkpoint
 
     stage_run = stage_run or default_stage_run(config)
     _ensure_ray(config)
-    checkpoint_dir = resolve_checkpoint(checkpoint)
+    checkpoint_dir = resolve_checkpoint(str(checkpoint)) if checkpoint else None
 
     def body(_: TrackingContext | None) -> dict[str, Any]:
         result = extract_features(str(data_dir), checkpoint_dir, str(out_dir), extract_config=config.extract)
-        return {"metrics": result, "artifacts": {"features": str(out_dir),
-                                                 "feature_manifest": str(Path(out_dir) / "feature_manifest.json")}}
+        return {"metrics": result, "artifacts": {"features": out_dir,
+                                                 "feature_manifest": storage.join(out_dir, "feature_manifest.json")}}
 
     inputs = {"data": str(data_dir), "checkpoint": str(checkpoint or "")}
     return _run_stage("extract", config, out_dir, inputs, stage_run, body)
 
 
-def run_tune(config: Config, features_dir: str | Path, out_dir: str | Path,
-             stage_run: StageRun | None = None) -> Path:
+def run_tune(config: Config, features_dir: str, out_dir: str,
+             stage_run: StageRun | None = None) -> str:
     """Search LightGBM and CatBoost on Ray Tune, refit, blend, evaluate."""
-    features_dir, out_dir = local_absolute(features_dir), local_absolute(out_dir)
+    features_dir, out_dir = storage.normalize(features_dir), storage.normalize(out_dir)
     from smpp_ray.gbdt import tune_models
 
     stage_run = stage_run or default_stage_run(config)
@@ -285,3 +253,21 @@ def run_tune(config: Config, features_dir: str | Path, out_dir: str | Path,
         return {"metrics": metrics, "artifacts": result["paths"]}
 
     return _run_stage("tune", config, out_dir, {"features": str(features_dir)}, stage_run, body)
+
+
+def run_evaluate(config: Config, pipeline_dir: str, stage_run: StageRun | None = None) -> str:
+    """The results table and HTML report of a finished pipeline, in ``<pipeline>/report``."""
+    from smpp_ray.evaluate import evaluate_pipeline
+
+    pipeline_dir = storage.normalize(pipeline_dir)
+    layout = pipeline_layout(pipeline_dir)
+    stage_run = stage_run or default_stage_run(config, root=pipeline_dir)
+
+    def body(tracking: TrackingContext | None) -> dict[str, Any]:
+        result = evaluate_pipeline(layout, seed=config.tune.seed,
+                                   tracking_uri=tracking.tracking_uri if tracking else None)
+        return {"metrics": {"final": result["final_metrics"], "table": result["table"].to_dict(orient="records")},
+                "artifacts": {"report": result["report"], "results": result["results"]}}
+
+    inputs = {name: layout[name] for name in ("raw", "features", "tune")}
+    return _run_stage("evaluate", config, layout[STAGE_FOLDERS["evaluate"]], inputs, stage_run, body)

@@ -77,7 +77,8 @@ def name(location: str) -> str:
 
 
 @lru_cache(maxsize=32)
-def _filesystem(scheme_and_authority: str) -> pafs.FileSystem:
+def _filesystem(scheme_and_authority: str, endpoint: str) -> pafs.FileSystem:
+    # ``endpoint`` is only part of the key: pyarrow reads AWS_ENDPOINT_URL itself, when created
     return pafs.FileSystem.from_uri(scheme_and_authority + "/")[0]
 
 
@@ -89,7 +90,7 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     scheme, _, rest = loc.partition("://")
     bucket = rest.split("/", 1)[0]
     try:
-        fs = _filesystem(f"{scheme}://{bucket}")
+        fs = _filesystem(f"{scheme}://{bucket}", os.environ.get("AWS_ENDPOINT_URL", ""))
     except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
         raise StorageError(f"cannot open {loc!r}: {err}") from err
     return fs, rest.rstrip("/")

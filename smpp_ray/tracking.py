@@ -15,8 +15,9 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from smpp_ray import storage
 
 logger = logging.getLogger(__name__)
 
@@ -25,15 +26,24 @@ STAGE_TAG = "smpp.stage"
 _MAX_PARAM_CHARS = 6000
 
 
-def resolve_tracking_uri(configured: str, out_dir: str | Path) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store beside the stage outputs."""
+def resolve_tracking_uri(configured: str, out_dir: str) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store beside the stage outputs.
+
+    A SQLite file cannot live in object storage, and on a cluster only the driver could write
+    it: an ``s3://`` or ``gs://`` output needs a tracking server (which also stores the
+    artifacts, e.g. ``mlflow server --artifacts-destination s3://...``).
+    """
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = Path(out_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlruns.db'}"
+    root = storage.normalize(out_dir)
+    if storage.is_uri(root):
+        raise ValueError(f"output {root!r} is in object storage, where a local SQLite MLflow store cannot live: "
+                         "set MLFLOW_TRACKING_URI (or tracking.tracking_uri) to an MLflow server, e.g. the one "
+                         "`cluster/local.sh up` starts, or pass --set tracking.enabled=false")
+    os.makedirs(root, exist_ok=True)
+    return f"sqlite:///{os.path.join(root, 'mlruns.db')}"
 
 
 def client(tracking_uri: str):
@@ -50,8 +60,8 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         return found.experiment_id
     artifact_location = None
     if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
-        artifact_location = (db.parent / "mlartifacts").as_uri()
+        db = tracking_uri[len("sqlite:///"):]
+        artifact_location = "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
     try:
         return c.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # another process created it between our lookup and create
@@ -139,12 +149,15 @@ def tracked_run(tracking_uri: str, experiment: str, name: str, *, parent_run_id:
     end_run(tracking_uri, run_id, "FINISHED")
 
 
-def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+def log_artifact(tracking_uri: str, run_id: str, location: str, artifact_path: str | None = None) -> None:
+    """Log a file or folder at any location (fetched to this node's cache first when remote);
+    MLflow stores it in the run's artifact store (a tracking server proxies it)."""
+    local = storage.local_copy(location)
     c = client(tracking_uri)
-    if Path(path).is_dir():
-        c.log_artifacts(run_id, str(path), artifact_path)
+    if os.path.isdir(local):
+        c.log_artifacts(run_id, local, artifact_path)
     else:
-        c.log_artifact(run_id, str(path), artifact_path)
+        c.log_artifact(run_id, local, artifact_path)
 
 
 @dataclass(frozen=True)

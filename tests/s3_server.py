@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
 
 #: The standard variables pyarrow, boto3, Ray and MLflow read (moto accepts any credentials).
 def s3_env(endpoint: str) -> dict[str, str]:

@@ -51,8 +51,18 @@ def test_parser_knows_every_command():
 
 
 def test_local_paths_become_absolute_and_uris_pass_through(tmp_path, monkeypatch):
-    from smpp_ray.stages import local_absolute
+    from smpp_ray.layout import pipeline_layout
+    from smpp_ray.storage import normalize
 
     monkeypatch.chdir(tmp_path)
-    assert local_absolute("runs/demo") == str(tmp_path / "runs" / "demo")
-    assert local_absolute("s3://bucket/runs/demo") == "s3://bucket/runs/demo"
+    assert normalize("runs/demo") == str(tmp_path / "runs" / "demo")
+    assert normalize("s3://bucket/runs/demo") == "s3://bucket/runs/demo"
+    # The layout of an s3:// pipeline keeps the scheme (pathlib folds s3:// into s3:/)
+    layout = pipeline_layout("s3://b/r")
+    assert layout["data"] == "s3://b/r/data" and layout["report"] == "s3://b/r/report"
+
+
+def test_an_s3_pipeline_without_a_tracking_server_is_refused_clearly(monkeypatch, caplog):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["pipeline", "--out", "s3://bucket/run"]) == EXIT_BAD_INPUT
+    assert "MLFLOW_TRACKING_URI" in caplog.text and "s3://bucket/run" in caplog.text

@@ -1,14 +1,18 @@
-"""The local multi-node cluster end to end: cluster/local.sh, jobs/submit.sh, `ray job submit`.
+"""A real multi-host cluster end to end: cluster/local.sh, jobs/submit.sh, `ray job submit`, S3.
 
-The slow tests bring up a real two-node Ray (head + worker with resource ``node_b``, token auth)
-and an MLflow server in a temporary state folder, submit a job through the real CLI, read the
-MLflow server back through its client, then take everything down and check /proc.
+The slow tests bring up a real two-node Ray (head + worker with resource ``node_b``, token auth),
+an S3 server (moto, 127.0.0.1) and an MLflow server whose artifacts live in the bucket, all in a
+temporary state folder. The worker node runs in its own mount namespace with private tmpfs over
+/tmp, /dev/shm and runs/ (``up --isolate-worker``): it sees none of the head's files, as a second
+host would, so a stage that reads a driver-local file fails there. Train workers, extraction
+actors and Tune trials are pinned to that node (``*_resources=[node_b=...]``), every artifact goes
+to ``s3://smpp/...``, and the tests read the bucket, the MLflow server and /proc back.
 
 To test another job on the same cluster, add a slow test *above* test_down_stops_everything_up_started
 (tests run in file order and that one stops the module's cluster) that calls e.g.
 ``submit_job(local_cluster, ["python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml",
-"--out", str(cluster_workdir / "run")])``. Paths must be absolute: the job runs in a temporary copy
-of the checkout on the cluster. Everything lives under ``cluster_workdir``, a folder of this module
+"--out", "s3://smpp/run"])``. Locations must be in the bucket: the worker node sees no local file
+of the head. Everything lives under ``cluster_workdir``, a folder of this module
 rather than pytest's tmp_path: pytest deletes old ``pytest-N`` folders when another session starts
 (other test runs on a shared machine), which would pull a running job's data, or the cluster's
 token and process records, from under it.
@@ -97,8 +101,8 @@ class LocalCluster:
         return self.env["MLFLOW_TRACKING_URI"]
 
 
-def run_local_sh(command: str, state_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(LOCAL_SH), command], env=_clean_env(SMPP_CLUSTER_DIR=str(state_dir)),
+def run_local_sh(command: str, state_dir: Path, timeout: float = 300, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(LOCAL_SH), command, *options], env=_clean_env(SMPP_CLUSTER_DIR=str(state_dir)),
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -162,7 +166,7 @@ def cluster_workdir():
 def local_cluster(cluster_workdir: Path):
     state_dir = cluster_workdir / "cluster"
     state_dir.mkdir()
-    up = run_local_sh("up", state_dir)
+    up = run_local_sh("up", state_dir, 300, "--s3", "--isolate-worker")
     if up.returncode != 0:
         run_local_sh("down", state_dir)
         pytest.fail(f"cluster/local.sh up failed ({up.returncode}):\n{up.stderr}\n{_logs_of(state_dir)}")
@@ -255,6 +259,10 @@ def test_probe_job_runs_on_both_nodes_and_logs_to_mlflow(local_cluster: LocalClu
 PIPELINE_STAGES = ("synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate")
 STAGE_FOLDERS = {"synth": "raw", "prepare": "data", "prototypes": "prototypes", "train": "train",
                  "extract": "features", "tune": "tune", "evaluate": "report"}
+#: Train workers, extraction actors and Tune trials all need the isolated node's resource.
+PIN_TO_WORKER_NODE = ["--set", "train.worker_resources=[node_b=0.5]",
+                      "--set", "extract.actor_resources=[node_b=0.01]",
+                      "--set", "tune.trial_resources=[node_b=0.01]"]
 
 
 @dataclass
@@ -262,33 +270,84 @@ class PipelineJob:
     job_id: str
     status: str
     logs: str
-    out: Path
+    out: str
     experiment: str
 
 
+def _bucket(cluster: LocalCluster):
+    """The cluster's S3 bucket through pyarrow, with the cluster's AWS_* variables."""
+    import pyarrow.fs as pafs
+
+    env = cluster.env
+    return pafs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                             endpoint_override=env["AWS_ENDPOINT_URL"], region=env["AWS_DEFAULT_REGION"])
+
+
+def _bucket_files(cluster: LocalCluster, uri: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    path = uri.removeprefix("s3://")
+    infos = _bucket(cluster).get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def _bucket_json(cluster: LocalCluster, uri: str) -> dict | None:
+    try:
+        with _bucket(cluster).open_input_stream(uri.removeprefix("s3://")) as stream:
+            return json.loads(stream.read())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 @pytest.fixture(scope="module")
-def pipeline_job(local_cluster: LocalCluster, cluster_workdir: Path) -> PipelineJob:
-    """The smoke pipeline submitted once through the real CLI (3-4 minutes on 2 busy cores)."""
-    out = cluster_workdir / "pipeline"
+def pipeline_job(local_cluster: LocalCluster) -> PipelineJob:
+    """The smoke pipeline submitted once through the real CLI into the bucket (4-6 minutes here)."""
+    out = f"{local_cluster.env['SMPP_S3']}/pipeline-{uuid.uuid4().hex[:6]}"
     experiment = f"pipeline-{uuid.uuid4().hex[:6]}"
     job_id, status, logs = submit_job(local_cluster, [
-        "python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml", "--out", str(out),
-        "--set", f"tracking.experiment={experiment}"], timeout=840)
+        "python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml", "--out", out,
+        "--set", f"tracking.experiment={experiment}", *PIN_TO_WORKER_NODE], timeout=1200)
     return PipelineJob(job_id, status, logs, out, experiment)
 
 
-def _alive_node_ids(cluster: LocalCluster) -> set[str]:
+def _alive_nodes(cluster: LocalCluster) -> dict[str, dict]:
     token = Path(cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     request = urllib.request.Request(f"{cluster.dashboard}/api/v0/nodes",
                                      headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=10) as response:
         nodes = json.load(response)["data"]["result"]["result"]
-    return {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
+    return {n["node_id"]: n for n in nodes if n["state"] == "ALIVE"}
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_pipeline_job_tracks_every_stage_on_both_nodes(local_cluster: LocalCluster, pipeline_job: PipelineJob):
+@pytest.mark.timeout(1500)
+def test_pipeline_job_writes_everything_to_the_bucket(local_cluster: LocalCluster, pipeline_job: PipelineJob):
+    assert pipeline_job.status == "SUCCEEDED", pipeline_job.logs
+    files = _bucket_files(local_cluster, pipeline_job.out)
+    for stage, folder in STAGE_FOLDERS.items():
+        summary = _bucket_json(local_cluster, f"{pipeline_job.out}/{folder}/summary.json")
+        assert summary and summary["stage"] == stage and summary["status"] == "complete", stage
+    for expected in ("raw/train_text.json", "data/manifest.json", "prototypes/prototypes.safetensors",
+                     "features/feature_manifest.json", "tune/blend.json", "report/report.html"):
+        assert expected in files, (expected, files[:50])
+    assert any(f.startswith("data/posts/split=train/") and f.endswith(".parquet") for f in files)
+    assert any(f.startswith("features/split=test/") and f.endswith(".parquet") for f in files)
+    train = _bucket_json(local_cluster, f"{pipeline_job.out}/train/summary.json")
+    best = train["artifacts"]["best_checkpoint"]
+    assert best.startswith(pipeline_job.out + "/train/"), best
+    assert f"{best.removeprefix(pipeline_job.out + '/')}/trainable.pt" in files
+    # Nothing went to a local folder: no "s3:" folder (pathlib's s3:/ fold) and no stage output
+    # anywhere in the checkout, the head's Ray folder (job working dirs) or this module's folder
+    state = _read_state(local_cluster.state_dir / "cluster.state")
+    assert not (REPO / "s3:").exists() and not list((REPO / "runs").glob("**/pipeline-*"))
+    for root in (Path(state["RAY_TMP"]), local_cluster.state_dir.parent):
+        assert not [p for p in root.rglob("s3:*")], root
+        assert not [p for p in root.rglob("summary.json")], root
+
+
+@pytest.mark.slow
+def test_pipeline_job_ran_on_the_isolated_node_and_tracked_through_the_server(local_cluster: LocalCluster,
+                                                                              pipeline_job: PipelineJob):
     import mlflow
 
     assert pipeline_job.status == "SUCCEEDED", pipeline_job.logs
@@ -298,50 +357,81 @@ def test_pipeline_job_tracks_every_stage_on_both_nodes(local_cluster: LocalClust
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`smpp.stage` = 'pipeline'")
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
-    assert parent.data.tags["smpp.out_dir"] == str(pipeline_job.out)
+    assert parent.info.status == "FINISHED" and parent.data.tags["smpp.out_dir"] == pipeline_job.out
 
-    # One child run per stage, each the run its stage folder's summary.json names
     children = client.search_runs([experiment.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {c.info.run_name: c for c in children}
     assert sorted(by_name) == sorted(PIPELINE_STAGES) and len(children) == len(PIPELINE_STAGES)
     for stage, run in by_name.items():
         assert run.info.status == "FINISHED", stage
-        assert run.data.tags["smpp.stage"] == stage
-        if stage != "evaluate":  # evaluate's summary has no run id (its run is logged by run_evaluate)
-            summary = json.loads((pipeline_job.out / STAGE_FOLDERS[stage] / "summary.json").read_text())
-            assert summary["status"] == "complete" and summary["mlflow_run_id"] == run.info.run_id, stage
-    # Tune nests its searches (and their trials) under the tune stage run
-    searches = client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{by_name['tune'].info.run_id}'")
-    assert {r.info.run_name for r in searches} >= {"search-lightgbm", "search-catboost"}
-    assert by_name["train"].data.metrics["epochs_run"] == 1
-
-    # The final metrics on the parent are the evaluate stage's, SRCs in [-1, 1]
-    final = {k: v for k, v in by_name["evaluate"].data.metrics.items() if k.startswith("test_")}
+        summary = _bucket_json(local_cluster, f"{pipeline_job.out}/{STAGE_FOLDERS[stage]}/summary.json")
+        assert summary["mlflow_run_id"] == run.info.run_id, stage
+        # Artifacts went through the server (mlflow-artifacts:/) into the bucket, and come back
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
+        assert "summary.json" in {a.path for a in client.list_artifacts(run.info.run_id)}, stage
+    logged = json.loads(Path(client.download_artifacts(by_name["tune"].info.run_id, "summary.json",
+                                                       tempfile.mkdtemp())).read_text())
+    assert logged["stage"] == "tune"
+    assert _bucket_files(local_cluster, f"{local_cluster.env['SMPP_S3']}/mlflow-artifacts")
     for name in ("test_src_lightgbm", "test_src_catboost", "test_src_blend"):
         assert -1.0 <= parent.data.metrics[name] <= 1.0, name
-    assert {k: parent.data.metrics[k] for k in final} == pytest.approx(final)
 
-    # The job's tasks and actors (Ray Data, Train, Tune) ran on both nodes of the cluster
-    nodes = _alive_node_ids(local_cluster)
+    # The job's tasks and actors ran on both nodes, the pinned ones on the isolated worker node
+    nodes = _alive_nodes(local_cluster)
+    worker = next(node_id for node_id, n in nodes.items() if not n["is_head_node"])
     used = set(parent.data.tags["smpp.node_ids"].split(","))
-    assert len(nodes) == 2 and used == nodes, (used, nodes)
-    assert parent.data.tags["smpp.driver_node_id"] in nodes
+    assert used == set(nodes), (used, set(nodes))
+    assert parent.data.tags["smpp.driver_node_id"] != worker  # the driver ran on the head
 
 
-def _latest_checkpoint_epoch(run_path: Path) -> int | None:
+@pytest.mark.slow
+def test_resubmitting_the_pipeline_skips_every_stage(local_cluster: LocalCluster, pipeline_job: PipelineJob):
+    import mlflow
+
+    assert pipeline_job.status == "SUCCEEDED", pipeline_job.logs
+    job_id, status, logs = submit_job(local_cluster, [
+        "python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml", "--out", pipeline_job.out,
+        "--set", f"tracking.experiment={pipeline_job.experiment}", *PIN_TO_WORKER_NODE], timeout=600)
+    assert status == "SUCCEEDED", logs
+    for stage in PIPELINE_STAGES:
+        assert re.search(rf"\] {stage}: complete for these inputs and config, skipped", logs), (stage, logs[-3000:])
+    client = mlflow.MlflowClient(tracking_uri=local_cluster.tracking_uri)
+    experiment = client.get_experiment_by_name(pipeline_job.experiment)
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`smpp.stage` = 'pipeline'",
+                                 order_by=["attributes.start_time DESC"])
+    assert len(parents) == 2
+    assert not client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_predict_job_scores_posts_read_from_the_bucket(local_cluster: LocalCluster, pipeline_job: PipelineJob):
+    assert pipeline_job.status == "SUCCEEDED", pipeline_job.logs
+    new_posts, scores = f"{pipeline_job.out}-new-posts", f"{pipeline_job.out}-scores.csv"
+    job_id, status, logs = submit_job(local_cluster, [
+        "bash", "-c", f"python jobs/synth.py --out {new_posts} --posts 12 --seed 11 "
+                      f"--set tracking.experiment={pipeline_job.experiment} && "
+                      f"python jobs/predict.py --pipeline {pipeline_job.out} --posts {new_posts} --out {scores} "
+                      + " ".join(PIN_TO_WORKER_NODE)], timeout=800)
+    assert status == "SUCCEEDED", logs
+    import pandas as pd
+
+    with _bucket(local_cluster).open_input_stream(scores.removeprefix("s3://")) as stream:
+        table = pd.read_csv(stream, dtype={"pid": str})
+    assert len(table) == 12 and table["pid"].is_unique
+    assert table["predicted_popularity"].notna().all()
+
+
+def _latest_checkpoint_epoch(cluster: LocalCluster, run_uri: str) -> int | None:
     """Epoch of the newest checkpoint Ray Train has registered in the run's storage, if any.
 
     Train V2 writes ``checkpoint_manager_snapshot.json`` once a reported checkpoint is persisted,
     so a checkpoint it names is complete (a ``checkpoint_*`` folder alone may be mid-upload).
     """
-    try:
-        snapshot = json.loads((run_path / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    latest = snapshot.get("latest_checkpoint_result")
+    snapshot = _bucket_json(cluster, f"{run_uri}/checkpoint_manager_snapshot.json")
+    latest = snapshot.get("latest_checkpoint_result") if snapshot else None
     return int(latest["metrics"]["epoch"]) if latest else None
 
 
@@ -353,52 +443,50 @@ RESUME_EPOCHS = 5
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_stopped_training_job_resumes_from_its_checkpoint(local_cluster: LocalCluster, pipeline_job: PipelineJob,
-                                                          cluster_workdir: Path):
+def test_stopped_training_job_resumes_from_its_checkpoint_in_the_bucket(local_cluster: LocalCluster,
+                                                                         pipeline_job: PipelineJob):
     import mlflow
 
     assert pipeline_job.status == "SUCCEEDED", "needs the pipeline job's data and prototypes"
-    out, name, experiment = cluster_workdir / "resume", "resume-test", f"resume-{uuid.uuid4().hex[:6]}"
+    name, experiment = "resume-test", f"resume-{uuid.uuid4().hex[:6]}"
+    out = f"{pipeline_job.out}-resume"
     command = ["python", "jobs/train.py", "--config", "jobs/configs/smoke.yaml",
-               "--data", str(pipeline_job.out / "data"), "--prototypes", str(pipeline_job.out / "prototypes"),
-               "--out", str(out), "--set", f"train.epochs={RESUME_EPOCHS}", "--set", f"train.name={name}",
-               "--set", "train.early_stopping_patience=0", "--set", f"tracking.experiment={experiment}"]
-    run_path = out / "ray_results" / name  # train.storage_path is empty: <out>/ray_results/<name>
+               "--data", f"{pipeline_job.out}/data", "--prototypes", f"{pipeline_job.out}/prototypes",
+               "--out", out, "--set", f"train.epochs={RESUME_EPOCHS}", "--set", f"train.name={name}",
+               "--set", "train.early_stopping_patience=0", "--set", f"tracking.experiment={experiment}",
+               "--set", "train.worker_resources=[node_b=0.5]"]
+    run_uri = f"{out}/ray_results/{name}"  # train.storage_path is empty: <out>/ray_results/<name>
 
     first = start_job(local_cluster, command)
     deadline = next_status_check = time.monotonic()
     deadline += 600
-    while _latest_checkpoint_epoch(run_path) is None:
+    while _latest_checkpoint_epoch(local_cluster, run_uri) is None:
         # The snapshot is polled often, the job (a CLI call of a few seconds) only now and then
         if time.monotonic() >= next_status_check:
             status = job_status(local_cluster, first)
             assert status in ("PENDING", "RUNNING"), f"{status} before a checkpoint:\n{job_logs(local_cluster, first)}"
-            assert time.monotonic() < deadline, f"no checkpoint in {run_path}:\n{job_logs(local_cluster, first)}"
+            assert time.monotonic() < deadline, f"no checkpoint in {run_uri}:\n{job_logs(local_cluster, first)}"
             next_status_check = time.monotonic() + 10
-        time.sleep(0.25)
+        time.sleep(0.5)
     stop = _submit_sh(local_cluster, "stop", first, timeout=180)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert job_status(local_cluster, first) == "STOPPED"
-    stopped_at = _latest_checkpoint_epoch(run_path)  # an epoch may have finished while stopping
+    stopped_at = _latest_checkpoint_epoch(local_cluster, run_uri)  # an epoch may have finished while stopping
     assert stopped_at is not None and stopped_at < RESUME_EPOCHS - 1, "the job finished before the stop"
-    assert not (out / "summary.json").exists()
+    assert _bucket_json(local_cluster, f"{out}/summary.json") is None
 
     second, status, logs = submit_job(local_cluster, command)
     assert status == "SUCCEEDED", logs
     # The workers' own word (Ray's log dedup may fold rank 0's line into rank 1's)
     assert set(re.findall(r"rank \d resumed from epoch (\d+) \(attempt 1\)", logs)) == {str(stopped_at)}, logs
-    summary = json.loads((out / "summary.json").read_text())
-    metrics = summary["metrics"]
+    metrics = _bucket_json(local_cluster, f"{out}/summary.json")["metrics"]
     assert metrics["epochs_run"] == RESUME_EPOCHS and metrics["resumes"] == 1
     history = metrics["history"]
     assert [h["epoch"] for h in history] == list(range(RESUME_EPOCHS))
     # Epochs up to the checkpoint ran in the first job (attempt 0), only the rest in the second
     assert [h["attempt"] for h in history] == [0 if h["epoch"] <= stopped_at else 1 for h in history]
 
-    # MLflow: the second job's train run logged only the epochs after the checkpoint (step = epoch + 1)
     client = mlflow.MlflowClient(tracking_uri=local_cluster.tracking_uri)
-    resumed_steps = sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "val_top1"))
-    assert resumed_steps == list(range(stopped_at + 2, RESUME_EPOCHS + 1))
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                               filter_string="tags.`smpp.stage` = 'train'")
     assert len(runs) == 2  # one per job

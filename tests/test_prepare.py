@@ -28,7 +28,7 @@ ALL_JSON = (TEXT, CATEGORY, GEO, ADDITIONAL, USER)
 @pytest.fixture(scope="module")
 def raw_corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("raw")
-    synthesize_corpus(root, posts=POSTS, seed=11, image_size=32, test_posts=TEST_POSTS)
+    synthesize_corpus(str(root), posts=POSTS, seed=11, image_size=32, test_posts=TEST_POSTS)
     return root
 
 
@@ -88,36 +88,36 @@ def test_assign_splits_validates_arguments():
 
 def test_missing_folder_and_missing_file_raise_naming_them(raw_copy, tmp_path):
     with pytest.raises(ValueError, match="nowhere"):
-        prepare_dataset(tmp_path / "nowhere", str(tmp_path / "out"))
+        prepare_dataset(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     (raw_copy / CATEGORY).unlink()
     with pytest.raises(ValueError, match="train_category.json"):
-        prepare_dataset(raw_copy, str(tmp_path / "out"))
+        prepare_dataset(str(raw_copy), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()   # stopped before any work
 
 
 def test_missing_test_file_raises_once_any_test_file_exists(raw_copy, tmp_path):
     (raw_copy / "test_user_data.json").unlink()
     with pytest.raises(ValueError, match="test_user_data.json"):
-        prepare_dataset(raw_copy, str(tmp_path / "out"))
+        prepare_dataset(str(raw_copy), str(tmp_path / "out"))
 
 
 def test_files_of_different_lengths_raise_naming_them(raw_copy, tmp_path):
     _edit_lines(raw_copy, LABEL, lambda lines: lines.pop())
     with pytest.raises(ValueError, match=r"same number of rows.*train_label.txt: 239 rows"):
-        prepare_dataset(raw_copy, str(tmp_path / "out"))
+        prepare_dataset(str(raw_copy), str(tmp_path / "out"))
 
 
 def test_a_file_that_is_not_a_json_array_raises(raw_copy, tmp_path):
     (raw_copy / GEO).write_text('{"Uid": "1"}')
     with pytest.raises(ValueError, match="train_temporalspatial_information.json.*JSON array"):
-        prepare_dataset(raw_copy, str(tmp_path / "out"))
+        prepare_dataset(str(raw_copy), str(tmp_path / "out"))
 
 
 # ----------------------------------------------------------------------------- with Ray
 
 def test_round_trip_schema_counts_and_time_split(ray_session, raw_corpus, tmp_path):
     data = tmp_path / "data"
-    manifest = prepare_dataset(raw_corpus, str(data), max_image_side=24, rows_per_shard=64)
+    manifest = prepare_dataset(str(raw_corpus), str(data), max_image_side=24, rows_per_shard=64)
     counts = manifest["counts"]
     assert counts["input_rows"] == POSTS + TEST_POSTS == counts["written"] + counts["rejected"]
     assert counts["rejected"] == 0 and _rejects(data) == []
@@ -158,10 +158,10 @@ def test_round_trip_schema_counts_and_time_split(ray_session, raw_corpus, tmp_pa
 
 def test_rerun_overwrites_cleanly_with_identical_shards(ray_session, raw_corpus, tmp_path):
     data = tmp_path / "data"
-    prepare_dataset(raw_corpus, str(data), rows_per_shard=100)
+    prepare_dataset(str(raw_corpus), str(data), rows_per_shard=100)
     first = {p.relative_to(data): pq.read_table(p) for p in sorted((data / "posts").rglob("*.parquet"))}
     (data / "posts" / "split=train" / "part-99999-0.parquet").write_bytes(b"stale")
-    manifest = prepare_dataset(raw_corpus, str(data), rows_per_shard=100)
+    manifest = prepare_dataset(str(raw_corpus), str(data), rows_per_shard=100)
     second = {p.relative_to(data): pq.read_table(p) for p in sorted((data / "posts").rglob("*.parquet"))}
     assert list(first) == list(second)
     assert all(first[k].equals(second[k]) for k in first)
@@ -170,7 +170,7 @@ def test_rerun_overwrites_cleanly_with_identical_shards(ray_session, raw_corpus,
 
 def test_user_split_keeps_each_user_in_one_split(ray_session, raw_corpus, tmp_path):
     data = tmp_path / "data"
-    manifest = prepare_dataset(raw_corpus, str(data), split="user", val_fraction=0.2, test_fraction=0.2)
+    manifest = prepare_dataset(str(raw_corpus), str(data), split="user", val_fraction=0.2, test_fraction=0.2)
     users = {s: set(_read_split(data, s).column("uid").to_pylist()) for s in SPLITS}
     labelled_test = set(_read_split(data, "test").filter(
         _read_split(data, "test").column("label").is_valid()).column("uid").to_pylist())
@@ -239,7 +239,7 @@ def test_every_bad_input_becomes_exactly_its_reject(ray_session, raw_copy, tmp_p
     expected[27] = (ADDITIONAL, "Ispublic")
 
     data = tmp_path / "data"
-    manifest = prepare_dataset(raw_copy, str(data))
+    manifest = prepare_dataset(str(raw_copy), str(data))
     rejects = _rejects(data)
     assert {r["row_index"]: (r["source_file"], r["field"]) for r in rejects} == expected
     assert len(rejects) == len(expected) == manifest["counts"]["rejected"]
@@ -275,7 +275,7 @@ def test_real_file_quirks_are_parsed(ray_session, raw_copy, tmp_path):
     _edit_json(raw_copy, TEXT, lambda r: r[4].update(Title=None))
 
     data = tmp_path / "data"
-    manifest = prepare_dataset(raw_copy, str(data))
+    manifest = prepare_dataset(str(raw_copy), str(data))
     assert manifest["counts"]["rejected"] == 0
     rows = {r["pid"]: r for s in SPLITS for r in _read_split(data, s).drop_columns(["image"]).to_pylist()}
     quirky, other = rows[text[2]["Pid"]], rows[text[4]["Pid"]]
@@ -299,7 +299,7 @@ def test_2019_file_names_are_accepted_as_aliases(ray_session, raw_copy, tmp_path
     for path in raw_copy.glob("test_*"):
         path.unlink()
     _edit_lines(raw_copy, LABEL, lambda lines: lines.__setitem__(1, "oops"))
-    manifest = prepare_dataset(raw_copy, str(tmp_path / "data"))
+    manifest = prepare_dataset(str(raw_copy), str(tmp_path / "data"))
     assert manifest["counts"]["written"] == POSTS - 1
     assert manifest["files"]["train"]["text"] == "train_tags.json" and "test" not in manifest["files"]
     assert manifest["files"]["train"]["img_filepath"] == "train_img.txt"
@@ -308,7 +308,7 @@ def test_2019_file_names_are_accepted_as_aliases(ray_session, raw_copy, tmp_path
 
 def test_labelled_test_files_stay_in_the_test_split(ray_session, raw_copy, tmp_path):
     (raw_copy / "test_label.txt").write_text("".join(f"{3 + i / 10}\n" for i in range(TEST_POSTS)))
-    manifest = prepare_dataset(raw_copy, str(tmp_path / "data"))
+    manifest = prepare_dataset(str(raw_copy), str(tmp_path / "data"))
     assert manifest["counts"]["per_split"] == {"train": 192, "val": 24, "test": 24 + TEST_POSTS}
     assert manifest["split"]["unlabelled_test_rows"] == 0
     assert manifest["files"]["test"]["label"] == "test_label.txt"

@@ -47,23 +47,23 @@ def test_taxonomy_is_11_by_77_with_real_category_names():
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     kwargs = {"posts": 80, "image_size": 32, "test_posts": 8}
-    first = _tree_bytes(Path(synthesize_corpus(tmp_path / "a", seed=5, **kwargs)["out_dir"]))
-    second = _tree_bytes(Path(synthesize_corpus(tmp_path / "b", seed=5, **kwargs)["out_dir"]))
+    first = _tree_bytes(Path(synthesize_corpus(str(tmp_path / "a"), seed=5, **kwargs)["out_dir"]))
+    second = _tree_bytes(Path(synthesize_corpus(str(tmp_path / "b"), seed=5, **kwargs)["out_dir"]))
     assert first == second
-    other = _tree_bytes(Path(synthesize_corpus(tmp_path / "c", seed=6, **kwargs)["out_dir"]))
+    other = _tree_bytes(Path(synthesize_corpus(str(tmp_path / "c"), seed=6, **kwargs)["out_dir"]))
     assert other["train_text.json"] != first["train_text.json"]
     assert other["train_label.txt"] != first["train_label.txt"]
 
 
 def test_rerun_into_the_same_folder_leaves_no_stale_files(tmp_path):
-    synthesize_corpus(tmp_path / "x", posts=60, seed=1, image_size=32, test_posts=5)
-    synthesize_corpus(tmp_path / "x", posts=40, seed=2, image_size=32)
-    synthesize_corpus(tmp_path / "fresh", posts=40, seed=2, image_size=32)
+    synthesize_corpus(str(tmp_path / "x"), posts=60, seed=1, image_size=32, test_posts=5)
+    synthesize_corpus(str(tmp_path / "x"), posts=40, seed=2, image_size=32)
+    synthesize_corpus(str(tmp_path / "fresh"), posts=40, seed=2, image_size=32)
     assert _tree_bytes(tmp_path / "x") == _tree_bytes(tmp_path / "fresh")
 
 
 def test_layout_and_string_typing_match_smpd(tmp_path):
-    summary = synthesize_corpus(tmp_path, posts=150, seed=3, image_size=40, test_posts=12)
+    summary = synthesize_corpus(str(tmp_path), posts=150, seed=3, image_size=40, test_posts=12)
     assert summary["posts"] == 150 and summary["test_posts"] == 12 and summary["images"] == 162
     for name, keys in JSON_FILES.items():
         for prefix in ("train_", "test_"):

@@ -1,56 +1,53 @@
-"""Reading a prepared dataset's ``manifest.json`` (written by :mod:`smpp_ray.data.prepare`).
+"""The one reader and writer of a prepared dataset's ``manifest.json`` (and of its taxonomy).
 
 Keys: ``schema_version``, ``raw_dir``, ``files``, ``counts`` {``input_rows``, ``written``,
 ``rejected``, ``per_split`` {train, val, test}, ``rejected_by_field``}, ``taxonomy``
 (:meth:`Taxonomy.to_dict`), ``concepts`` (names; ``concept_id`` indexes this list), ``split``
 {``method``, fractions, ``boundaries``}, ``time_range`` {``start``, ``end``} (unix seconds),
 ``image`` {``max_side``, ``jpeg_quality``} and ``run`` {``seconds``, ``posts_per_s``}.
+
+The dataset may live at any location :mod:`smpp_ray.storage` reads (a local folder or an
+``s3://`` / ``gs://`` prefix).
 """
 
 from __future__ import annotations
 
 import json
-import os
 
-import pyarrow.fs as pafs
-
+from smpp_ray import storage
 from smpp_ray.data.schema import SCHEMA_VERSION, Taxonomy
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_FILE = "manifest.json"
 
 
-def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and path for a local path or a ``s3://`` / ``gs://`` URI."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+def manifest_location(data_dir: str) -> str:
+    """Where the manifest of the dataset at ``data_dir`` lives."""
+    return storage.join(data_dir, MANIFEST_FILE)
 
 
-def write_manifest(data_dir: str, manifest: dict) -> None:
-    """Write ``manifest.json`` (sorted keys, so reruns of the same data give the same text)."""
-    fs, root = resolve_filesystem(data_dir)
-    with fs.open_output_stream(f"{root}/{MANIFEST_NAME}") as handle:
-        handle.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+def write_manifest(data_dir: str, manifest: dict) -> str:
+    """Write ``manifest.json`` atomically (sorted keys, so reruns of the same data give the same
+    text); returns its location."""
+    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return storage.write_text(manifest_location(data_dir), text)
 
 
 def load_manifest(data_dir: str) -> dict:
     """The manifest of a prepared dataset; ValueError naming the file when absent or unreadable."""
-    fs, root = resolve_filesystem(data_dir)
-    path = f"{root}/{MANIFEST_NAME}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise ValueError(f"{path!r} does not exist: is {data_dir!r} a dataset written by `smpp prepare`?")
-    with fs.open_input_stream(path) as handle:
-        try:
-            manifest = json.loads(handle.read().decode("utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path!r} is not valid JSON: {err}") from err
-    version = manifest.get("schema_version")
+    location = manifest_location(data_dir)
+    if not storage.is_file(location):
+        raise ValueError(f"{location!r} does not exist: is {str(data_dir)!r} a dataset written by `smpp prepare`?")
+    try:
+        manifest = json.loads(storage.read_text(location))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{location!r} is not valid JSON: {err}") from err
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
-        raise ValueError(f"{path!r} has schema_version {version!r}; this code reads version {SCHEMA_VERSION}. "
+        raise ValueError(f"{location!r} has schema_version {version!r}; this code reads version {SCHEMA_VERSION}. "
                          "Rerun `smpp prepare`.")
     return manifest
 
 
-def load_taxonomy(data_dir: str) -> Taxonomy:
+def load_taxonomy(data_location: str) -> Taxonomy:
     """The class taxonomy recorded in a prepared dataset's manifest."""
-    return Taxonomy.from_dict(load_manifest(data_dir)["taxonomy"])
+    return Taxonomy.from_dict(load_manifest(data_location)["taxonomy"])

@@ -13,11 +13,16 @@ Nothing is lost: every input row is either written or rejected with its file, ro
 reason (``input_rows == written + rejected`` is checked before the manifest is written). Images
 rejected inside the Ray tasks are sent to a small collector actor (keyed by file and row, so a
 retried task cannot double-count). Image paths must resolve inside the raw folder: absolute paths
-and ``..`` are rejected by the driver, symlinks that escape by the tasks, before reading.
+and ``..`` are rejected by the driver; in a local raw folder, symlinks that escape are rejected by
+the tasks before reading (object stores have no symlinks).
+
+Both folders are locations (:mod:`smpp_ray.storage`): a local path, or an ``s3://`` / ``gs://``
+prefix. Each image task resolves the raw folder's filesystem itself and reads its images by
+location, so on a cluster the raw posts need only be on storage every node reaches (a local raw
+folder must then be mounted on every node).
 
 Rerunning into the same folder first removes the previous ``posts/``, ``rejects/`` and manifest,
 and writes with row order preserved and deterministic file names, so a rerun gives the same shards.
-The raw folder must be local to (or mounted on) every Ray node; the output may be a URI.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import logging
 import os
 import time
 from collections import Counter
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -36,8 +41,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from smpp_ray import storage
 from smpp_ray.data import smpd
-from smpp_ray.data.manifest import resolve_filesystem, write_manifest
+from smpp_ray.data.manifest import manifest_location, write_manifest
 from smpp_ray.data.schema import (
     POSTS_SCHEMA,
     REJECTS_SCHEMA,
@@ -45,6 +51,7 @@ from smpp_ray.data.schema import (
     SPLITS,
     Taxonomy,
     posts_path,
+    rejects_path,
 )
 from smpp_ray.data.taxonomy_names import default_taxonomy
 
@@ -57,6 +64,8 @@ _SOURCE_COLUMN = "_img_source"
 #: Driver-only keys of a record (not columns): its category file (for class rejects) and prefix.
 _CATEGORY_FILE = "_category_file"
 _PREFIX = "_prefix"
+#: Concurrent image reads per task from object storage, where each read is a round trip.
+_FETCH_THREADS = 16
 #: Log parsing progress every this many rows (the real corpus has ~300k).
 _LOG_EVERY = 50_000
 _META_SCHEMA = pa.schema([f for f in POSTS_SCHEMA if f.name != "image"] + [pa.field(_SOURCE_COLUMN, pa.string())])
@@ -157,17 +166,30 @@ class ImageError(Exception):
     """An image that cannot be used; the message is the reject reason."""
 
 
-def load_image(raw_root: str, relative: str, max_side: int, quality: int) -> bytes:
-    """JPEG bytes of one image, longest side <= max_side; ImageError when missing, escaping or corrupt."""
+def read_image(fs: pafs.FileSystem, root: str, relative: str, real_root: str | None = None) -> bytes:
+    """The raw bytes of ``root/relative`` on ``fs``; ImageError when it does not exist.
+
+    ``real_root`` (local folders only: the real path of ``root``) rejects a symlink that
+    resolves outside the folder before anything is read.
+    """
+    path = f"{root}/{relative}"
+    if real_root is not None:
+        full = os.path.realpath(path)
+        if os.path.commonpath([real_root, full]) != real_root:
+            raise ImageError(f"image path {relative!r} resolves outside the raw folder (symlink?)")
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except OSError:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise ImageError(f"image file {relative!r} does not exist") from None
+        raise   # an unreadable existing file (or a storage outage) fails the task, which Ray retries
+
+
+def fit_image(data: bytes, relative: str, max_side: int, quality: int) -> bytes:
+    """JPEG bytes of an image, longest side <= max_side; ImageError when empty or corrupt."""
     from PIL import Image, UnidentifiedImageError
 
-    full = os.path.realpath(os.path.join(raw_root, relative))
-    if os.path.commonpath([raw_root, full]) != raw_root:
-        raise ImageError(f"image path {relative!r} resolves outside the raw folder (symlink?)")
-    if not os.path.isfile(full):
-        raise ImageError(f"image file {relative!r} does not exist")
-    with open(full, "rb") as handle:
-        data = handle.read()
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()   # decodes every byte: truncated files fail here, not later in training
@@ -184,17 +206,39 @@ def load_image(raw_root: str, relative: str, max_side: int, quality: int) -> byt
     return buffer.getvalue()
 
 
+def _read_images(raw_root: str, paths: list[str]) -> list[bytes | ImageError]:
+    """The bytes (or the ImageError) of each image of a batch, read by location."""
+    fs, root = storage.resolve(raw_root)
+    real_root = os.path.realpath(root) if isinstance(fs, pafs.LocalFileSystem) else None
+
+    def fetch(relative: str) -> bytes | ImageError:
+        try:
+            return read_image(fs, root, relative, real_root)
+        except ImageError as err:
+            return err
+
+    if real_root is not None or len(paths) < 2:
+        return [fetch(p) for p in paths]
+    with ThreadPoolExecutor(min(_FETCH_THREADS, len(paths))) as pool:
+        return list(pool.map(fetch, paths))
+
+
 def load_images(batch: pa.Table, *, raw_root: str, max_side: int, quality: int, collector: Any) -> pa.Table:
-    """Ray Data UDF: metadata rows in, POSTS_SCHEMA rows with ``image`` out; bad images to ``collector``."""
+    """Ray Data UDF: metadata rows in, POSTS_SCHEMA rows with ``image`` out; bad images to ``collector``.
+
+    ``raw_root`` is the raw folder's location; the images are read from it inside this task.
+    """
     import ray
 
     paths = batch.column("image_path").to_pylist()
     images: list[bytes] = []
     keep: list[bool] = []
     rejects: list[dict] = []
-    for i, relative in enumerate(paths):
+    for i, (relative, data) in enumerate(zip(paths, _read_images(raw_root, paths), strict=True)):
         try:
-            images.append(load_image(raw_root, relative, max_side, quality))
+            if isinstance(data, ImageError):
+                raise data
+            images.append(fit_image(data, relative, max_side, quality))
             keep.append(True)
         except ImageError as err:
             keep.append(False)
@@ -230,12 +274,12 @@ def _collector_class():
 
 # --------------------------------------------------------------------------------- driver
 
-def _read_raw(raw: Path) -> tuple[list[smpd.FileSet], list[dict], list[dict]]:
+def _read_raw(raw: str) -> tuple[list[smpd.FileSet], list[dict], list[dict]]:
     """Parse every row of every file set; returns the sets, the post records and the rejects."""
     sets = [s for s in (smpd.find_file_set(raw, p) for p in smpd.PREFIXES) if s is not None]
     if not sets:
         expected = "; ".join(" or ".join(n.format(p="train_") for n in names) for names in smpd.FILE_NAMES.values())
-        raise ValueError(f"raw SMPD folder {str(raw)!r} holds neither train_ nor test_ files; expected {expected} "
+        raise ValueError(f"raw SMPD folder {raw!r} holds neither train_ nor test_ files; expected {expected} "
                          "(or the same with the test_ prefix)")
     for file_set in sets:   # every set's files checked before any row is parsed
         smpd.load_file_set(file_set)
@@ -269,22 +313,27 @@ def _read_raw(raw: Path) -> tuple[list[smpd.FileSet], list[dict], list[dict]]:
     return sets, records, rejects
 
 
-def _clear_outputs(fs: pafs.FileSystem, root: str) -> None:
-    fs.create_dir(root, recursive=True)
-    for name in ("posts", "rejects"):
-        if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.Directory:
-            fs.delete_dir(f"{root}/{name}")
-    if fs.get_file_info(f"{root}/manifest.json").type == pafs.FileType.File:
-        fs.delete_file(f"{root}/manifest.json")
+def _clear_outputs(out: str) -> None:
+    storage.remove(storage.join(out, "posts"))
+    storage.remove(rejects_path(out))
+    storage.remove(manifest_location(out))
 
 
-def _count_rows(fs: pafs.FileSystem, folder: str) -> int:
-    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    return sum(pq.ParquetFile(fs.open_input_file(i.path)).metadata.num_rows
-               for i in infos if i.path.endswith(".parquet"))
+def _count_rows(folder: str) -> int:
+    total = 0
+    for location in storage.list_parquet_files(folder):
+        with storage.open_input(location) as stream:
+            total += pq.ParquetFile(stream).metadata.num_rows
+    return total
 
 
-def _write_split(rows: list[dict], split: str, out_dir: str, raw_root: str, *, max_side: int,
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def _write_split(rows: list[dict], split: str, out: str, raw: str, *, max_side: int,
                  quality: int, rows_per_shard: int, collector: Any) -> int:
     import ray.data
     from ray.data.datasource import FilenameProvider
@@ -295,42 +344,39 @@ def _write_split(rows: list[dict], split: str, out_dir: str, raw_root: str, *, m
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
             return f"part-{task_index:05d}"
 
-    fs, root = resolve_filesystem(out_dir)
-    folder = posts_path(root, split)
-    fs.create_dir(folder, recursive=True)
+    folder = posts_path(out, split)
+    fs, path = storage.resolve(folder)
     started = time.perf_counter()
     if rows:
         table = pa.Table.from_pylist(rows, schema=_META_SCHEMA)
         blocks = [table.slice(i, _BLOCK_ROWS) for i in range(0, len(table), _BLOCK_ROWS)]
         dataset = ray.data.from_arrow(blocks).map_batches(
             load_images, batch_format="pyarrow", batch_size=None, num_cpus=1,
-            fn_kwargs={"raw_root": raw_root, "max_side": max_side, "quality": quality, "collector": collector})
-        dataset.write_parquet(folder, filesystem=fs, schema=POSTS_SCHEMA, filename_provider=PartNames(),
+            fn_kwargs={"raw_root": raw, "max_side": max_side, "quality": quality, "collector": collector})
+        dataset.write_parquet(path, filesystem=fs, schema=POSTS_SCHEMA, filename_provider=PartNames(),
                               min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard,
                               mode=ray.data.SaveMode.OVERWRITE)
-    written = _count_rows(fs, folder)
+    written = _count_rows(folder)
     if written == 0:   # an empty split still gets a file, so readers see the schema
-        with fs.open_output_stream(f"{folder}/part-00000-0.parquet") as handle:
-            pq.write_table(POSTS_SCHEMA.empty_table(), handle)
+        storage.write_bytes(storage.join(folder, "part-00000-0.parquet"), _parquet_bytes(POSTS_SCHEMA.empty_table()))
     seconds = time.perf_counter() - started
     logger.info("prepare: split=%s wrote %d of %d posts in %.1fs (%.0f rows/s)", split, written, len(rows),
                 seconds, len(rows) / max(seconds, 1e-9))
     return written
 
 
-def _write_rejects(rejects: list[dict], out_dir: str) -> None:
-    fs, root = resolve_filesystem(out_dir)
-    fs.create_dir(f"{root}/rejects", recursive=True)
+def _write_rejects(rejects: list[dict], out: str) -> None:
     rejects = sorted(rejects, key=lambda r: (r["source_file"], r["row_index"]))
-    with fs.open_output_stream(f"{root}/rejects/part-00000.parquet") as handle:
-        pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), handle)
+    table = pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA)
+    storage.write_bytes(storage.join(rejects_path(out), "part-00000.parquet"), _parquet_bytes(table))
 
 
-def prepare_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, split: str = "time",
+def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
                     val_fraction: float = 0.1, test_fraction: float = 0.1, max_image_side: int = 256,
                     jpeg_quality: int = 90, rows_per_shard: int = 2048) -> dict:
     """Turn a raw SMPD folder into Parquet shards + rejects + manifest; returns the manifest.
 
+    ``raw_dir`` and ``out_dir`` are locations (local paths or ``s3://`` / ``gs://`` URIs).
     Raises ValueError naming the folder or file on bad usage (missing folder or required file,
     malformed file, files of different lengths, bad split arguments) before any work.
     """
@@ -338,9 +384,9 @@ def prepare_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
 
     from smpp_ray.runtime import init_ray
 
-    raw, out_dir = Path(raw_dir), os.fspath(out_dir)
-    if not raw.is_dir():
-        raise ValueError(f"raw SMPD folder {str(raw_dir)!r} does not exist or is not a directory")
+    raw, out = storage.normalize(raw_dir), storage.normalize(out_dir)
+    if not storage.is_dir(raw):
+        raise ValueError(f"raw SMPD folder {raw!r} does not exist or is not a directory")
     if split not in ("time", "user"):
         raise ValueError(f"unknown split method {split!r}; expected 'time' or 'user'")
     if max_image_side < 16 or not 1 <= jpeg_quality <= 100 or rows_per_shard < 1:
@@ -364,14 +410,13 @@ def prepare_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
         parts[name].sort(key=lambda r: (r["postdate"], r["pid"]))
 
     init_ray()
-    fs, root = resolve_filesystem(out_dir)
-    _clear_outputs(fs, root)
+    _clear_outputs(out)
     context = ray.data.DataContext.get_current()
     preserve = context.execution_options.preserve_order
     context.execution_options.preserve_order = True   # same rows in the same files on every rerun
     collector = _collector_class().remote()
     try:
-        per_split = {name: _write_split(parts[name], name, out_dir, os.path.realpath(raw), max_side=max_image_side,
+        per_split = {name: _write_split(parts[name], name, out, raw, max_side=max_image_side,
                                         quality=jpeg_quality, rows_per_shard=rows_per_shard, collector=collector)
                      for name in SPLITS}
         image_rejects = ray.get(collector.rows.remote())
@@ -379,7 +424,7 @@ def prepare_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
         context.execution_options.preserve_order = preserve
         ray.kill(collector)
     rejects += image_rejects
-    _write_rejects(rejects, out_dir)
+    _write_rejects(rejects, out)
     written = sum(per_split.values())
     if input_rows != written + len(rejects):
         raise RuntimeError(f"prepare lost rows: {input_rows} in, {written} written + {len(rejects)} rejected")
@@ -388,8 +433,8 @@ def prepare_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     seconds = time.perf_counter() - started
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "raw_dir": str(raw.resolve()),
-        "files": {s.prefix.rstrip("_"): {k: p.name for k, p in s.files.items()} for s in sets},
+        "raw_dir": raw,
+        "files": {s.prefix.rstrip("_"): {k: s.name(k) for k in s.files} for s in sets},
         "counts": {"input_rows": input_rows, "written": written, "rejected": len(rejects), "per_split": per_split,
                    "rejected_by_field": dict(sorted(Counter(r["field"] for r in rejects).items()))},
         "taxonomy": taxonomy.to_dict(),
@@ -402,8 +447,8 @@ def prepare_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
         "rows_per_shard": rows_per_shard,
         "run": {"seconds": round(seconds, 2), "posts_per_s": round(input_rows / max(seconds, 1e-9), 1)},
     }
-    write_manifest(out_dir, manifest)
+    write_manifest(out, manifest)
     logger.info("prepare: %d rows in, %d written (%s), %d rejected, in %.1fs (%.0f rows/s) -> %s", input_rows,
                 written, ", ".join(f"{k}={v}" for k, v in per_split.items()), len(rejects), seconds,
-                manifest["run"]["posts_per_s"], out_dir)
+                manifest["run"]["posts_per_s"], out)
     return manifest

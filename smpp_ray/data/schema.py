@@ -1,7 +1,8 @@
 """The Arrow schema of prepared posts and the class taxonomy stored in ``manifest.json``.
 
 This is the contract between ``prepare`` (which writes it) and every later stage (which read
-it). A prepared dataset is a folder::
+it). A prepared dataset is a folder at any location :mod:`smpp_ray.storage` reads (a local path or
+an ``s3://`` / ``gs://`` prefix)::
 
     DATA/manifest.json                  counts, taxonomy, split boundaries, schema version
     DATA/posts/split=train/part-*.parquet
@@ -15,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+
+from smpp_ray import storage
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -103,7 +106,12 @@ class Taxonomy:
 
 
 def posts_path(data_dir: str, split: str) -> str:
-    """Folder of one split's Parquet shards."""
+    """Location of one split's Parquet shards (same scheme as ``data_dir``)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected train, val or test")
-    return f"{data_dir.rstrip('/')}/posts/split={split}"
+    return storage.join(data_dir, "posts", f"split={split}")
+
+
+def rejects_path(data_dir: str) -> str:
+    """Location of the rejected rows' Parquet shards."""
+    return storage.join(data_dir, "rejects")

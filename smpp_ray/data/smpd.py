@@ -1,5 +1,8 @@
 """Reading a raw SMPD folder: file names, row alignment and per-field parsing with validation.
 
+The folder is a location (a local path or an ``s3://`` / ``gs://`` prefix) read through
+:mod:`smpp_ray.storage`; file sets hold the locations of their files.
+
 A raw folder holds one *file set* per prefix (``train_``, and optionally ``test_``), each of seven
 row-aligned files (the 2023+ names; the 2019/2020 names are accepted as aliases)::
 
@@ -29,8 +32,9 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
 from typing import Any
+
+from smpp_ray import storage
 
 #: File kinds in the order rows are checked; the first failing check names the reject.
 FILE_KINDS = ("text", "category", "temporalspatial", "additional", "user", "label", "img_filepath")
@@ -64,10 +68,10 @@ class FieldError(Exception):
 
 @dataclass
 class FileSet:
-    """The files of one prefix, with their rows loaded (JSON records or text lines)."""
+    """The files (locations) of one prefix, with their rows loaded (JSON records or text lines)."""
 
     prefix: str
-    files: dict[str, Path]
+    files: dict[str, str]
     rows: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
@@ -79,22 +83,24 @@ class FileSet:
         return len(self.rows["text"]) if self.rows else 0
 
     def name(self, kind: str) -> str:
-        return self.files[kind].name
+        return storage.name(self.files[kind])
 
 
-def find_file_set(raw_dir: Path, prefix: str) -> FileSet | None:
-    """The files of ``prefix`` in ``raw_dir``; None when none of them exist.
+def find_file_set(raw_dir: str, prefix: str) -> FileSet | None:
+    """The files of ``prefix`` in the folder ``raw_dir`` (a location); None when none of them exist.
 
     Raises ValueError naming every required file that is missing once any file of the set
     exists. The label file is optional for ``test_``.
     """
-    found: dict[str, Path] = {}
+    # One listing rather than a probe per candidate name: a probe is a request on object storage.
+    present = {storage.name(f) for f in storage.list_files(raw_dir, recursive=False)}
+    found: dict[str, str] = {}
     missing: list[str] = []
     for kind, patterns in FILE_NAMES.items():
         names = [p.format(p=prefix) for p in patterns]
-        hit = next((raw_dir / n for n in names if (raw_dir / n).is_file()), None)
+        hit = next((n for n in names if n in present), None)
         if hit is not None:
-            found[kind] = hit
+            found[kind] = storage.join(raw_dir, hit)
         elif not (kind == "label" and prefix == "test_"):
             missing.append(" or ".join(names))
     if not found:  # a folder may hold train_ files, test_ files or both (new posts to score)
@@ -106,17 +112,19 @@ def find_file_set(raw_dir: Path, prefix: str) -> FileSet | None:
 
 def load_file_set(file_set: FileSet) -> FileSet:
     """Read every file of the set; raise ValueError naming a malformed file or a length mismatch."""
-    for kind, path in file_set.files.items():
+    for kind, location in file_set.files.items():
         if kind in JSON_KINDS:
             try:
-                with path.open(encoding="utf-8") as handle:
-                    rows = json.load(handle)
+                rows = json.loads(storage.read_text(location))
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+                raise ValueError(f"{location!r} is not valid JSON: {err}") from err
             if not isinstance(rows, list):
-                raise ValueError(f"{str(path)!r} must hold a JSON array of records, got {type(rows).__name__}")
+                raise ValueError(f"{location!r} must hold a JSON array of records, got {type(rows).__name__}")
         else:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            try:
+                lines = storage.read_text(location).splitlines()
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{location!r} is not UTF-8 text: {err}") from err
             while lines and not lines[-1].strip():   # a trailing newline is not a row
                 lines.pop()
             rows = lines
@@ -262,10 +270,10 @@ def parse_image_path(value: Any, source: str) -> str:
     posix = text.replace("\\", "/")
     if "://" in posix or posix.startswith("/") or re.match(r"^[A-Za-z]:", posix):
         raise FieldError(source, "image_path", f"image path {text!r} is absolute; it must be relative to the raw folder")
-    parts = PurePosixPath(posix).parts
+    parts = [p for p in posix.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise FieldError(source, "image_path", f"image path {text!r} escapes the raw folder ('..')")
-    return "/".join(p for p in parts if p != ".")
+    return "/".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------

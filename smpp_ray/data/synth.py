@@ -5,6 +5,8 @@ in exactly the SMP Challenge layout (see ``DESIGN.md``): seven files of row-alig
 with string-typed values, ``train_label.txt``, ``train_img_filepath.txt`` and JPEG images under
 ``train/<Uid>/<Pid>.jpg``; optionally the same for ``test_`` posts (no label file). Beside them
 ``oracle.parquet`` holds, per Pid, the noise-free popularity score, the split and the label.
+The corpus is written to any location :mod:`smpp_ray.storage` writes (a local folder or an
+``s3://`` / ``gs://`` prefix).
 
 Generative model (all draws from ``numpy.random.default_rng(seed)``; the class-level look, words
 and effects come from a fixed seed so that corpora of different seeds share the same classes):
@@ -51,17 +53,16 @@ import colorsys
 import io
 import json
 import logging
-import os
-import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageFilter
 
+from smpp_ray import storage
 from smpp_ray.data.taxonomy_names import default_taxonomy
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,10 @@ _HOUR_WEIGHTS = np.array([3, 2, 1.5, 1, 1, 1, 1.5, 2.5, 3.5, 4, 4.5, 5, 5.5, 5, 
 #: Weekday weights starting at Sunday (the start date's weekday): weekends post more.
 _WEEKDAY_WEIGHTS = np.array([1.3, 1.0, 1.0, 1.0, 1.0, 1.05, 1.3])
 _PATTERNS = ("disc", "square", "triangle", "stripes", "rings", "checker", "cross")
+#: Images rendered before their writes are handed to the writer threads (bounds memory).
+_WRITE_CHUNK = 256
+#: Concurrent image writes: each is a round trip on object storage.
+_WRITE_THREADS = 8
 
 TRAIN_FILES = {
     "text": "train_text.json",
@@ -473,50 +478,51 @@ def _records(corpus: Corpus, idx: np.ndarray, folder: str) -> dict[str, list]:
     return out
 
 
-def _write_split(out: Path, corpus: Corpus, idx: np.ndarray, prefix: str, image_size: int,
+def _write_split(out: str, corpus: Corpus, idx: np.ndarray, prefix: str, image_size: int,
                  seed: int) -> int:
     folder = prefix.rstrip("_")
     records = _records(corpus, idx, folder)
     for kind, name in TRAIN_FILES.items():
         if kind == "label" and prefix == "test_":
             continue   # test posts are unlabelled, as in the challenge
-        path = out / name.replace("train_", prefix)
+        location = storage.join(out, name.replace("train_", prefix))
         if kind in ("label", "img_filepath"):
-            path.write_text("".join(line + "\n" for line in records[kind]), encoding="utf-8")
+            storage.write_text(location, "".join(line + "\n" for line in records[kind]))
         else:
-            path.write_text(json.dumps(records[kind], ensure_ascii=False), encoding="utf-8")
+            storage.write_text(location, json.dumps(records[kind], ensure_ascii=False))
     look = class_look()
     # A stream of its own per split, so adding test posts never changes the train images.
     rng = np.random.default_rng([seed, 1 if prefix == "test_" else 0])
-    made_dirs: set[str] = set()
     started = time.perf_counter()
-    for done, (i, relative) in enumerate(zip(idx.tolist(), records["img_filepath"], strict=True), 1):
-        if done % 20_000 == 0:
-            logger.info("synth: %d/%d %s images (%.0f images/s)", done, len(idx), folder,
-                        done / max(time.perf_counter() - started, 1e-9))
-        target = out / relative
-        if target.parent.name not in made_dirs:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            made_dirs.add(target.parent.name)
-        pixels = render_image(look, int(corpus.subcategory[i]), float(corpus.appeal[i]), image_size, rng)
-        target.write_bytes(_encode_jpeg(pixels))
+    posts = list(zip(idx.tolist(), records["img_filepath"], strict=True))
+    # Rendering stays in order on this thread (the images depend on the rng stream); the writes,
+    # which on object storage are round trips, overlap in a few threads.
+    with ThreadPoolExecutor(_WRITE_THREADS) as pool:
+        for first in range(0, len(posts), _WRITE_CHUNK):
+            chunk = posts[first: first + _WRITE_CHUNK]
+            images = [_encode_jpeg(render_image(look, int(corpus.subcategory[i]), float(corpus.appeal[i]),
+                                                image_size, rng)) for i, _ in chunk]
+            list(pool.map(storage.write_bytes, [storage.join(out, r) for _, r in chunk], images))
+            done = first + len(chunk)
+            if done // 20_000 > first // 20_000:
+                logger.info("synth: %d/%d %s images (%.0f images/s)", done, len(idx), folder,
+                            done / max(time.perf_counter() - started, 1e-9))
     return len(idx)
 
 
-def _clear_previous(out: Path) -> None:
+def _clear_previous(out: str) -> None:
     """Remove what an earlier synth run wrote here (only our own names), so a rerun is clean."""
     for folder in ("train", "test"):
-        if (out / folder).is_dir():
-            shutil.rmtree(out / folder)
+        storage.remove(storage.join(out, folder))
     for name in [*TRAIN_FILES.values(), *(n.replace("train_", "test_") for n in TRAIN_FILES.values()),
                  "oracle.parquet"]:
-        if (out / name).exists():
-            (out / name).unlink()
+        storage.remove(storage.join(out, name))
 
 
-def synthesize_corpus(out_dir: str | os.PathLike, *, posts: int, seed: int, image_size: int = 64,
+def synthesize_corpus(out_dir: str, *, posts: int, seed: int, image_size: int = 64,
                       users: int = 0, test_posts: int = 0) -> dict:
-    """Write a synthetic SMPD corpus (layout and model in the module docstring) into ``out_dir``.
+    """Write a synthetic SMPD corpus (layout and model in the module docstring) into the
+    location ``out_dir`` (a local folder or an ``s3://`` / ``gs://`` prefix).
 
     Byte-identical for the same arguments. Returns a summary: counts, ``oracle_src`` and timing.
     """
@@ -524,8 +530,7 @@ def synthesize_corpus(out_dir: str | os.PathLike, *, posts: int, seed: int, imag
         raise ValueError(f"image_size must be in [16, 1024], got {image_size!r}")
     started = time.perf_counter()
     corpus = generate_corpus(posts, seed, users=users, test_posts=test_posts)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.normalize(out_dir)
     _clear_previous(out)
     written = _write_split(out, corpus, np.flatnonzero(~corpus.is_test), "train_", image_size, seed)
     logger.info("synth: wrote %d train posts in %.1fs", written, time.perf_counter() - started)
@@ -537,10 +542,11 @@ def synthesize_corpus(out_dir: str | os.PathLike, *, posts: int, seed: int, imag
         "label": pa.array(corpus.label, pa.float64()),
         "split": pa.array(np.where(corpus.is_test, "test", "train")),
     })
-    pq.write_table(oracle, out / "oracle.parquet")
+    fs, path = storage.resolve(storage.join(out, "oracle.parquet"))
+    pq.write_table(oracle, path, filesystem=fs)
     seconds = time.perf_counter() - started
     summary = {
-        "out_dir": str(out), "posts": posts, "test_posts": test_posts, "users": len(corpus.uid),
+        "out_dir": out, "posts": posts, "test_posts": test_posts, "users": len(corpus.uid),
         "images": posts + test_posts, "image_size": image_size, "seed": seed,
         "oracle_src": round(oracle_src(corpus), 4), "seconds": round(seconds, 2),
         "posts_per_s": round((posts + test_posts) / max(seconds, 1e-9), 1),

@@ -1,0 +1,140 @@
+"""synth and prepare on a real S3 server (moto on 127.0.0.1): raw posts in, shards out, all in a bucket.
+
+Ray workers inherit the environment of the Ray processes when Ray starts, and pyarrow in a worker
+finds the S3 endpoint and credentials only through the ``AWS_*`` variables the ``s3_endpoint``
+fixture sets. So the Ray fixture of this module requests ``s3_endpoint`` *before*
+``ray_session``: when this module is the first to need Ray, Ray starts with the variables set.
+When an earlier module already started the session's Ray without them, the fixture sees that
+from a worker and restarts Ray once (same settings) so its workers inherit them.
+
+Every location below is a string handled by :mod:`smpp_ray.storage`, the same code that the
+local tests run through; a local prepare of the same corpus is the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from smpp_ray import storage
+from smpp_ray.data import smpd
+from smpp_ray.data.manifest import MANIFEST_FILE, load_manifest, load_taxonomy
+from smpp_ray.data.prepare import prepare_dataset
+from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS, posts_path, rejects_path
+from smpp_ray.data.synth import synthesize_corpus
+
+CORPUS = {"posts": 96, "seed": 7, "image_size": 32, "test_posts": 8}
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3_endpoint, ray_session):
+    """The session's Ray, with workers that see the S3 server's ``AWS_*`` variables."""
+    ray = ray_session
+
+    @ray.remote(num_cpus=0)
+    def worker_endpoint() -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    if ray.get(worker_endpoint.remote()) != s3_endpoint:   # started by an earlier module
+        from smpp_ray.runtime import init_ray
+
+        ray.shutdown()
+        init_ray(num_cpus=4)
+        assert ray.get(worker_endpoint.remote()) == s3_endpoint
+    return ray
+
+
+def _tree(root: str) -> dict[str, bytes]:
+    return {f[len(root) + 1:]: storage.read_bytes(f) for f in storage.list_files(root)}
+
+
+def _read_table(location: str):
+    fs, path = storage.resolve(location)
+    return pq.read_table(path, filesystem=fs)
+
+
+def _pids(data: str) -> dict[str, list[str]]:
+    return {s: _read_table(posts_path(data, s)).column("pid").to_pylist() for s in SPLITS}
+
+
+def _damage(raw: str) -> None:
+    """The same two bad images in either corpus: one deleted, one truncated."""
+    paths = storage.read_text(storage.join(raw, "train_img_filepath.txt")).splitlines()
+    storage.remove(storage.join(raw, paths[4]))
+    truncated = storage.join(raw, paths[7])
+    storage.write_bytes(truncated, storage.read_bytes(truncated)[:150])
+
+
+# ----------------------------------------------------------------------------- no Ray needed
+
+def test_synth_writes_the_same_bytes_to_s3_as_to_a_local_folder(s3_bucket, tmp_path):
+    local, remote = str(tmp_path / "raw"), f"{s3_bucket}/raw"
+    summary = synthesize_corpus(remote, posts=40, seed=3, image_size=24, test_posts=4)
+    synthesize_corpus(local, posts=40, seed=3, image_size=24, test_posts=4)
+    assert summary["out_dir"] == remote and summary["images"] == 44
+    remote_tree = _tree(remote)
+    assert remote_tree == _tree(local)
+    assert "oracle.parquet" in remote_tree and "train_label.txt" in remote_tree
+    assert sum(name.endswith(".jpg") for name in remote_tree) == 44
+    synthesize_corpus(remote, posts=20, seed=4, image_size=24)   # a rerun leaves no stale files
+    assert not any(name.startswith("test") for name in _tree(remote))
+
+
+def test_raw_file_set_errors_name_the_s3_file(s3_bucket):
+    raw = f"{s3_bucket}/raw"
+    synthesize_corpus(raw, posts=20, seed=1, image_size=16)
+    file_set = smpd.load_file_set(smpd.find_file_set(raw, "train_"))
+    assert file_set.num_rows == 20 and file_set.files["text"] == f"{raw}/train_text.json"
+    assert smpd.find_file_set(raw, "test_") is None
+    storage.write_text(storage.join(raw, "train_label.txt"), "1.0\n2.0\n")
+    with pytest.raises(ValueError, match=r"same number of rows.*train_label.txt: 2 rows"):
+        smpd.load_file_set(smpd.find_file_set(raw, "train_"))
+    storage.write_text(storage.join(raw, "train_category.json"), '{"Uid": "1"}')
+    with pytest.raises(ValueError, match=r"s3://.*train_category.json.*JSON array"):
+        smpd.load_file_set(smpd.find_file_set(raw, "train_"))
+    storage.remove(storage.join(raw, "train_user_data.json"))
+    with pytest.raises(ValueError, match="train_user_data.json"):
+        smpd.find_file_set(raw, "train_")
+    with pytest.raises(ValueError, match="nowhere.*does not exist"):
+        prepare_dataset(f"{s3_bucket}/nowhere", f"{s3_bucket}/data")
+    assert not storage.exists(f"{s3_bucket}/data")   # stopped before any work
+
+
+# ----------------------------------------------------------------------------- with Ray
+
+def test_prepare_from_s3_to_s3_matches_a_local_prepare(ray_with_s3, s3_bucket, tmp_path):
+    raw, data = f"{s3_bucket}/raw", f"{s3_bucket}/data"
+    local_raw, local_data = str(tmp_path / "raw"), str(tmp_path / "data")
+    synthesize_corpus(raw, **CORPUS)
+    synthesize_corpus(local_raw, **CORPUS)
+    _damage(raw)
+    _damage(local_raw)
+
+    manifest = prepare_dataset(raw, data, rows_per_shard=40)
+    reference = prepare_dataset(local_raw, local_data, rows_per_shard=40)
+
+    # Everything prepare writes is in the bucket.
+    assert storage.is_file(storage.join(data, MANIFEST_FILE)) and load_manifest(data) == manifest
+    assert manifest["raw_dir"] == raw
+    for split in SPLITS:
+        shards = storage.list_parquet_files(posts_path(data, split))
+        assert shards and all(s.startswith(f"{data}/posts/split={split}/part-") for s in shards)
+        assert _read_table(posts_path(data, split)).schema.remove_metadata().equals(POSTS_SCHEMA)
+    assert len(storage.list_parquet_files(posts_path(data, "train"))) >= 2   # sharded
+    rejects = _read_table(rejects_path(data))
+    assert rejects.schema.remove_metadata().equals(REJECTS_SCHEMA)
+
+    # Nothing lost, and exactly the rows (and rejects) of the local run.
+    counts = manifest["counts"]
+    assert counts["input_rows"] == CORPUS["posts"] + CORPUS["test_posts"] == counts["written"] + counts["rejected"]
+    assert counts["rejected"] == rejects.num_rows == 2 and counts["rejected_by_field"] == {"image": 2}
+    reasons = sorted(r["reason"] for r in rejects.to_pylist())
+    assert "cannot be decoded" in reasons[0] and "does not exist" in reasons[1]
+    assert counts == reference["counts"]
+    assert _pids(data) == _pids(local_data)
+    assert rejects.to_pylist() == _read_table(rejects_path(local_data)).to_pylist()
+    assert load_taxonomy(data) == load_taxonomy(local_data)
+    remote_val, local_val = _read_table(posts_path(data, "val")), _read_table(posts_path(local_data, "val"))
+    assert remote_val.equals(local_val)   # same bytes per image, not only the same pids
