@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from smpp_ray import storage
-from smpp_ray.gbdt.data import load_feature_manifest, read_split, select_columns
+from smpp_ray.gbdt.data import categorical_columns, load_feature_manifest, read_split, select_columns
 from smpp_ray.metrics import regression_metrics
 from smpp_ray.summary import require_summary
 
@@ -30,9 +30,9 @@ def metadata_baseline(features_dir: str, seed: int = 0) -> dict[str, float]:
     """Test metrics of a default LightGBM on the non-network features (fit on train)."""
     import lightgbm as lgb
 
-    columns = select_columns(load_feature_manifest(str(features_dir)), METADATA_GROUPS)
-    names = [c["name"] for c in columns]
-    categorical = [c["name"] for c in columns if c.get("categorical")]
+    manifest = load_feature_manifest(features_dir)
+    names = select_columns(manifest, METADATA_GROUPS)
+    categorical = categorical_columns(manifest, names)
     train, test = read_split(str(features_dir), "train"), read_split(str(features_dir), "test")
     test = test[test["label"].notna()]
     model = lgb.LGBMRegressor(n_estimators=300, learning_rate=0.05, num_leaves=31, random_state=seed,

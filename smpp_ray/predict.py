@@ -89,10 +89,10 @@ def _with_pipeline_ids(table: pa.Table, manifest: dict[str, Any]) -> pa.Table:
 def score_features(tune_dir: str, frame: pd.DataFrame) -> pd.DataFrame:
     """Per-family and blended predictions for feature rows, with the tune stage's models."""
     from smpp_ray.gbdt.blend import apply_weights
-    from smpp_ray.gbdt.data import FeatureSpec, encode
+    from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec, encode
     from smpp_ray.gbdt.registry import load_flavour
 
-    spec = FeatureSpec.from_dict(storage.read_json(storage.join(tune_dir, "feature_spec.json")))
+    spec = FeatureSpec.load(storage.join(tune_dir, FEATURE_SPEC_FILE))
     weights = storage.read_json(storage.join(tune_dir, "blend.json"))["weights"]
     X = encode(frame, spec)
     predictions = {}

@@ -1,6 +1,6 @@
 """``smpp extract``: network + tabular features for every post, partitioned by split.
 
-Output (``out_dir``)::
+Output (``out_dir``, any location: a local path or ``s3://...``)::
 
     split=train/part-*.parquet   key columns pid, uid, postdate, label, category, subcategory
     split=val/part-*.parquet     + feature columns (see feature_manifest.json)
@@ -20,6 +20,9 @@ How the work is split:
 4. A second Ray Data pass joins the network rows with the tabular rows *by pid* (order
    independent; the tabular table is shared once through the object store), projects the
    embeddings and writes the final files; the driver then checks every post appears exactly once.
+
+The dataset, the checkpoint and the output are locations (:mod:`smpp_ray.storage`): the actors
+receive the checkpoint's location, not a driver path, and each loads it on its own node.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,9 +41,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from smpp_ray import storage
 from smpp_ray.config import ExtractConfig
 from smpp_ray.data.schema import SPLITS, Taxonomy
-from smpp_ray import storage
 from smpp_ray.features.history import history_features
 from smpp_ray.features.manifest import GROUPS, KEY_COLUMNS, FeatureColumn, write_feature_manifest
 from smpp_ray.features.network import TENSOR_OUTPUTS, NetworkFeatureExtractor, decode_batch
@@ -65,6 +67,7 @@ class CheckpointInfo:
     """A checkpoint that was checked against the dataset and loads into its backbone."""
 
     path: str
+    """The checkpoint folder's location (what every actor loads on its own node)."""
     backbone: str
     image_size: int
     context_length: int
@@ -87,9 +90,10 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
                      extract_config: ExtractConfig) -> dict[str, Any]:
     """Write features of every post of ``data_dir`` to ``out_dir`` and return a summary.
 
+    ``data_dir``, ``checkpoint_dir`` and ``out_dir`` are locations (local paths or URIs).
     ``checkpoint_dir`` None writes tabular features only (a metadata-only baseline, no Ray
     needed). A missing checkpoint, or one whose taxonomy or backbone does not fit the dataset,
-    raises ValueError naming the path and what differs, before any work starts.
+    raises ValueError naming the location and what differs, before any work starts.
     """
     from smpp_ray.data.manifest import load_manifest
 
@@ -160,12 +164,27 @@ def metadata_features(data_dir: str, manifest: dict, user_description_components
 # Checkpoint
 
 
+def checkpoint_location(checkpoint_dir: str) -> str:
+    """The location of a checkpoint folder (``meta.json``), given it or a train output folder
+    holding ``best_checkpoint/``; found by location, so nothing else of a train folder is fetched."""
+    from smpp_ray.train.checkpoint import META_FILE
+    from smpp_ray.train.trainer import BEST_CHECKPOINT_DIR
+
+    location = storage.normalize(checkpoint_dir)
+    for candidate in (location, storage.join(location, BEST_CHECKPOINT_DIR)):
+        if storage.is_file(storage.join(candidate, META_FILE)):
+            return candidate
+    raise ValueError(f"checkpoint {location!r} not found: neither a checkpoint folder ({META_FILE}) nor a train "
+                     f"output folder with {BEST_CHECKPOINT_DIR}/")
+
+
 def validate_checkpoint(checkpoint_dir: str, data_dir: str) -> CheckpointInfo:
     """Check a checkpoint against the dataset before any work starts; ValueError says what is wrong.
 
     Checks: the folder and its ``trainable.pt`` / ``meta.json`` exist; its taxonomy equals the
     dataset manifest's; its backbone is a known architecture and the trainable state loads into
-    it (a dry load on CPU, so a mismatch fails here, not inside an actor).
+    it (a dry load on CPU of the driver's cached copy, so a mismatch fails here, not inside an
+    actor). The returned :attr:`CheckpointInfo.path` is the checkpoint's location.
     """
     from smpp_ray.data.manifest import load_taxonomy
     from smpp_ray.train.checkpoint import (
@@ -173,54 +192,50 @@ def validate_checkpoint(checkpoint_dir: str, data_dir: str) -> CheckpointInfo:
         load_model_from_checkpoint,
         model_config_from_meta,
         read_meta,
-        resolve_checkpoint_dir,
     )
     from smpp_ray.train.data import input_spec
 
+    location = checkpoint_location(checkpoint_dir)
+    if not storage.is_file(storage.join(location, TRAINABLE_FILE)):
+        raise ValueError(f"checkpoint {location!r} has no {TRAINABLE_FILE}")
+    local = storage.local_copy(location)  # the driver's own copy, for the checks below
     try:
-        # Absolute: the actors that load it may run with another working directory (ray job submit).
-        path = resolve_checkpoint_dir(os.path.abspath(checkpoint_dir))
-    except FileNotFoundError as err:
-        raise ValueError(f"checkpoint {str(checkpoint_dir)!r} not found: {err}") from err
-    if not (path / TRAINABLE_FILE).is_file():
-        raise ValueError(f"checkpoint {str(path)!r} has no {TRAINABLE_FILE}")
-    try:
-        meta = read_meta(path)
-        config = model_config_from_meta(meta, where=str(path))
+        meta = read_meta(local)
+        config = model_config_from_meta(meta, where=location)
     except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"checkpoint {str(path)!r} has an unreadable meta.json: {err}") from err
+        raise ValueError(f"checkpoint {location!r} has an unreadable meta.json: {err}") from err
     difference = taxonomy_difference(Taxonomy.from_dict(meta["taxonomy"]), load_taxonomy(data_dir))
     if difference:
-        raise ValueError(f"checkpoint {str(path)!r} does not match dataset {data_dir!r}: {difference}")
-    prototype_backbone = _prototype_backbone(path, meta)
+        raise ValueError(f"checkpoint {location!r} does not match dataset {data_dir!r}: {difference}")
+    prototype_backbone = _prototype_backbone(local, meta)
     if prototype_backbone and prototype_backbone != config.backbone:
-        raise ValueError(f"checkpoint {str(path)!r} was trained on backbone {config.backbone!r} but its "
+        raise ValueError(f"checkpoint {location!r} was trained on backbone {config.backbone!r} but its "
                          f"prototypes were built with backbone {prototype_backbone!r}")
     try:
         spec = input_spec(config.backbone, config.context_length)
     except ValueError as err:
-        raise ValueError(f"checkpoint {str(path)!r}: {err}") from err
+        raise ValueError(f"checkpoint {location!r}: {err}") from err
     try:
-        model = load_model_from_checkpoint(path, device="cpu")
+        model = load_model_from_checkpoint(local, device="cpu")
     except Exception as err:  # any load failure means the state does not fit the stored backbone
-        raise ValueError(f"checkpoint {str(path)!r} does not load into backbone {config.backbone!r}: {err}") from err
+        raise ValueError(f"checkpoint {location!r} does not load into backbone {config.backbone!r}: {err}") from err
     del model
-    return CheckpointInfo(str(path), config.backbone, spec.image_size, spec.context_length, spec.mean, spec.std)
+    return CheckpointInfo(location, config.backbone, spec.image_size, spec.context_length, spec.mean, spec.std)
 
 
-def _prototype_backbone(path: Any, meta: dict) -> str:
+def _prototype_backbone(checkpoint_dir: str, meta: dict) -> str:
     """The backbone recorded in the checkpoint's prototype bank (empty when none is recorded)."""
     from safetensors import safe_open
 
     from smpp_ray.train.checkpoint import prototypes_in_checkpoint
 
     try:
-        prototypes = prototypes_in_checkpoint(path, meta)
+        prototypes = prototypes_in_checkpoint(checkpoint_dir, meta)
     except FileNotFoundError as err:
         raise ValueError(str(err)) from err
     if not prototypes:
         return ""
-    with safe_open(prototypes, framework="pt") as handle:
+    with safe_open(storage.local_copy(str(prototypes)), framework="pt") as handle:
         return (handle.metadata() or {}).get("backbone", "")
 
 
@@ -324,6 +339,13 @@ def steady_throughput(finished_at: np.ndarray) -> float:
     return float(counts[middle + 1:].sum() / (times[-1] - times[middle]))
 
 
+def _filesystem_paths(files: list[str]) -> tuple[Any, list[str]]:
+    """Locations of files on one filesystem -> that filesystem and their paths in it (what
+    pyarrow and Ray Data take along with a filesystem: paths, not URIs)."""
+    resolved = [storage.resolve(f) for f in files]
+    return resolved[0][0], [path for _, path in resolved]
+
+
 def _fit_embedding_pcas(tmp_dir: str, components: int) -> dict[str, PCAProjection]:
     """One PCA per embedding, fitted on the train split's rows only (streamed)."""
     import ray.data
@@ -332,9 +354,9 @@ def _fit_embedding_pcas(tmp_dir: str, components: int) -> dict[str, PCAProjectio
     if not files:
         raise ValueError(f"no training posts under {tmp_dir!r}: the embedding PCA is fitted on train only; "
                          "set extract.pca_components=0 to keep the embeddings whole")
-    fs, _ = storage.resolve(tmp_dir)
+    fs, paths = _filesystem_paths(files)
     accumulators: dict[str, PCAAccumulator] = {}
-    batches = ray.data.read_parquet(files, filesystem=fs).select_columns(list(EMBEDDINGS))
+    batches = ray.data.read_parquet(paths, filesystem=fs).select_columns(list(EMBEDDINGS))
     for batch in batches.iter_batches(batch_size=4096, batch_format="numpy"):
         for name in EMBEDDINGS:
             values = np.asarray(batch[name])
@@ -349,12 +371,12 @@ def _run_join_pass(tmp_dir: str, table: pa.Table, projections: dict[str, PCAProj
 
     tabular_ref = ray.put(table)
     plain = {name: (p.mean, p.components) for name, p in projections.items()}
-    fs, _ = storage.resolve(tmp_dir)
     for split in SPLITS:
         files = storage.list_parquet_files(storage.join(tmp_dir, f"split={split}"))
         if not files:
             continue
-        joined = ray.data.read_parquet(files, filesystem=fs).map_batches(
+        fs, paths = _filesystem_paths(files)
+        joined = ray.data.read_parquet(paths, filesystem=fs).map_batches(
             join_network_batch, batch_format="numpy", batch_size=None,
             fn_kwargs={"tabular_ref": [tabular_ref], "projections": plain})
         joined.write_parquet(storage.join(out_dir, f"split={split}"), filename_provider=_part_files(),
@@ -422,13 +444,13 @@ def _write_tabular_only(table: pa.Table, out_dir: str) -> None:
 
 def _check_outputs(out_dir: str, table: pa.Table) -> dict[str, int]:
     """Every post of every split appears exactly once in its split's output files."""
-    fs, _ = storage.resolve(out_dir)
     rows: dict[str, int] = {}
     for split in SPLITS:
         expected = table.filter(pc.equal(table.column("split"), split)).column("pid")
         files = storage.list_parquet_files(storage.join(out_dir, f"split={split}"))
-        written = (pa.concat_arrays([c for f in files for c in pq.read_table(f, columns=["pid"], filesystem=fs)
-                                     .column("pid").chunks]) if files else pa.array([], pa.string()))
+        written = (pa.concat_arrays([c for fs, path in map(storage.resolve, files)
+                                     for c in pq.read_table(path, columns=["pid"], filesystem=fs).column("pid").chunks])
+                   if files else pa.array([], pa.string()))
         if written.to_pandas().duplicated().any() or len(written) != len(expected) or \
                 set(written.to_pylist()) != set(expected.to_pylist()):
             raise RuntimeError(f"split {split!r}: wrote {len(written)} feature rows for {len(expected)} posts "
@@ -444,7 +466,8 @@ def _ensure_every_split_has_a_file(out_dir: str) -> pa.Schema:
     any_file = next((f[0] for f in files.values() if f), None)
     if any_file is None:
         raise ValueError(f"no posts to write under {out_dir!r}: the dataset is empty")
-    schema = pq.read_schema(any_file, filesystem=fs)
+    file_fs, file_path = storage.resolve(any_file)
+    schema = pq.read_schema(file_path, filesystem=file_fs)
     for split, split_files in files.items():
         if not split_files:
             pq.write_table(schema.empty_table(), f"{root}/split={split}/part-00000.parquet", filesystem=fs)
@@ -468,6 +491,4 @@ def _write_fitted_state(out_dir: str, checkpoint: CheckpointInfo | None, fitted:
     storage.write_json(storage.join(out_dir, STATE_FILE), state)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    fs, root = storage.resolve(out_dir)
-    with fs.open_output_stream(f"{root}/{PCA_FILE}") as stream:
-        stream.write(buffer.getvalue())
+    storage.write_bytes(storage.join(out_dir, PCA_FILE), buffer.getvalue())

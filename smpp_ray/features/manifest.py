@@ -1,18 +1,21 @@
-"""The feature manifest: every feature column with its group, so ablations can switch groups off.
+"""The feature manifest, the one reader and writer of its format: every feature column with its
+group, so ablations can switch groups off.
 
 ``FEATURES/feature_manifest.json``::
 
     {"key_columns": ["pid", "uid", "postdate", "label", "category", "subcategory"],
      "columns": [{"name": "user_log_photo_count", "group": "user", "categorical": false}, ...]}
 
-Categorical columns hold non-negative integer codes (-1 unknown), ready for LightGBM's
-``categorical_feature`` and CatBoost's ``cat_features``.
+Categorical columns hold non-negative integer codes (-1 unknown) in extracted features, ready
+for LightGBM's ``categorical_feature`` and CatBoost's ``cat_features``; the GBDT stage codes any
+categorical values (strings too) from the train split's vocabulary (:mod:`smpp_ray.gbdt.data`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from smpp_ray import storage
 
@@ -36,41 +39,70 @@ class FeatureColumn:
             raise ValueError(f"feature {self.name!r} collides with a key column")
 
 
-def build_manifest(columns: Sequence[FeatureColumn]) -> dict:
+def build_manifest(columns: Sequence[FeatureColumn]) -> dict[str, Any]:
     """The manifest dict; fails on duplicate column names."""
-    seen: set[str] = set()
-    for column in columns:
-        if column.name in seen:
-            raise ValueError(f"feature column {column.name!r} is listed twice")
-        seen.add(column.name)
+    _check_unique([c.name for c in columns])
     return {"key_columns": list(KEY_COLUMNS),
             "columns": [{"name": c.name, "group": c.group, "categorical": c.categorical} for c in columns]}
 
 
-def write_feature_manifest(features_dir: str, columns: Sequence[FeatureColumn]) -> dict:
+def write_feature_manifest(features_dir: str, columns: Sequence[FeatureColumn]) -> dict[str, Any]:
+    """Write ``features_dir/feature_manifest.json`` (any location) and return the manifest."""
     manifest = build_manifest(columns)
     storage.write_json(storage.join(features_dir, MANIFEST_FILE), manifest)
     return manifest
 
 
-def load_feature_manifest(features_dir: str) -> dict:
-    """Read ``features_dir/feature_manifest.json``; a clear error when it is missing."""
-    uri = storage.join(features_dir, MANIFEST_FILE)
-    if not storage.is_file(uri):
-        raise ValueError(f"feature manifest {uri!r} does not exist; run `smpp extract` first")
-    return storage.read_json(uri)
+def load_feature_manifest(features_dir: str) -> dict[str, Any]:
+    """Read and check ``features_dir/feature_manifest.json``: every key column present, every
+    column a valid :class:`FeatureColumn`, no name twice. ValueError names the file and the fault."""
+    location = storage.join(features_dir, MANIFEST_FILE)
+    if not storage.is_file(location):
+        raise ValueError(f"feature manifest {location!r} does not exist; run `smpp extract` first")
+    manifest = storage.read_json(location)
+    keys = manifest.get("key_columns", [])
+    missing = [k for k in KEY_COLUMNS if k not in keys]
+    if missing:
+        raise ValueError(f"{location}: key_columns {keys!r} lack {missing!r}")
+    try:
+        _check_unique([c["name"] for c in manifest.get("columns", [])])
+        for column in manifest.get("columns", []):
+            FeatureColumn(column["name"], column["group"], bool(column.get("categorical", False)))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{location}: {err}") from err
+    return manifest
 
 
-def select_columns(manifest: dict, groups: Iterable[str] = ()) -> list[str]:
-    """Feature column names of the given groups (all groups when empty), in manifest order."""
-    wanted = set(groups)
-    unknown = wanted - set(GROUPS)
+def manifest_columns(manifest: dict[str, Any], groups: Iterable[str] = ()) -> list[FeatureColumn]:
+    """The feature columns of the given groups (all groups when empty), in manifest order.
+
+    ValueError on an unknown group, or when no column belongs to the groups (a model needs one).
+    """
+    wanted = tuple(groups)
+    unknown = [g for g in wanted if g not in GROUPS]
     if unknown:
-        raise ValueError(f"unknown feature group(s) {sorted(unknown)}; expected a subset of {list(GROUPS)}")
-    return [c["name"] for c in manifest["columns"] if not wanted or c["group"] in wanted]
+        raise ValueError(f"unknown feature group {unknown[0]!r}; expected some of {list(GROUPS)}")
+    chosen = [FeatureColumn(c["name"], c["group"], bool(c.get("categorical", False))) for c in manifest["columns"]
+              if not wanted or c["group"] in wanted]
+    if not chosen:
+        raise ValueError(f"no feature column belongs to groups {list(wanted) or list(GROUPS)!r}")
+    return chosen
 
 
-def categorical_columns(manifest: dict, names: Iterable[str] | None = None) -> list[str]:
+def select_columns(manifest: dict[str, Any], groups: Iterable[str] = ()) -> list[str]:
+    """Feature column names of the given groups (all groups when empty), in manifest order."""
+    return [c.name for c in manifest_columns(manifest, groups)]
+
+
+def categorical_columns(manifest: dict[str, Any], names: Iterable[str] | None = None) -> list[str]:
     """Categorical feature names (restricted to ``names`` when given), in manifest order."""
     keep = None if names is None else set(names)
-    return [c["name"] for c in manifest["columns"] if c["categorical"] and (keep is None or c["name"] in keep)]
+    return [c["name"] for c in manifest["columns"] if c.get("categorical") and (keep is None or c["name"] in keep)]
+
+
+def _check_unique(names: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"feature column {name!r} is listed twice")
+        seen.add(name)

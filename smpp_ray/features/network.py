@@ -1,8 +1,9 @@
 """Network features of a trained checkpoint as a Ray Data callable class.
 
 :class:`NetworkFeatureExtractor` loads the checkpoint (trainable state, prototypes, the frozen
-backbone rebuilt from its config) once per actor in ``__init__`` and maps a batch that the CPU
-stage (:func:`decode_batch`) has already decoded and tokenised to features, under
+backbone rebuilt from its config) once per actor in ``__init__``, from the checkpoint's location
+(local or ``s3://``: the loader fetches it into the actor node's cache), and maps a batch that
+the CPU stage (:func:`decode_batch`) has already decoded and tokenised to features, under
 ``torch.inference_mode()``. It is a plain class: tests call it directly, without Ray.
 """
 
@@ -83,6 +84,9 @@ class NetworkFeatureExtractor:
     optionally ``split`` (passed through). Output: ``pid``, [``split``], the arrays of
     :data:`TENSOR_OUTPUTS` and :data:`CLASS_OUTPUTS`, ``worker`` (host:pid of the actor, so a
     run can show how many actors did the work) and ``finished_at`` (unix seconds).
+
+    ``checkpoint_dir`` is a location, never a path on the driver's disk: the actor loads it on
+    its own node.
     """
 
     def __init__(self, checkpoint_dir: str, device: str = "auto", num_threads: int = 0) -> None:

@@ -17,8 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from smpp_ray.data.schema import POSTS_SCHEMA, SPLITS, posts_path
 from smpp_ray import storage
+from smpp_ray.data.schema import POSTS_SCHEMA, SPLITS, posts_path
 from smpp_ray.features.manifest import KEY_COLUMNS, FeatureColumn
 from smpp_ray.features.pca import PCAAccumulator, PCAProjection
 
@@ -50,10 +50,10 @@ def load_post_metadata(data_dir: str) -> pd.DataFrame:
     """Metadata columns of every prepared post with a ``split`` column, split by split in file order."""
     frames = []
     schema = pa.schema([POSTS_SCHEMA.field(name) for name in METADATA_COLUMNS])
-    fs, _ = storage.resolve(data_dir)
     for split in SPLITS:
         files = storage.list_parquet_files(posts_path(data_dir, split))
-        tables = [pq.read_table(path, columns=list(METADATA_COLUMNS), filesystem=fs) for path in files]
+        tables = [pq.read_table(path, columns=list(METADATA_COLUMNS), filesystem=fs)
+                  for fs, path in map(storage.resolve, files)]
         table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
         frame = table.to_pandas()
         frame["split"] = split

@@ -1,13 +1,16 @@
 """Reading the features Parquet (written by ``smpp extract``) into model-ready frames.
 
 Layout: ``FEATURES/split={train,val,test}/part-*.parquet`` plus ``FEATURES/feature_manifest.json``
-= ``{"key_columns": [...], "columns": [{"name", "group", "categorical"}]}``. Every reader here
-runs where it is called (a Tune trial, a refit task), so the data never passes through the driver.
+(read, checked and selected by group in :mod:`smpp_ray.features.manifest`, its one owner; the
+names are re-exported here). ``FEATURES`` is any location (a local path, ``s3://...``). Every
+reader here runs where it is called (a Tune trial, a refit task) and reads the location itself,
+so the data never passes through the driver and no node needs the driver's disk.
 
 Categorical feature values (strings or integers) are coded as int32 from a vocabulary built on
 the *train* split only (sorted distinct values); values unseen in train get -1, which LightGBM
 reads as missing and CatBoost as one more category. The :class:`FeatureSpec` holds that
-vocabulary and is saved beside the models so prediction codes new rows the same way.
+vocabulary and is saved beside the models (``feature_spec.json``, written and read only by
+:meth:`FeatureSpec.save` / :meth:`FeatureSpec.load`) so prediction codes new rows the same way.
 """
 
 from __future__ import annotations
@@ -15,18 +18,29 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from smpp_ray import storage
+from smpp_ray.features.manifest import (
+    GROUPS,
+    categorical_columns,
+    load_feature_manifest,
+    manifest_columns,
+    select_columns,
+)
+
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "feature_manifest.json"
+__all__ = ["FEATURE_SPEC_FILE", "GROUPS", "SPLITS", "FeatureSpec", "SplitData", "build_spec", "categorical_columns",
+           "encode", "group_folds", "load_feature_manifest", "load_splits", "read_split", "select_columns"]
+
+FEATURE_SPEC_FILE = "feature_spec.json"
 SPLITS = ("train", "val", "test")
-FEATURE_GROUPS = ("network", "user", "time", "text", "geo", "category", "history")
-REQUIRED_KEYS = ("pid", "uid", "postdate", "label", "category")
+#: Key columns read with the features: identity, time order, the label and the evaluation groups.
+SPLIT_KEYS = ("pid", "uid", "postdate", "label", "category")
 
 
 @dataclass(frozen=True)
@@ -47,8 +61,14 @@ class FeatureSpec:
         return cls(features=tuple(values["features"]), groups=dict(values["groups"]),
                    categorical=tuple(values["categorical"]), vocabularies=dict(values["vocabularies"]))
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1, default=_json_default))
+    def save(self, location: str) -> str:
+        """Write the spec as JSON to ``location`` (any location); returns it normalised."""
+        return storage.write_text(location, json.dumps(self.to_dict(), indent=1, default=_json_default))
+
+    @classmethod
+    def load(cls, location: str) -> FeatureSpec:
+        """The spec written by :meth:`save` (e.g. ``storage.join(tune_dir, FEATURE_SPEC_FILE)``)."""
+        return cls.from_dict(storage.read_json(location))
 
 
 def _json_default(value: Any) -> Any:
@@ -57,54 +77,17 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {value!r} of type {type(value).__name__} to JSON")
 
 
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
-
-
-def load_feature_manifest(features_dir: str) -> dict[str, Any]:
-    """The manifest, checked: key columns present, every column has a known group."""
-    import pyarrow.fs as pafs
-
-    path = _join(str(features_dir), MANIFEST_NAME)
-    fs, fs_path = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    try:
-        with fs.open_input_stream(fs_path) as f:
-            manifest = json.loads(f.read().decode())
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"feature manifest {path!r} does not exist; run `smpp extract` first") from err
-    keys = manifest.get("key_columns", [])
-    missing = [k for k in REQUIRED_KEYS if k not in keys]
-    if missing:
-        raise ValueError(f"{path}: key_columns {keys!r} lack {missing!r}")
-    for index, column in enumerate(manifest.get("columns", [])):
-        if column.get("group") not in FEATURE_GROUPS:
-            raise ValueError(f"{path}: columns[{index}] ({column.get('name')!r}) has group "
-                             f"{column.get('group')!r}; expected one of {list(FEATURE_GROUPS)}")
-    return manifest
-
-
-def select_columns(manifest: dict[str, Any], feature_groups: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Manifest columns of the requested groups (all when empty), in manifest order."""
-    unknown = sorted(set(feature_groups) - set(FEATURE_GROUPS))
-    if unknown:
-        raise ValueError(f"unknown feature group {unknown[0]!r}; expected some of {list(FEATURE_GROUPS)}")
-    chosen = [c for c in manifest["columns"] if not feature_groups or c["group"] in feature_groups]
-    if not chosen:
-        raise ValueError(f"no feature column belongs to groups {list(feature_groups)!r}")
-    return chosen
-
-
 def read_split(features_dir: str, split: str, columns: list[str] | None = None) -> pd.DataFrame:
     """One split as pandas, in time order (postdate, then pid) so row order never depends on files."""
     import pyarrow.dataset as ds
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected train, val or test")
-    path = _join(str(features_dir), f"split={split}")
-    try:
-        table = ds.dataset(path, format="parquet").to_table(columns=columns)
-    except (FileNotFoundError, OSError) as err:
-        raise FileNotFoundError(f"features split {path!r} cannot be read: {err}") from err
+    location = storage.join(features_dir, f"split={split}")
+    if not storage.is_dir(location):
+        raise ValueError(f"features split {location!r} does not exist; run `smpp extract` first")
+    fs, path = storage.resolve(location)
+    table = ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
     frame = table.to_pandas()
     if "postdate" in frame.columns and "pid" in frame.columns:
         frame = frame.sort_values(["postdate", "pid"], kind="stable").reset_index(drop=True)
@@ -113,13 +96,13 @@ def read_split(features_dir: str, split: str, columns: list[str] | None = None) 
 
 def build_spec(manifest: dict[str, Any], train: pd.DataFrame, feature_groups: tuple[str, ...] = ()) -> FeatureSpec:
     """Feature spec with categorical vocabularies from the train split."""
-    chosen = select_columns(manifest, feature_groups)
-    missing = [c["name"] for c in chosen if c["name"] not in train.columns]
+    chosen = manifest_columns(manifest, feature_groups)
+    missing = [c.name for c in chosen if c.name not in train.columns]
     if missing:
         raise ValueError(f"feature columns {missing!r} are in the manifest but not in split=train")
-    categorical = tuple(c["name"] for c in chosen if c.get("categorical"))
+    categorical = tuple(c.name for c in chosen if c.categorical)
     vocab = {name: sorted(pd.unique(train[name].dropna()).tolist()) for name in categorical}
-    return FeatureSpec(features=tuple(c["name"] for c in chosen), groups={c["name"]: c["group"] for c in chosen},
+    return FeatureSpec(features=tuple(c.name for c in chosen), groups={c.name: c.group for c in chosen},
                        categorical=categorical, vocabularies=vocab)
 
 
@@ -151,8 +134,8 @@ def load_splits(features_dir: str, feature_groups: tuple[str, ...] = (),
                 splits: tuple[str, ...] = SPLITS) -> tuple[FeatureSpec, dict[str, SplitData]]:
     """Read, check and encode the requested splits (train is always read: it defines the vocabulary)."""
     manifest = load_feature_manifest(features_dir)
-    chosen = [c["name"] for c in select_columns(manifest, feature_groups)]
-    keys = [k for k in ("pid", "uid", "postdate", "label", "category") if k in manifest["key_columns"]]
+    chosen = select_columns(manifest, feature_groups)
+    keys = list(SPLIT_KEYS)
     frames = {s: read_split(features_dir, s, keys + chosen) for s in dict.fromkeys(("train", *splits))}
     spec = build_spec(manifest, frames["train"], feature_groups)
     data: dict[str, SplitData] = {}

@@ -1,16 +1,18 @@
-"""PNG plots of the tune stage (matplotlib, Agg backend: no display needed)."""
+"""PNG plots of the tune stage (matplotlib, Agg backend: no display needed), written to any
+location (rendered in memory, then one write through :mod:`smpp_ray.storage`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from smpp_ray.gbdt.data import FEATURE_GROUPS
+from smpp_ray import storage
+from smpp_ray.features.manifest import GROUPS
 
-GROUP_COLOURS = dict(zip(FEATURE_GROUPS, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"), strict=True))
+GROUP_COLOURS = dict(zip(GROUPS, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"), strict=True))
 
 
 def _pyplot() -> Any:
@@ -22,7 +24,15 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_pred_vs_true(predictions: pd.DataFrame, models: list[str], split: str, path: Path) -> Path:
+def _save(fig: Any, location: str) -> str:
+    """Render ``fig`` as PNG to ``location`` and close it; returns the location."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    _pyplot().close(fig)
+    return storage.write_bytes(location, buffer.getvalue())
+
+
+def plot_pred_vs_true(predictions: pd.DataFrame, models: list[str], split: str, location: str) -> str:
     """Scatter of predicted against true popularity, one panel per model, with the diagonal."""
     plt = _pyplot()
     rows = predictions[(predictions["split"] == split) & predictions["label"].notna()]
@@ -33,12 +43,10 @@ def plot_pred_vs_true(predictions: pd.DataFrame, models: list[str], split: str, 
         ax.plot([low, high], [low, high], color="black", linewidth=1)
         ax.set(title=f"{model} ({split})", xlabel="true popularity", ylabel="predicted")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, location)
 
 
-def plot_mae_per_category(per_category: dict[str, dict[str, dict[str, float]]], split: str, path: Path) -> Path:
+def plot_mae_per_category(per_category: dict[str, dict[str, dict[str, float]]], split: str, location: str) -> str:
     """Grouped bars: MAE of each model per category."""
     plt = _pyplot()
     models = list(per_category)
@@ -52,12 +60,10 @@ def plot_mae_per_category(per_category: dict[str, dict[str, dict[str, float]]], 
     ax.set(ylabel="MAE", title=f"MAE per category ({split})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, location)
 
 
-def plot_importance(importance: dict[str, dict[str, float]], groups: dict[str, str], path: Path, top: int = 30) -> Path:
+def plot_importance(importance: dict[str, dict[str, float]], groups: dict[str, str], location: str, top: int = 30) -> str:
     """Top ``top`` features of each model by importance share, coloured by feature group."""
     plt = _pyplot()
     from matplotlib.patches import Patch
@@ -73,12 +79,10 @@ def plot_importance(importance: dict[str, dict[str, float]], groups: dict[str, s
     fig.legend(handles=[Patch(color=GROUP_COLOURS.get(g, "grey"), label=g) for g in present],
                loc="upper center", ncol=len(present), title="feature group")
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, location)
 
 
-def plot_deciles(per_decile: dict[str, list[dict[str, float]]], split: str, path: Path) -> Path:
+def plot_deciles(per_decile: dict[str, list[dict[str, float]]], split: str, location: str) -> str:
     """SRC and MAE within each popularity decile of the true label (tail behaviour)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -90,20 +94,17 @@ def plot_deciles(per_decile: dict[str, list[dict[str, float]]], split: str, path
     axes[1].set(title=f"MAE per popularity decile ({split})", xlabel="decile of true popularity", ylabel="MAE")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, location)
 
 
 def write_plots(predictions: pd.DataFrame, evaluation: dict[str, Any], importance: dict[str, dict[str, float]],
-                groups: dict[str, str], models: list[str], out_dir: Path) -> dict[str, str]:
-    """All plots of the stage into ``out_dir``, on test when it has labels, else on val."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+                groups: dict[str, str], models: list[str], out_dir: str) -> dict[str, str]:
+    """All plots of the stage into ``out_dir`` (any location), on test when it has labels, else on val."""
     split = "test" if evaluation["overall"]["test"][models[0]]["n"] > 0 else "val"
     return {
-        "pred_vs_true": str(plot_pred_vs_true(predictions, models, split, out_dir / "pred_vs_true.png")),
-        "mae_per_category": str(plot_mae_per_category(evaluation["per_category"][split], split,
-                                                      out_dir / "mae_per_category.png")),
-        "feature_importance": str(plot_importance(importance, groups, out_dir / "feature_importance.png")),
-        "deciles": str(plot_deciles(evaluation["per_decile"][split], split, out_dir / "deciles.png")),
+        "pred_vs_true": plot_pred_vs_true(predictions, models, split, storage.join(out_dir, "pred_vs_true.png")),
+        "mae_per_category": plot_mae_per_category(evaluation["per_category"][split], split,
+                                                  storage.join(out_dir, "mae_per_category.png")),
+        "feature_importance": plot_importance(importance, groups, storage.join(out_dir, "feature_importance.png")),
+        "deciles": plot_deciles(evaluation["per_decile"][split], split, storage.join(out_dir, "deciles.png")),
     }

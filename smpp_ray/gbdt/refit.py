@@ -1,7 +1,8 @@
 """Refit the best configuration of a family and predict every split, as a Ray task.
 
 The refit runs where Tune's trials ran (a Ray task with ``cpus_per_trial`` CPUs), reading the
-features Parquet itself; only the model and the predictions come back to the driver.
+features Parquet itself from their location (local or ``s3://``); only the model and the
+predictions come back to the driver.
 """
 
 from __future__ import annotations

@@ -1,64 +1,86 @@
 """Saving the refit models in MLflow's lightgbm / catboost flavours, logging and registering them.
 
-Models are saved with the flavour's ``save_model`` into the stage output, uploaded with an
-explicit-URI :class:`mlflow.MlflowClient` and registered as a version of
-``<prefix>-<family>`` whose source is the run's artifact folder, so no process-global MLflow
-state is touched (a Ray job driver and a notebook can log to different stores side by side).
+Models are saved with the flavour's ``save_model`` into a local scratch folder and uploaded to
+the stage output (any location, ``s3://`` included), then logged with an explicit-URI
+:class:`mlflow.MlflowClient` and registered as a version of ``<prefix>-<family>`` whose source
+is the run's artifact folder, so no process-global MLflow state is touched (a Ray job driver and
+a notebook can log to different stores side by side). Reading a model from a location fetches
+it into the node's cache first (:func:`smpp_ray.storage.local_copy`).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-from pathlib import Path
+import os
+import tempfile
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from smpp_ray import tracking
+from smpp_ray import storage, tracking
 
 logger = logging.getLogger(__name__)
 
 
-def save_flavour(family: str, model: Any, path: Path, sample: pd.DataFrame) -> Path:
-    """Write ``model`` as an MLflow model folder (overwriting a previous one) with its signature."""
+#: URI schemes only MLflow resolves (registry, run and tracking-server artifacts); any other
+#: location is a storage location, fetched to this node before MLflow reads it.
+MLFLOW_SCHEMES = ("runs:", "models:", "mlflow-artifacts:", "dbfs:", "http:", "https:")
+
+
+def _check_family(family: str) -> None:
+    if family not in ("lightgbm", "catboost"):
+        raise ValueError(f"unknown model family {family!r}; expected lightgbm or catboost")
+
+
+def save_flavour(family: str, model: Any, location: str, sample: pd.DataFrame) -> str:
+    """Write ``model`` as an MLflow model folder at ``location`` (any location; a previous model
+    there is replaced) with its signature; returns the normalised location."""
     from mlflow.models import infer_signature
 
-    if path.exists():
-        shutil.rmtree(path)  # save_model refuses an existing folder; a rerun overwrites cleanly
+    _check_family(family)
     signature = infer_signature(sample, np.asarray(model.predict(sample), dtype=np.float64))
+    with tempfile.TemporaryDirectory(prefix=f"smpp-{family}-") as scratch:
+        local = os.path.join(scratch, family)  # save_model wants a folder that does not exist yet
+        if family == "lightgbm":
+            import mlflow.lightgbm
+
+            mlflow.lightgbm.save_model(model, local, signature=signature)
+        else:
+            import mlflow.catboost
+
+            mlflow.catboost.save_model(model, local, signature=signature)
+        return storage.upload_dir(local, location)
+
+
+def model_folder(location: str) -> str:
+    """What MLflow can read for a model at ``location``: a local folder (a remote one fetched into
+    this node's cache), or an MLflow URI (``runs:/``, ``models:/``, ...) passed through."""
+    if str(location).startswith(MLFLOW_SCHEMES):
+        return str(location)
+    return storage.local_copy(location)
+
+
+def load_flavour(family: str, location: str) -> Any:
+    """Load a model saved by :func:`save_flavour` in its own flavour, from any location (local,
+    ``file://``, ``s3://``, ...) or an MLflow artifact URI."""
+    _check_family(family)
+    source = model_folder(location)
     if family == "lightgbm":
         import mlflow.lightgbm
 
-        mlflow.lightgbm.save_model(model, str(path), signature=signature)
-    elif family == "catboost":
-        import mlflow.catboost
+        return mlflow.lightgbm.load_model(source)
+    import mlflow.catboost
 
-        mlflow.catboost.save_model(model, str(path), signature=signature)
-    else:
-        raise ValueError(f"unknown model family {family!r}; expected lightgbm or catboost")
-    return path
+    return mlflow.catboost.load_model(source)
 
 
-def load_flavour(family: str, uri: str) -> Any:
-    """Load a model saved by :func:`save_flavour` (a local path or an artifact URI) in its own flavour."""
-    if family == "lightgbm":
-        import mlflow.lightgbm
-
-        return mlflow.lightgbm.load_model(uri)
-    if family == "catboost":
-        import mlflow.catboost
-
-        return mlflow.catboost.load_model(uri)
-    raise ValueError(f"unknown model family {family!r}; expected lightgbm or catboost")
-
-
-def log_and_register(tracking_uri: str, run_id: str, model_dir: Path, name: str,
+def log_and_register(tracking_uri: str, run_id: str, model_location: str, name: str,
                      artifact_path: str = "model") -> dict[str, str]:
-    """Upload ``model_dir`` to ``run_id`` and register it as a new version of ``name``."""
+    """Upload the model folder at ``model_location`` (any location) to ``run_id`` and register it
+    as a new version of ``name``."""
     client = tracking.client(tracking_uri)
-    client.log_artifacts(run_id, str(model_dir), artifact_path)
+    client.log_artifacts(run_id, storage.local_copy(model_location), artifact_path)
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     try:
         client.get_registered_model(name)

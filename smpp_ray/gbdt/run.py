@@ -1,6 +1,7 @@
 """``tune_models``: search both families, refit the best of each, blend, evaluate, log, register.
 
-Output folder::
+Output folder (any location: a local path or ``s3://...``; every file is written through
+:mod:`smpp_ray.storage`, the models from a local scratch folder)::
 
     ray_results/<family>/      Tune experiment folders (``Tuner.restore`` resumes from them)
     search_<family>.json       every trial: config, status, best val_src and its round
@@ -14,19 +15,21 @@ Output folder::
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from smpp_ray import tracking
+from smpp_ray import storage, tracking
 from smpp_ray.config import TuneConfig
+from smpp_ray.features.manifest import load_feature_manifest, select_columns
 from smpp_ray.gbdt.blend import apply_weights, choose_weights
-from smpp_ray.gbdt.data import FeatureSpec, load_feature_manifest, select_columns
+from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec
 from smpp_ray.gbdt.evaluate import evaluate_predictions, mlflow_metrics, summary_metrics
 from smpp_ray.gbdt.plots import write_plots
 from smpp_ray.gbdt.refit import refit_remote
@@ -37,9 +40,13 @@ from smpp_ray.tracking import TrackingContext
 logger = logging.getLogger(__name__)
 
 
-def tune_models(features_dir: str | Path, out_dir: str | Path, *, tune_config: TuneConfig,
+def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, tune_config: TuneConfig,
                 tracking: TrackingContext | None = None) -> dict[str, Any]:
     """Search, refit, blend and evaluate; see the module docstring for what lands in ``out_dir``.
+
+    ``features_dir`` and ``out_dir`` are locations (local paths or URIs); trials and refit tasks
+    read the features from ``features_dir`` themselves, and the Tune experiments live under
+    ``out_dir/ray_results``, so nothing they need is on the driver's disk only.
 
     Needs a running Ray (``smpp_ray.runtime.init_ray``). ``tracking`` is the stage's MLflow run
     (created by the caller); None skips MLflow. Rerunning with the same ``out_dir`` resumes an
@@ -48,20 +55,20 @@ def tune_models(features_dir: str | Path, out_dir: str | Path, *, tune_config: T
     Returns ``metrics`` ({model: {val_src, val_mae, val_mse, test_src, test_mae, test_mse}} for
     each family and ``blend``), ``best_params``, ``best_rounds``, ``search`` (per family: trials,
     best_val_src, experiment_path, search_run_id, seconds), ``blend_weights``,
-    ``registered_models`` (empty without tracking), ``timings`` and ``paths``.
+    ``registered_models`` (empty without tracking), ``timings`` and ``paths`` (full locations).
     """
     started = time.perf_counter()
-    features_dir = str(features_dir)
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    features_dir = storage.normalize(features_dir)
+    out = storage.normalize(out_dir)
     select_columns(load_feature_manifest(features_dir), tune_config.feature_groups)  # fail before any trial
     models = list(tune_config.models)
 
     searches: dict[str, SearchResult] = {}
     for family in models:
-        searches[family] = run_search(family, features_dir, out / "ray_results", tune_config=tune_config,
+        searches[family] = run_search(family, features_dir, storage.join(out, "ray_results"), tune_config=tune_config,
                                       tracking_ctx=tracking)
-        (out / f"search_{family}.json").write_text(json.dumps(searches[family].to_dict(), indent=1, default=str))
+        storage.write_text(storage.join(out, f"search_{family}.json"),
+                           json.dumps(searches[family].to_dict(), indent=1, default=str))
     search_seconds = time.perf_counter() - started
 
     refit_started = time.perf_counter()
@@ -130,17 +137,26 @@ def _predictions(honest: dict[str, dict], final: dict[str, dict], models: list[s
     return frame, weights
 
 
-def _write_outputs(out: Path, predictions: pd.DataFrame, evaluation: dict[str, Any], final: dict[str, dict],
+def _write_outputs(out: str, predictions: pd.DataFrame, evaluation: dict[str, Any], final: dict[str, dict],
                    spec: FeatureSpec, searches: dict[str, SearchResult], weights: dict[str, float],
                    config: TuneConfig) -> dict[str, str]:
-    predictions.to_parquet(out / "predictions.parquet", index=False)
-    spec.save(out / "feature_spec.json")
-    (out / "blend.json").write_text(json.dumps(
-        {"weights": weights, "chosen_on": "val", "rounds": {f: s.best_rounds for f, s in searches.items()},
-         "refit_on": config.refit_on}, indent=1))
-    models_dir = {f: str(save_flavour(f, r["model"], out / "models" / f, r["sample"])) for f, r in final.items()}
+    """Every output file under ``out``; returns their locations (``paths`` of the result)."""
+    paths = {"out_dir": out, "metrics": storage.join(out, "metrics.json"),
+             "predictions": storage.join(out, "predictions.parquet"),
+             "feature_spec": storage.join(out, FEATURE_SPEC_FILE), "blend": storage.join(out, "blend.json")}
+    buffer = io.BytesIO()
+    predictions.to_parquet(buffer, index=False)
+    storage.write_bytes(paths["predictions"], buffer.getvalue())
+    spec.save(paths["feature_spec"])
+    storage.write_json(paths["blend"], {"weights": weights, "chosen_on": "val",
+                                        "rounds": {f: s.best_rounds for f, s in searches.items()},
+                                        "refit_on": config.refit_on}, indent=1)
+    for family, refit in final.items():
+        paths[f"model_{family}"] = save_flavour(family, refit["model"], storage.join(out, "models", family),
+                                                refit["sample"])
     importance = {f: r["importance"] for f, r in final.items()}
-    plots = write_plots(predictions, evaluation, importance, spec.groups, [*final, "blend"], out / "plots")
+    plots = write_plots(predictions, evaluation, importance, spec.groups, [*final, "blend"], storage.join(out, "plots"))
+    paths.update({f"plot_{k}": v for k, v in plots.items()})
     document = {
         **evaluation,
         "blend": {"weights": weights, "chosen_on": "val"},
@@ -150,10 +166,9 @@ def _write_outputs(out: Path, predictions: pd.DataFrame, evaluation: dict[str, A
         "validation": config.validation,
         "importance": importance,
     }
-    (out / "metrics.json").write_text(json.dumps(document, indent=1, default=_nan_safe))
-    return {"out_dir": str(out), "metrics": str(out / "metrics.json"), "predictions": str(out / "predictions.parquet"),
-            "feature_spec": str(out / "feature_spec.json"), "blend": str(out / "blend.json"),
-            **{f"model_{f}": p for f, p in models_dir.items()}, **{f"plot_{k}": v for k, v in plots.items()}}
+    # json.dumps, not storage.write_json: metrics of a split without labels are NaN, kept as such.
+    storage.write_text(paths["metrics"], json.dumps(document, indent=1, default=_nan_safe))
+    return paths
 
 
 def _nan_safe(value: Any) -> Any:
@@ -162,18 +177,18 @@ def _nan_safe(value: Any) -> Any:
     raise TypeError(f"cannot write {value!r} to JSON")
 
 
-def _log_to_mlflow(ctx: TrackingContext, out: Path, searches: dict[str, SearchResult], evaluation: dict[str, Any],
+def _log_to_mlflow(ctx: TrackingContext, out: str, searches: dict[str, SearchResult], evaluation: dict[str, Any],
                    weights: dict[str, float], paths: dict[str, str], config: TuneConfig) -> dict[str, dict[str, str]]:
     """Models to each family's search run (registered), metrics and artifacts to the stage run."""
     registered = {}
     for family, search in searches.items():
         run_id = search.search_run_id or ctx.run_id
-        registered[family] = log_and_register(ctx.tracking_uri, run_id, Path(paths[f"model_{family}"]),
+        registered[family] = log_and_register(ctx.tracking_uri, run_id, paths[f"model_{family}"],
                                               f"{config.registered_model_prefix}-{family}")
     flat = mlflow_metrics(evaluation)
     flat.update({f"blend_weight_{f}": w for f, w in weights.items()})
     tracking.log_metrics(ctx.tracking_uri, ctx.run_id, flat)
     for key in ("metrics", "predictions", "feature_spec", "blend"):
         tracking.log_artifact(ctx.tracking_uri, ctx.run_id, paths[key])
-    tracking.log_artifact(ctx.tracking_uri, ctx.run_id, out / "plots", "plots")
+    tracking.log_artifact(ctx.tracking_uri, ctx.run_id, storage.join(out, "plots"), "plots")
     return registered

@@ -6,6 +6,10 @@
 A search cut short (Ctrl+C, ``ray job stop``) raises :class:`SearchInterrupted`; calling again
 with the same output folder restores it with ``Tuner.restore``: finished trials are kept, cut
 trials restart under their own trial id, and only the missing trials are sampled.
+
+The experiment lives at a storage location (``tune.RunConfig(storage_path=...)`` with the
+filesystem of :func:`smpp_ray.storage.resolve`): on ``s3://`` the driver syncs it there and a
+restore on another machine reads it back from there.
 """
 
 from __future__ import annotations
@@ -15,14 +19,13 @@ import logging
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ray import tune
 from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-from smpp_ray import tracking
+from smpp_ray import storage, tracking
 from smpp_ray.config import TuneConfig
 from smpp_ray.gbdt.spaces import search_space
 from smpp_ray.gbdt.tracking_callback import FAMILY_TAG, SEARCH_TAG, MlflowTrialCallback
@@ -125,12 +128,15 @@ def effective_report_every(config: TuneConfig) -> int:
     return min(config.grace_rounds, max(config.report_every, config.max_rounds // MAX_REPORTS_PER_TRIAL))
 
 
-def run_search(family: str, features_dir: str, storage_dir: str | Path, *, tune_config: TuneConfig,
+def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config: TuneConfig,
                tracking_ctx: TrackingContext | None) -> SearchResult:
-    """Run (or resume) the search of ``family``; raises :class:`SearchInterrupted` when cut short."""
-    storage_dir = Path(storage_dir).resolve()
-    experiment_path = storage_dir / family
-    setup = TrialSetup(family=family, features_dir=str(features_dir), feature_groups=tune_config.feature_groups,
+    """Run (or resume) the search of ``family`` with its Tune experiment at
+    ``storage_dir/<family>`` (any location); raises :class:`SearchInterrupted` when cut short."""
+    storage_dir = storage.normalize(storage_dir)
+    experiment_path = storage.join(storage_dir, family)
+    fs, fs_root = storage.resolve(storage_dir)
+    fs_experiment = f"{fs_root}/{family}"
+    setup = TrialSetup(family=family, features_dir=storage.normalize(features_dir), feature_groups=tune_config.feature_groups,
                        validation=tune_config.validation, folds=tune_config.folds, max_rounds=tune_config.max_rounds,
                        threads=max(1, int(tune_config.cpus_per_trial)), seed=tune_config.seed,
                        report_every=effective_report_every(tune_config))
@@ -145,21 +151,22 @@ def run_search(family: str, features_dir: str, storage_dir: str | Path, *, tune_
     callbacks: list[Callback] = [ledger, CSVLoggerCallback(), JsonLoggerCallback()]
     mlflow_cb = None
     if tracking_ctx is not None:
-        search_run_id = _search_run(tracking_ctx, family, str(experiment_path))
+        search_run_id = _search_run(tracking_ctx, family, experiment_path)
         tracking.log_params(tracking_ctx.tracking_uri, search_run_id,
                             {"family": family, "num_samples": tune_config.num_samples, "search_alg": tune_config.search_alg,
                              "max_rounds": tune_config.max_rounds, "grace_rounds": tune_config.grace_rounds,
                              "validation": tune_config.validation, "seed": tune_config.seed})
         mlflow_cb = MlflowTrialCallback(tracking_ctx.tracking_uri, tracking_ctx.experiment, search_run_id,
-                                        family=family, search_path=str(experiment_path))
+                                        family=family, search_path=experiment_path)
         callbacks.append(mlflow_cb)
     if tune_config.interrupt_after_trials:
         callbacks.append(_InterruptAfter(tune_config.interrupt_after_trials))
 
-    restored = tune.Tuner.can_restore(str(experiment_path))
+    restored = tune.Tuner.can_restore(fs_experiment, storage_filesystem=fs)
     if restored:
         logger.info("restoring the %s search from %s", family, experiment_path)
-        tuner = tune.Tuner.restore(str(experiment_path), trainable, param_space=space, resume_unfinished=True)
+        tuner = tune.Tuner.restore(fs_experiment, trainable, param_space=space, resume_unfinished=True,
+                                   storage_filesystem=fs)
         # Tuner.restore brings back the RunConfig pickled at the first launch, callbacks included
         # (an old parent run, a spent interruption hook); this launch's callbacks replace them.
         tuner._local_tuner.get_run_config().callbacks = callbacks
@@ -174,14 +181,14 @@ def run_search(family: str, features_dir: str, storage_dir: str | Path, *, tune_
                 # Trials of a family share resources: reusing their actors saves a worker start-up
                 # (seconds on a busy node) per trial, the bulk of Tune's overhead for short trials.
                 reuse_actors=True),
-            run_config=tune.RunConfig(name=family, storage_path=str(storage_dir), callbacks=callbacks, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0)))
+            run_config=tune.RunConfig(name=family, storage_path=fs_root, storage_filesystem=fs, callbacks=callbacks,
+                                      verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
     started = time.perf_counter()
     try:
         grid = tuner.fit()
         wall = time.perf_counter() - started
         _check_complete(family, ledger.statuses, wall, tune_config, experiment_path)
-        result = _summarise(family, grid, ledger.statuses, str(experiment_path), search_run_id, wall, restored)
+        result = _summarise(family, grid, ledger.statuses, experiment_path, search_run_id, wall, restored)
     except BaseException as err:
         if search_run_id and tracking_ctx is not None:
             status = "KILLED" if isinstance(err, (SearchInterrupted, KeyboardInterrupt)) else "FAILED"
@@ -199,7 +206,7 @@ def run_search(family: str, features_dir: str, storage_dir: str | Path, *, tune_
     return result
 
 
-def _check_complete(family: str, statuses: dict[str, str], wall: float, config: TuneConfig, path: Path) -> None:
+def _check_complete(family: str, statuses: dict[str, str], wall: float, config: TuneConfig, path: str) -> None:
     """Raise :class:`SearchInterrupted` unless every trial ended (or the time budget ran out)."""
     finished = [k for k, v in statuses.items() if v in ("TERMINATED", "ERROR")]
     cut = [k for k in statuses if k not in finished]
@@ -217,7 +224,7 @@ def _summarise(family: str, grid: Any, statuses: dict[str, str], experiment_path
     best: dict[str, Any] | None = None
     for result in grid:
         frame = result.metrics_dataframe
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        trial_id = (result.metrics or {}).get("trial_id") or str(result.path).rstrip("/").rpartition("/")[2]
         entry: dict[str, Any] = {"trial_id": trial_id, "config": result.config, "status": statuses.get(trial_id, "UNKNOWN"),
                                  "error": str(result.error) if result.error else None}
         if frame is not None and METRIC in frame and frame[METRIC].notna().any():

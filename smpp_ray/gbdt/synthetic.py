@@ -4,26 +4,30 @@ Generative model (known signal): ``label = 1.5 * user_followers + sin(2 * hour_f
 + 0.8 * text_signal**2 + effect[device]`` + Gaussian noise (sd ``noise``), with
 ``noise_0..noise_k`` unrelated to the label. ``device`` is a categorical feature (strings) and
 ``category`` a key column. Posts are in time order; the last 15% / 15% go to val / test.
+The folder may be any location (a local path or ``s3://...``).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import io
+import os
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from smpp_ray import storage
+from smpp_ray.features.manifest import FeatureColumn, write_feature_manifest
+
 CATEGORIES = ("Animal", "Food", "Travel", "Sports")
 DEVICES = ("android", "iphone", "camera", "scanner", "tablet")
 
 
-def write_synthetic_features(out_dir: str | Path, *, rows: int = 3000, users: int = 80, noise_features: int = 4,
+def write_synthetic_features(out_dir: str | os.PathLike[str], *, rows: int = 3000, users: int = 80, noise_features: int = 4,
                              noise: float = 0.5, seed: int = 0, shards: int = 2) -> dict[str, Any]:
     """Write ``split=*/part-*.parquet`` and ``feature_manifest.json``; returns the manifest."""
     rng = np.random.default_rng(seed)
-    out = Path(out_dir)
+    out = storage.normalize(out_dir)
     uid = rng.integers(0, users, rows)
     followers = rng.normal(0, 1, users)[uid] + 0.1 * rng.normal(0, 1, rows)
     hour = rng.uniform(0, 2 * np.pi, rows)
@@ -44,20 +48,16 @@ def write_synthetic_features(out_dir: str | Path, *, rows: int = 3000, users: in
         "text_signal": text,
         "device": device,
     })
-    columns = [{"name": "user_followers", "group": "user", "categorical": False},
-               {"name": "hour_feature", "group": "time", "categorical": False},
-               {"name": "text_signal", "group": "text", "categorical": False},
-               {"name": "device", "group": "user", "categorical": True}]
+    columns = [FeatureColumn("user_followers", "user"), FeatureColumn("hour_feature", "time"),
+               FeatureColumn("text_signal", "text"), FeatureColumn("device", "user", categorical=True)]
     for index in range(noise_features):
         frame[f"noise_{index}"] = rng.normal(0, 1, rows)
-        columns.append({"name": f"noise_{index}", "group": "network", "categorical": False})
+        columns.append(FeatureColumn(f"noise_{index}", "network"))
     bounds = {"train": (0, int(rows * 0.7)), "val": (int(rows * 0.7), int(rows * 0.85)), "test": (int(rows * 0.85), rows)}
     for split, (start, stop) in bounds.items():
-        folder = out / f"split={split}"
-        folder.mkdir(parents=True, exist_ok=True)
         chunk = frame.iloc[start:stop]
         for shard, rows_idx in enumerate(np.array_split(np.arange(len(chunk)), shards)):
-            chunk.iloc[rows_idx].to_parquet(folder / f"part-{shard:05d}.parquet", index=False)
-    manifest = {"key_columns": ["pid", "uid", "postdate", "label", "category", "subcategory"], "columns": columns}
-    (out / "feature_manifest.json").write_text(json.dumps(manifest, indent=1))
-    return manifest
+            buffer = io.BytesIO()
+            chunk.iloc[rows_idx].to_parquet(buffer, index=False)
+            storage.write_bytes(storage.join(out, f"split={split}", f"part-{shard:05d}.parquet"), buffer.getvalue())
+    return write_feature_manifest(out, columns)

@@ -2,7 +2,8 @@
 
 Trials and refits call the same :func:`fit_model`, with the same seed and thread count, so the
 refit of the best configuration reproduces the predictions the trial was scored on. Each trial
-reads its own data from the features Parquet (the trainable receives a path, never the frames).
+reads its own data from the features Parquet (the trainable receives a location, local or
+``s3://``, never the frames).
 
 Per-iteration reports feed ASHA: LightGBM through Ray's
 ``ray.tune.integration.lightgbm.TuneReportCheckpointCallback`` (a LightGBM ``feval`` computes
@@ -35,7 +36,7 @@ REPORTED = ("val_src", "val_mae")
 
 @dataclass(frozen=True)
 class TrialSetup:
-    """What a trial needs besides its hyperparameters (paths and sizes only: no data)."""
+    """What a trial needs besides its hyperparameters (locations and sizes only: no data)."""
 
     family: str
     features_dir: str
