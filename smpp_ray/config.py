@@ -104,7 +104,7 @@ class ModelConfig:
     backbone: str = "smpp-tiny-clip"
     """open_clip model name (``ViT-B-16``, ...) or the packaged tiny architecture ``smpp-tiny-clip``."""
     pretrained: str = ""
-    """open_clip pretrained tag or a local checkpoint file; empty means random init (tiny model only)."""
+    """open_clip pretrained tag or a checkpoint file location (local or URI, fetched once per node); empty: random init (tiny model only)."""
     unfreeze_image_blocks: int = 0
     """Number of last image-tower blocks to fine-tune (0 keeps the tower frozen)."""
     unfreeze_text_blocks: int = 0

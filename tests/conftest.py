@@ -11,8 +11,12 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A real local Ray with 4 logical CPUs shared by every test that needs one."""
+def ray_session(s3_endpoint):
+    """A real local Ray with 4 logical CPUs shared by every test that needs one.
+
+    It starts after the session's S3 server, so every Ray worker inherits the ``AWS_*``
+    variables (a worker reads os.environ as it was when Ray started) and any test can hand
+    Ray an ``s3://`` location."""
     import ray
 
     from smpp_ray.runtime import init_ray
@@ -21,6 +25,17 @@ def ray_session():
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_with_s3(ray_session, s3_endpoint):
+    """The session's Ray, checked to reach the S3 server from its workers."""
+    @ray_session.remote(num_cpus=0)
+    def endpoint_seen_by_workers() -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    assert ray_session.get(endpoint_seen_by_workers.remote()) == s3_endpoint
+    return ray_session
 
 
 @pytest.fixture(scope="session", autouse=True)

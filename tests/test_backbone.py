@@ -115,3 +115,24 @@ def test_shorter_context_length_truncates_and_keeps_end_of_text():
         assert short.encode_text(tokens).shape == (1, short.embed_dim)
     with pytest.raises(ValueError, match="context_length 64"):
         create_backbone(TINY_MODEL, context_length=64)
+
+
+def test_checkpoint_in_s3_loads_once_per_node_like_the_local_file(tmp_path, monkeypatch, backbone, s3_bucket):
+    from smpp_ray import storage
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    state = {k: v - 0.25 if v.is_floating_point() else v for k, v in backbone.clip.state_dict().items()}
+    local = tmp_path / "tiny.pt"
+    torch.save(state, local)
+    remote = storage.copy_file(str(local), f"{s3_bucket}/weights/tiny.pt")
+    from_local, from_s3 = create_backbone(TINY_MODEL, str(local)), create_backbone(TINY_MODEL, remote)
+    assert not from_s3.randomly_initialised and from_s3.pretrained == remote
+    for (name, a), b in zip(from_local.state_dict().items(), from_s3.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(from_s3.clip.visual.proj, state["visual.proj"])
+    cached = storage.list_files(str(tmp_path / "cache"))
+    assert [storage.name(c) for c in cached] == ["tiny.pt"]  # fetched once into the node cache
+    create_backbone(TINY_MODEL, remote)
+    assert storage.list_files(str(tmp_path / "cache")) == cached  # and reused, not fetched again
+    with pytest.raises(ValueError, match=f"{s3_bucket}/weights/missing.pt"):
+        create_backbone(TINY_MODEL, f"{s3_bucket}/weights/missing.pt")

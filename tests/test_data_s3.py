@@ -1,19 +1,11 @@
 """synth and prepare on a real S3 server (moto on 127.0.0.1): raw posts in, shards out, all in a bucket.
 
-Ray workers inherit the environment of the Ray processes when Ray starts, and pyarrow in a worker
-finds the S3 endpoint and credentials only through the ``AWS_*`` variables the ``s3_endpoint``
-fixture sets. So the Ray fixture of this module requests ``s3_endpoint`` *before*
-``ray_session``: when this module is the first to need Ray, Ray starts with the variables set.
-When an earlier module already started the session's Ray without them, the fixture sees that
-from a worker and restarts Ray once (same settings) so its workers inherit them.
-
-Every location below is a string handled by :mod:`smpp_ray.storage`, the same code that the
-local tests run through; a local prepare of the same corpus is the reference.
+Ray workers see the S3 endpoint and credentials only through the ``AWS_*`` variables as they
+were when Ray started, so the session's ``ray_session`` starts after the ``s3_endpoint`` server
+(tests/conftest.py) and ``ray_with_s3`` checks from a worker that they arrived.
 """
 
 from __future__ import annotations
-
-import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -26,24 +18,6 @@ from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS, posts_pat
 from smpp_ray.data.synth import synthesize_corpus
 
 CORPUS = {"posts": 96, "seed": 7, "image_size": 32, "test_posts": 8}
-
-
-@pytest.fixture(scope="module")
-def ray_with_s3(s3_endpoint, ray_session):
-    """The session's Ray, with workers that see the S3 server's ``AWS_*`` variables."""
-    ray = ray_session
-
-    @ray.remote(num_cpus=0)
-    def worker_endpoint() -> str | None:
-        return os.environ.get("AWS_ENDPOINT_URL")
-
-    if ray.get(worker_endpoint.remote()) != s3_endpoint:   # started by an earlier module
-        from smpp_ray.runtime import init_ray
-
-        ray.shutdown()
-        init_ray(num_cpus=4)
-        assert ray.get(worker_endpoint.remote()) == s3_endpoint
-    return ray
 
 
 def _tree(root: str) -> dict[str, bytes]:

@@ -5,19 +5,15 @@ bucket (the same rows as a local extraction of the same dataset), and a small se
 those features from S3 and writes its experiment, models, blend and metrics there. Nothing a
 Tune trial or a refit task reads is on the driver's disk.
 
-Ray workers inherit the environment of the Ray processes when Ray starts, and pyarrow in a
-worker finds the S3 endpoint and credentials only through the ``AWS_*`` variables the
-``s3_endpoint`` fixture sets. So the Ray fixture of this module requests ``s3_endpoint``
-*before* ``ray_session``: when this module is the first to need Ray, Ray starts with the
-variables set. When an earlier module already started the session's Ray without them, the
-fixture sees that from a worker and restarts Ray once (same settings) so its workers inherit them.
+Ray workers see the S3 endpoint and credentials only through the ``AWS_*`` variables as they
+were when Ray started, so the session's ``ray_session`` starts after the ``s3_endpoint`` server
+(tests/conftest.py) and ``ray_with_s3`` checks from a worker that they arrived.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -43,24 +39,6 @@ POSTS = 600
 EXTRACT = ExtractConfig(user_description_components=2)
 TUNE = TuneConfig(num_samples=2, max_rounds=12, grace_rounds=12, report_every=4, max_concurrent_trials=1,
                   cpus_per_trial=1.0, registered_model_prefix="s3test")
-
-
-@pytest.fixture(scope="module")
-def ray_with_s3(s3_endpoint, ray_session):
-    """The session's Ray, with workers that see the S3 server's ``AWS_*`` variables."""
-    ray = ray_session
-
-    @ray.remote(num_cpus=0)
-    def worker_endpoint() -> str | None:
-        return os.environ.get("AWS_ENDPOINT_URL")
-
-    if ray.get(worker_endpoint.remote()) != s3_endpoint:  # started by an earlier module
-        from smpp_ray.runtime import init_ray
-
-        ray.shutdown()
-        init_ray(num_cpus=4)
-        assert ray.get(worker_endpoint.remote()) == s3_endpoint
-    return ray
 
 
 @pytest.fixture(scope="module")

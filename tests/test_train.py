@@ -210,7 +210,7 @@ def test_checkpoint_holds_exactly_the_trainable_state_and_reloads(tmp_path):
                                    model(batch["pixels"], batch["tokens"])["logits_sub"])
     resumed = ckpt.load_training_state(tmp_path)
     assert resumed["scheduler"]["last_epoch"] == 1
-    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+    with pytest.raises(ValueError, match="missing' is neither a checkpoint folder"):
         ckpt.load_model_from_checkpoint(tmp_path / "missing")
 
 
@@ -324,6 +324,7 @@ def test_two_workers_learn_well_above_chance(relaunch):
     result = relaunch["result"]
     assert result["val_top1"] >= 5 / 77, result["history"]
     assert result["val_top1"] == max(h["val_top1"] for h in result["history"])
+    assert Path(result["best_checkpoint"]).parent == Path(result["run_path"])  # Ray's own folder, kept by rank
     best = json.loads((Path(result["best_checkpoint"]) / ckpt.META_FILE).read_text())
     assert best["epoch"] == result["best_epoch"] and best["metrics"]["val_top1"] == result["val_top1"]
 

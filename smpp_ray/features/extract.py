@@ -42,7 +42,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from smpp_ray import storage
-from smpp_ray.config import ExtractConfig
+from smpp_ray.config import ExtractConfig, parse_resources
 from smpp_ray.data.schema import SPLITS, Taxonomy
 from smpp_ray.features.history import history_features
 from smpp_ray.features.manifest import GROUPS, KEY_COLUMNS, FeatureColumn, write_feature_manifest
@@ -165,17 +165,14 @@ def metadata_features(data_dir: str, manifest: dict, user_description_components
 
 
 def checkpoint_location(checkpoint_dir: str) -> str:
-    """The location of a checkpoint folder (``meta.json``), given it or a train output folder
-    holding ``best_checkpoint/``; found by location, so nothing else of a train folder is fetched."""
-    from smpp_ray.train.checkpoint import META_FILE
-    from smpp_ray.train.trainer import BEST_CHECKPOINT_DIR
+    """The checkpoint folder given it or a finished train stage folder (see
+    :func:`smpp_ray.train.checkpoint.resolve_checkpoint`, the one resolver)."""
+    from smpp_ray.train.checkpoint import resolve_checkpoint
 
-    location = storage.normalize(checkpoint_dir)
-    for candidate in (location, storage.join(location, BEST_CHECKPOINT_DIR)):
-        if storage.is_file(storage.join(candidate, META_FILE)):
-            return candidate
-    raise ValueError(f"checkpoint {location!r} not found: neither a checkpoint folder ({META_FILE}) nor a train "
-                     f"output folder with {BEST_CHECKPOINT_DIR}/")
+    try:
+        return resolve_checkpoint(checkpoint_dir) or ""
+    except ValueError as err:
+        raise ValueError(f"checkpoint {storage.normalize(checkpoint_dir)!r} not found: {err}") from err
 
 
 def validate_checkpoint(checkpoint_dir: str, data_dir: str) -> CheckpointInfo:
@@ -286,6 +283,7 @@ def network_feature_dataset(data_dir: str, checkpoint: CheckpointInfo, cfg: Extr
                                "num_threads": max(1, int(round(cfg.cpus_per_actor)))},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
+        resources=parse_resources(cfg.actor_resources, "extract.actor_resources"),
         batch_size=cfg.batch_size, batch_format="numpy")
 
 

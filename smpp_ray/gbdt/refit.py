@@ -49,10 +49,12 @@ def refit(family: str, config: dict[str, Any], rounds: int, features_dir: str, *
 
 
 def refit_remote(family: str, config: dict[str, Any], rounds: int, features_dir: str, *, fit_on: tuple[str, ...],
-                 feature_groups: tuple[str, ...], cpus: float, seed: int) -> Any:
-    """Launch :func:`refit` as a Ray task holding ``cpus`` CPUs; returns its ObjectRef."""
+                 feature_groups: tuple[str, ...], cpus: float, seed: int,
+                 resources: dict[str, float] | None = None) -> Any:
+    """Launch :func:`refit` as a Ray task holding ``cpus`` CPUs (and the trials' custom
+    ``resources``, so it runs where they may); returns its ObjectRef."""
     import ray
 
-    task = ray.remote(refit).options(num_cpus=cpus, name=f"refit-{family}")
+    task = ray.remote(refit).options(num_cpus=cpus, resources=resources or {}, name=f"refit-{family}")
     return task.remote(family, config, rounds, features_dir, fit_on=fit_on, feature_groups=feature_groups,
                        threads=max(1, int(cpus)), seed=seed)

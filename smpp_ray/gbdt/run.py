@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from smpp_ray import storage, tracking
-from smpp_ray.config import TuneConfig
+from smpp_ray.config import TuneConfig, parse_resources
 from smpp_ray.features.manifest import load_feature_manifest, select_columns
 from smpp_ray.gbdt.blend import apply_weights, choose_weights
 from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec
@@ -111,7 +111,8 @@ def _refit_all(searches: dict[str, SearchResult], features_dir: str,
 
     def launch(fit_on: tuple[str, ...]) -> dict[str, Any]:
         return {f: refit_remote(f, s.best_config, s.best_rounds, features_dir, fit_on=fit_on,
-                                feature_groups=config.feature_groups, cpus=config.cpus_per_trial, seed=config.seed)
+                                feature_groups=config.feature_groups, cpus=config.cpus_per_trial, seed=config.seed,
+                                resources=parse_resources(config.trial_resources, "tune.trial_resources"))
                 for f, s in searches.items()}
 
     refs = launch(("train",))

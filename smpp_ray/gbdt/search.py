@@ -26,7 +26,7 @@ from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from smpp_ray import storage, tracking
-from smpp_ray.config import TuneConfig
+from smpp_ray.config import TuneConfig, parse_resources
 from smpp_ray.gbdt.spaces import search_space
 from smpp_ray.gbdt.tracking_callback import FAMILY_TAG, SEARCH_TAG, MlflowTrialCallback
 from smpp_ray.gbdt.trainables import TrialSetup, run_trial
@@ -140,7 +140,8 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                        validation=tune_config.validation, folds=tune_config.folds, max_rounds=tune_config.max_rounds,
                        threads=max(1, int(tune_config.cpus_per_trial)), seed=tune_config.seed,
                        report_every=effective_report_every(tune_config))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": tune_config.cpus_per_trial})
+    resources = {"cpu": tune_config.cpus_per_trial, **parse_resources(tune_config.trial_resources, "tune.trial_resources")}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
     space = search_space(family)
 
     search_run_id = None

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
+from smpp_ray import storage
+
 logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -41,7 +43,24 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+    return storage.is_uri(value) or os.sep in value or value.endswith(
+        (".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
+def _weights_file(name: str, pretrained: str, tags: list[str]) -> str:
+    """The local file holding the checkpoint at location ``pretrained``: itself when local, else
+    this node's cached copy (fetched once per node and version); a clear error when missing."""
+    try:
+        found = storage.is_file(pretrained)
+    except (storage.StorageError, OSError) as err:  # unknown scheme, unreachable bucket, ...
+        raise ValueError(f"checkpoint file {pretrained!r} for backbone {name!r} cannot be read: {err}") from err
+    if not found:
+        what = "checkpoint file" if _looks_like_path(pretrained) else "pretrained tag or checkpoint file"
+        raise ValueError(f"{what} {pretrained!r} for backbone {name!r} not found; provide an existing "
+                         f"checkpoint file (local path or URI) or one of the tags {tags}")
+    local = storage.local_copy(pretrained)
+    logger.info("loading backbone %s weights from %s (weights only)", name, pretrained)
+    return local
 
 
 def _load_open_clip(name: str, pretrained: str) -> tuple[nn.Module, bool]:
@@ -54,25 +73,20 @@ def _load_open_clip(name: str, pretrained: str) -> tuple[nn.Module, bool]:
         if name not in PACKAGED_MODELS:
             raise ValueError(
                 f"backbone {name!r} needs pretrained weights: set model.pretrained to an open_clip "
-                f"tag ({', '.join(tags) or 'none known'}) or a local checkpoint file; random "
-                f"initialisation is only allowed for {list(PACKAGED_MODELS)}")
+                f"tag ({', '.join(tags) or 'none known'}) or a checkpoint file (local path or URI); "
+                f"random initialisation is only allowed for {list(PACKAGED_MODELS)}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.create_model(name, pretrained=None)
         logger.warning("backbone %s randomly initialised (seed %d): no pretrained weights",
                        name, RANDOM_INIT_SEED)
         return model, True
-    if pretrained not in tags:
-        if not os.path.isfile(pretrained):
-            what = "checkpoint file" if _looks_like_path(pretrained) else "pretrained tag or checkpoint file"
-            raise ValueError(f"{what} {pretrained!r} for backbone {name!r} not found; provide an "
-                             f"existing local checkpoint file or one of the tags {tags}")
-        logger.info("loading backbone %s weights from %s (weights only)", name, pretrained)
+    weights = pretrained if pretrained in tags else _weights_file(name, pretrained, tags)
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
+        model = open_clip.create_model(name, pretrained=weights, weights_only=True)
     except RuntimeError as err:  # open_clip raises RuntimeError when a tag cannot be fetched
         raise ValueError(f"could not load weights {pretrained!r} for backbone {name!r} ({err}); "
-                         f"download the checkpoint and set model.pretrained to its local path") from err
+                         f"download the checkpoint and set model.pretrained to its location") from err
     return model, False
 
 
@@ -240,7 +254,9 @@ def create_backbone(name: str, pretrained: str = "", unfreeze_image_blocks: int 
                     unfreeze_text_blocks: int = 0, context_length: int = 0) -> Backbone:
     """Create a :class:`Backbone` from an open_clip model name and weights.
 
-    ``pretrained`` is an open_clip tag or a local checkpoint file (loaded weights-only). Empty
+    ``pretrained`` is an open_clip tag or a checkpoint file (loaded weights-only) at any location
+    :mod:`smpp_ray.storage` reads: a local path, or a URI (``s3://...``) that each node fetches
+    once into its cache, so workers on other nodes need no copy of the driver's files. Empty
     means random initialisation, allowed only for the packaged tiny architecture (and logged);
     any other model without weights, or a checkpoint that does not exist, is a ``ValueError``
     naming what to provide. Towers are frozen except the last ``unfreeze_*_blocks`` blocks.

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smpp_ray import storage
 from smpp_ray.config import ModelConfig
 from smpp_ray.data.schema import Taxonomy
 from smpp_ray.model.backbone import Backbone, create_backbone
@@ -211,14 +211,14 @@ class SMPPModel(nn.Module):
 def create_model(config: ModelConfig, taxonomy: Taxonomy, prototypes_path: str | None) -> SMPPModel:
     """Build the model from its config, the dataset taxonomy and the prototypes file.
 
-    ``prototypes_path`` (the ``.safetensors`` file or the folder holding it) may be None only
-    with ``config.use_prototypes`` off; when given, the
+    ``prototypes_path`` is a location (local path or URI) of the ``.safetensors`` file or of the
+    folder holding it; it may be None only with ``config.use_prototypes`` off. When given, the
     bank is loaded even with prototypes off (its similarities are still features).
     """
     backbone = create_backbone(config.backbone, config.pretrained, config.unfreeze_image_blocks,
                                config.unfreeze_text_blocks, context_length=config.context_length)
-    if prototypes_path and os.path.isdir(prototypes_path):  # a `smpp prototypes` output folder
-        prototypes_path = os.path.join(prototypes_path, PROTOTYPES_FILE)
+    if prototypes_path and storage.is_dir(prototypes_path):  # a `smpp prototypes` output folder
+        prototypes_path = storage.join(prototypes_path, PROTOTYPES_FILE)
     bank = PrototypeBank.load(prototypes_path) if prototypes_path else None
     model = SMPPModel(config, taxonomy, backbone, bank)
     counts = model.parameter_counts()

@@ -10,22 +10,27 @@ union whenever it fits in ``shots``.
 
 Bank layout: rows ``0..S-1`` are the subcategories (taxonomy ids), rows ``S..S+C-1`` the
 categories, ``S + C = 88`` on SMPD. A class without training posts has a zero row and count 0.
+
+This module owns ``prototypes.safetensors``: the bank is read and written by location (a local
+path or a URI, through :mod:`smpp_ray.storage`), so Train workers and inference actors on any
+node load it from the run's storage, never from the driver's disk.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from smpp_ray import storage
 from smpp_ray.data.schema import Taxonomy, posts_path
 
 logger = logging.getLogger(__name__)
@@ -104,26 +109,52 @@ class PrototypeBank(nn.Module):
         """Cosine similarity ``(B, S + C)`` of embeddings ``(B, D)`` to every prototype of ``kind``."""
         return F.normalize(embeddings, dim=-1) @ self.normalized(kind).t()
 
-    def save(self, path: str) -> None:
+    def to_bytes(self) -> bytes:
+        """The bank as a ``.safetensors`` file's bytes (tensors + string metadata)."""
         meta = {k: str(v) for k, v in self.metadata.items()}
         meta["num_subcategories"] = str(self.num_subcategories)
-        save_file({"visual": self.visual.contiguous(), "textual": self.textual.contiguous(),
-                   "counts": self.counts.contiguous()}, path, metadata=meta)
+        return save_safetensors({"visual": self.visual.contiguous(), "textual": self.textual.contiguous(),
+                                 "counts": self.counts.contiguous()}, metadata=meta)
+
+    def save(self, location: str) -> str:
+        """Write the bank to ``location`` (local path or URI) atomically; returns the location."""
+        return storage.write_bytes(location, self.to_bytes())
 
     @classmethod
-    def load(cls, path: str) -> PrototypeBank:
-        if not os.path.isfile(path):
-            raise ValueError(f"prototype file {path!r} not found; run `smpp prototypes` first")
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as handle:
-            meta = dict(handle.metadata() or {})
-        tensors = load_file(path)
+    def load(cls, location: str) -> PrototypeBank:
+        """Read a bank written by :meth:`save` from any location."""
+        data = _read_bank_file(location)
+        meta = safetensors_metadata(data, location)
+        tensors = load_safetensors(data)
         missing = {"visual", "textual", "counts"} - set(tensors)
         if missing or "num_subcategories" not in meta:
-            raise ValueError(f"prototype file {path!r} lacks {sorted(missing) or ['num_subcategories metadata']}")
+            raise ValueError(f"prototype file {location!r} lacks "
+                             f"{sorted(missing) or ['num_subcategories metadata']}")
         return cls(tensors["visual"], tensors["textual"], tensors["counts"],
                    int(meta.pop("num_subcategories")), meta)
+
+
+def _read_bank_file(location: str) -> bytes:
+    try:
+        return storage.read_bytes(location)
+    except storage.StorageError as err:
+        raise ValueError(f"prototype file {location!r} not found; run `smpp prototypes` first") from err
+
+
+def safetensors_metadata(data: bytes, location: str = "<bytes>") -> dict[str, str]:
+    """The ``__metadata__`` of a ``.safetensors`` file's bytes (the format: an 8-byte little-endian
+    header length, then a JSON header), without deserialising any tensor."""
+    try:
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + length])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"prototype file {location!r} is not a safetensors file: {err}") from err
+    return dict(header.get("__metadata__") or {})
+
+
+def read_prototype_metadata(location: str) -> dict[str, str]:
+    """The metadata of the bank at ``location`` (``backbone``, ``pretrained``, ``shots``, ...)."""
+    return safetensors_metadata(_read_bank_file(location), location)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,40 +368,32 @@ def embedding_dim(backbone: str) -> int:
     return int(config["embed_dim"])
 
 
-def load_taxonomy_from_manifest(data_dir: str) -> Taxonomy:
-    """The taxonomy stored under ``"taxonomy"`` in ``DATA/manifest.json``."""
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path!r} not found; is {data_dir!r} a prepared dataset (smpp prepare)?")
-    with open(path) as handle:
-        manifest = json.load(handle)
-    if "taxonomy" not in manifest:
-        raise ValueError(f"{path!r} has no 'taxonomy' key")
-    return Taxonomy.from_dict(manifest["taxonomy"])
-
-
 def build_prototypes(data_dir: str, out_dir: str, *, backbone: str, pretrained: str = "", shots: int = 256,
                      time_buckets: int = 8, batch_size: int = 64, num_actors: int = 1,
                      num_gpus_per_actor: float = 0.0, seed: int = 0) -> dict:
     """Embed the train split with a Ray Data actor pool, select members, write the bank.
 
-    Writes ``out_dir/prototypes.safetensors`` and ``out_dir/members.json`` (selected Pids and
-    counts per class) and returns a summary: ``posts`` (labelled train posts embedded),
-    ``empty_classes``, ``min_count`` / ``max_count`` over the 88 classes, ``counts`` per
-    level and class name, the two paths and ``backbone_randomly_initialised``.
+    ``data_dir`` and ``out_dir`` are locations (local paths or URIs); ``pretrained`` is a tag or
+    a checkpoint location the actors fetch themselves. Writes ``out_dir/prototypes.safetensors``
+    and ``out_dir/members.json`` (selected Pids and counts per class) and returns a summary:
+    ``posts`` (labelled train posts embedded), ``empty_classes``, ``min_count`` / ``max_count``
+    over the 88 classes, ``counts`` per level and class name, ``prototypes_path`` /
+    ``members_path`` (full locations) and ``backbone_randomly_initialised``.
     """
     import ray
     import ray.data
 
+    from smpp_ray.data.manifest import load_taxonomy
     from smpp_ray.model.backbone import PACKAGED_MODELS
 
     if shots < 1 or time_buckets < 1 or batch_size < 1 or num_actors < 1:
         raise ValueError(f"shots={shots}, time_buckets={time_buckets}, batch_size={batch_size} and "
                          f"num_actors={num_actors} must all be >= 1")
-    taxonomy = load_taxonomy_from_manifest(data_dir)
+    data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
+    taxonomy = load_taxonomy(data_dir)
     train_dir = posts_path(data_dir, "train")
-    if not os.path.isdir(train_dir) and "://" not in train_dir:
-        raise ValueError(f"train split {train_dir!r} not found in prepared dataset {data_dir!r}")
+    if not storage.list_parquet_files(train_dir):
+        raise ValueError(f"train split {train_dir!r} not found (no Parquet shards) in prepared dataset {data_dir!r}")
     device = "cuda" if num_gpus_per_actor > 0 else "cpu"
     embedded = ray.data.read_parquet(train_dir).select_columns(_READ_COLUMNS).map_batches(
         EmbedPosts,
@@ -396,13 +419,10 @@ def build_prototypes(data_dir: str, out_dir: str, *, backbone: str, pretrained: 
 
 
 def _write_outputs(bank: PrototypeBank, members: dict, out_dir: str, *, randomly_initialised: bool) -> dict:
-    os.makedirs(out_dir, exist_ok=True)
-    proto_path = os.path.join(out_dir, PROTOTYPES_FILE)
-    members_path = os.path.join(out_dir, MEMBERS_FILE)
-    bank.save(proto_path)
+    """Both files, each written whole (an object PUT, or a local write-then-rename)."""
+    proto_path = bank.save(storage.join(out_dir, PROTOTYPES_FILE))
     members = dict(members, randomly_initialised=randomly_initialised)
-    with open(members_path, "w") as handle:
-        json.dump(members, handle, indent=1)
+    members_path = storage.write_json(storage.join(out_dir, MEMBERS_FILE), members, indent=1)
     sub = [c for c in members["classes"] if c["level"] == "subcategory"]
     cat = [c for c in members["classes"] if c["level"] == "category"]
     counts = [c["count"] for c in members["classes"]]

@@ -9,8 +9,16 @@ A checkpoint folder holds::
     prototypes.safetensors    a copy of the prototype bank, so the folder is self-contained
     probe.pt                  pids + logits of the first validation rows as the worker computed them
 
-The frozen backbone is rebuilt from ``model_config`` (open_clip name + pretrained tag), so a
-checkpoint stays small however large the backbone is.
+The frozen backbone is rebuilt from ``model_config`` (open_clip name + pretrained tag or
+location), so a checkpoint stays small however large the backbone is.
+
+A checkpoint is written into a local scratch folder (Ray Train then persists it to the run's
+storage) and read back by location: a local folder or a URI such as
+``s3://bucket/run/train/ray_results/smpp-train/checkpoint_...``. This module is also the one
+resolver of "which checkpoint": :func:`resolve_checkpoint` takes a checkpoint folder or a
+finished train stage folder (its ``summary.json`` names the best checkpoint).
+
+Torch is imported where it is used, so resolving a checkpoint costs no torch import.
 """
 
 from __future__ import annotations
@@ -18,14 +26,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from smpp_ray import storage
 from smpp_ray.config import ModelConfig
 from smpp_ray.data.schema import Taxonomy
+from smpp_ray.summary import SUMMARY_FILE, read_summary
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +57,24 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, optimizer:
                     scheduler: Any, model_config: ModelConfig, taxonomy: Taxonomy,
                     prototypes_path: str | None, metrics: dict[str, float], state: dict[str, Any],
                     probe: dict[str, Any] | None = None) -> Path:
-    """Write one checkpoint folder (see the module docstring) and return its path.
+    """Write one checkpoint into the local scratch folder ``directory`` and return its path.
 
-    ``state`` is the loop state needed to resume exactly: ``epoch``, ``global_step``, early
-    stopping counters, ``attempt`` and the per-epoch ``history``.
+    ``prototypes_path`` is the bank's location (local or URI): the bank is copied in from this
+    node's cached copy, and the location is recorded in ``meta.json``. ``state`` is the loop
+    state needed to resume exactly: ``epoch``, ``global_step``, early stopping counters,
+    ``attempt`` and the per-epoch ``history``.
     """
+    import shutil
+
+    import torch
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(unwrap(model).trainable_state_dict(), directory / TRAINABLE_FILE)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                directory / OPTIMIZER_FILE)
     if prototypes_path:
-        shutil.copyfile(prototypes_path, directory / PROTOTYPES_FILE)
+        shutil.copyfile(storage.local_copy(prototypes_path), directory / PROTOTYPES_FILE)
     if probe is not None:
         torch.save(probe, directory / PROBE_FILE)
     meta = {
@@ -73,16 +90,19 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, optimizer:
     return directory
 
 
-def read_meta(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """``meta.json`` of a checkpoint folder, with errors that name the folder."""
-    path = Path(checkpoint_dir) / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(checkpoint_dir)!r} is not a training checkpoint: {META_FILE} missing")
-    meta = json.loads(path.read_text())
+def read_meta(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """``meta.json`` of the checkpoint at a location (local folder or URI), with errors that name it."""
+    location = storage.join(os.fspath(checkpoint), META_FILE)
+    try:
+        text = storage.read_text(location)
+    except storage.StorageError as err:
+        raise FileNotFoundError(f"{storage.normalize(os.fspath(checkpoint))!r} is not a training checkpoint: "
+                                f"{META_FILE} missing") from err
+    meta = json.loads(text)
     version = meta.get("format_version")
     if version != CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(f"checkpoint {str(checkpoint_dir)!r} has format_version {version!r}; "
-                         f"this code reads version {CHECKPOINT_FORMAT_VERSION}")
+        raise ValueError(f"checkpoint {storage.normalize(os.fspath(checkpoint))!r} has format_version "
+                         f"{version!r}; this code reads version {CHECKPOINT_FORMAT_VERSION}")
     return meta
 
 
@@ -96,55 +116,92 @@ def model_config_from_meta(meta: dict[str, Any], where: str = "checkpoint") -> M
     return ModelConfig(**values)
 
 
-def prototypes_in_checkpoint(checkpoint_dir: str | Path, meta: dict[str, Any]) -> str | None:
-    """The checkpoint's own prototype copy, else the original path it was trained with."""
-    local = Path(checkpoint_dir) / PROTOTYPES_FILE
-    if local.is_file():
-        return str(local)
+def prototypes_in_checkpoint(checkpoint: str | os.PathLike[str], meta: dict[str, Any]) -> str | None:
+    """Location of the checkpoint's own prototype copy, else of the original bank it was trained with."""
+    own = storage.join(os.fspath(checkpoint), PROTOTYPES_FILE)
+    if storage.is_file(own):
+        return own
     original = meta.get("prototypes_path")
-    if original and not Path(original).is_file():
-        raise FileNotFoundError(f"checkpoint {str(checkpoint_dir)!r} has no {PROTOTYPES_FILE} and its "
-                                f"original prototypes {original!r} do not exist")
+    if original and not storage.is_file(original):
+        raise FileNotFoundError(f"checkpoint {storage.normalize(os.fspath(checkpoint))!r} has no "
+                                f"{PROTOTYPES_FILE} and its original prototypes {original!r} do not exist")
     return original
 
 
-def load_training_state(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Everything a worker needs to resume: ``meta``, ``trainable``, ``optimizer``, ``scheduler``."""
-    checkpoint_dir = Path(checkpoint_dir)
-    meta = read_meta(checkpoint_dir)
-    trainable = torch.load(checkpoint_dir / TRAINABLE_FILE, map_location=map_location, weights_only=True)
-    opt = torch.load(checkpoint_dir / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
+def load_training_state(checkpoint: str | os.PathLike[str],
+                        map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Everything a worker needs to resume: ``meta``, ``trainable``, ``optimizer``, ``scheduler``.
+
+    ``checkpoint`` is a local folder (what ``Checkpoint.as_directory`` gives) or any location.
+    """
+    import torch
+
+    location = os.fspath(checkpoint)
+    meta = read_meta(location)
+    trainable = torch.load(storage.local_copy(storage.join(location, TRAINABLE_FILE)),
+                           map_location=map_location, weights_only=True)
+    opt = torch.load(storage.local_copy(storage.join(location, OPTIMIZER_FILE)),
+                     map_location=map_location, weights_only=True)
     return {"meta": meta, "trainable": trainable, "optimizer": opt["optimizer"], "scheduler": opt["scheduler"]}
 
 
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A checkpoint folder, or a train output folder holding ``best_checkpoint/``."""
-    path = Path(path)
-    if (path / META_FILE).is_file():
-        return path
-    if (path / "best_checkpoint" / META_FILE).is_file():
-        return path / "best_checkpoint"
-    raise FileNotFoundError(f"{str(path)!r} is neither a checkpoint folder ({META_FILE}) nor a train "
-                            "output folder with best_checkpoint/")
+# ---------------------------------------------------------------------------------------------
+# Which checkpoint
 
 
-def load_model_from_checkpoint(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
+def best_checkpoint(train_dir: str) -> str:
+    """The best checkpoint's location recorded by the finished train stage in ``train_dir``."""
+    summary = read_summary(train_dir)
+    best = (summary or {}).get("artifacts", {}).get("best_checkpoint")
+    if not summary or summary.get("status") != "complete" or not best:
+        raise ValueError(f"{storage.normalize(train_dir)!r} holds no finished train stage ({SUMMARY_FILE} with "
+                         "best_checkpoint); run `smpp train` first or pass the checkpoint folder itself")
+    return storage.normalize(best)
+
+
+def resolve_checkpoint(location: str | os.PathLike[str] | None) -> str | None:
+    """A checkpoint folder (with ``trainable.pt``) or a train stage folder (``summary.json``) ->
+    the checkpoint folder's location; None for None or empty. ValueError for anything else."""
+    if location is None or os.fspath(location) == "":
+        return None
+    location = storage.normalize(os.fspath(location))
+    if storage.is_file(storage.join(location, TRAINABLE_FILE)):
+        return location
+    if storage.is_file(storage.join(location, SUMMARY_FILE)):
+        best = best_checkpoint(location)
+        if not storage.is_file(storage.join(best, TRAINABLE_FILE)):
+            raise ValueError(f"train stage {location!r} names best checkpoint {best!r}, which holds no "
+                             f"{TRAINABLE_FILE} (deleted?); rerun `smpp train`")
+        return best
+    raise ValueError(f"checkpoint {location!r} is neither a checkpoint folder ({TRAINABLE_FILE}) "
+                     f"nor a train stage folder ({SUMMARY_FILE})")
+
+
+def load_model_from_checkpoint(checkpoint: str | os.PathLike[str], device: str | torch.device = "cpu"):
     """The trained :class:`SMPPModel` in eval mode, outside Ray (feature extraction, predict).
 
-    The frozen backbone is rebuilt from the stored model config, then the trainable state is
-    loaded over it; a key mismatch raises (``load_trainable_state_dict`` is strict).
+    ``checkpoint`` is any location :func:`resolve_checkpoint` accepts. Remote files are fetched
+    once per node into its cache (``storage.local_copy``), so a pool of inference actors on one
+    node downloads the trainable state once. The frozen backbone is rebuilt from the stored model
+    config, then the trainable state is loaded over it; a key mismatch raises
+    (``load_trainable_state_dict`` is strict).
     """
+    import torch
+
     from smpp_ray.model.model import create_model
 
-    checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
-    meta = read_meta(checkpoint_dir)
-    config = model_config_from_meta(meta, where=str(checkpoint_dir))
+    location = resolve_checkpoint(checkpoint)
+    if location is None:
+        raise ValueError("no checkpoint given")
+    meta = read_meta(location)
+    config = model_config_from_meta(meta, where=location)
     taxonomy = Taxonomy.from_dict(meta["taxonomy"])
-    model = create_model(config, taxonomy, prototypes_in_checkpoint(checkpoint_dir, meta))
-    state = torch.load(checkpoint_dir / TRAINABLE_FILE, map_location="cpu", weights_only=True)
+    model = create_model(config, taxonomy, prototypes_in_checkpoint(location, meta))
+    state = torch.load(storage.local_copy(storage.join(location, TRAINABLE_FILE)), map_location="cpu",
+                       weights_only=True)
     model.load_trainable_state_dict(state)
     model.to(device)
     model.eval()
-    logger.info("loaded checkpoint %s (epoch %d, val_top1 %s)", checkpoint_dir, meta["epoch"],
+    logger.info("loaded checkpoint %s (epoch %d, val_top1 %s)", location, meta["epoch"],
                 meta.get("metrics", {}).get("val_top1"))
     return model

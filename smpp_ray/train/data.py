@@ -3,6 +3,8 @@
 Nothing here materialises a split: ``read_parquet`` streams the shards, ``map_batches`` decodes
 JPEGs and tokenises text in CPU tasks, and Ray Train hands each worker a streaming shard of the
 train split (``DataConfig(datasets_to_split=["train"])``) while the val split stays whole.
+The dataset is a location (local folder or URI): the read tasks fetch the shards themselves on
+whichever node they run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from smpp_ray import storage
 from smpp_ray.data.schema import posts_path
 
 logger = logging.getLogger(__name__)
@@ -66,11 +69,12 @@ def count_rows(data_dir: str, split: str) -> int:
     """Rows of one split from the Parquet footers (no data pages are read)."""
     import pyarrow.dataset as pads
 
-    path = posts_path(data_dir, split)
+    location = posts_path(storage.normalize(data_dir), split)
+    filesystem, path = storage.resolve(location)
     try:
-        dataset = pads.dataset(path, format="parquet")
+        dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
     except (FileNotFoundError, OSError) as err:
-        raise FileNotFoundError(f"no Parquet shards for split {split!r} at {path!r}; "
+        raise FileNotFoundError(f"no Parquet shards for split {split!r} at {location!r}; "
                                 "run `smpp prepare` first") from err
     return sum(fragment.count_rows() for fragment in dataset.get_fragments())
 
@@ -87,7 +91,7 @@ def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: b
 
     from smpp_ray.model.preprocess import BatchPreprocessor
 
-    path = posts_path(data_dir, split)
+    path = posts_path(storage.normalize(data_dir), split)
     rows = count_rows(data_dir, split)
     if rows == 0:
         raise ValueError(f"split {split!r} at {path!r} has no rows; training needs train and val posts")

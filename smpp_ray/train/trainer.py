@@ -6,6 +6,11 @@ train split through :func:`smpp_ray.train.loop.train_epoch`; rank 0 evaluates th
 split, shares the metrics with the other ranks (so early stopping agrees everywhere), writes the
 checkpoint and logs the epoch to MLflow. Relaunching with the same ``storage_path``/``name``
 resumes from the latest checkpoint, and a worker failure restarts the group from it.
+
+Every input and output is a location (:mod:`smpp_ray.storage`): with ``out`` on ``s3://`` the run's
+storage defaults to ``<out>/ray_results`` there too, Ray Train persists each checkpoint to it,
+workers read the dataset and the prototype bank from their locations, and the best checkpoint
+is reported as a full URI. Nothing a worker reads lives only on the driver's disk.
 """
 
 from __future__ import annotations
@@ -13,15 +18,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from smpp_ray.config import ModelConfig, TrainConfig
+from smpp_ray import storage
+from smpp_ray.config import ModelConfig, TrainConfig, parse_resources
 from smpp_ray.data.schema import Taxonomy
 from smpp_ray.tracking import TrackingContext, log_artifact, log_metrics, set_tags
 from smpp_ray.train import checkpoint as ckpt
@@ -33,6 +37,9 @@ from smpp_ray.train.schedule import create_optimizer, create_scheduler
 logger = logging.getLogger(__name__)
 
 PROTOTYPES_FILE = "prototypes.safetensors"
+#: Ray Train's runs under ``out`` when ``train.storage_path`` is empty.
+RAY_RESULTS_DIR = "ray_results"
+#: MLflow artifact path of the best checkpoint.
 BEST_CHECKPOINT_DIR = "best_checkpoint"
 #: Validation rows whose logits are stored in each checkpoint (probe.pt) to verify reloads.
 PROBE_ROWS = 16
@@ -46,12 +53,16 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
                 train_config: TrainConfig, tracking: TrackingContext | None = None) -> dict[str, Any]:
     """Prompt-tune the model with Ray Train and return the best epoch's metrics.
 
-    Returns ``val_top1``, ``val_top1_cat``, ``val_loss``, ``train_loss`` and ``samples_per_s`` of
-    the best epoch (by val top-1), ``best_epoch``, ``epochs_run`` (epochs completed, across
-    relaunches), ``resumes`` (worker-group starts from a checkpoint: failures recovered plus
-    relaunches), ``stopped_early``,
-    ``best_checkpoint`` (``out_dir/best_checkpoint``, a copy that outlives Ray's retention),
-    ``run_path`` and ``history`` (every epoch's metrics).
+    ``data_dir``, ``prototypes_dir`` (the prototypes stage folder or its ``.safetensors`` file)
+    and ``out_dir`` are locations; the run's storage is ``train.storage_path``, or
+    ``<out_dir>/ray_results`` when that is empty. Returns ``val_top1``, ``val_top1_cat``,
+    ``val_loss``, ``train_loss`` and ``samples_per_s`` of the best epoch (by val top-1),
+    ``best_epoch``, ``epochs_run`` (epochs completed, across relaunches), ``resumes``
+    (worker-group starts from a checkpoint: failures recovered plus relaunches),
+    ``stopped_early``, ``best_checkpoint`` (the full location of Ray Train's best checkpoint
+    folder, e.g. ``s3://bucket/run/train/ray_results/smpp-train/checkpoint_...``; retention
+    ranks by val top-1, so the best one is never deleted), ``run_path`` (the run's location) and
+    ``history`` (every epoch's metrics).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train import DataConfig as RayDataConfig
@@ -61,18 +72,17 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
 
     _validate(model_config, train_config)
     _check_cpu_budget(train_config)
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    data_dir = storage.normalize(data_dir)
     taxonomy = load_taxonomy(data_dir)
     prototypes_path = _prototypes_file(prototypes_dir, model_config)
-    storage_path = train_config.storage_path or str(out / "ray_results")
-    run_path = f"{storage_path.rstrip('/')}/{train_config.name}"
+    storage_path = storage.normalize(train_config.storage_path or storage.join(out_dir, RAY_RESULTS_DIR))
+    run_path = storage.join(storage_path, train_config.name)
 
     previous = _previous_run(run_path, model_config)
     if previous is not None and _finished(previous, train_config):
         logger.info("train run %s already finished (epoch %d); nothing to do", run_path,
                     previous["meta"]["epoch"])
-        return _finish(previous["result"], out, run_path, tracking)
+        return _finish(previous["result"], run_path, tracking)
 
     train_rows = count_rows(data_dir, "train")
     steps_per_epoch = _steps_per_epoch(train_rows, train_config)
@@ -97,7 +107,8 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
         "total_steps": total_steps,
         "run_path": run_path,
     }
-    resources = {"CPU": train_config.cpus_per_worker}
+    resources = {"CPU": train_config.cpus_per_worker,
+                 **parse_resources(train_config.worker_resources, "train.worker_resources")}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -117,7 +128,7 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training run {run_path} failed: {result.error}") from result.error
-    return _finish(result, out, run_path, tracking)
+    return _finish(result, run_path, tracking)
 
 
 def _validate(model_config: ModelConfig, train_config: TrainConfig) -> None:
@@ -151,14 +162,18 @@ def _check_cpu_budget(train_config: TrainConfig) -> None:
 
 
 def _prototypes_file(prototypes_dir: str | None, model_config: ModelConfig) -> str | None:
+    """Location of the bank the workers read: the stage folder's file, or the file itself."""
     if not prototypes_dir:
         if model_config.use_prototypes:
             raise ValueError("model.use_prototypes=true needs a prototypes folder (run `smpp prototypes`)")
         return None
-    path = Path(prototypes_dir) / PROTOTYPES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"prototype bank {str(path)!r} not found; run `smpp prototypes` first")
-    return str(path.resolve())
+    location = storage.normalize(prototypes_dir)
+    if storage.is_file(location):
+        return location
+    location = storage.join(location, PROTOTYPES_FILE)
+    if not storage.is_file(location):
+        raise FileNotFoundError(f"prototype bank {location!r} not found; run `smpp prototypes` first")
+    return location
 
 
 def _steps_per_epoch(train_rows: int, train_config: TrainConfig) -> int:
@@ -174,14 +189,16 @@ def _previous_run(run_path: str, model_config: ModelConfig) -> dict[str, Any] | 
     """The latest checkpoint of an earlier launch with this name; its model config must match."""
     from ray.train import Result
 
+    if not storage.is_dir(run_path):
+        return None
+    filesystem, path = storage.resolve(run_path)
     try:
-        result = Result.from_path(run_path)
-    except RuntimeError:  # no such run folder, or no checkpoint reported yet
+        result = Result.from_path(path, storage_filesystem=filesystem)
+    except RuntimeError:  # no checkpoint reported yet (no checkpoint manager snapshot)
         return None
     if result.checkpoint is None:
         return None
-    with result.checkpoint.as_directory() as directory:
-        meta = ckpt.read_meta(directory)
+    meta = ckpt.read_meta(_checkpoint_location(result.checkpoint, run_path))
     stored = meta["model_config"]
     current = dataclasses.asdict(model_config)
     changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
@@ -197,18 +214,24 @@ def _finished(previous: dict[str, Any], train_config: TrainConfig) -> bool:
     return bool(state.get("stopped_early")) or previous["meta"]["epoch"] + 1 >= train_config.epochs
 
 
-def _finish(result: Any, out: Path, run_path: str, tracking: TrackingContext | None) -> dict[str, Any]:
-    """Copy the best checkpoint next to the stage outputs, log it to MLflow, build the summary."""
+def _checkpoint_location(checkpoint: Any, run_path: str) -> str:
+    """A Ray ``Checkpoint``'s full location: its ``path`` is inside its filesystem (``bucket/key``
+    on S3), so it takes the scheme of the run's location back."""
+    path = str(checkpoint.path)
+    if storage.is_uri(run_path):
+        scheme = run_path.partition("://")[0]
+        return storage.normalize(f"{scheme}://{path.lstrip('/')}")
+    return storage.normalize(path)
+
+
+def _finish(result: Any, run_path: str, tracking: TrackingContext | None) -> dict[str, Any]:
+    """Find the best checkpoint in the run's storage, log it to MLflow, build the summary."""
     best = result.get_best_checkpoint("val_top1", "max") or result.checkpoint
     if best is None:
         raise RuntimeError(f"training run {run_path} reported no checkpoint")
-    best_dir = out / BEST_CHECKPOINT_DIR
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
-    best.to_directory(str(best_dir))
-    best_meta = ckpt.read_meta(best_dir)
-    with result.checkpoint.as_directory() as directory:
-        last_meta = ckpt.read_meta(directory)
+    best_location = _checkpoint_location(best, run_path)
+    best_meta = ckpt.read_meta(best_location)
+    last_meta = ckpt.read_meta(_checkpoint_location(result.checkpoint, run_path))
     state = last_meta["state"]
     metrics = best_meta["metrics"]
     summary: dict[str, Any] = {
@@ -217,16 +240,16 @@ def _finish(result: Any, out: Path, run_path: str, tracking: TrackingContext | N
         "epochs_run": last_meta["epoch"] + 1,
         "resumes": state["attempt"],
         "stopped_early": bool(state.get("stopped_early")),
-        "best_checkpoint": str(best_dir),
+        "best_checkpoint": best_location,
         "run_path": run_path,
         "history": state["history"],
     }
     if tracking is not None:
-        log_artifact(tracking.tracking_uri, tracking.run_id, best_dir, BEST_CHECKPOINT_DIR)
+        log_artifact(tracking.tracking_uri, tracking.run_id, best_location, BEST_CHECKPOINT_DIR)
         set_tags(tracking.tracking_uri, tracking.run_id,
                  {"smpp.train.run_path": run_path, "smpp.train.best_epoch": best_meta["epoch"]})
     logger.info("training done: best epoch %d val_top1 %.4f (checkpoint %s)", best_meta["epoch"],
-                metrics["val_top1"], best_dir)
+                metrics["val_top1"], best_location)
     return summary
 
 
@@ -398,16 +421,12 @@ def _failure_hook(fail_at_epoch: int, epoch: int, rank: int, world: int, run_pat
     """
     if epoch != fail_at_epoch or rank != min(1, world - 1):
         return None
-    import pyarrow.fs as pafs
 
     def fail(steps: int) -> None:
-        filesystem, root = pafs.FileSystem.from_uri(
-            run_path if "://" in run_path else str(Path(run_path).resolve()))
-        marker = f"{root}/fail_at_epoch_{epoch}.marker"
-        if filesystem.get_file_info(marker).type != pafs.FileType.NotFound:
+        marker = storage.join(run_path, f"fail_at_epoch_{epoch}.marker")
+        if storage.exists(marker):
             return
-        with filesystem.open_output_stream(marker) as stream:
-            stream.write(f"failed on purpose at {time.time()}\n".encode())
+        storage.write_text(marker, f"failed on purpose at {time.time()}\n")
         raise RuntimeError(f"train.fail_at_epoch: rank {rank} fails on purpose in epoch {epoch} "
                            f"after {steps} step(s)")
 
