@@ -17,7 +17,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from smpp_ray import storage
-from smpp_ray.gbdt.data import categorical_columns, load_feature_manifest, read_split, select_columns
+from smpp_ray.gbdt.data import (
+    categorical_columns,
+    load_feature_manifest,
+    read_split,
+    select_columns,
+)
 from smpp_ray.metrics import regression_metrics
 from smpp_ray.summary import require_summary
 
