@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posts", type=int, help="number of training posts (synth.posts)")
     p.add_argument("--seed", type=int, help="random seed (synth.seed)")
     p.add_argument("--test-posts", type=int, help="unlabelled test_ posts beside them (synth.test_posts)")
+    p.add_argument("--first-pid", type=int, help="Pids start just above this (synth.first_pid)")
 
     p = _add(sub, "prepare", "validate a raw SMPD folder into Parquet shards, rejects and manifest.json",
              _examples("smpp prepare --raw runs/raw --out runs/data", "smpp prepare --raw /data/smpd --out runs/data --split user"))
@@ -121,7 +122,8 @@ def _configure_logging(verbose: bool) -> None:
 
 
 _SHORTHANDS: dict[str, dict[str, str]] = {
-    "synth": {"posts": "synth.posts", "seed": "synth.seed", "test_posts": "synth.test_posts"},
+    "synth": {"posts": "synth.posts", "seed": "synth.seed", "test_posts": "synth.test_posts",
+              "first_pid": "synth.first_pid"},
     "prepare": {"split": "data.split"},
 }
 

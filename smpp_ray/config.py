@@ -62,6 +62,8 @@ class SynthConfig:
     """Side in pixels of the square JPEG images."""
     users: int = 0
     """Number of users; 0 picks about one user per 12 posts."""
+    first_pid: int = 10_000
+    """Pids start just above this; give new posts to score a range the training corpus does not use."""
 
     def __post_init__(self) -> None:
         _require(self.posts > 0, f"synth.posts must be > 0, got {self.posts!r}")

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from smpp_ray import storage
 from smpp_ray.config import Config, config_from_dict, config_to_dict
 from smpp_ray.data.manifest import load_manifest, manifest_location
-from smpp_ray.data.schema import posts_path, rejects_path
+from smpp_ray.data.schema import REJECTS_SCHEMA, posts_path, rejects_path
 from smpp_ray.layout import pipeline_layout
 from smpp_ray.summary import require_summary
 
@@ -48,23 +48,40 @@ def _copy_shard(source: str, target: str) -> None:
     storage.copy_file(source, target)
 
 
-def _combined_dataset(pipeline_data: str, new_data: str, out: str) -> str:
-    """Pipeline train/val shards + every new post as the test split, with the pipeline's manifest."""
+def _combined_dataset(pipeline_data: str, new_data: str, out: str) -> tuple[str, pd.DataFrame]:
+    """Pipeline train/val shards + every new post as the test split, with the pipeline's manifest.
+
+    A "new" post whose Pid is already a train/val post of the pipeline cannot be told apart from
+    it in the joined features; it is returned as a reject (with the reason), not scored.
+    """
     storage.remove(out)
+    known: set[str] = set()
     for split in ("train", "val"):
         for shard in storage.list_parquet_files(posts_path(pipeline_data, split)):
             _copy_shard(shard, storage.join(out, "posts", f"split={split}", storage.name(shard)))
+            fs, path = storage.resolve(shard)
+            known.update(pq.read_table(path, columns=["pid"], filesystem=fs).column("pid").to_pylist())
     manifest = load_manifest(pipeline_data)
     test_dir = storage.make_dir(storage.join(out, "posts", "split=test"))
     new_shards = [f for f in storage.list_parquet_files(storage.join(new_data, "posts"))
                   if "/split=" in f]
+    collisions: list[dict[str, Any]] = []
     for number, shard in enumerate(new_shards):
         fs, path = storage.resolve(shard)
-        table = _with_pipeline_ids(pq.read_table(path, filesystem=fs), manifest)
+        table = pq.read_table(path, filesystem=fs)
+        pids = table.column("pid").to_pylist()
+        seen = [pid in known for pid in pids]
+        for pid, uid, clash in zip(pids, table.column("uid").to_pylist(), seen, strict=True):
+            if clash:
+                collisions.append({"source_file": storage.name(shard), "row_index": -1, "pid": pid, "uid": uid,
+                                   "field": "Pid", "reason": "already a train/val post of the pipeline; a new "
+                                                             "post needs a Pid the training data does not use"})
+        table = table.filter(pa.array([not clash for clash in seen]))
+        table = _with_pipeline_ids(table, manifest)
         out_fs, out_path = storage.resolve(storage.join(test_dir, f"new-{number:05d}-{storage.name(shard)}"))
         pq.write_table(table, out_path, filesystem=out_fs)
     storage.copy_file(manifest_location(pipeline_data), manifest_location(out))
-    return out
+    return out, pd.DataFrame(collisions, columns=[f.name for f in REJECTS_SCHEMA])
 
 
 def _with_pipeline_ids(table: pa.Table, manifest: dict[str, Any]) -> pa.Table:
@@ -142,7 +159,8 @@ def predict_posts(pipeline_dir: str, posts_dir: str, out_file: str, *, config: C
     manifest = prepare_dataset(posts_dir, storage.join(work, "new_data"), split=d.split, val_fraction=d.val_fraction,
                                test_fraction=d.test_fraction, max_image_side=d.max_image_side,
                                jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard)
-    combined = _combined_dataset(layout["data"], storage.join(work, "new_data"), storage.join(work, "combined"))
+    combined, collisions = _combined_dataset(layout["data"], storage.join(work, "new_data"),
+                                             storage.join(work, "combined"))
     logger.info("predict: extracting features with %s", checkpoint)
     extract_features(combined, checkpoint, storage.join(work, "features"), extract_config=used.extract)
     frame = _read_folder(storage.join(work, "features", "split=test"))
@@ -150,9 +168,10 @@ def predict_posts(pipeline_dir: str, posts_dir: str, out_file: str, *, config: C
     scores["predicted_subcategory"] = _predicted_subcategory(frame, layout["data"])
     _write_table(scores, out_file)
     rejects_dir = rejects_path(storage.join(work, "new_data"))
-    rejects = _read_folder(rejects_dir) if storage.list_parquet_files(rejects_dir) else None
+    rejects = _read_folder(rejects_dir) if storage.list_parquet_files(rejects_dir) else collisions.iloc[:0]
+    rejects = pd.concat([rejects, collisions], ignore_index=True) if len(collisions) else rejects
     rejects_file = out_file.rsplit(".", 1)[0] + ".rejects.csv"
-    if rejects is not None and len(rejects):
+    if len(rejects):
         storage.write_text(rejects_file, rejects.to_csv(index=False))
         logger.warning("predict: %d posts rejected, reasons in %s", len(rejects), rejects_file)
     logger.info("predict: scored %d of %d posts into %s", len(scores), manifest["counts"]["input_rows"], out_file)

@@ -148,7 +148,7 @@ def run_synth(config: Config, out_dir: str, stage_run: StageRun | None = None) -
 
     def body(_: TrackingContext | None) -> dict[str, Any]:
         summary = synthesize_corpus(str(out_dir), posts=s.posts, seed=s.seed, image_size=s.image_size,
-                                    users=s.users, test_posts=s.test_posts)
+                                    users=s.users, test_posts=s.test_posts, first_pid=s.first_pid)
         return {"metrics": summary, "artifacts": {"raw": str(out_dir)}}
 
     return _run_stage("synth", config, out_dir, {}, stage_run, body)

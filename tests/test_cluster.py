@@ -411,7 +411,7 @@ def test_predict_job_scores_posts_read_from_the_bucket(local_cluster: LocalClust
     assert pipeline_job.status == "SUCCEEDED", pipeline_job.logs
     new_posts, scores = f"{pipeline_job.out}-new-posts", f"{pipeline_job.out}-scores.csv"
     job_id, status, logs = submit_job(local_cluster, [
-        "bash", "-c", f"python jobs/synth.py --out {new_posts} --posts 12 --seed 11 "
+        "bash", "-c", f"python jobs/synth.py --out {new_posts} --posts 12 --seed 11 --first-pid 900000000 "
                       f"--set tracking.experiment={pipeline_job.experiment} && "
                       f"python jobs/predict.py --pipeline {pipeline_job.out} --posts {new_posts} --out {scores} "
                       + " ".join(PIN_TO_WORKER_NODE)], timeout=800)

@@ -343,7 +343,7 @@ def _label_noise_scale(score: np.ndarray) -> float:
     return spread * float(np.sqrt(1 / _TARGET_PEARSON**2 - 1))
 
 
-def generate_corpus(posts: int, seed: int, *, users: int = 0, test_posts: int = 0) -> Corpus:
+def generate_corpus(posts: int, seed: int, *, users: int = 0, test_posts: int = 0, first_pid: int = 10_000) -> Corpus:
     """Draw every value of a corpus except the pixels (cheap: used by tests of the score model)."""
     if posts <= 0 or test_posts < 0 or users < 0:
         raise ValueError(f"posts must be > 0 and users, test_posts >= 0; got posts={posts!r}, "
@@ -365,7 +365,7 @@ def generate_corpus(posts: int, seed: int, *, users: int = 0, test_posts: int = 
     # Flickr photo ids grow with upload time; gaps make them look like a sample of a larger site.
     order = np.argsort(postdate, kind="stable")
     pid = np.empty(n, dtype=np.int64)
-    pid[order] = 10_000 + np.cumsum(rng.integers(1, 40, size=n))
+    pid[order] = first_pid + np.cumsum(rng.integers(1, 40, size=n))
     weekend = ((postdate - START_TIMESTAMP) // 86400 % 7 == 0) | ((postdate - START_TIMESTAMP) // 86400 % 7 == 6)
     elapsed = (postdate - START_TIMESTAMP) / (TRAIN_DAYS * 86400.0)
     score = (5.0 + 1.1 * u["z"][user] + look.effect[subcategory] + 0.9 * appeal
@@ -520,7 +520,7 @@ def _clear_previous(out: str) -> None:
 
 
 def synthesize_corpus(out_dir: str, *, posts: int, seed: int, image_size: int = 64,
-                      users: int = 0, test_posts: int = 0) -> dict:
+                      users: int = 0, test_posts: int = 0, first_pid: int = 10_000) -> dict:
     """Write a synthetic SMPD corpus (layout and model in the module docstring) into the
     location ``out_dir`` (a local folder or an ``s3://`` / ``gs://`` prefix).
 
@@ -529,7 +529,7 @@ def synthesize_corpus(out_dir: str, *, posts: int, seed: int, image_size: int = 
     if not 16 <= image_size <= 1024:
         raise ValueError(f"image_size must be in [16, 1024], got {image_size!r}")
     started = time.perf_counter()
-    corpus = generate_corpus(posts, seed, users=users, test_posts=test_posts)
+    corpus = generate_corpus(posts, seed, users=users, test_posts=test_posts, first_pid=first_pid)
     out = storage.normalize(out_dir)
     _clear_previous(out)
     written = _write_split(out, corpus, np.flatnonzero(~corpus.is_test), "train_", image_size, seed)
