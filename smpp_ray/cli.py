@@ -16,13 +16,27 @@ from collections.abc import Sequence
 
 from smpp_ray.config import Config, ConfigError, load_config
 
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("smpp_ray")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
+
 logger = logging.getLogger("smpp_ray.cli")
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Shows a default only where there is one (not "(default: None)" on required options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, "", [], False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _examples(*lines: str) -> str:
@@ -54,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "smpp train --data runs/demo/data --prototypes runs/demo/prototypes --out runs/t1 "
                          "--set train.epochs=3",
                          "smpp <command> --help"))
+    parser.add_argument("--version", action="version", version=f"smpp {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     p = _add(sub, "synth", "write a synthetic corpus in the SMPD layout (JPEGs + oracle.parquet)",

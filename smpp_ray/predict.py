@@ -76,7 +76,7 @@ def _combined_dataset(pipeline_data: str, new_data: str, out: str) -> tuple[str,
                 collisions.append({"source_file": storage.name(shard), "row_index": -1, "pid": pid, "uid": uid,
                                    "field": "Pid", "reason": "already a train/val post of the pipeline; a new "
                                                              "post needs a Pid the training data does not use"})
-        table = table.filter(pa.array([not clash for clash in seen]))
+        table = table.filter(pa.array([not clash for clash in seen], type=pa.bool_()))  # empty shards too
         table = _with_pipeline_ids(table, manifest)
         out_fs, out_path = storage.resolve(storage.join(test_dir, f"new-{number:05d}-{storage.name(shard)}"))
         pq.write_table(table, out_path, filesystem=out_fs)

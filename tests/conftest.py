@@ -72,13 +72,23 @@ def s3_endpoint(tmp_path_factory):
                     os.environ[key] = value
 
 
-@pytest.fixture
-def s3_bucket(s3_endpoint):
-    """A fresh bucket on the session's S3 server; yields ``s3://<bucket>``."""
+def _fresh_bucket(endpoint: str) -> str:
     import uuid
 
     from s3_server import create_bucket
 
     bucket = f"smpp-{uuid.uuid4().hex[:10]}"
-    create_bucket(s3_endpoint, bucket)
+    create_bucket(endpoint, bucket)
     return f"s3://{bucket}"
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket on the session's S3 server for one test; ``s3://<bucket>``."""
+    return _fresh_bucket(s3_endpoint)
+
+
+@pytest.fixture(scope="module")
+def module_bucket(s3_endpoint):
+    """One bucket for a module whose stages build on each other; ``s3://<bucket>``."""
+    return _fresh_bucket(s3_endpoint)

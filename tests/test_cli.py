@@ -26,6 +26,14 @@ def test_each_subcommand_has_help_with_examples_config_and_set(command, capsys):
     assert "examples:" in out and "--config" in out and "--set" in out
 
 
+def test_version_and_help_without_empty_defaults(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "smpp 0.1.0"
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "--data DATA" in out
+
+
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "smpp_ray.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: smpp" in result.stdout

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +41,8 @@ TUNE = TuneConfig(num_samples=2, max_rounds=12, grace_rounds=12, report_every=4,
 
 
 @pytest.fixture(scope="module")
-def bucket(s3_endpoint) -> str:
-    """One bucket for the module (``s3_bucket`` is per test; the stages here build on each other)."""
-    from s3_server import create_bucket
-
-    name = f"smpp-{uuid.uuid4().hex[:10]}"
-    create_bucket(s3_endpoint, name)
-    return f"s3://{name}"
+def bucket(module_bucket) -> str:
+    return module_bucket
 
 
 @pytest.fixture(scope="module")

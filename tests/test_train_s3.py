@@ -13,7 +13,6 @@ were when Ray started, so the session's ``ray_session`` starts after the ``s3_en
 from __future__ import annotations
 
 import io
-import uuid
 
 import pyarrow.parquet as pq
 import pytest
@@ -30,12 +29,8 @@ RUN_NAME = "s3-run"
 
 
 @pytest.fixture(scope="module")
-def bucket(s3_endpoint) -> str:
-    from s3_server import create_bucket
-
-    name = f"smpp-train-{uuid.uuid4().hex[:8]}"
-    create_bucket(s3_endpoint, name)
-    return f"s3://{name}"
+def bucket(module_bucket) -> str:
+    return module_bucket
 
 
 @pytest.fixture(scope="module")
