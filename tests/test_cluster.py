@@ -407,14 +407,19 @@ def test_resubmitting_the_pipeline_skips_every_stage(local_cluster: LocalCluster
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_predict_job_scores_posts_read_from_the_bucket(local_cluster: LocalCluster, pipeline_job: PipelineJob):
+def test_predict_job_scores_posts_read_from_the_bucket(local_cluster: LocalCluster, pipeline_job: PipelineJob,
+                                                       monkeypatch):
     assert pipeline_job.status == "SUCCEEDED", pipeline_job.logs
+    from smpp_ray.data.synth import synthesize_corpus
+
     new_posts, scores = f"{pipeline_job.out}-new-posts", f"{pipeline_job.out}-scores.csv"
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, local_cluster.env[name])
+    # New posts written straight into the bucket from here, in a Pid range the pipeline does not use
+    synthesize_corpus(new_posts, posts=12, seed=11, image_size=32, first_pid=900_000_000)
     job_id, status, logs = submit_job(local_cluster, [
-        "bash", "-c", f"python jobs/synth.py --out {new_posts} --posts 12 --seed 11 --first-pid 900000000 "
-                      f"--set tracking.experiment={pipeline_job.experiment} && "
-                      f"python jobs/predict.py --pipeline {pipeline_job.out} --posts {new_posts} --out {scores} "
-                      + " ".join(PIN_TO_WORKER_NODE)], timeout=800)
+        "python", "jobs/predict.py", "--pipeline", pipeline_job.out, "--posts", new_posts, "--out", scores,
+        *PIN_TO_WORKER_NODE], timeout=800)
     assert status == "SUCCEEDED", logs
     import pandas as pd
 
