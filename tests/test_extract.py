@@ -11,10 +11,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_features_tabular import T0, make_posts, write_posts
+from test_features_tabular import T0, make_posts, write_dataset
 
 from smpp_ray.config import ExtractConfig, ModelConfig
-from smpp_ray.data.schema import SCHEMA_VERSION, SPLITS
+from smpp_ray.data.schema import SPLITS
 from smpp_ray.data.taxonomy_names import default_taxonomy
 from smpp_ray.features import extract_features, load_feature_manifest, select_columns
 from smpp_ray.features.extract import join_network_batch, network_feature_columns
@@ -33,13 +33,7 @@ def posts() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, posts) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_posts(posts, root, shards=3)
-    manifest = {"schema_version": SCHEMA_VERSION, "taxonomy": default_taxonomy().to_dict(),
-                "time_range": {"start": T0, "end": int(posts["postdate"].max())},
-                "counts": {"per_split": posts.groupby("split").size().to_dict()}}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    return write_dataset(posts, tmp_path_factory.mktemp("data"))
 
 
 def _save_tiny_checkpoint(directory: Path, *, prototype_backbone: str = "smpp-tiny-clip") -> Path:

@@ -20,12 +20,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from test_features_tabular import T0, make_posts, write_posts
+from test_features_tabular import make_posts, write_dataset
 
 from smpp_ray import storage
 from smpp_ray.config import ExtractConfig, TuneConfig
-from smpp_ray.data.schema import SCHEMA_VERSION, SPLITS
-from smpp_ray.data.taxonomy_names import default_taxonomy
+from smpp_ray.data.schema import SPLITS
 from smpp_ray.features import extract_features, load_feature_manifest, select_columns
 from smpp_ray.gbdt import SearchInterrupted, tune_models
 from smpp_ray.gbdt.data import FeatureSpec, encode, load_splits, read_split
@@ -47,14 +46,7 @@ def bucket(module_bucket) -> str:
 
 @pytest.fixture(scope="module")
 def local_dataset(tmp_path_factory) -> Path:
-    posts = make_posts(POSTS, seed=5, users=12)
-    root = tmp_path_factory.mktemp("data")
-    write_posts(posts, root, shards=3)
-    manifest = {"schema_version": SCHEMA_VERSION, "taxonomy": default_taxonomy().to_dict(),
-                "time_range": {"start": T0, "end": int(posts["postdate"].max())},
-                "counts": {"per_split": posts.groupby("split").size().to_dict()}}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    return write_dataset(make_posts(POSTS, seed=5, users=12), tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

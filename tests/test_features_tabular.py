@@ -96,6 +96,20 @@ def write_posts(frame: pd.DataFrame, data_dir: Path, shards: int = 2) -> None:
             pq.write_table(table.slice(i * step, step), folder / f"part-{i:05d}.parquet")
 
 
+def write_dataset(frame: pd.DataFrame, data_dir: Path, shards: int = 3) -> Path:
+    """A ``make_posts`` frame as a prepared dataset: the shards and a manifest with the default taxonomy."""
+    from smpp_ray.data.manifest import write_manifest
+    from smpp_ray.data.schema import SCHEMA_VERSION
+    from smpp_ray.data.taxonomy_names import default_taxonomy
+
+    write_posts(frame, data_dir, shards=shards)
+    write_manifest(str(data_dir), {
+        "schema_version": SCHEMA_VERSION, "taxonomy": default_taxonomy().to_dict(),
+        "time_range": {"start": T0, "end": int(frame["postdate"].max())},
+        "counts": {"per_split": {k: int(v) for k, v in frame.groupby("split").size().items()}}})
+    return data_dir
+
+
 def _features(meta: pd.DataFrame) -> pd.DataFrame:
     tabular = build_tabular_features(meta, user_description_components=3)
     history, _ = history_features(meta)

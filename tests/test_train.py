@@ -329,23 +329,31 @@ def test_two_workers_learn_well_above_chance(relaunch):
     assert best["epoch"] == result["best_epoch"] and best["metrics"]["val_top1"] == result["val_top1"]
 
 
-@pytest.mark.slow
-def test_reloaded_checkpoint_gives_the_workers_logits(relaunch, corpus):
+def probe_logits(model, data_dir: str, probe: dict) -> tuple[torch.Tensor, dict]:
+    """The model's 77-way logits, outside Ray, for the val posts a worker recorded in its
+    checkpoint's probe (and the whole val split as one batch)."""
     from smpp_ray.model.preprocess import BatchPreprocessor
-    from smpp_ray.train.trainer import create_loss_fn as loss_for
 
-    best = relaunch["result"]["best_checkpoint"]
-    model = ckpt.load_model_from_checkpoint(best)
-    probe = torch.load(Path(best) / ckpt.PROBE_FILE, weights_only=True)
-    assert len(probe["pid"]) == 16
     spec = input_spec("smpp-tiny-clip")
-    table = pq.read_table(f"{corpus['data']}/posts/split=val", columns=INPUT_COLUMNS)
+    table = pq.read_table(f"{data_dir}/posts/split=val", columns=INPUT_COLUMNS)
     columns = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     batch = collate_batch(BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, False)(columns))
     row = {pid: i for i, pid in enumerate(batch["pid"])}
     index = torch.tensor([row[pid] for pid in probe["pid"]])
     with torch.no_grad():
         logits = model(batch["pixels"][index], batch["tokens"][index])["logits_sub"]
+    return logits, batch
+
+
+@pytest.mark.slow
+def test_reloaded_checkpoint_gives_the_workers_logits(relaunch, corpus):
+    from smpp_ray.train.trainer import create_loss_fn as loss_for
+
+    best = relaunch["result"]["best_checkpoint"]
+    model = ckpt.load_model_from_checkpoint(best)
+    probe = torch.load(Path(best) / ckpt.PROBE_FILE, weights_only=True)
+    assert len(probe["pid"]) == 16
+    logits, batch = probe_logits(model, corpus["data"], probe)
     torch.testing.assert_close(logits, probe["logits_sub"], rtol=1e-4, atol=1e-4)
     # And the whole val split, evaluated outside Ray, gives the top-1 the worker reported.
     local = evaluate(model, [batch], loss_for(model), torch.device("cpu"))

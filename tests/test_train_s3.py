@@ -128,21 +128,13 @@ def test_training_with_out_on_s3_checkpoints_into_the_bucket(trained, prototypes
 
 @pytest.mark.slow
 def test_s3_checkpoint_loads_for_inference_once_per_node(trained, dataset, bucket, tmp_path, monkeypatch):
-    from smpp_ray.model.preprocess import BatchPreprocessor
-    from smpp_ray.train.data import INPUT_COLUMNS, collate_batch, input_spec
+    from test_train import probe_logits
 
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     best = trained["best_checkpoint"]
     model = load_model_from_checkpoint(best)
     probe = torch.load(io.BytesIO(storage.read_bytes(f"{best}/{ckpt.PROBE_FILE}")), weights_only=True)
-    spec = input_spec(TINY_MODEL)
-    table = pq.read_table(f"{dataset['local']}/posts/split=val", columns=INPUT_COLUMNS)
-    columns = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
-    batch = collate_batch(BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, False)(columns))
-    row = {pid: i for i, pid in enumerate(batch["pid"])}
-    index = torch.tensor([row[pid] for pid in probe["pid"]])
-    with torch.no_grad():
-        logits = model(batch["pixels"][index], batch["tokens"][index])["logits_sub"]
+    logits, _ = probe_logits(model, dataset["local"], probe)
     torch.testing.assert_close(logits, probe["logits_sub"], rtol=1e-4, atol=1e-4)  # what the worker computed
 
     cached = storage.list_files(str(tmp_path / "cache"))
