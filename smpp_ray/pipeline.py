@@ -85,8 +85,7 @@ def run_pipeline(config: Config, out_dir: str, *, raw_dir: str | None = None,
                         {"data": layout["data"], "checkpoint": layout["train"]}),
             "tune": (lambda: stages.run_tune(config, layout["features"], layout["tune"], stage_run),
                      {"features": layout["features"]}),
-            "evaluate": (lambda: stages.run_evaluate(config, out_dir, stage_run),
-                         {name: layout[name] for name in ("raw", "features", "tune")}),
+            "evaluate": (lambda: stages.run_evaluate(config, out_dir, stage_run), stages.evaluate_inputs(layout)),
         }
         for number, stage in enumerate(selected, start=1):
             run, inputs = plan[stage]

@@ -19,7 +19,7 @@ from typing import Any
 from smpp_ray import storage
 from smpp_ray.config import Config, config_to_dict, flatten_config_dict
 from smpp_ray.layout import STAGE_FOLDERS, pipeline_layout
-from smpp_ray.summary import read_summary, summary_location, write_summary
+from smpp_ray.summary import SUMMARY_FILE, json_safe, read_summary, write_summary
 from smpp_ray.tracking import (
     STAGE_TAG,
     TrackingContext,
@@ -126,8 +126,8 @@ def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
             "seconds": round(time.time() - started, 2),
         }
         write_summary(out, summary)
-        if run_id:
-            log_artifact(stage_run.tracking_uri, run_id, summary_location(out))
+        if run_id:  # from memory: fetching back what was just written to object storage is a round trip
+            client(stage_run.tracking_uri).log_dict(run_id, json_safe(summary), SUMMARY_FILE)
     logger.info("stage %s: done in %.1f s", stage, time.time() - started)
     return out
 
@@ -266,8 +266,15 @@ def run_evaluate(config: Config, pipeline_dir: str, stage_run: StageRun | None =
     def body(tracking: TrackingContext | None) -> dict[str, Any]:
         result = evaluate_pipeline(layout, seed=config.tune.seed,
                                    tracking_uri=tracking.tracking_uri if tracking else None)
+        if tracking:
+            log_artifact(tracking.tracking_uri, tracking.run_id, result["report"])
         return {"metrics": {"final": result["final_metrics"], "table": result["table"].to_dict(orient="records")},
                 "artifacts": {"report": result["report"], "results": result["results"]}}
 
-    inputs = {name: layout[name] for name in ("raw", "features", "tune")}
-    return _run_stage("evaluate", config, layout[STAGE_FOLDERS["evaluate"]], inputs, stage_run, body)
+    return _run_stage("evaluate", config, layout[STAGE_FOLDERS["evaluate"]], evaluate_inputs(layout),
+                      stage_run, body)
+
+
+def evaluate_inputs(layout: dict[str, str]) -> dict[str, str]:
+    """What the evaluate stage reads (its fingerprint's inputs): the raw oracle, features, models."""
+    return {name: layout[name] for name in ("raw", "features", "tune")}

@@ -238,10 +238,6 @@ def reset_dir(location: str) -> None:
         fs.create_dir(path, recursive=True)
 
 
-def remove_dir(location: str) -> None:
-    remove(location)
-
-
 def copy_file(source: str, target: str) -> str:
     return write_bytes(target, read_bytes(source))
 
@@ -323,15 +319,3 @@ def local_copy(location: str) -> str:
 def _ensure_dir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
-
-
-def file_sha256(location: str) -> str:
-    """Content hash of a file (streamed)."""
-    digest = hashlib.sha256()
-    with open_input(location) as stream:
-        while True:
-            chunk = stream.read(1 << 20)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -118,7 +118,7 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
         if extract_config.pca_components > 0:
             projections = _fit_embedding_pcas(tmp_dir, extract_config.pca_components)
         _run_join_pass(tmp_dir, table, projections, out_dir)
-        storage.remove_dir(tmp_dir)
+        storage.remove(tmp_dir)
 
     rows = _check_outputs(out_dir, table)
     schema = _ensure_every_split_has_a_file(out_dir)
@@ -222,8 +222,7 @@ def validate_checkpoint(checkpoint_dir: str, data_dir: str) -> CheckpointInfo:
 
 def _prototype_backbone(checkpoint_dir: str, meta: dict) -> str:
     """The backbone recorded in the checkpoint's prototype bank (empty when none is recorded)."""
-    from safetensors import safe_open
-
+    from smpp_ray.model.prototypes import read_prototype_metadata
     from smpp_ray.train.checkpoint import prototypes_in_checkpoint
 
     try:
@@ -232,8 +231,7 @@ def _prototype_backbone(checkpoint_dir: str, meta: dict) -> str:
         raise ValueError(str(err)) from err
     if not prototypes:
         return ""
-    with safe_open(storage.local_copy(str(prototypes)), framework="pt") as handle:
-        return (handle.metadata() or {}).get("backbone", "")
+    return read_prototype_metadata(prototypes).get("backbone", "")
 
 
 def taxonomy_difference(checkpoint: Taxonomy, dataset: Taxonomy) -> str:
