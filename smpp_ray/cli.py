@@ -39,6 +39,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
         return super()._get_help_string(action)
 
 
+#: Subcommands that run one stage (and skip it when its output is complete).
+STAGE_COMMANDS = ("synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate")
+
+
 def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
@@ -54,6 +58,9 @@ def _add(sub, name: str, help_text: str, examples: str) -> argparse.ArgumentPars
     parser = sub.add_parser(name, help=help_text, description=help_text, epilog=examples,
                             formatter_class=_Formatter)
     _common(parser)
+    if name in STAGE_COMMANDS:
+        parser.add_argument("--force", action="store_true",
+                            help="rerun even when the output is complete for this config and these inputs")
     return parser
 
 
@@ -113,11 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
              _examples("smpp evaluate --pipeline runs/demo"))
     p.add_argument("--pipeline", required=True, help="pipeline output folder")
 
-    p = _add(sub, "predict", "score new posts (SMPD layout, no labels) with a finished pipeline",
-             _examples("smpp predict --pipeline runs/demo --posts new_posts/ --out scores.csv"))
-    p.add_argument("--pipeline", required=True, help="pipeline output folder")
-    p.add_argument("--posts", required=True, help="folder of new posts in the SMPD layout (test_ or train_ files)")
-    p.add_argument("--out", required=True, help="output file: .csv or .parquet")
+    p = _add(sub, "predict", "score new posts (SMPD layout, labels optional) as a Ray Data job",
+             _examples("smpp predict --pipeline runs/demo --posts new_posts/ --out scores.csv",
+                       "smpp predict --model models:/smpp-scorer@champion --posts s3://b/new/ --out s3://b/scores/",
+                       "smpp predict --pipeline runs/demo --model lightgbm --posts new_posts/ --out scores.parquet"))
+    _scorer_source(p)
+    p.add_argument("--posts", required=True,
+                   help="new posts: a raw SMPD folder (test_ or train_ files + images) or a prepared dataset")
+    p.add_argument("--out", required=True, help="scores: a .csv or .parquet file, or a folder of Parquet parts")
+
+    p = _add(sub, "serve", "serve scores online: a Ray Serve app with POST /predict and GET /healthz",
+             _examples("smpp serve --pipeline runs/demo",
+                       "smpp serve --model models:/smpp-scorer@champion --set serve.replicas=4 "
+                       "--set serve.gpus_per_replica=1"))
+    _scorer_source(p)
+    p.add_argument("--host", help="address to bind (serve.host)")
+    p.add_argument("--port", type=int, help="HTTP port (serve.port)")
+    p.add_argument("--duration-s", type=float, default=0.0,
+                   help="stop after this many seconds (0: until Ctrl+C); for smoke tests and benchmarks")
 
     p = _add(sub, "pipeline", "run every stage under one parent MLflow run, skipping complete ones",
              _examples("smpp pipeline --config jobs/configs/demo.yaml --out runs/demo",
@@ -127,6 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="", help="comma-separated stages to run (default all)")
     p.add_argument("--force", action="store_true", help="rerun stages even when their artifact is complete")
     return parser
+
+
+def _scorer_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", default="", help="finished pipeline folder whose models score")
+    parser.add_argument("--model", default="",
+                        help="registered scorer (models:/smpp-scorer@champion, runs:/<id>/scorer) or bundle "
+                             "folder; or blend, lightgbm or catboost: which score --pipeline gives")
+    parser.add_argument("--score", choices=["blend", "lightgbm", "catboost"],
+                        help="which model's score is predicted_popularity (default blend)")
+
+
+def scorer_choice(args: argparse.Namespace) -> tuple[str, str]:
+    """(scorer source, score) of ``--pipeline`` / ``--model`` / ``--score``; ValueError when unclear."""
+    from smpp_ray.scoring.bundle import MODEL_CHOICES
+
+    model, score = args.model, args.score
+    if model in MODEL_CHOICES:  # --model lightgbm: which score, from --pipeline
+        if score and score != model:
+            raise ValueError(f"--model {model} and --score {score} disagree")
+        model, score = "", model
+    if bool(model) == bool(args.pipeline):
+        raise ValueError("give the scorer as exactly one of --pipeline DIR or --model URI "
+                         "(models:/smpp-scorer@champion, a runs:/ URI or a bundle folder)")
+    return model or args.pipeline, score or "blend"
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -140,6 +184,7 @@ _SHORTHANDS: dict[str, dict[str, str]] = {
     "synth": {"posts": "synth.posts", "seed": "synth.seed", "test_posts": "synth.test_posts",
               "first_pid": "synth.first_pid"},
     "prepare": {"split": "data.split"},
+    "serve": {"host": "serve.host", "port": "serve.port"},
 }
 
 
@@ -159,29 +204,37 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
     from smpp_ray import stages
 
     command = args.command
+    # A single stage whose output is already complete for this config and inputs returns at once.
+    run = stages.default_stage_run(config, skip_complete=not getattr(args, "force", False))
     if command == "synth":
-        return stages.run_synth(config, args.out)
+        return stages.run_synth(config, args.out, run)
     if command == "prepare":
-        return stages.run_prepare(config, args.raw, args.out)
+        return stages.run_prepare(config, args.raw, args.out, run)
     if command == "prototypes":
-        return stages.run_prototypes(config, args.data, args.out)
+        return stages.run_prototypes(config, args.data, args.out, run)
     if command == "train":
-        return stages.run_train(config, args.data, args.prototypes, args.out)
+        return stages.run_train(config, args.data, args.prototypes, args.out, run)
     if command == "extract":
-        return stages.run_extract(config, args.data, args.checkpoint or None, args.out)
+        return stages.run_extract(config, args.data, args.checkpoint or None, args.out, run)
     if command == "tune":
-        return stages.run_tune(config, args.features, args.out)
+        return stages.run_tune(config, args.features, args.out, run)
     if command == "evaluate":
         from smpp_ray.evaluate import load_results, print_results
 
-        stage_run = stages.default_stage_run(config, root=args.pipeline)
+        stage_run = stages.default_stage_run(config, root=args.pipeline, skip_complete=not args.force)
         report_dir = stages.run_evaluate(config, args.pipeline, stage_run)
         print_results(load_results(report_dir, stage_run.tracking_uri or None))
         return report_dir
     if command == "predict":
         from smpp_ray.predict import predict_posts
 
-        return predict_posts(args.pipeline, args.posts, args.out, config=config)
+        source, score = scorer_choice(args)
+        return predict_posts(source, args.posts, args.out, config=config, model=score)
+    if command == "serve":
+        from smpp_ray.serve import serve_scorer
+
+        source, score = scorer_choice(args)
+        return serve_scorer(source, config=config, model=score, duration_s=args.duration_s)
     if command == "pipeline":
         from smpp_ray.evaluate import print_results
         from smpp_ray.pipeline import run_pipeline
@@ -197,12 +250,26 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
 def _print_summary(location: object) -> None:
     from smpp_ray.summary import read_summary
 
+    if isinstance(location, dict):  # predict and serve return their own summary
+        print(json.dumps(location, indent=2, default=str))
+        return
     summary = read_summary(str(location)) if location else None
     if summary:
         print(json.dumps({"stage": summary["stage"], "out": str(location), "metrics": summary["metrics"]},
                          indent=2, default=str))
     else:
         print(location)
+
+
+def _enable_faulthandler() -> None:
+    """Python stacks on a native crash, to the real stderr (sys.stderr may be a capture without a
+    file descriptor, as under pytest's capsys or an embedding application)."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            faulthandler.enable(file=stream)
+            return
+        except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
+            continue
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     _configure_logging(args.verbose)
     # A native crash (SIGSEGV, SIGABRT) prints the Python stack of every thread before dying
-    faulthandler.enable()
+    _enable_faulthandler()
     try:
         config = load_config(args.config, _overrides(args))
         location = _dispatch(args, config)

@@ -66,7 +66,8 @@ class SynthConfig:
     """Pids start just above this; give new posts to score a range the training corpus does not use."""
 
     def __post_init__(self) -> None:
-        _require(self.posts > 0, f"synth.posts must be > 0, got {self.posts!r}")
+        _require(self.posts >= 0, f"synth.posts must be >= 0, got {self.posts!r}")
+        _require(self.posts + self.test_posts > 0, "synth.posts + synth.test_posts must be > 0 (no posts to write)")
         _require(self.test_posts >= 0, f"synth.test_posts must be >= 0, got {self.test_posts!r}")
         _require(16 <= self.image_size <= 1024, f"synth.image_size must be in [16, 1024], got {self.image_size!r}")
         _require(self.users >= 0, f"synth.users must be >= 0, got {self.users!r}")
@@ -88,6 +89,13 @@ class DataConfig:
     """JPEG quality of re-encoded images."""
     rows_per_shard: int = 2048
     """Target number of posts per Parquet file."""
+    max_reject_fraction: float = 0.5
+    """Fail (exit 2, with a per-field summary) when more than this share of rows is rejected: a
+    mostly rejected corpus is a broken file (a row-shifted file, a wrong taxonomy), not bad rows."""
+    max_image_bytes: int = 20 * 1024 * 1024
+    """Images larger than this are rejected from their file size, before any byte is read."""
+    taxonomy: str = ""
+    """Location of the class list as JSON (the manifest.json ``taxonomy`` form); empty: the packaged SMPD default. A name outside it is a reject."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
@@ -97,6 +105,9 @@ class DataConfig:
         _require(self.max_image_side >= 16, f"data.max_image_side must be >= 16, got {self.max_image_side!r}")
         _require(1 <= self.jpeg_quality <= 100, f"data.jpeg_quality must be in [1, 100], got {self.jpeg_quality!r}")
         _require(self.rows_per_shard > 0, f"data.rows_per_shard must be > 0, got {self.rows_per_shard!r}")
+        _require(0 <= self.max_reject_fraction <= 1,
+                 f"data.max_reject_fraction must be in [0, 1], got {self.max_reject_fraction!r}")
+        _require(self.max_image_bytes > 0, f"data.max_image_bytes must be > 0, got {self.max_image_bytes!r}")
 
 
 @dataclass(frozen=True)
@@ -308,7 +319,9 @@ class TuneConfig:
     feature_groups: tuple[str, ...] = ()
     """Feature groups used (empty: all); e.g. [user, time] for a metadata-only model."""
     registered_model_prefix: str = "smpp"
-    """Registered MLflow model names are <prefix>-lightgbm and <prefix>-catboost."""
+    """Registered MLflow model names are <prefix>-lightgbm, <prefix>-catboost and <prefix>-scorer (the whole scorer)."""
+    champion_alias: str = "champion"
+    """Alias the tune stage sets on the <prefix>-scorer version it registered (empty: none)."""
     seed: int = 0
     """Seed of the search algorithm and of the models."""
     interrupt_after_trials: int = 0
@@ -330,6 +343,36 @@ class TuneConfig:
         _require(self.max_rounds >= 1 and 1 <= self.grace_rounds <= self.max_rounds,
                  f"tune.grace_rounds ({self.grace_rounds}) must be in [1, tune.max_rounds ({self.max_rounds})]")
         _require(self.folds >= 2, f"tune.folds must be >= 2, got {self.folds!r}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The online endpoint (``smpp serve``): a Ray Serve application."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds; 0.0.0.0 only behind your own network controls."""
+    port: int = 8000
+    """HTTP port of the endpoint."""
+    replicas: int = 1
+    """Scoring replicas (each loads the whole scorer)."""
+    cpus_per_replica: float = 1.0
+    """Logical CPUs per replica."""
+    gpus_per_replica: float = 0.0
+    """GPUs per replica (0 on CPU)."""
+    max_batch_size: int = 16
+    """Posts batched into one forward pass across concurrent requests (@serve.batch)."""
+    batch_wait_timeout_s: float = 0.01
+    """How long a batch waits to fill before it runs."""
+    max_posts_per_request: int = 256
+    """Larger requests get 413: send big jobs to `smpp predict`."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535, f"serve.port must be in 1..65535, got {self.port!r}")
+        _require(self.replicas >= 1, f"serve.replicas must be >= 1, got {self.replicas!r}")
+        _require(self.max_batch_size >= 1, f"serve.max_batch_size must be >= 1, got {self.max_batch_size!r}")
+        _require(self.max_posts_per_request >= 1,
+                 f"serve.max_posts_per_request must be >= 1, got {self.max_posts_per_request!r}")
+        _require(self.batch_wait_timeout_s >= 0, f"serve.batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s!r}")
 
 
 @dataclass(frozen=True)
@@ -367,6 +410,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

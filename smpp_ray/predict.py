@@ -1,186 +1,208 @@
-"""``smpp predict``: score new posts with a finished pipeline, through the same path as evaluation.
+"""``smpp predict``: score new posts as a Ray Data job, at a cost that follows the posts scored.
 
-New posts (SMPD layout, labels optional) are prepared with the pipeline's own data settings, then
-joined as the test split to the pipeline's train and val shards, so every fitted piece of the
-features (PCA on train, tag vocabulary of train, user history from training-time posts) is the
-one the models were trained with. Features are extracted with the pipeline's checkpoint and
-scored by its LightGBM/CatBoost models and blend weights. Posts that fail validation are written
-to ``<out>.rejects.csv`` with the reason; the others are scored.
+The scorer is a finished pipeline folder, a scorer bundle folder, or a registered model
+(``models:/smpp-scorer@champion``, ``runs:/<id>/scorer``). New posts are a raw SMPD folder
+(validated by prepare itself, rejects kept) or an already prepared dataset, at any location. Then::
+
+    read_parquet(posts) -> PostFeaturiser (CPU tasks: feature state, decode, tokenise)
+                        -> PostScorer (actor pool: network on its device, projections, GBDTs)
+                        -> scores (.csv / .parquet file, or a folder of Parquet parts)
+
+Only the saved feature state and the checkpoint are read, never the training posts, so scoring
+20 posts costs 20 posts of work. Rows in = rows scored + rows rejected, checked before returning;
+rejects (file, row, field, reason) go beside the scores as ``<out>.rejects.csv``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
+import time
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from smpp_ray import storage
-from smpp_ray.config import Config, config_from_dict, config_to_dict
-from smpp_ray.data.manifest import load_manifest, manifest_location
-from smpp_ray.data.schema import REJECTS_SCHEMA, posts_path, rejects_path
-from smpp_ray.layout import pipeline_layout
-from smpp_ray.summary import require_summary
+from smpp_ray.config import Config
+from smpp_ray.scoring.bundle import MODEL_CHOICES, ScorerBundle
 
 logger = logging.getLogger(__name__)
 
-
-def _pipeline_config(config: Config, layout: dict[str, str]) -> Config:
-    """The config the pipeline's data and extract stages ran with (not today's defaults)."""
-    values = config_to_dict(config)
-    for folder, stage in (("data", "prepare"), ("features", "extract")):
-        values.update(require_summary(layout[folder], stage)["config"])
-    return config_from_dict(values)
+#: Sources only MLflow resolves.
+MLFLOW_SOURCES = ("models:/", "runs:/", "mlflow-artifacts:/")
+_OUTPUT_SUFFIXES = (".csv", ".parquet")
 
 
-def _copy_shard(source: str, target: str) -> None:
-    if not storage.is_uri(source) and not storage.is_uri(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        try:
-            os.link(source, target)  # free on one filesystem; shards are never modified in place
-            return
-        except OSError:
-            pass
-    storage.copy_file(source, target)
+def resolve_bundle(source: str, *, stage_dir: str, tracking_uri: str = "") -> ScorerBundle:
+    """The scorer at ``source``: a pipeline folder, a bundle folder, or an MLflow model URI.
 
-
-def _combined_dataset(pipeline_data: str, new_data: str, out: str) -> tuple[str, pd.DataFrame]:
-    """Pipeline train/val shards + every new post as the test split, with the pipeline's manifest.
-
-    A "new" post whose Pid is already a train/val post of the pipeline cannot be told apart from
-    it in the joined features; it is returned as a reject (with the reason), not scored.
+    A registered model is downloaded from MLflow and staged under ``stage_dir`` (the run's own
+    storage), so Ray workers on every node read it from there rather than from the driver's disk.
     """
-    storage.remove(out)
-    known: set[str] = set()
-    for split in ("train", "val"):
-        for shard in storage.list_parquet_files(posts_path(pipeline_data, split)):
-            _copy_shard(shard, storage.join(out, "posts", f"split={split}", storage.name(shard)))
-            fs, path = storage.resolve(shard)
-            known.update(pq.read_table(path, columns=["pid"], filesystem=fs).column("pid").to_pylist())
-    manifest = load_manifest(pipeline_data)
-    test_dir = storage.make_dir(storage.join(out, "posts", "split=test"))
-    new_shards = [f for f in storage.list_parquet_files(storage.join(new_data, "posts"))
-                  if "/split=" in f]
-    collisions: list[dict[str, Any]] = []
-    for number, shard in enumerate(new_shards):
-        fs, path = storage.resolve(shard)
-        table = pq.read_table(path, filesystem=fs)
-        pids = table.column("pid").to_pylist()
-        seen = [pid in known for pid in pids]
-        for pid, uid, clash in zip(pids, table.column("uid").to_pylist(), seen, strict=True):
-            if clash:
-                collisions.append({"source_file": storage.name(shard), "row_index": -1, "pid": pid, "uid": uid,
-                                   "field": "Pid", "reason": "already a train/val post of the pipeline; a new "
-                                                             "post needs a Pid the training data does not use"})
-        table = table.filter(pa.array([not clash for clash in seen], type=pa.bool_()))  # empty shards too
-        table = _with_pipeline_ids(table, manifest)
-        out_fs, out_path = storage.resolve(storage.join(test_dir, f"new-{number:05d}-{storage.name(shard)}"))
-        pq.write_table(table, out_path, filesystem=out_fs)
-    storage.copy_file(manifest_location(pipeline_data), manifest_location(out))
-    return out, pd.DataFrame(collisions, columns=[f.name for f in REJECTS_SCHEMA])
+    if source.startswith(MLFLOW_SOURCES):
+        from smpp_ray.scoring.pyfunc import download_bundle
+
+        with tempfile.TemporaryDirectory(prefix="smpp-scorer-") as scratch:
+            local = download_bundle(source, scratch, tracking_uri=tracking_uri)
+            staged = storage.join(stage_dir, "scorer")
+            storage.remove(staged)
+            storage.upload_dir(local, staged)
+        return ScorerBundle.from_folder(staged)
+    location = storage.normalize(source)
+    if storage.is_file(storage.join(location, "bundle.json")):
+        return ScorerBundle.from_folder(location)
+    return ScorerBundle.from_pipeline(location)
 
 
-def _with_pipeline_ids(table: pa.Table, manifest: dict[str, Any]) -> pa.Table:
-    """Class and concept ids re-derived from names with the pipeline's manifest.
-
-    New posts were prepared on their own, and ids (concepts above all) index *that* dataset's
-    vocabulary; the models learned the pipeline's. A name the pipeline never saw gets -1.
-    """
-    taxonomy = manifest["taxonomy"]
-    vocabularies = {
-        "category": {c["name"]: c["id"] for c in taxonomy["categories"]},
-        "subcategory": {c["name"]: c["id"] for c in taxonomy["subcategories"]},
-        "concept": {name: i for i, name in enumerate(manifest.get("concepts", []))},
-    }
-    for name, ids in vocabularies.items():
-        codes = [ids.get(value, -1) for value in table.column(name).to_pylist()]
-        position = table.schema.get_field_index(f"{name}_id")
-        table = table.set_column(position, table.schema.field(position), pa.array(codes, pa.int32()))
-    return table
-
-
-def score_features(tune_dir: str, frame: pd.DataFrame) -> pd.DataFrame:
-    """Per-family and blended predictions for feature rows, with the tune stage's models."""
-    from smpp_ray.gbdt.blend import apply_weights
-    from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec, encode
-    from smpp_ray.gbdt.registry import load_flavour
-
-    spec = FeatureSpec.load(storage.join(tune_dir, FEATURE_SPEC_FILE))
-    weights = storage.read_json(storage.join(tune_dir, "blend.json"))["weights"]
-    X = encode(frame, spec)
-    predictions = {}
-    for family in weights:
-        model = load_flavour(family, storage.join(tune_dir, "models", family))
-        predictions[family] = np.asarray(model.predict(X), dtype=np.float64)
-    scores = pd.DataFrame({"pid": frame["pid"].astype(str).to_numpy()})
-    for family, values in predictions.items():
-        scores[f"pred_{family}"] = values
-    scores["predicted_popularity"] = apply_weights(predictions, weights)
-    return scores
-
-
-def _write_table(frame: pd.DataFrame, location: str) -> None:
-    if location.endswith(".csv"):
-        storage.write_text(location, frame.to_csv(index=False))
-    else:
-        fs, path = storage.resolve(location)
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, filesystem=fs)
-
-
-def _read_folder(location: str) -> pd.DataFrame:
-    fs, path = storage.resolve(location)
-    return pq.read_table(path, filesystem=fs).to_pandas()
-
-
-def predict_posts(pipeline_dir: str, posts_dir: str, out_file: str, *, config: Config) -> str:
-    """Write ``out_file`` (.csv or .parquet, any location): Pid, predicted popularity, subcategory."""
+def _prepared_posts(posts: str, work: str, state, config: Config) -> tuple[str, dict]:
+    """A prepared dataset of the new posts: ``posts`` itself when it is one, else prepare's output
+    (validated with the pipeline's taxonomy and image settings, not today's config)."""
+    from smpp_ray.data.manifest import load_manifest, manifest_location
     from smpp_ray.data.prepare import prepare_dataset
-    from smpp_ray.features import extract_features
+    from smpp_ray.data.schema import Taxonomy
+
+    if storage.is_file(manifest_location(posts)):
+        return posts, load_manifest(posts)
+    logger.info("predict: validating new posts from %s", posts)
+    out = storage.join(work, "new_data")
+    d = config.data
+    manifest = prepare_dataset(posts, out, max_image_side=int(state.image.get("max_side", d.max_image_side)),
+                               jpeg_quality=int(state.image.get("jpeg_quality", d.jpeg_quality)),
+                               rows_per_shard=d.rows_per_shard, max_reject_fraction=d.max_reject_fraction,
+                               max_image_bytes=int(state.image.get("max_bytes", d.max_image_bytes)),
+                               taxonomy=Taxonomy.from_dict(state.taxonomy) if state.taxonomy else None)
+    return out, manifest
+
+
+def scores_dataset(data_dir: str, bundle: ScorerBundle, *, model: str, config: Config):
+    """The lazy Ray Dataset of score rows for every post of a prepared dataset."""
+    import ray.data
+
+    from smpp_ray.data.schema import POSTS_SCHEMA
+    from smpp_ray.features.extract import decode_stage_memory, inference_pool
+    from smpp_ray.scoring.scorer import PostScorer, checkpoint_input_spec
+
+    cfg = config.extract
+    posts = (ray.data.read_parquet(storage.join(data_dir, "posts"), columns=POSTS_SCHEMA.names)
+             .repartition(target_num_rows_per_block=cfg.batch_size))
+    # Arrow batches, converted here as extraction converts its metadata: the same pandas values.
+    featurised = posts.map_batches(
+        featurise_batch, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1,
+        memory=decode_stage_memory(cfg.batch_size, checkpoint_input_spec(bundle.checkpoint).image_size),
+        fn_kwargs={"state_location": bundle.feature_state, "checkpoint": bundle.checkpoint})
+    options, actor = inference_pool(cfg)
+    return featurised.map_batches(PostScorer, fn_constructor_kwargs={"bundle": bundle, "model": model, **actor},
+                                  **options)
+
+
+_FEATURISERS: dict[tuple[str, str], Any] = {}
+
+
+def featurise_batch(batch: pa.Table, *, state_location: str, checkpoint: str) -> dict:
+    """CPU stage: one :class:`PostFeaturiser` per worker process (Ray reuses task workers)."""
+    from smpp_ray.scoring.scorer import PostFeaturiser
+
+    key = (state_location, checkpoint)
+    if key not in _FEATURISERS:
+        _FEATURISERS.clear()
+        _FEATURISERS[key] = PostFeaturiser(state_location, checkpoint)
+    return _FEATURISERS[key](batch.to_pandas())
+
+
+def _write_scores(dataset, out: str, schema: pa.Schema) -> int:
+    """Stream the score rows into ``out`` (.csv/.parquet file, else a folder of Parquet parts)."""
+    if not out.endswith(_OUTPUT_SUFFIXES):
+        storage.reset_dir(out)
+        dataset.write_parquet(out)
+        return sum(pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+                   for fs, path in map(storage.resolve, storage.list_parquet_files(out)))
+    rows = 0
+    with tempfile.TemporaryDirectory(prefix="smpp-predict-") as scratch:
+        local = os.path.join(scratch, storage.name(out))
+        writer = None
+        for batch in dataset.iter_batches(batch_format="pandas", batch_size=4096):
+            rows += len(batch)
+            if out.endswith(".csv"):
+                batch.to_csv(local, mode="a", header=writer is None, index=False)
+                writer = True
+            else:
+                table = pa.Table.from_pandas(batch, schema=schema, preserve_index=False)
+                writer = writer or pq.ParquetWriter(local, table.schema)
+                writer.write_table(table)
+        if isinstance(writer, pq.ParquetWriter):
+            writer.close()
+        if writer is None:  # no post to score: still an output file, with the header
+            return 0
+        with open(local, "rb") as handle:
+            storage.write_bytes(out, handle.read())
+    return rows
+
+
+def predict_posts(source: str, posts: str, out: str, *, config: Config, model: str = "blend") -> dict[str, Any]:
+    """Score every post under ``posts`` with the scorer at ``source`` into ``out``; returns a summary.
+
+    ``out`` ends in .csv or .parquet (one file) or is a folder (Parquet parts, for corpus-sized
+    runs). Every location may be local or a URI.
+    """
     from smpp_ray.runtime import init_ray
-    from smpp_ray.train.checkpoint import best_checkpoint
+    from smpp_ray.scoring.scorer import empty_scores, load_feature_state, scores_schema
+    from smpp_ray.tracking import resolve_tracking_uri
 
-    pipeline_dir, posts_dir, out_file = (storage.normalize(pipeline_dir), storage.normalize(posts_dir),
-                                         storage.normalize(out_file))
-    if not out_file.endswith((".csv", ".parquet")):
-        raise ValueError(f"--out {out_file!r} must end in .csv or .parquet")
-    layout = pipeline_layout(pipeline_dir)
-    require_summary(layout["tune"], "tune")
-    checkpoint = best_checkpoint(layout["train"])
-    used = _pipeline_config(config, layout)
+    if model not in MODEL_CHOICES:
+        raise ValueError(f"--model {model!r}: expected one of {', '.join(MODEL_CHOICES)}")
+    started = time.perf_counter()
+    posts, out = storage.normalize(posts), storage.normalize(out)
+    base = out.rsplit(".", 1)[0] if out.endswith(_OUTPUT_SUFFIXES) else out.rstrip("/")
+    work = f"{base}.work"
+    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri, storage.parent(out)) \
+        if str(source).startswith(MLFLOW_SOURCES) else ""
+    bundle = resolve_bundle(str(source), stage_dir=work, tracking_uri=tracking_uri)
+    state = load_feature_state(bundle.feature_state)
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb)
-
-    work = storage.join(storage.parent(out_file), f".{storage.name(out_file)}.work")
-    d = used.data
-    logger.info("predict: preparing new posts from %s", posts_dir)
-    manifest = prepare_dataset(posts_dir, storage.join(work, "new_data"), split=d.split, val_fraction=d.val_fraction,
-                               test_fraction=d.test_fraction, max_image_side=d.max_image_side,
-                               jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard)
-    combined, collisions = _combined_dataset(layout["data"], storage.join(work, "new_data"),
-                                             storage.join(work, "combined"))
-    logger.info("predict: extracting features with %s", checkpoint)
-    extract_features(combined, checkpoint, storage.join(work, "features"), extract_config=used.extract)
-    frame = _read_folder(storage.join(work, "features", "split=test"))
-    scores = score_features(layout["tune"], frame)
-    scores["predicted_subcategory"] = _predicted_subcategory(frame, layout["data"])
-    _write_table(scores, out_file)
-    rejects_dir = rejects_path(storage.join(work, "new_data"))
-    rejects = _read_folder(rejects_dir) if storage.list_parquet_files(rejects_dir) else collisions.iloc[:0]
-    rejects = pd.concat([rejects, collisions], ignore_index=True) if len(collisions) else rejects
-    rejects_file = out_file.rsplit(".", 1)[0] + ".rejects.csv"
+    data_dir, manifest = _prepared_posts(posts, work, state, config)
+    counts = manifest.get("counts", {})
+    written = int(counts.get("written", sum((counts.get("per_split") or {}).values())))
+    logger.info("predict: scoring %d posts with %s (%s)", written, source, model)
+    if written:
+        scored = _write_scores(scores_dataset(data_dir, bundle, model=model, config=config), out,
+                               scores_schema(bundle))
+    else:
+        scored = 0
+        _write_empty(empty_scores(bundle), out)
+    rejects = _rejects(data_dir)
+    rejects_file = f"{base}.rejects.csv"
+    storage.remove(rejects_file)
     if len(rejects):
         storage.write_text(rejects_file, rejects.to_csv(index=False))
         logger.warning("predict: %d posts rejected, reasons in %s", len(rejects), rejects_file)
-    logger.info("predict: scored %d of %d posts into %s", len(scores), manifest["counts"]["input_rows"], out_file)
+    input_rows = int(counts.get("input_rows", written))
+    if input_rows != scored + len(rejects):
+        raise RuntimeError(f"predict lost posts: {input_rows} in, {scored} scored + {len(rejects)} rejected")
     storage.remove(work)
-    return out_file
+    seconds = time.perf_counter() - started
+    logger.info("predict: scored %d of %d posts in %.1f s into %s", scored, input_rows, seconds, out)
+    return {"out": out, "rejects": rejects_file if len(rejects) else None, "input_rows": input_rows,
+            "scored": scored, "rejected": len(rejects), "model": model, "seconds": round(seconds, 3)}
 
 
-def _predicted_subcategory(frame: pd.DataFrame, data_dir: str) -> list[str | None]:
-    from smpp_ray.data.manifest import load_taxonomy
+def _write_empty(frame: pd.DataFrame, out: str) -> None:
+    if out.endswith(".csv"):
+        storage.write_text(out, frame.to_csv(index=False))
+    else:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+        target = out if out.endswith(".parquet") else storage.join(out, "part-00000.parquet")
+        storage.write_bytes(target, sink.getvalue().to_pybytes())
 
-    names = load_taxonomy(data_dir).subcategories
-    return [names[int(i)] if 0 <= int(i) < len(names) else None for i in frame["net_pred_subcategory"].to_numpy()]
+
+def _rejects(data_dir: str) -> pd.DataFrame:
+    from smpp_ray.data.schema import REJECTS_SCHEMA, rejects_path
+
+    files = storage.list_parquet_files(rejects_path(data_dir))
+    if not files:
+        return REJECTS_SCHEMA.empty_table().to_pandas()
+    tables = [pq.read_table(path, filesystem=fs) for fs, path in map(storage.resolve, files)]
+    return pa.concat_tables(tables).to_pandas()

@@ -54,15 +54,19 @@ class StageRun:
     experiment: str
     enabled: bool = True
     parent_run_id: str | None = None
+    skip_complete: bool = False
+    """Return at once when the output is already complete for the same config and inputs (the
+    single-stage CLI; the pipeline decides that itself)."""
 
 
-def default_stage_run(config: Config, parent_run_id: str | None = None, root: str = ".") -> StageRun:
+def default_stage_run(config: Config, parent_run_id: str | None = None, root: str = ".",
+                      skip_complete: bool = False) -> StageRun:
     """Where a single stage reports: the configured store, $MLFLOW_TRACKING_URI, else SQLite in
     ``root`` (only a store is resolved when tracking is on: an s3:// stage needs a server)."""
     if not config.tracking.enabled:
-        return StageRun("", config.tracking.experiment, False, parent_run_id)
+        return StageRun("", config.tracking.experiment, False, parent_run_id, skip_complete)
     uri = resolve_tracking_uri(config.tracking.tracking_uri, root)
-    return StageRun(uri, config.tracking.experiment, config.tracking.enabled, parent_run_id)
+    return StageRun(uri, config.tracking.experiment, config.tracking.enabled, parent_run_id, skip_complete)
 
 
 def stage_fingerprint(stage: str, config: Config, inputs: dict[str, str]) -> str:
@@ -97,6 +101,10 @@ def _numeric_leaves(values: Any, prefix: str = "") -> dict[str, float]:
 def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
                stage_run: StageRun, body: Callable[[TrackingContext | None], dict[str, Any]]) -> str:
     """Run ``body`` inside the stage's MLflow run and write ``summary.json`` for it (last)."""
+    if stage_run.skip_complete and is_complete(stage, config, inputs, out_dir):
+        logger.info("stage %s: already complete in %s for this config and these inputs (--force reruns it)",
+                    stage, out_dir)
+        return storage.normalize(out_dir)
     out = storage.make_dir(out_dir)
     sections = {s: config_to_dict(config)[s] for s in STAGE_SECTIONS[stage]}
     started = time.time()
@@ -158,7 +166,7 @@ def run_prepare(config: Config, raw_dir: str, out_dir: str,
                 stage_run: StageRun | None = None) -> str:
     """Validate a raw SMPD folder and write Parquet shards, rejects and the manifest."""
     raw_dir, out_dir = storage.normalize(raw_dir), storage.normalize(out_dir)
-    from smpp_ray.data.manifest import manifest_location
+    from smpp_ray.data.manifest import load_taxonomy_file, manifest_location
     from smpp_ray.data.prepare import prepare_dataset
     from smpp_ray.data.schema import rejects_path
 
@@ -169,7 +177,9 @@ def run_prepare(config: Config, raw_dir: str, out_dir: str,
     def body(_: TrackingContext | None) -> dict[str, Any]:
         manifest = prepare_dataset(str(raw_dir), str(out_dir), split=d.split, val_fraction=d.val_fraction,
                                    test_fraction=d.test_fraction, max_image_side=d.max_image_side,
-                                   jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard)
+                                   jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard,
+                                   max_reject_fraction=d.max_reject_fraction, max_image_bytes=d.max_image_bytes,
+                                   taxonomy=load_taxonomy_file(d.taxonomy) if d.taxonomy else None)
         return {"metrics": manifest.get("counts", {}),
                 "artifacts": {"manifest": manifest_location(out_dir), "posts": storage.join(out_dir, "posts"),
                               "rejects": rejects_path(out_dir)}}

@@ -92,3 +92,29 @@ def s3_bucket(s3_endpoint):
 def module_bucket(s3_endpoint):
     """One bucket for a module whose stages build on each other; ``s3://<bucket>``."""
     return _fresh_bucket(s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(ray_session, tmp_path_factory):
+    """One smoke pipeline (every stage, real Ray and MLflow; minutes on 2 cores) for the session:
+    the pipeline, predict, registry, Serve and CLI tests all read it. Yields (config, out, result).
+
+    ``SMPP_TEST_PIPELINE=<folder>`` reuses a smoke pipeline finished there (a development
+    shortcut: the run below then skips every complete stage); CI builds a fresh one."""
+    from pathlib import Path
+
+    from smpp_ray.config import load_config
+    from smpp_ray.pipeline import run_pipeline
+
+    root = Path(__file__).resolve().parents[1]
+    reuse = os.environ.get("SMPP_TEST_PIPELINE")
+    out = Path(reuse) if reuse else tmp_path_factory.mktemp("pipeline")
+    config = load_config(root / "jobs" / "configs" / "smoke.yaml", ["synth.test_posts=0"])
+    # A relative --out, as `make demo` passes: Ray workers and Tune trials run in other folders.
+    previous = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        result = run_pipeline(config, out.name)
+    finally:
+        os.chdir(previous)
+    return config, out, result

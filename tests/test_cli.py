@@ -9,7 +9,7 @@ import pytest
 
 from smpp_ray.cli import EXIT_BAD_INPUT, build_parser, main
 
-COMMANDS = ["synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate", "predict", "pipeline"]
+COMMANDS = ["synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate", "predict", "serve", "pipeline"]
 
 
 def test_top_level_help_lists_every_command(capsys):

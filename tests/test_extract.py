@@ -218,8 +218,8 @@ def test_ray_extraction_equals_in_process_model(ray_session, dataset: Path, chec
     # tabular columns ride along unchanged in the same rows
     assert (out["uid"].to_numpy() == posts["uid"].to_numpy()).all()
     assert (out["subcategory_code"].to_numpy() == posts["subcategory_id"].to_numpy()).all()
-    state = json.loads((tmp_path / "extract_state.json").read_text())
-    assert state["backbone"] == "smpp-tiny-clip" and "image_components" in state["pca_arrays"]
+    state = json.loads((tmp_path / "feature_state" / "state.json").read_text())
+    assert state["backbone"] == "smpp-tiny-clip" and state["embedding_pcas"] == ["image", "text"]
 
 
 def test_steady_throughput_uses_the_later_half_of_the_batches() -> None:

@@ -26,6 +26,7 @@ from smpp_ray import storage
 from smpp_ray.config import ExtractConfig, TuneConfig
 from smpp_ray.data.schema import SPLITS
 from smpp_ray.features import extract_features, load_feature_manifest, select_columns
+from smpp_ray.features.state import FeatureState
 from smpp_ray.gbdt import SearchInterrupted, tune_models
 from smpp_ray.gbdt.data import FeatureSpec, encode, load_splits, read_split
 from smpp_ray.gbdt.registry import load_flavour, registered_source
@@ -79,8 +80,9 @@ def test_tabular_extraction_into_s3_equals_a_local_one(s3_features, local_datase
     for split in SPLITS:
         pd.testing.assert_frame_equal(_frame(features, split), _frame(str(tmp_path), split))
     names = {storage.name(f) for f in storage.list_files(features, recursive=False)}
-    assert {"feature_manifest.json", "extract_state.json", "pca.npz"} <= names
-    assert json.loads(storage.read_text(storage.join(features, "extract_state.json")))["checkpoint"] is None
+    assert "feature_manifest.json" in names
+    state = FeatureState.load(features)  # read back from the bucket
+    assert state.checkpoint is None and state.tabular.corpus_start == FeatureState.load(str(tmp_path)).tabular.corpus_start
 
 
 def test_tune_on_s3_features_writes_every_output_to_s3(tuned, bucket):

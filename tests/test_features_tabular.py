@@ -291,3 +291,38 @@ def test_manifest_groups_and_validation() -> None:
     with pytest.raises(ValueError, match="unknown feature group"):
         select_columns(manifest, ["nope"])
     assert set(GROUPS) == {"network", "user", "time", "text", "geo", "category", "history"}
+
+
+def test_feature_state_gives_new_posts_the_features_extraction_gave_them(tmp_path: Path) -> None:
+    """Val/test posts featurised from the saved state alone (no training post read) equal the
+    extracted rows bit for bit, with class ids re-derived from names (new posts index their own
+    dataset); a post of a user with no training history gets the empty history."""
+    from smpp_ray.config import ExtractConfig
+    from smpp_ray.data.manifest import load_manifest, write_manifest
+    from smpp_ray.data.taxonomy_names import default_taxonomy
+    from smpp_ray.features.extract import extract_features
+    from smpp_ray.features.state import FeatureState
+    from smpp_ray.gbdt.data import read_split
+
+    taxonomy = default_taxonomy()
+    posts = make_posts(240, seed=5)
+    posts["category_id"] = [taxonomy.parents[s] for s in posts["subcategory_id"]]
+    posts["category"] = [taxonomy.categories[c] for c in posts["category_id"]]
+    posts["subcategory"] = [taxonomy.subcategories[s] for s in posts["subcategory_id"]]
+    data = write_dataset(posts, tmp_path / "data")
+    manifest = load_manifest(str(data))
+    write_manifest(str(data), {**manifest, "concepts": sorted(posts["concept"].unique())})
+    extract_features(str(data), None, str(tmp_path / "features"), extract_config=ExtractConfig(user_description_components=3))
+    state = FeatureState.load(str(tmp_path / "features"))
+    assert sum(state.tabular.tag_frequency.values()) > 0 and len(state.history.t) == (posts["split"] == "train").sum()
+
+    held = posts[posts["split"] != "train"].copy()
+    held[["category_id", "subcategory_id", "concept_id"]] = 999  # ids of another dataset's numbering
+    computed, columns = state.new_post_features(held.drop(columns=["image"]))
+    extracted = pd.concat([read_split(str(tmp_path / "features"), s) for s in ("val", "test")])
+    names = ["pid"] + [c.name for c in columns]
+    _assert_rows_identical(computed[names].set_index("pid"), extracted[names].set_index("pid"), held["pid"])
+
+    stranger = held.iloc[:1].assign(uid="nobody-seen", pid="new-1")
+    row = state.new_post_features(stranger.drop(columns=["image"]))[0].iloc[0]
+    assert row["hist_count"] == 0 and np.isnan(row["hist_label_mean"])

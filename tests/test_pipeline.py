@@ -1,22 +1,18 @@
 """The whole pipeline in-process on the smoke config: real Ray, real MLflow store read back.
 
-One pipeline run (module fixture, a few minutes on 2 cores) backs every test here: stage
-summaries and skipping, the MLflow run tree, the results table and report, and `smpp predict`
-on held-back posts giving the evaluation path's scores.
+The session's smoke pipeline (conftest ``smoke_pipeline``) backs every test here: stage
+summaries and skipping, the MLflow run tree, the results table and report. Scoring new posts
+with it is tested in test_predict.py and test_serve.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from smpp_ray.config import load_config
 from smpp_ray.pipeline import PIPELINE_STAGES, STAGE_FOLDERS, run_pipeline
 from smpp_ray.tracking import PARENT_TAG, STAGE_TAG, client
 
@@ -25,17 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(ray_session, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    config = load_config(ROOT / "jobs" / "configs" / "smoke.yaml", ["synth.test_posts=0"])
-    # A relative --out, as `make demo` passes: Ray workers and Tune trials run in other folders.
-    previous = os.getcwd()
-    os.chdir(out.parent)
-    try:
-        result = run_pipeline(config, out.name)
-    finally:
-        os.chdir(previous)
-    return config, out, result
+def pipeline_run(smoke_pipeline):
+    return smoke_pipeline
 
 
 def _runs(tracking_uri: str, experiment: str):
@@ -104,36 +91,3 @@ def test_rerun_skips_complete_stages(pipeline_run):
     assert not [r for r in runs if r.data.tags.get(PARENT_TAG) == again["mlflow_run_id"]]
     # A skipped evaluate still gives the table (read back from its summary)
     assert again["table"]["src"].tolist() == pytest.approx(result["table"]["src"].tolist(), nan_ok=True)
-
-
-def _held_back_posts(raw: Path, pids: set[str], out: Path) -> None:
-    """The given posts of a raw SMPD folder as unlabelled `test_` files (what a user would score)."""
-    out.mkdir(parents=True)
-    kinds = ["text", "category", "temporalspatial_information", "additional_information", "user_data"]
-    rows = None
-    paths = (raw / "train_img_filepath.txt").read_text().splitlines()
-    for kind in kinds:
-        records = json.loads((raw / f"train_{kind}.json").read_text())
-        if rows is None:
-            rows = [i for i, r in enumerate(records) if str(r["Pid"]) in pids]
-        (out / f"test_{kind}.json").write_text(json.dumps([records[i] for i in rows]))
-    (out / "test_img_filepath.txt").write_text("\n".join(paths[i] for i in rows) + "\n")
-    for i in rows:
-        (out / paths[i]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(raw / paths[i], out / paths[i])
-
-
-def test_predict_on_held_back_posts_matches_the_evaluation_path(pipeline_run, tmp_path):
-    from smpp_ray.predict import predict_posts
-
-    config, out, _ = pipeline_run
-    evaluated = pd.read_parquet(out / "tune" / "predictions.parquet")
-    evaluated = evaluated[evaluated["split"] == "test"].set_index("pid")
-    _held_back_posts(out / "raw", set(evaluated.index), tmp_path / "new_posts")
-    scores_file = predict_posts(out, tmp_path / "new_posts", tmp_path / "scores.csv", config=config)
-    scores = pd.read_csv(scores_file, dtype={"pid": str}).set_index("pid")
-    assert set(scores.index) == set(evaluated.index)
-    np.testing.assert_allclose(scores.loc[evaluated.index, "predicted_popularity"], evaluated["pred_blend"],
-                               rtol=0, atol=1e-6)
-    taxonomy = json.loads((out / "data" / "manifest.json").read_text())["taxonomy"]
-    assert set(scores["predicted_subcategory"]) <= {s["name"] for s in taxonomy["subcategories"]}

@@ -14,7 +14,7 @@ from PIL import Image
 
 from smpp_ray.data.manifest import load_manifest, load_taxonomy
 from smpp_ray.data.prepare import assign_splits, build_taxonomy, prepare_dataset
-from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS, posts_path
+from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS, Taxonomy, posts_path
 from smpp_ray.data.synth import synthesize_corpus
 from smpp_ray.data.taxonomy_names import default_taxonomy
 
@@ -67,16 +67,13 @@ def _edit_lines(raw: Path, name: str, edit) -> None:
 
 # ----------------------------------------------------------------------------- no Ray needed
 
-def test_build_taxonomy_keeps_default_ids_and_appends_unknown_names():
+def test_build_taxonomy_is_fixed_and_never_follows_the_data():
     default = default_taxonomy()
     assert build_taxonomy([("Animal", "Dog"), ("Food", "Coffee")]) == default
-    custom = build_taxonomy([("Food", "Coffee"), ("Space", "Rocket"), ("Animal", "Dog"), ("Space", "Moon")])
-    assert custom.categories == ("Animal", "Food", "Space")
-    assert custom.subcategories == ("Dog", "Coffee", "Rocket", "Moon")
-    assert custom.parents == (0, 1, 2, 2)
-    # A known name under another category follows the data's majority parent.
-    moved = build_taxonomy([("Food", "Dog"), ("Food", "Dog"), ("Animal", "Dog")])
-    assert moved.categories[moved.parents[moved.subcategories.index("Dog")]] == "Food"
+    # Unknown names or a known name under another category change nothing: their rows are rejects.
+    assert build_taxonomy([("Food", "Coffee"), ("Space", "Rocket"), ("Food", "Dog"), ("Food", "Dog")]) == default
+    supplied = Taxonomy(("Space", "Sea"), ("Rocket", "Moon", "Fish"), (0, 0, 1))
+    assert build_taxonomy([("Space", "Rocket"), ("Animal", "Dog")], supplied) == supplied
 
 
 def test_assign_splits_validates_arguments():

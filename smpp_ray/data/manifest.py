@@ -4,7 +4,7 @@ Keys: ``schema_version``, ``raw_dir``, ``files``, ``counts`` {``input_rows``, ``
 ``rejected``, ``per_split`` {train, val, test}, ``rejected_by_field``}, ``taxonomy``
 (:meth:`Taxonomy.to_dict`), ``concepts`` (names; ``concept_id`` indexes this list), ``split``
 {``method``, fractions, ``boundaries``}, ``time_range`` {``start``, ``end``} (unix seconds),
-``image`` {``max_side``, ``jpeg_quality``} and ``run`` {``seconds``, ``posts_per_s``}.
+``image`` {``max_side``, ``jpeg_quality``, ``max_bytes``, ``max_pixels``} and ``run`` {``seconds``, ``posts_per_s``}.
 
 The dataset may live at any location :mod:`smpp_ray.storage` reads (a local folder or an
 ``s3://`` / ``gs://`` prefix).
@@ -51,3 +51,13 @@ def load_manifest(data_dir: str) -> dict:
 def load_taxonomy(data_location: str) -> Taxonomy:
     """The class taxonomy recorded in a prepared dataset's manifest."""
     return Taxonomy.from_dict(load_manifest(data_location)["taxonomy"])
+
+
+def load_taxonomy_file(location: str) -> Taxonomy:
+    """A class list given by the user (``data.taxonomy``): JSON in the manifest's ``taxonomy`` form,
+    ``{"categories": [{"id", "name"}], "subcategories": [{"id", "name", "category_id"}]}``."""
+    try:
+        return Taxonomy.from_dict(storage.read_json(location))
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"data.taxonomy {location!r} is not a taxonomy ({{'categories': [{{'id', 'name'}}], "
+                         f"'subcategories': [{{'id', 'name', 'category_id'}}]}}): {err!r}") from err

@@ -1,8 +1,9 @@
 """``smpp prepare``: a raw SMPD folder -> Parquet shards, rejects and a manifest (a Ray Data job).
 
 The driver reads the small row-aligned JSON/text files (:mod:`smpp_ray.data.smpd`), validates
-every field, removes duplicate Pids, derives the taxonomy and assigns splits; it never opens an
-image. Each split's metadata rows then flow through Ray Data ``map_batches`` tasks that read,
+every field, removes duplicate Pids, checks class names against the taxonomy (the SMPD 11/77
+default or one the caller supplies; an unknown name rejects its row, it never renumbers the
+classes) and assigns splits; it never opens an image. Each split's metadata rows then flow through Ray Data ``map_batches`` tasks that read,
 check, resize and re-encode the images, and ``write_parquet`` writes the shards from the workers::
 
     DATA/posts/split={train,val,test}/part-*.parquet   exactly POSTS_SCHEMA
@@ -15,6 +16,15 @@ rejected inside the Ray tasks are sent to a small collector actor (keyed by file
 retried task cannot double-count). Image paths must resolve inside the raw folder: absolute paths
 and ``..`` are rejected by the driver; in a local raw folder, symlinks that escape are rejected by
 the tasks before reading (object stores have no symlinks).
+
+Images are untrusted input (``smpp predict`` runs this on new posts): a file over
+``max_image_bytes`` is rejected from its file info before it is read (on object storage the read
+stops there), only the JPEG, PNG, WEBP, GIF and BMP decoders are tried, and an image over
+:data:`MAX_IMAGE_PIXELS` is rejected from its header before decoding.
+
+A corpus that is mostly rejects is a file problem, not bad rows: with nothing written, or more
+than ``max_reject_fraction`` of the rows rejected, the stage raises ValueError with a per-file,
+per-field summary, after writing the rejects and without a manifest.
 
 Both folders are locations (:mod:`smpp_ray.storage`): a local path, or an ``s3://`` / ``gs://``
 prefix. Each image task resolves the raw folder's filesystem itself and reads its images by
@@ -31,7 +41,9 @@ import hashlib
 import io
 import logging
 import os
+import stat
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -68,57 +80,72 @@ _PREFIX = "_prefix"
 _FETCH_THREADS = 16
 #: Log parsing progress every this many rows (the real corpus has ~300k).
 _LOG_EVERY = 50_000
+#: Default of ``data.max_image_bytes``: a 20 MiB photo is already far above what SMPD holds.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+#: Images above 40 megapixels are rejected before decoding (Pillow's own limit is ~89 MP).
+MAX_IMAGE_PIXELS = 40_000_000
+#: The only decoders Pillow may try (EPS would run Ghostscript; others are rarely maintained).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 _META_SCHEMA = pa.schema([f for f in POSTS_SCHEMA if f.name != "image"] + [pa.field(_SOURCE_COLUMN, pa.string())])
 
 
 # --------------------------------------------------------------------------------- taxonomy
 
-def build_taxonomy(pairs: list[tuple[str, str]]) -> Taxonomy:
-    """The taxonomy of the (category, subcategory) pairs seen in the data.
+def build_taxonomy(pairs: list[tuple[str, str]], taxonomy: Taxonomy | None = None) -> Taxonomy:
+    """The taxonomy posts are classified into: ``taxonomy`` (one the user supplies) or the SMPD default.
 
-    When every name is one of :data:`SMPD_TAXONOMY` and under its usual category, this is the
-    full default taxonomy (stable 11/77 ids even if a small corpus misses some classes).
-    Otherwise it is exactly the names in the data: known names in the default order, unknown
-    ones appended in order of first appearance; a subcategory's parent is the category it
-    appears under most often (first seen on ties).
+    The data never changes it: class ids are the contract between a dataset, its checkpoints and
+    its models, and a corpus that misses or misspells a class must not renumber the others. A
+    name outside the taxonomy is a reject of its row (see :func:`_assign_class_ids`); ``pairs``,
+    the (category, subcategory) names seen, are only checked here so the log names them once.
     """
-    default = default_taxonomy()
-    counts: dict[str, Counter] = {}
-    for category, subcategory in pairs:
-        counts.setdefault(subcategory, Counter())[category] += 1
-    parent_name = {s: max(c.items(), key=lambda kv: kv[1])[0] for s, c in counts.items()}  # first max wins
-    default_parent = {s: default.categories[p] for s, p in zip(default.subcategories, default.parents, strict=True)}
-    if all(default_parent.get(s) == c for s, c in parent_name.items()):
-        return default
-    seen_categories = list(dict.fromkeys(c for c, _ in pairs))
-    categories = [c for c in default.categories if c in seen_categories]
-    categories += [c for c in seen_categories if c not in categories]
-    subcategories = [s for s in default.subcategories if s in parent_name]
-    subcategories += [s for s in parent_name if s not in subcategories]
-    parents = [categories.index(parent_name[s]) for s in subcategories]
-    return Taxonomy(tuple(categories), tuple(subcategories), tuple(parents))
+    chosen = taxonomy if taxonomy is not None else default_taxonomy()
+    categories, subcategories = set(chosen.categories), set(chosen.subcategories)
+    unknown = sorted({c for c, _ in pairs if c not in categories} | {s for _, s in pairs if s not in subcategories})
+    if unknown:
+        logger.warning("prepare: %d class name(s) are not in the %d/%d taxonomy, their rows are rejected: %s",
+                       len(unknown), chosen.num_categories, chosen.num_subcategories,
+                       ", ".join(repr(n) for n in unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+    return chosen
+
+
+def _class_problem(category: str | None, subcategory: str | None, taxonomy: Taxonomy,
+                   cat_id: dict[str, int], sub_id: dict[str, int]) -> tuple[str, str] | None:
+    """(field, reason) when a row's class names do not fit the taxonomy; None when they do."""
+    if category is not None and category not in cat_id:
+        return "Category", (f"category {category!r} is not in the taxonomy "
+                            f"({taxonomy.num_categories} categories)")
+    if subcategory is None:
+        return None
+    if subcategory not in sub_id:
+        return "Subcategory", (f"subcategory {subcategory!r} is not in the taxonomy "
+                               f"({taxonomy.num_subcategories} subcategories)")
+    parent = taxonomy.categories[taxonomy.parents[sub_id[subcategory]]]
+    if category is not None and category != parent:
+        return "Category", (f"category {category!r} disagrees with {parent!r}, the parent of "
+                            f"subcategory {subcategory!r}")
+    return None
 
 
 def _assign_class_ids(records: list[dict], taxonomy: Taxonomy
                       ) -> tuple[list[dict], list[dict], list[str]]:
-    """Set category/subcategory/concept ids; rows whose category contradicts the taxonomy are rejected."""
+    """Set category/subcategory/concept ids; rows whose names do not fit the taxonomy are rejected."""
     cat_id = {n: i for i, n in enumerate(taxonomy.categories)}
     sub_id = {n: i for i, n in enumerate(taxonomy.subcategories)}
-    concepts = sorted({r["concept"] for r in records if r["concept"] is not None})
-    concept_id = {n: i for i, n in enumerate(concepts)}
     kept, rejects = [], []
     for r in records:
-        category, subcategory = r["category"], r["subcategory"]
-        r["category_id"] = cat_id.get(category, -1) if category is not None else -1
-        r["subcategory_id"] = sub_id.get(subcategory, -1) if subcategory is not None else -1
-        r["concept_id"] = concept_id.get(r["concept"], -1) if r["concept"] is not None else -1
-        if r["subcategory_id"] >= 0 and taxonomy.parents[r["subcategory_id"]] != r["category_id"]:
-            parent = taxonomy.categories[taxonomy.parents[r["subcategory_id"]]]
-            rejects.append(_reject(r, r[_CATEGORY_FILE], "Category",
-                                   f"category {category!r} disagrees with {parent!r}, the parent of "
-                                   f"subcategory {subcategory!r}"))
-            continue
-        kept.append(r)
+        problem = _class_problem(r["category"], r["subcategory"], taxonomy, cat_id, sub_id)
+        if problem is not None:
+            rejects.append(_reject(r, r[_CATEGORY_FILE], *problem))
+        else:
+            kept.append(r)
+    # Concepts (668 in SMPD) have no fixed list; their ids follow the names of the kept rows.
+    concepts = sorted({r["concept"] for r in kept if r["concept"] is not None})
+    concept_id = {n: i for i, n in enumerate(concepts)}
+    for r in kept:
+        r["category_id"] = cat_id[r["category"]] if r["category"] is not None else -1
+        r["subcategory_id"] = sub_id[r["subcategory"]] if r["subcategory"] is not None else -1
+        r["concept_id"] = concept_id[r["concept"]] if r["concept"] is not None else -1
     return kept, rejects, concepts
 
 
@@ -166,39 +193,77 @@ class ImageError(Exception):
     """An image that cannot be used; the message is the reject reason."""
 
 
-def read_image(fs: pafs.FileSystem, root: str, relative: str, real_root: str | None = None) -> bytes:
-    """The raw bytes of ``root/relative`` on ``fs``; ImageError when it does not exist.
+def read_image(fs: pafs.FileSystem, root: str, relative: str, real_root: str | None = None,
+               max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The raw bytes of ``root/relative`` on ``fs``; ImageError when missing, unreadable or too big.
 
     ``real_root`` (local folders only: the real path of ``root``) rejects a symlink that
-    resolves outside the folder before anything is read.
+    resolves outside the folder, a file that is not a regular file (a FIFO would block) and a file
+    over ``max_bytes`` from its file info, before anything is read: a sparse 4.5 GB file costs
+    nothing. On object storage the read itself stops after ``max_bytes + 1`` bytes (no extra
+    request per image).
     """
     path = f"{root}/{relative}"
     if real_root is not None:
-        full = os.path.realpath(path)
-        if os.path.commonpath([real_root, full]) != real_root:
-            raise ImageError(f"image path {relative!r} resolves outside the raw folder (symlink?)")
+        _check_local_image(path, relative, real_root, max_bytes)
     try:
         with fs.open_input_stream(path) as stream:
-            return stream.read()
-    except OSError:
+            data = stream.read(max_bytes + 1)
+    except OSError as err:
+        if real_root is not None:   # a local file that passed the checks: its own problem (permissions)
+            raise ImageError(f"image file {relative!r} cannot be read: {err}") from None
         if fs.get_file_info(path).type != pafs.FileType.File:
             raise ImageError(f"image file {relative!r} does not exist") from None
-        raise   # an unreadable existing file (or a storage outage) fails the task, which Ray retries
+        raise   # an unreadable existing object (or a storage outage) fails the task, which Ray retries
+    if len(data) > max_bytes:
+        raise ImageError(f"image file {relative!r} is larger than data.max_image_bytes={max_bytes}")
+    return data
 
 
-def fit_image(data: bytes, relative: str, max_side: int, quality: int) -> bytes:
-    """JPEG bytes of an image, longest side <= max_side; ImageError when empty or corrupt."""
+def _check_local_image(path: str, relative: str, real_root: str, max_bytes: int) -> None:
+    full = os.path.realpath(path)
+    if os.path.commonpath([real_root, full]) != real_root:
+        raise ImageError(f"image path {relative!r} resolves outside the raw folder (symlink?)")
+    try:
+        info = os.stat(full)
+    except OSError:
+        raise ImageError(f"image file {relative!r} does not exist") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"image file {relative!r} is not a regular file")
+    if info.st_size > max_bytes:
+        raise ImageError(f"image file {relative!r} is {info.st_size} bytes, larger than "
+                         f"data.max_image_bytes={max_bytes}")
+
+
+def fit_image(data: bytes, relative: str, max_side: int, quality: int, *,
+              max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+    """JPEG bytes of an image, longest side <= max_side; ImageError when empty, corrupt, too big or
+    not one of :data:`IMAGE_FORMATS`.
+
+    Only those formats' decoders are tried: Pillow would otherwise hand an EPS file to
+    Ghostscript (a PostScript interpreter fed untrusted input). ``max_pixels`` is checked from
+    the header, before decoding: a 390 KB PNG of 13000x13000 would take 1.25 GB to decode.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():
+            # Pillow warns from ~89 MP; our own, lower limit below is the one that decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        with image:
+            if image.width * image.height > max_pixels:
+                raise ImageError(f"image {relative!r} is {image.width}x{image.height} pixels, more than the "
+                                 f"limit of {max_pixels} pixels")
             image.load()   # decodes every byte: truncated files fail here, not later in training
             if image.width == 0 or image.height == 0:
                 raise ImageError(f"image {relative!r} is empty")
             if image.format == "JPEG" and image.mode == "RGB" and max(image.size) <= max_side:
                 return data   # already what we store: keep the original bytes, no re-encode loss
             rgb = image.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:
+        raise ImageError(f"image {relative!r} is not a {', '.join(IMAGE_FORMATS)} image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"image {relative!r} cannot be decoded: {err}") from None
     rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
@@ -206,14 +271,14 @@ def fit_image(data: bytes, relative: str, max_side: int, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _read_images(raw_root: str, paths: list[str]) -> list[bytes | ImageError]:
+def _read_images(raw_root: str, paths: list[str], max_bytes: int) -> list[bytes | ImageError]:
     """The bytes (or the ImageError) of each image of a batch, read by location."""
     fs, root = storage.resolve(raw_root)
     real_root = os.path.realpath(root) if isinstance(fs, pafs.LocalFileSystem) else None
 
     def fetch(relative: str) -> bytes | ImageError:
         try:
-            return read_image(fs, root, relative, real_root)
+            return read_image(fs, root, relative, real_root, max_bytes)
         except ImageError as err:
             return err
 
@@ -223,7 +288,8 @@ def _read_images(raw_root: str, paths: list[str]) -> list[bytes | ImageError]:
         return list(pool.map(fetch, paths))
 
 
-def load_images(batch: pa.Table, *, raw_root: str, max_side: int, quality: int, collector: Any) -> pa.Table:
+def load_images(batch: pa.Table, *, raw_root: str, max_side: int, quality: int, collector: Any,
+                max_bytes: int = MAX_IMAGE_BYTES) -> pa.Table:
     """Ray Data UDF: metadata rows in, POSTS_SCHEMA rows with ``image`` out; bad images to ``collector``.
 
     ``raw_root`` is the raw folder's location; the images are read from it inside this task.
@@ -234,7 +300,7 @@ def load_images(batch: pa.Table, *, raw_root: str, max_side: int, quality: int, 
     images: list[bytes] = []
     keep: list[bool] = []
     rejects: list[dict] = []
-    for i, (relative, data) in enumerate(zip(paths, _read_images(raw_root, paths), strict=True)):
+    for i, (relative, data) in enumerate(zip(paths, _read_images(raw_root, paths, max_bytes), strict=True)):
         try:
             if isinstance(data, ImageError):
                 raise data
@@ -334,7 +400,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def _write_split(rows: list[dict], split: str, out: str, raw: str, *, max_side: int,
-                 quality: int, rows_per_shard: int, collector: Any) -> int:
+                 quality: int, max_bytes: int, rows_per_shard: int, collector: Any) -> int:
     import ray.data
     from ray.data.datasource import FilenameProvider
 
@@ -352,7 +418,8 @@ def _write_split(rows: list[dict], split: str, out: str, raw: str, *, max_side: 
         blocks = [table.slice(i, _BLOCK_ROWS) for i in range(0, len(table), _BLOCK_ROWS)]
         dataset = ray.data.from_arrow(blocks).map_batches(
             load_images, batch_format="pyarrow", batch_size=None, num_cpus=1,
-            fn_kwargs={"raw_root": raw, "max_side": max_side, "quality": quality, "collector": collector})
+            fn_kwargs={"raw_root": raw, "max_side": max_side, "quality": quality, "collector": collector,
+                       "max_bytes": max_bytes})
         dataset.write_parquet(path, filesystem=fs, schema=POSTS_SCHEMA, filename_provider=PartNames(),
                               min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard,
                               mode=ray.data.SaveMode.OVERWRITE)
@@ -365,69 +432,111 @@ def _write_split(rows: list[dict], split: str, out: str, raw: str, *, max_side: 
     return written
 
 
+def _storable(text: str) -> str:
+    """Text Parquet can hold: a reason quoting a lone surrogate must not lose the rejects table."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _write_rejects(rejects: list[dict], out: str) -> None:
     rejects = sorted(rejects, key=lambda r: (r["source_file"], r["row_index"]))
-    table = pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA)
+    rows = [{**r, "reason": _storable(r["reason"])} for r in rejects]
+    table = pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
     storage.write_bytes(storage.join(rejects_path(out), "part-00000.parquet"), _parquet_bytes(table))
 
 
-def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
-                    val_fraction: float = 0.1, test_fraction: float = 0.1, max_image_side: int = 256,
-                    jpeg_quality: int = 90, rows_per_shard: int = 2048) -> dict:
-    """Turn a raw SMPD folder into Parquet shards + rejects + manifest; returns the manifest.
-
-    ``raw_dir`` and ``out_dir`` are locations (local paths or ``s3://`` / ``gs://`` URIs).
-    Raises ValueError naming the folder or file on bad usage (missing folder or required file,
-    malformed file, files of different lengths, bad split arguments) before any work.
-    """
-    import ray
-
-    from smpp_ray.runtime import init_ray
-
-    raw, out = storage.normalize(raw_dir), storage.normalize(out_dir)
+def _check_arguments(raw: str, split: str, val_fraction: float, test_fraction: float, max_image_side: int,
+                     jpeg_quality: int, rows_per_shard: int, max_reject_fraction: float, max_image_bytes: int) -> None:
     if not storage.is_dir(raw):
         raise ValueError(f"raw SMPD folder {raw!r} does not exist or is not a directory")
     if split not in ("time", "user"):
         raise ValueError(f"unknown split method {split!r}; expected 'time' or 'user'")
-    if max_image_side < 16 or not 1 <= jpeg_quality <= 100 or rows_per_shard < 1:
+    if max_image_side < 16 or not 1 <= jpeg_quality <= 100 or rows_per_shard < 1 or max_image_bytes < 1:
         raise ValueError(f"bad image/shard settings: max_image_side={max_image_side!r} (>= 16), "
-                         f"jpeg_quality={jpeg_quality!r} (1..100), rows_per_shard={rows_per_shard!r} (>= 1)")
-    assign_splits([], split, val_fraction, test_fraction)   # validates the fractions up front
+                         f"jpeg_quality={jpeg_quality!r} (1..100), rows_per_shard={rows_per_shard!r} (>= 1), "
+                         f"max_image_bytes={max_image_bytes!r} (>= 1)")
+    if not 0 <= max_reject_fraction <= 1:
+        raise ValueError(f"max_reject_fraction {max_reject_fraction!r} must be in [0, 1]")
+    assign_splits([], split, val_fraction, test_fraction)   # validates the fractions
+
+
+def _reject_summary(rejects: list[dict]) -> str:
+    """Rejects per (file, field), most first, each with its first reason: what to fix, in one line."""
+    counts = Counter((r["source_file"], r["field"]) for r in rejects)
+    first: dict[tuple[str, str], dict] = {}
+    for r in sorted(rejects, key=lambda r: r["row_index"]):
+        first.setdefault((r["source_file"], r["field"]), r)
+    parts = []
+    for (source, field), count in counts.most_common():
+        example = first[(source, field)]
+        reason = example["reason"] if len(example["reason"]) <= 120 else example["reason"][:117] + "..."
+        parts.append(f"{source} {field}: {count} (row {example['row_index']}: {reason})")
+    return "; ".join(parts)
+
+
+def _reject_problem(input_rows: int, kept: int, rejects: list[dict], max_fraction: float, out: str) -> str | None:
+    """Why the stage must fail: nothing left to write or more than ``max_fraction`` of rows rejected.
+
+    A mostly rejected corpus is a file problem (a row-shifted file, a wrong taxonomy), and a run
+    that reports success on a tenth of the data hides it.
+    """
+    share = len(rejects) / input_rows
+    if kept and share <= max_fraction:
+        return None
+    problem = ("no row is left to write" if not kept else
+               f"{share:.1%} of the rows were rejected, more than data.max_reject_fraction={max_fraction}")
+    return (f"prepare: {problem} ({len(rejects)} of {input_rows} rows rejected). Rejects by file and "
+            f"field: {_reject_summary(rejects)}. Every rejected row is in {rejects_path(out)!r}")
+
+
+def _check_not_empty(sets: list[smpd.FileSet], input_rows: int) -> None:
+    if input_rows == 0:
+        names = ", ".join(s.name(k) for s in sets for k in ("text", "img_filepath"))
+        raise ValueError(f"the raw SMPD files hold no rows ({names} are empty); nothing to prepare")
+
+
+def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
+                    val_fraction: float = 0.1, test_fraction: float = 0.1, max_image_side: int = 256,
+                    jpeg_quality: int = 90, rows_per_shard: int = 2048, max_reject_fraction: float = 0.5,
+                    max_image_bytes: int = MAX_IMAGE_BYTES, taxonomy: Taxonomy | None = None) -> dict:
+    """Turn a raw SMPD folder into Parquet shards + rejects + manifest; returns the manifest.
+
+    ``raw_dir`` and ``out_dir`` are locations (local paths or ``s3://`` / ``gs://`` URIs).
+    Raises ValueError naming the folder or file on bad usage (missing folder or required file,
+    malformed file, files of different lengths, no rows, bad arguments) before any work. Bad rows
+    are rejects; when nothing is left to write or more than ``max_reject_fraction`` of the rows
+    are rejected, it raises ValueError with a per-field summary, after writing the rejects (and
+    before the manifest, so the folder is not a dataset). ``taxonomy`` (default: the SMPD 11/77)
+    fixes the class names and ids; rows naming other classes are rejects.
+    """
+    raw, out = storage.normalize(raw_dir), storage.normalize(out_dir)
+    _check_arguments(raw, split, val_fraction, test_fraction, max_image_side, jpeg_quality, rows_per_shard,
+                     max_reject_fraction, max_image_bytes)
     started = time.perf_counter()
     sets, records, rejects = _read_raw(raw)
     input_rows = len(records) + len(rejects)
+    _check_not_empty(sets, input_rows)
     logger.info("prepare: parsed %d rows (%d rejected) from %s in %.1fs", input_rows, len(rejects), raw,
                 time.perf_counter() - started)
     taxonomy = build_taxonomy([(r["category"], r["subcategory"]) for r in records
-                               if r["category"] is not None and r["subcategory"] is not None])
+                               if r["category"] is not None and r["subcategory"] is not None], taxonomy)
     records, class_rejects, concepts = _assign_class_ids(records, taxonomy)
     rejects += class_rejects
-    # Only labelled train_ posts are split; test_ posts (the challenge's test set) are all test.
-    labelled = [r for r in records if r["label"] is not None and r[_PREFIX] == "train_"]
-    parts, boundaries = assign_splits(labelled, split, val_fraction, test_fraction)
-    parts["test"] = parts["test"] + [r for r in records if r["label"] is None or r[_PREFIX] != "train_"]
-    for name in SPLITS:
-        parts[name].sort(key=lambda r: (r["postdate"], r["pid"]))
-
-    init_ray()
     _clear_outputs(out)
-    context = ray.data.DataContext.get_current()
-    preserve = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True   # same rows in the same files on every rerun
-    collector = _collector_class().remote()
-    try:
-        per_split = {name: _write_split(parts[name], name, out, raw, max_side=max_image_side,
-                                        quality=jpeg_quality, rows_per_shard=rows_per_shard, collector=collector)
-                     for name in SPLITS}
-        image_rejects = ray.get(collector.rows.remote())
-    finally:
-        context.execution_options.preserve_order = preserve
-        ray.kill(collector)
+    problem = _reject_problem(input_rows, len(records), rejects, max_reject_fraction, out)
+    if problem is not None:   # image rejects only add to these: failing now saves decoding every image
+        _write_rejects(rejects, out)
+        raise ValueError(problem)
+    parts, boundaries = _split_records(records, split, val_fraction, test_fraction)
+    per_split, image_rejects = _write_posts(parts, out, raw, max_side=max_image_side, quality=jpeg_quality,
+                                            max_bytes=max_image_bytes, rows_per_shard=rows_per_shard)
     rejects += image_rejects
     _write_rejects(rejects, out)
     written = sum(per_split.values())
     if input_rows != written + len(rejects):
         raise RuntimeError(f"prepare lost rows: {input_rows} in, {written} written + {len(rejects)} rejected")
+    problem = _reject_problem(input_rows, written, rejects, max_reject_fraction, out)
+    if problem is not None:   # the rejects are written; without a manifest the folder is no dataset
+        raise ValueError(problem)
     bad_images = {(r["source_file"], r["row_index"]) for r in image_rejects}
     dates = [r["postdate"] for r in records if (r[_SOURCE_COLUMN], r["row_index"]) not in bad_images]
     seconds = time.perf_counter() - started
@@ -443,7 +552,8 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
                   "boundaries": boundaries,
                   "unlabelled_test_rows": sum(r["label"] is None for r in records)},
         "time_range": {"start": min(dates), "end": max(dates)} if dates else {"start": None, "end": None},
-        "image": {"max_side": max_image_side, "jpeg_quality": jpeg_quality},
+        "image": {"max_side": max_image_side, "jpeg_quality": jpeg_quality, "max_bytes": max_image_bytes,
+                  "max_pixels": MAX_IMAGE_PIXELS},
         "rows_per_shard": rows_per_shard,
         "run": {"seconds": round(seconds, 2), "posts_per_s": round(input_rows / max(seconds, 1e-9), 1)},
     }
@@ -452,3 +562,37 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
                 written, ", ".join(f"{k}={v}" for k, v in per_split.items()), len(rejects), seconds,
                 manifest["run"]["posts_per_s"], out)
     return manifest
+
+
+def _split_records(records: list[dict], split: str, val_fraction: float, test_fraction: float
+                   ) -> tuple[dict[str, list[dict]], dict]:
+    """Rows per split, each in (postdate, pid) order, and the split boundaries."""
+    # Only labelled train_ posts are split; test_ posts (the challenge's test set) are all test.
+    labelled = [r for r in records if r["label"] is not None and r[_PREFIX] == "train_"]
+    parts, boundaries = assign_splits(labelled, split, val_fraction, test_fraction)
+    parts["test"] = parts["test"] + [r for r in records if r["label"] is None or r[_PREFIX] != "train_"]
+    for name in SPLITS:
+        parts[name].sort(key=lambda r: (r["postdate"], r["pid"]))
+    return parts, boundaries
+
+
+def _write_posts(parts: dict[str, list[dict]], out: str, raw: str, *, max_side: int, quality: int,
+                 max_bytes: int, rows_per_shard: int) -> tuple[dict[str, int], list[dict]]:
+    """Write every split's shards with Ray Data; returns the rows written per split and the image rejects."""
+    import ray.data
+
+    from smpp_ray.runtime import init_ray
+
+    init_ray()
+    context = ray.data.DataContext.get_current()
+    preserve = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True   # same rows in the same files on every rerun
+    collector = _collector_class().remote()
+    try:
+        per_split = {name: _write_split(parts[name], name, out, raw, max_side=max_side, quality=quality,
+                                        max_bytes=max_bytes, rows_per_shard=rows_per_shard, collector=collector)
+                     for name in SPLITS}
+        return per_split, ray.get(collector.rows.remote())
+    finally:
+        context.execution_options.preserve_order = preserve
+        ray.kill(collector)

@@ -345,12 +345,12 @@ def _label_noise_scale(score: np.ndarray) -> float:
 
 def generate_corpus(posts: int, seed: int, *, users: int = 0, test_posts: int = 0, first_pid: int = 10_000) -> Corpus:
     """Draw every value of a corpus except the pixels (cheap: used by tests of the score model)."""
-    if posts <= 0 or test_posts < 0 or users < 0:
-        raise ValueError(f"posts must be > 0 and users, test_posts >= 0; got posts={posts!r}, "
+    if posts < 0 or test_posts < 0 or users < 0 or posts + test_posts == 0:
+        raise ValueError(f"posts, users and test_posts must be >= 0 with at least one post; got posts={posts!r}, "
                          f"users={users!r}, test_posts={test_posts!r}")
     rng = np.random.default_rng(seed)
     look = class_look()
-    n_users = users or max(1, posts // 12)
+    n_users = users or max(1, (posts or test_posts) // 12)
     u = _generate_users(rng, n_users)
     n = posts + test_posts
     rate = np.exp(0.9 * u["z"])
@@ -389,6 +389,8 @@ def oracle_src(corpus: Corpus) -> float:
     from scipy.stats import spearmanr
 
     mask = ~corpus.is_test
+    if mask.sum() < 2:  # test posts only (new posts to score): nothing labelled to compare
+        return float("nan")
     return float(spearmanr(corpus.label[mask], corpus.score[mask]).statistic)
 
 
@@ -532,7 +534,7 @@ def synthesize_corpus(out_dir: str, *, posts: int, seed: int, image_size: int = 
     corpus = generate_corpus(posts, seed, users=users, test_posts=test_posts, first_pid=first_pid)
     out = storage.normalize(out_dir)
     _clear_previous(out)
-    written = _write_split(out, corpus, np.flatnonzero(~corpus.is_test), "train_", image_size, seed)
+    written = _write_split(out, corpus, np.flatnonzero(~corpus.is_test), "train_", image_size, seed) if posts else 0
     logger.info("synth: wrote %d train posts in %.1fs", written, time.perf_counter() - started)
     if test_posts:
         _write_split(out, corpus, np.flatnonzero(corpus.is_test), "test_", image_size, seed)

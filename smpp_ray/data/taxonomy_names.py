@@ -4,8 +4,9 @@ The 11 category names are the real SMPD ones, spelled as the dataset spells them
 ``Whether&Season``). SMPD does not publish its 77 subcategory names as a list; three of the names
 below are real ones seen in the released files (``Raining``, ``Girls,Fashion`` with its comma,
 ``Music``), the others are invented but plausible, seven per category. The synthetic corpus uses
-exactly these names; a prepared real corpus gets its names from the data (see
-:func:`smpp_ray.data.prepare.build_taxonomy`), keeping this order for any name that matches.
+exactly these names. A real corpus needs its own list: set ``data.taxonomy`` to a JSON file of it
+(the manifest's ``taxonomy`` form); names outside the taxonomy in use are rejected rows, never a
+new class list (see :func:`smpp_ray.data.prepare.build_taxonomy`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Output (``out_dir``, any location: a local path or ``s3://...``)::
     split=val/part-*.parquet     + feature columns (see feature_manifest.json)
     split=test/part-*.parquet
     feature_manifest.json        every feature column with its group and categorical flag
-    extract_state.json, pca.npz  what was fitted on train (corpus start, PCA projections)
+    feature_state/               what was fitted on train, for featurising new posts
+                                 (:mod:`smpp_ray.features.state`)
 
 How the work is split:
 
@@ -27,7 +28,6 @@ receive the checkpoint's location, not a driver path, and each loads it on its o
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -44,17 +44,16 @@ import pyarrow.parquet as pq
 from smpp_ray import storage
 from smpp_ray.config import ExtractConfig, parse_resources
 from smpp_ray.data.schema import SPLITS, Taxonomy
-from smpp_ray.features.history import history_features
+from smpp_ray.features.history import HistoryPool, history_columns
 from smpp_ray.features.manifest import GROUPS, KEY_COLUMNS, FeatureColumn, write_feature_manifest
 from smpp_ray.features.network import TENSOR_OUTPUTS, NetworkFeatureExtractor, decode_batch
 from smpp_ray.features.pca import PCAAccumulator, PCAProjection
+from smpp_ray.features.state import FeatureState
 from smpp_ray.features.tabular import TabularFeatures, build_tabular_features, load_post_metadata
 
 logger = logging.getLogger(__name__)
 
 NETWORK_TMP = "_network"
-STATE_FILE = "extract_state.json"
-PCA_FILE = "pca.npz"
 #: Rows per output file: few enough files for fast listing, small enough to stream.
 ROWS_PER_FILE = 8192
 EMBEDDINGS = ("image_embedding", "text_embedding")
@@ -102,7 +101,7 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
     manifest = load_manifest(data_dir)
     checkpoint = validate_checkpoint(checkpoint_dir, data_dir) if checkpoint_dir else None
 
-    tabular, table = metadata_features(data_dir, manifest, extract_config.user_description_components)
+    tabular, table, pool = metadata_features(data_dir, manifest, extract_config.user_description_components)
     feature_columns = tabular.columns
     for split in SPLITS:
         storage.reset_dir(storage.join(out_dir, f"split={split}"))
@@ -126,7 +125,10 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
                        for name in schema.names if name.startswith("net_")]
     columns = feature_columns + network_columns
     write_feature_manifest(out_dir, columns)
-    _write_fitted_state(out_dir, checkpoint, tabular.fitted, projections, tabular.user_description_pca)
+    state = FeatureState(tabular.state, pool, projections, manifest["taxonomy"], list(manifest.get("concepts", [])),
+                         checkpoint.backbone if checkpoint else None, checkpoint.path if checkpoint else None,
+                         dict(manifest.get("image") or {}), data_dir)
+    state.save(out_dir)
 
     summary.update({
         "rows": rows,
@@ -135,6 +137,7 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
         "pca_components": extract_config.pca_components if checkpoint else 0,
         "seconds": round(time.perf_counter() - started, 3),
         "features_dir": out_dir,
+        "fitted": tabular.fitted,
     })
     for name, projection in projections.items():
         total = float(projection.explained_variance.sum())
@@ -143,21 +146,24 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
     return summary
 
 
-def metadata_features(data_dir: str, manifest: dict, user_description_components: int) -> tuple[TabularFeatures, pa.Table]:
+def metadata_features(data_dir: str, manifest: dict, user_description_components: int
+                      ) -> tuple[TabularFeatures, pa.Table, HistoryPool]:
     """Tabular + history features of every post (metadata only), as one Arrow table with ``split``.
 
-    The returned :class:`TabularFeatures` lists every column (history included) and what was fitted.
+    The returned :class:`TabularFeatures` lists every column (history included) and what was
+    fitted; the :class:`HistoryPool` is the training history the history features came from.
     """
     meta = load_post_metadata(data_dir)
     start = (manifest.get("time_range") or {}).get("start")
     tabular = build_tabular_features(meta, user_description_components=user_description_components,
                                      corpus_start=int(start) if isinstance(start, (int, float)) else None)
-    history, history_columns = history_features(meta)
+    pool = HistoryPool.from_posts(meta)
+    history = pool.features(meta["uid"].to_numpy(), meta["postdate"].to_numpy())
     frame = pd.concat([tabular.frame, history], axis=1)
     frame["split"] = meta["split"].to_numpy()
     tabular.frame = frame
-    tabular.columns = tabular.columns + history_columns
-    return tabular, pa.Table.from_pandas(frame, preserve_index=False)
+    tabular.columns = tabular.columns + history_columns()
+    return tabular, pa.Table.from_pandas(frame, preserve_index=False), pool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,24 +271,38 @@ def network_feature_dataset(data_dir: str, checkpoint: CheckpointInfo, cfg: Extr
     posts = (ray.data.read_parquet(storage.join(data_dir, "posts"))
              .select_columns(["pid", "image", "title", "tags", "split"])
              .repartition(target_num_rows_per_block=cfg.batch_size))
-    decoded_bytes = cfg.batch_size * 3 * checkpoint.image_size ** 2 * 4
     decoded = posts.map_batches(
         decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
-        # Reserving the decoded batch's memory (input + output) also keeps Ray Data from fusing
-        # decoding into the model actors, which it does for stages with equal resources: decoding
-        # must run in its own CPU tasks, in parallel with inference, so accelerators never wait.
-        memory=2 * decoded_bytes,
+        memory=decode_stage_memory(cfg.batch_size, checkpoint.image_size),
         fn_kwargs={"backbone": checkpoint.backbone, "image_size": checkpoint.image_size,
                    "context_length": checkpoint.context_length, "mean": checkpoint.mean, "std": checkpoint.std})
-    return decoded.map_batches(
-        NetworkFeatureExtractor,
-        fn_constructor_kwargs={"checkpoint_dir": checkpoint.path,
-                               "device": "cuda" if cfg.num_gpus_per_actor > 0 else "cpu",
-                               "num_threads": max(1, int(round(cfg.cpus_per_actor)))},
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
-        resources=parse_resources(cfg.actor_resources, "extract.actor_resources"),
-        batch_size=cfg.batch_size, batch_format="numpy")
+    options, actor = inference_pool(cfg)
+    return decoded.map_batches(NetworkFeatureExtractor, fn_constructor_kwargs={"checkpoint_dir": checkpoint.path, **actor},
+                               **options)
+
+
+def decode_stage_memory(batch_size: int, image_size: int) -> int:
+    """Bytes a decode task reserves: its decoded batch, input and output.
+
+    Reserving it also keeps Ray Data from fusing decoding into the model actors, which it does for
+    stages with equal resources: decoding must run in its own CPU tasks, in parallel with
+    inference, so accelerators never wait.
+    """
+    return 2 * batch_size * 3 * image_size ** 2 * 4
+
+
+def inference_pool(cfg: ExtractConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``map_batches`` options of the inference actor pool (``extract.*``), and the device and
+    threads each actor's constructor takes. Shared by extraction and ``smpp predict``."""
+    import ray.data
+
+    options = {"compute": ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+               "num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.num_gpus_per_actor,
+               "resources": parse_resources(cfg.actor_resources, "extract.actor_resources"),
+               "batch_size": cfg.batch_size, "batch_format": "numpy"}
+    actor = {"device": "cuda" if cfg.num_gpus_per_actor > 0 else "cpu",
+             "num_threads": max(1, int(round(cfg.cpus_per_actor)))}
+    return options, actor
 
 
 def _run_network_pass(data_dir: str, checkpoint: CheckpointInfo, tmp_dir: str, cfg: ExtractConfig) -> dict[str, Any]:
@@ -471,20 +491,3 @@ def _ensure_every_split_has_a_file(out_dir: str) -> pa.Schema:
     if missing:
         raise RuntimeError(f"feature files under {out_dir!r} lack key columns {missing}")
     return schema
-
-
-def _write_fitted_state(out_dir: str, checkpoint: CheckpointInfo | None, fitted: dict,
-                        projections: dict[str, PCAProjection], user_pca: PCAProjection | None) -> None:
-    """What was fitted on train, so later stages (predict) can featurise new posts the same way."""
-    arrays: dict[str, np.ndarray] = {}
-    for name, projection in projections.items():
-        arrays.update(projection.to_arrays(name))
-    if user_pca is not None:
-        arrays.update(user_pca.to_arrays("user_description"))
-    state = {**fitted, "checkpoint": checkpoint.path if checkpoint else None,
-             "backbone": checkpoint.backbone if checkpoint else None,
-             "pca_arrays": sorted(arrays)}
-    storage.write_json(storage.join(out_dir, STATE_FILE), state)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    storage.write_bytes(storage.join(out_dir, PCA_FILE), buffer.getvalue())

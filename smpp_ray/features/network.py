@@ -86,10 +86,11 @@ class NetworkFeatureExtractor:
     run can show how many actors did the work) and ``finished_at`` (unix seconds).
 
     ``checkpoint_dir`` is a location, never a path on the driver's disk: the actor loads it on
-    its own node.
+    its own node. ``pretrained`` replaces the backbone weights location the checkpoint names.
     """
 
-    def __init__(self, checkpoint_dir: str, device: str = "auto", num_threads: int = 0) -> None:
+    def __init__(self, checkpoint_dir: str, device: str = "auto", num_threads: int = 0,
+                 pretrained: str | None = None) -> None:
         import torch
 
         from smpp_ray.train.checkpoint import load_model_from_checkpoint
@@ -99,7 +100,7 @@ class NetworkFeatureExtractor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = load_model_from_checkpoint(checkpoint_dir, device=self.device)
+        self.model = load_model_from_checkpoint(checkpoint_dir, device=self.device, pretrained=pretrained)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         logger.info("feature extractor %s loaded %s on %s", self.worker, checkpoint_dir, self.device)
 

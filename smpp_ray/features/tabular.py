@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -36,14 +36,40 @@ METADATA_COLUMNS = (
 
 
 @dataclass
+class TabularState:
+    """Everything the tabular features fit on the training posts: what a new post needs of train."""
+
+    corpus_start: int
+    """Unix seconds that ``time_days_since_start`` counts from."""
+    tag_frequency: dict[str, int]
+    """How many training posts carry each (lower-cased) tag."""
+    user_description_components: int
+    user_description_dim: int
+    """Length of the user-description vectors the PCA was fitted on (0: none in train)."""
+    user_description_pca: PCAProjection | None = None
+
+    def fitted(self) -> dict:
+        """The scalar facts, for summaries."""
+        return {"corpus_start": self.corpus_start, "train_tag_vocabulary": len(self.tag_frequency),
+                "user_description_components": self.user_description_components,
+                "user_description_dim": self.user_description_dim}
+
+
+@dataclass
 class TabularFeatures:
     """Feature frame (key columns + features, one row per post, same order as the input)."""
 
     frame: pd.DataFrame
     columns: list[FeatureColumn]
-    fitted: dict = field(default_factory=dict)
-    """What was fitted on train: corpus start, tag vocabulary size, user-description PCA."""
-    user_description_pca: PCAProjection | None = None
+    state: TabularState
+
+    @property
+    def fitted(self) -> dict:
+        return self.state.fitted()
+
+    @property
+    def user_description_pca(self) -> PCAProjection | None:
+        return self.state.user_description_pca
 
 
 def load_post_metadata(data_dir: str) -> pd.DataFrame:
@@ -71,26 +97,51 @@ def build_tabular_features(meta: pd.DataFrame, *, user_description_components: i
     """User, time, text, geo and category features for every row of ``meta`` (needs ``split``).
 
     ``corpus_start`` (unix seconds) anchors ``time_days_since_start``; by default the earliest
-    postdate in ``meta``.
+    postdate in ``meta``. The same as :func:`fit_tabular_state` then :func:`tabular_features`.
     """
+    state = fit_tabular_state(meta, user_description_components=user_description_components,
+                              corpus_start=corpus_start)
+    frame, columns = tabular_features(meta, state, is_train=(meta["split"] == "train").to_numpy())
+    return TabularFeatures(frame, columns, state)
+
+
+def fit_tabular_state(meta: pd.DataFrame, *, user_description_components: int,
+                      corpus_start: int | None = None) -> TabularState:
+    """Fit on the training rows of ``meta`` (the whole corpus, with ``split``) what the features need."""
     is_train = (meta["split"] == "train").to_numpy()
     start = int(meta["postdate"].min()) if corpus_start is None and len(meta) else int(corpus_start or 0)
-    user, user_cols, pca = user_features(meta, is_train, user_description_components)
-    time, time_cols = time_features(meta, start)
-    text, text_cols, vocabulary_size = text_features(meta, is_train)
+    frequency: Counter[str] = Counter()
+    for tags, train in zip(_tag_sets(meta["tags"]), is_train, strict=True):
+        if train:
+            frequency.update(tags)
+    pca, dim = None, 0
+    if user_description_components > 0:
+        dim = _description_dim(meta["user_description"], is_train)
+        # Fit once per user, not once per post: prolific users would otherwise dominate the axes.
+        first_rows = ~meta["uid"].duplicated().to_numpy()
+        accumulator = PCAAccumulator(dim)
+        if dim:
+            accumulator.add(_description_matrix(meta["user_description"], dim)[is_train & first_rows])
+        pca = accumulator.fit(user_description_components)
+    return TabularState(start, dict(frequency), user_description_components, dim, pca)
+
+
+def tabular_features(meta: pd.DataFrame, state: TabularState,
+                     is_train: np.ndarray) -> tuple[pd.DataFrame, list[FeatureColumn]]:
+    """Key columns + features of the rows of ``meta`` with a fitted state; ``is_train`` marks the
+    rows that are themselves training posts (their own tags are not counted as seen)."""
+    user, user_cols = user_features(meta, state)
+    time, time_cols = time_features(meta, state.corpus_start)
+    text, text_cols = text_features(meta, state.tag_frequency, np.asarray(is_train, dtype=bool))
     geo, geo_cols = geo_features(meta)
     cats, cat_cols = category_features(meta)
     keys = meta[list(KEY_COLUMNS)].reset_index(drop=True)
     frame = pd.concat([keys, user, time, text, geo, cats], axis=1)
-    fitted = {"corpus_start": start, "train_tag_vocabulary": vocabulary_size,
-              "user_description_components": user_description_components,
-              "user_description_dim": int(pca.mean.shape[0]) if pca is not None else 0}
-    return TabularFeatures(frame, user_cols + time_cols + text_cols + geo_cols + cat_cols, fitted, pca)
+    return frame, user_cols + time_cols + text_cols + geo_cols + cat_cols
 
 
-def user_features(meta: pd.DataFrame, is_train: np.ndarray,
-                  components: int) -> tuple[pd.DataFrame, list[FeatureColumn], PCAProjection | None]:
-    """Account features at posting time plus the user description reduced by a train-only PCA."""
+def user_features(meta: pd.DataFrame, state: TabularState) -> tuple[pd.DataFrame, list[FeatureColumn]]:
+    """Account features at posting time plus the user description reduced by the train-only PCA."""
     photo_count = meta["photo_count"].astype("float64")
     first = meta["photo_firstdate"].astype("float64")
     out = pd.DataFrame({
@@ -101,29 +152,34 @@ def user_features(meta: pd.DataFrame, is_train: np.ndarray,
         # Age of the account when the post was made, not at crawl time: later posts are older accounts.
         "user_account_age_days": ((meta["postdate"].astype("float64") - first) / SECONDS_PER_DAY).to_numpy(),
     })
-    pca = None
+    components, dim = state.user_description_components, state.user_description_dim
     if components > 0:
-        vectors, dim = _description_matrix(meta["user_description"], is_train)
-        # Fit once per user, not once per post: prolific users would otherwise dominate the axes.
-        first_rows = ~meta["uid"].duplicated().to_numpy()
-        accumulator = PCAAccumulator(dim)
-        if dim:
-            accumulator.add(vectors[is_train & first_rows])
-        pca = accumulator.fit(components)
-        reduced = pca.transform(vectors) if dim else np.full((len(meta), components), np.nan, np.float32)
+        if dim and state.user_description_pca is not None:
+            reduced = state.user_description_pca.transform(_description_matrix(meta["user_description"], dim))
+        else:
+            reduced = np.full((len(meta), components), np.nan, np.float32)
         for i in range(components):
             out[f"user_desc_pc_{i}"] = reduced[:, i].astype(np.float64)
     columns = [FeatureColumn(name, "user") for name in out.columns]
-    return out, columns, pca
+    return out, columns
 
 
-def _description_matrix(series: pd.Series, is_train: np.ndarray) -> tuple[np.ndarray, int]:
-    """(N, D) float64 of user descriptions; D is the most common train length, other rows NaN."""
-    lengths = series.map(lambda v: -1 if v is None else len(v)).to_numpy()
+def _description_lengths(series: pd.Series) -> np.ndarray:
+    return series.map(lambda v: len(v) if isinstance(v, (list, tuple, np.ndarray)) else -1).to_numpy()
+
+
+def _description_dim(series: pd.Series, is_train: np.ndarray) -> int:
+    """The most common length of the training posts' user descriptions (0: none)."""
+    lengths = _description_lengths(series)
     train_lengths = lengths[is_train & (lengths > 0)]
     if len(train_lengths) == 0:
-        return np.zeros((len(series), 0)), 0
-    dim = int(Counter(train_lengths.tolist()).most_common(1)[0][0])
+        return 0
+    return int(Counter(train_lengths.tolist()).most_common(1)[0][0])
+
+
+def _description_matrix(series: pd.Series, dim: int) -> np.ndarray:
+    """(N, dim) float64 of user descriptions; rows of another length are NaN."""
+    lengths = _description_lengths(series)
     matrix = np.full((len(series), dim), np.nan, dtype=np.float64)
     ok = np.flatnonzero(lengths == dim)
     if len(ok):
@@ -131,7 +187,7 @@ def _description_matrix(series: pd.Series, is_train: np.ndarray) -> tuple[np.nda
     if (lengths > 0).sum() > len(ok):
         logger.warning("%d user descriptions do not have the common length %d and are left missing",
                        int((lengths > 0).sum() - len(ok)), dim)
-    return matrix, dim
+    return matrix
 
 
 def time_features(meta: pd.DataFrame, corpus_start: int) -> tuple[pd.DataFrame, list[FeatureColumn]]:
@@ -155,22 +211,19 @@ def _tag_sets(tags: pd.Series) -> list[frozenset[str]]:
     return [frozenset(t.lower().split()) if isinstance(t, str) else frozenset() for t in tags]
 
 
-def text_features(meta: pd.DataFrame, is_train: np.ndarray) -> tuple[pd.DataFrame, list[FeatureColumn], int]:
+def text_features(meta: pd.DataFrame, tag_frequency: dict[str, int],
+                  is_train: np.ndarray) -> tuple[pd.DataFrame, list[FeatureColumn]]:
     """Title and tag statistics, and the share of a post's tags seen in (other) training posts."""
     titles = meta["title"].fillna("").astype(str)
     tag_sets = _tag_sets(meta["tags"])
     tag_counts = meta["tags"].fillna("").astype(str).map(lambda t: len(t.split())).to_numpy()
-    frequency: Counter[str] = Counter()
-    for tags, train in zip(tag_sets, is_train, strict=True):
-        if train:
-            frequency.update(tags)
     seen_share = np.full(len(meta), np.nan)
     for i, (tags, train) in enumerate(zip(tag_sets, is_train, strict=True)):
         if tags:
             # A training post's own tags would make its share 1 by construction; count only the
             # *other* training posts so train and val/test rows mean the same thing.
             own = 1 if train else 0
-            seen_share[i] = sum(frequency[t] - own > 0 for t in tags) / len(tags)
+            seen_share[i] = sum(tag_frequency.get(t, 0) - own > 0 for t in tags) / len(tags)
     out = pd.DataFrame({
         "text_title_length": titles.str.len().to_numpy(dtype=np.int64),
         "text_title_words": titles.map(lambda t: len(t.split())).to_numpy(dtype=np.int64),
@@ -178,7 +231,7 @@ def text_features(meta: pd.DataFrame, is_train: np.ndarray) -> tuple[pd.DataFram
         "text_has_title": (titles.str.strip() != "").to_numpy().astype(np.int64),
         "text_tag_seen_share": seen_share,
     })
-    return out, [FeatureColumn(name, "text") for name in out.columns], len(frequency)
+    return out, [FeatureColumn(name, "text") for name in out.columns]
 
 
 def geo_features(meta: pd.DataFrame) -> tuple[pd.DataFrame, list[FeatureColumn]]:

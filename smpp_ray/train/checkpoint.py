@@ -177,14 +177,16 @@ def resolve_checkpoint(location: str | os.PathLike[str] | None) -> str | None:
                      f"nor a train stage folder ({SUMMARY_FILE})")
 
 
-def load_model_from_checkpoint(checkpoint: str | os.PathLike[str], device: str | torch.device = "cpu"):
+def load_model_from_checkpoint(checkpoint: str | os.PathLike[str], device: str | torch.device = "cpu",
+                               pretrained: str | None = None):
     """The trained :class:`SMPPModel` in eval mode, outside Ray (feature extraction, predict).
 
     ``checkpoint`` is any location :func:`resolve_checkpoint` accepts. Remote files are fetched
     once per node into its cache (``storage.local_copy``), so a pool of inference actors on one
     node downloads the trainable state once. The frozen backbone is rebuilt from the stored model
     config, then the trainable state is loaded over it; a key mismatch raises
-    (``load_trainable_state_dict`` is strict).
+    (``load_trainable_state_dict`` is strict). ``pretrained`` replaces the backbone weights
+    location the checkpoint names (a scorer bundle carries its own copy).
     """
     import torch
 
@@ -195,6 +197,8 @@ def load_model_from_checkpoint(checkpoint: str | os.PathLike[str], device: str |
         raise ValueError("no checkpoint given")
     meta = read_meta(location)
     config = model_config_from_meta(meta, where=location)
+    if pretrained:
+        config = dataclasses.replace(config, pretrained=pretrained)
     taxonomy = Taxonomy.from_dict(meta["taxonomy"])
     model = create_model(config, taxonomy, prototypes_in_checkpoint(location, meta))
     state = torch.load(storage.local_copy(storage.join(location, TRAINABLE_FILE)), map_location="cpu",

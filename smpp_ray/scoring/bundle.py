@@ -1,0 +1,131 @@
+"""The scorer bundle: every part that scoring a new post needs, found in one place.
+
+A bundle is either read in place from a finished pipeline (its best checkpoint, the extract
+stage's feature state, the tune stage's models, feature spec and blend weights) or is a folder of
+its own (what is logged to MLflow and registered as the ``smpp-scorer`` model)::
+
+    bundle.json        format, version, families, blend weights, backbone, what each part is
+    checkpoint/        the trained checkpoint folder (trainable state, prototypes, meta.json)
+    backbone/<file>    the pretrained backbone weights, when the checkpoint names a weights file
+    feature_state/     see :mod:`smpp_ray.features.state`
+    feature_spec.json  the GBDT input columns and categories
+    blend.json         blend weights chosen on val
+    models/<family>/   MLflow lightgbm / catboost model folders
+
+This module is the one owner of that layout; :class:`smpp_ray.scoring.scorer.Scorer` loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from smpp_ray import storage
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "smpp-scorer-bundle"
+VERSION = 1
+BUNDLE_FILE = "bundle.json"
+FAMILIES = ("lightgbm", "catboost")
+#: What ``--model`` may choose: the blend of the families or one of them.
+MODEL_CHOICES = ("blend", *FAMILIES)
+
+
+@dataclass(frozen=True)
+class ScorerBundle:
+    """Locations of the parts of a scorer (each any location: local path or URI)."""
+
+    checkpoint: str
+    feature_state: str
+    feature_spec: str
+    blend: str
+    models: dict[str, str]
+    """family -> MLflow model folder."""
+    pretrained: str | None = None
+    """The backbone weights file to load in place of the one the checkpoint names (bundled copy)."""
+
+    @classmethod
+    def from_pipeline(cls, pipeline_dir: str) -> ScorerBundle:
+        """The parts of a finished pipeline, in place (nothing is copied)."""
+        from smpp_ray.features.state import STATE_FOLDER
+        from smpp_ray.gbdt.data import FEATURE_SPEC_FILE
+        from smpp_ray.layout import pipeline_layout
+        from smpp_ray.summary import require_summary
+        from smpp_ray.train.checkpoint import best_checkpoint
+
+        layout = pipeline_layout(pipeline_dir)
+        for folder, stage in (("features", "extract"), ("tune", "tune")):
+            require_summary(layout[folder], stage)
+        tune = layout["tune"]
+        blend = storage.join(tune, "blend.json")
+        families = list(storage.read_json(blend)["weights"])
+        return cls(best_checkpoint(layout["train"]), storage.join(layout["features"], STATE_FOLDER),
+                   storage.join(tune, FEATURE_SPEC_FILE), blend,
+                   {family: storage.join(tune, "models", family) for family in families})
+
+    @classmethod
+    def from_folder(cls, folder: str) -> ScorerBundle:
+        """A bundle folder written by :meth:`write` (local or any location)."""
+        folder = storage.normalize(folder)
+        location = storage.join(folder, BUNDLE_FILE)
+        if not storage.is_file(location):
+            raise ValueError(f"{folder!r} is not a scorer bundle: {BUNDLE_FILE} missing (give a pipeline folder "
+                             "with --pipeline, or a registered model models:/<name>@<alias>)")
+        facts = storage.read_json(location)
+        if facts.get("format") != FORMAT or facts.get("version") != VERSION:
+            raise ValueError(f"scorer bundle {folder!r} has format {facts.get('format')!r} version "
+                             f"{facts.get('version')!r}; this version reads {FORMAT!r} version {VERSION}")
+        return cls(storage.join(folder, "checkpoint"), storage.join(folder, "feature_state"),
+                   storage.join(folder, "feature_spec.json"), storage.join(folder, "blend.json"),
+                   {family: storage.join(folder, "models", family) for family in facts["families"]},
+                   storage.join(folder, facts["pretrained"]) if facts.get("pretrained") else None)
+
+    def families(self) -> list[str]:
+        return list(self.models)
+
+    def write(self, folder: str) -> str:
+        """Copy every part into one bundle folder (a local path or any location); returns it."""
+        from smpp_ray.train.checkpoint import model_config_from_meta, read_meta
+
+        folder = storage.normalize(folder)
+        storage.reset_dir(folder)
+        _copy_tree(self.checkpoint, storage.join(folder, "checkpoint"))
+        _copy_tree(self.feature_state, storage.join(folder, "feature_state"))
+        for family, location in self.models.items():
+            _copy_tree(location, storage.join(folder, "models", family))
+        storage.copy_file(self.feature_spec, storage.join(folder, "feature_spec.json"))
+        storage.copy_file(self.blend, storage.join(folder, "blend.json"))
+        config = model_config_from_meta(read_meta(self.checkpoint), where=self.checkpoint)
+        weights = self.pretrained or _weights_file(config.pretrained)
+        bundled = None
+        if weights:
+            bundled = f"backbone/{storage.name(weights)}"
+            storage.copy_file(weights, storage.join(folder, bundled))
+        storage.write_json(storage.join(folder, BUNDLE_FILE), {
+            "format": FORMAT, "version": VERSION, "families": self.families(),
+            "weights": storage.read_json(self.blend)["weights"], "backbone": config.backbone,
+            "pretrained": bundled, "source_checkpoint": self.checkpoint,
+        })
+        logger.info("wrote scorer bundle %s (%s)", folder, ", ".join(self.families()))
+        return folder
+
+
+def _weights_file(pretrained: str) -> str | None:
+    """The backbone weights file to bundle: ``pretrained`` when it is a file (an open_clip tag is
+    fetched by open_clip itself, an empty value means a randomly initialised tiny backbone)."""
+    if not pretrained:
+        return None
+    try:
+        return storage.normalize(pretrained) if storage.is_file(pretrained) else None
+    except (storage.StorageError, OSError):
+        return None
+
+
+def _copy_tree(source: str, target: str) -> None:
+    """Every file under ``source`` to the same relative place under ``target``."""
+    source = storage.normalize(source)
+    for location in storage.list_files(source, recursive=True):
+        relative = location[len(source):].lstrip("/" + os.sep)
+        storage.copy_file(location, storage.join(target, relative))

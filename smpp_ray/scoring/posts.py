@@ -1,0 +1,125 @@
+"""Posts given as records (the registered model's table, the Serve endpoint's JSON) -> prepared rows.
+
+A record is one post with SMPD's own field names, flat: ``Pid``, ``Uid``, ``Title``, ``Alltags``,
+``Category``/``Subcategory``/``Concept`` (optional), ``Postdate``, ``Latitude``/``Longitude``/
+``Geoaccuracy``, the user fields (``photo_firstdate``, ``photo_count``, ``ispro``, ``canbuypro``,
+``timezone_offset``, ``user_description``, ...) and ``image``: JPEG (or PNG, ...) bytes, or the
+same base64-encoded in JSON. Every field goes through prepare's own parsers
+(:func:`smpp_ray.data.smpd.parse_row`) and its image check (:func:`smpp_ray.data.prepare.fit_image`),
+so a post scored online is validated exactly as a post of a batch run, and a bad one becomes a
+reject naming the row, field and reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from smpp_ray.data.schema import POSTS_SCHEMA
+
+#: The name rejects give as the source of a record (there is no file).
+SOURCE = "request"
+#: Shown in errors: the fields a record must have.
+REQUIRED_FIELDS = ("Pid", "Uid", "Postdate", "image")
+_JSON_KINDS = ("text", "category", "temporalspatial", "additional", "user")
+#: Fields every SMPD file row has but an online post may leave out: their SMPD meaning of "none".
+DEFAULTS = {"Title": "", "Alltags": "", "Latitude": "0", "Longitude": "0", "Geoaccuracy": "0"}
+
+
+def _image_bytes(value: Any) -> bytes:
+    """Image bytes of a record's ``image`` (bytes, or base64 text); ValueError names what is wrong."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise ValueError(f"image is not valid base64: {err}") from None
+    elif value is None:
+        raise ValueError("image missing: give the JPEG bytes (base64 in JSON)")
+    else:
+        raise ValueError(f"image must be bytes or base64 text, got {type(value).__name__}")
+    if not data:
+        raise ValueError("image is empty")
+    return data
+
+
+def _reject(index: int, record: Any, field: str, reason: str) -> dict[str, Any]:
+    pid = uid = None
+    if isinstance(record, dict):
+        pid = None if record.get("Pid") is None else str(record.get("Pid"))
+        uid = None if record.get("Uid") is None else str(record.get("Uid"))
+    return {"source_file": SOURCE, "row_index": index, "pid": pid, "uid": uid, "field": field, "reason": reason}
+
+
+def _parse_one(record: Any, index: int, *, max_side: int, quality: int) -> tuple[dict | None, dict | None]:
+    """One record -> (prepared row, None) or (None, reject)."""
+    from smpp_ray.data import smpd
+    from smpp_ray.data.prepare import ImageError, fit_image
+
+    if not isinstance(record, dict):
+        return None, _reject(index, record, "row", f"post must be an object of SMPD fields, got {type(record).__name__}")
+    record = {**DEFAULTS, **record}
+    # One post is all five JSON files' records at once: each parser reads its fields from it.
+    files = {kind: SOURCE for kind in (*_JSON_KINDS, "img_filepath")}
+    rows: dict[str, list] = {kind: [record] for kind in _JSON_KINDS}
+    rows["img_filepath"] = [f"post-{index}.jpg"]
+    row, reject = smpd.parse_row(smpd.FileSet("test_", files, rows), 0)
+    if reject is not None:
+        return None, {**reject, "row_index": index}
+    try:
+        image = fit_image(_image_bytes(record.get("image")), f"post {index}", max_side, quality)
+    except (ValueError, ImageError) as err:
+        return None, _reject(index, record, "image", str(err))
+    row.update({"row_index": index, "image": image, "image_path": None,
+                "category_id": -1, "subcategory_id": -1, "concept_id": -1})
+    return row, None
+
+
+def parse_posts(records: Sequence[Any], *, max_side: int, quality: int,
+                taxonomy: dict[str, Any] | None = None) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Prepared rows (POSTS_SCHEMA columns) of the valid records and a reject per invalid one.
+
+    ``taxonomy`` (the manifest form) rejects a post whose Category is not the parent of its
+    Subcategory, as prepare does. ``len(records) == len(rows) + len(rejects)``.
+    """
+    parents = {}
+    if taxonomy:
+        names = {c["id"]: c["name"] for c in taxonomy["categories"]}
+        parents = {s["name"]: names[s["category_id"]] for s in taxonomy["subcategories"]}
+    kept, rejects = [], []
+    for index, record in enumerate(records):
+        row, reject = _parse_one(record, index, max_side=max_side, quality=quality)
+        if row is not None and row["subcategory"] in parents and row["category"] is not None \
+                and parents[row["subcategory"]] != row["category"]:
+            row, reject = None, _reject(index, record, "Category",
+                                        f"category {row['category']!r} disagrees with {parents[row['subcategory']]!r}, "
+                                        f"the parent of subcategory {row['subcategory']!r}")
+        if row is None:
+            rejects.append(reject)
+        else:
+            kept.append(row)
+    frame = pd.DataFrame(kept, columns=POSTS_SCHEMA.names)
+    return frame, rejects
+
+
+def records_from_frame(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """A table of posts (one column per SMPD field) as records; missing values dropped, as an
+    absent JSON key would be."""
+    records = []
+    for row in frame.to_dict(orient="records"):
+        records.append({k: v for k, v in row.items() if not _is_missing(v)})
+    return records
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # lists and arrays are values, not missing
+        return False

@@ -1,0 +1,137 @@
+"""`smpp serve` on the session's Ray: a real Ray Serve app on 127.0.0.1, a real HTTP client.
+
+The endpoint is started through ``cli.main(["serve", ...])`` in a thread (it blocks until
+stopped), scored posts must equal the evaluation path's scores, concurrent single-post requests
+are answered (batched by ``@serve.batch``), and bad input gets a 4xx naming the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from smpp_ray.cli import EXIT_OK, main
+
+pytestmark = pytest.mark.slow
+SMOKE = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "smoke.yaml")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _json_posts(frame: pd.DataFrame) -> list[dict]:
+    """The model-input table as the JSON a client sends (base64 image, no nulls)."""
+    posts = []
+    for row in frame.to_dict(orient="records"):
+        post = {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
+        post["image"] = base64.b64encode(row["image"]).decode()
+        posts.append(post)
+    return posts
+
+
+@pytest.fixture(scope="module")
+def endpoint(smoke_pipeline):
+    from smpp_ray import serve as smpp_serve
+
+    _, out, _ = smoke_pipeline
+    port = _free_port()
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(main([
+        "serve", "--pipeline", str(out), "--port", str(port), "--config", SMOKE,
+        "--set", "serve.cpus_per_replica=0.5", "--set", "serve.max_batch_size=4",
+        "--set", "serve.batch_wait_timeout_s=0.05", "--set", "tracking.enabled=false"])), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:  # not listening yet, or the replica still loading
+            pass
+        assert thread.is_alive(), f"smpp serve exited with {codes}"
+        time.sleep(1)
+    else:
+        pytest.fail("the endpoint did not become healthy in 240 s")
+    yield url
+    smpp_serve.request_stop()
+    thread.join(timeout=120)
+    assert codes == [EXIT_OK]
+
+
+@pytest.fixture(scope="module")
+def test_posts(smoke_pipeline):
+    import pyarrow.parquet as pq
+
+    from smpp_ray.scoring.pyfunc import posts_to_smpd_frame
+
+    _, out, _ = smoke_pipeline
+    posts = pq.read_table(out / "data" / "posts" / "split=test").to_pandas().head(12)
+    predictions = pd.read_parquet(out / "tune" / "predictions.parquet").set_index("pid")
+    return _json_posts(posts_to_smpd_frame(posts)), predictions
+
+
+def test_healthz_names_the_scorer(endpoint):
+    body = requests.get(f"{endpoint}/healthz", timeout=10).json()
+    assert body["status"] == "ok" and set(body["families"]) == {"lightgbm", "catboost"}
+
+
+def test_posts_scored_online_equal_the_evaluation_path(endpoint, test_posts):
+    posts, predictions = test_posts
+    response = requests.post(f"{endpoint}/predict", json={"posts": posts[:5]}, timeout=120)
+    assert response.status_code == 200, response.text
+    scores = response.json()["scores"]
+    assert [s["pid"] for s in scores] == [p["Pid"] for p in posts[:5]]
+    got = np.array([s["predicted_popularity"] for s in scores])
+    np.testing.assert_allclose(got, predictions.loc[[p["Pid"] for p in posts[:5]], "pred_blend"], atol=1e-6)
+    assert all(s["predicted_subcategory"] and s["predicted_category"] for s in scores)
+
+
+def test_concurrent_single_post_requests_are_all_answered(endpoint, test_posts):
+    posts, predictions = test_posts
+
+    def one(post: dict) -> float:
+        response = requests.post(f"{endpoint}/predict", json=[post], timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()["scores"][0]["predicted_popularity"]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, posts))
+    np.testing.assert_allclose(got, predictions.loc[[p["Pid"] for p in posts], "pred_blend"], atol=1e-6)
+
+
+@pytest.mark.parametrize(("change", "status", "field"), [
+    ({"Postdate": "0000-00-00 00:00:00"}, 422, "Postdate"),
+    ({"image": "not base64!"}, 422, "image"),
+    ({"image": base64.b64encode(b"%!PS-Adobe-3.0 EPSF").decode()}, 422, "image"),
+    ({"Pid": None}, 422, "Pid"),
+    ({"Category": "Electronics", "Subcategory": "Dog"}, 422, "Category"),
+])
+def test_a_bad_post_is_a_4xx_naming_the_field(endpoint, test_posts, change, status, field):
+    posts, _ = test_posts
+    bad = {k: v for k, v in {**posts[0], **change}.items() if v is not None}
+    response = requests.post(f"{endpoint}/predict", json=[posts[1], bad], timeout=60)
+    assert response.status_code == status, response.text
+    errors = response.json()["errors"]
+    assert [e["index"] for e in errors] == [1] and errors[0]["field"] == field and errors[0]["reason"]
+
+
+def test_malformed_requests_are_4xx(endpoint):
+    assert requests.post(f"{endpoint}/predict", data=b"{not json", timeout=30).status_code == 400
+    assert requests.post(f"{endpoint}/predict", json={"posts": "x"}, timeout=30).status_code == 400
+    assert requests.post(f"{endpoint}/predict", json=[], timeout=30).status_code == 400
+    assert requests.post(f"{endpoint}/predict", json=[{}] * 300, timeout=30).status_code == 413
+    assert requests.get(f"{endpoint}/predict", timeout=30).status_code == 405
+    assert requests.get(f"{endpoint}/nowhere", timeout=30).status_code == 404
