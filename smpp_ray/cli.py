@@ -14,6 +14,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+from smpp_ray import console
 from smpp_ray.config import Config, ConfigError, load_config
 
 
@@ -174,8 +175,7 @@ def scorer_choice(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """Library loggers' levels; where their records go is :func:`smpp_ray.console.capture`'s job."""
     for noisy in ("urllib3", "matplotlib", "PIL", "alembic", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -248,17 +248,18 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
 
 
 def _print_summary(location: object) -> None:
+    from smpp_ray.console import out
     from smpp_ray.summary import read_summary
 
     if isinstance(location, dict):  # predict and serve return their own summary
-        print(json.dumps(location, indent=2, default=str))
+        out(json.dumps(location, indent=2, default=str))
         return
     summary = read_summary(str(location)) if location else None
     if summary:
-        print(json.dumps({"stage": summary["stage"], "out": str(location), "metrics": summary["metrics"]},
-                         indent=2, default=str))
+        out(json.dumps({"stage": summary["stage"], "out": str(location), "metrics": summary["metrics"]},
+                       indent=2, default=str))
     else:
-        print(location)
+        out(str(location))
 
 
 def _enable_faulthandler() -> None:
@@ -279,25 +280,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse exits 2 on bad usage, 0 on --help
         return int(exit_.code or 0)
     _configure_logging(args.verbose)
-    # A native crash (SIGSEGV, SIGABRT) prints the Python stack of every thread before dying
-    _enable_faulthandler()
-    try:
-        config = load_config(args.config, _overrides(args))
-        location = _dispatch(args, config)
-    except (ConfigError, ValueError, FileNotFoundError) as err:  # StorageError is a ValueError
-        logger.error("%s", err)
-        if args.verbose:
-            logger.exception("details")
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        logger.error("interrupted")
-        return EXIT_FAILURE
-    except Exception:
-        logger.exception("smpp %s failed", args.command)
-        return EXIT_FAILURE
-    if args.command not in ("evaluate", "pipeline"):
-        _print_summary(location)
-    return EXIT_OK
+    log_path = console.log_location(args.command, _output_of(args),
+                                    pipeline_root=args.command in ("pipeline", "evaluate", "serve"))
+    with console.capture(log_path, verbose=args.verbose):
+        # A native crash (SIGSEGV, SIGABRT) prints the Python stack of every thread before dying
+        _enable_faulthandler()
+        try:
+            config = load_config(args.config, _overrides(args))
+            location = _dispatch(args, config)
+        except (ConfigError, ValueError, FileNotFoundError) as err:  # StorageError is a ValueError
+            logger.error("%s", err)
+            logging.getLogger("smpp.details").debug("details", exc_info=True)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            logger.error("interrupted; full log: %s", log_path)
+            return EXIT_FAILURE
+        except Exception as err:
+            logging.getLogger("smpp.details").error("smpp %s failed", args.command, exc_info=True)
+            logger.error("smpp %s failed: %s: %s (traceback and library output in %s)", args.command,
+                         type(err).__name__, err, log_path)
+            return EXIT_FAILURE
+        if args.command not in ("evaluate", "pipeline"):
+            _print_summary(location)
+        return EXIT_OK
+
+
+def _output_of(args: argparse.Namespace) -> str | None:
+    """The folder (or file) a command writes, beside which (in a pipeline: in which) its logs/ go."""
+    return getattr(args, "out", None) or getattr(args, "pipeline", None) or None
 
 
 if __name__ == "__main__":

@@ -135,9 +135,13 @@ class ModelConfig:
     fusion_heads: int = 4
     """Attention heads of the cross-modal fusion."""
     use_prototypes: bool = True
-    """Feed visual and textual prototypes into the fusion (ablation switch)."""
+    """Feed visual and textual prototypes of both levels (subcategory, category) into the fusion (ablation switch)."""
     use_global_prompts: bool = True
-    """Score the fused vector against global class text features (ablation switch)."""
+    """Score global-prompt class text features into the subcategory logits (ablation switch; see global_head)."""
+    global_head: Literal["coop", "fused", "both"] = "coop"
+    """What global-prompt class text features are scored against (added to the linear head on the fused vector):
+    ``coop`` CLIP's image embedding at CLIP's temperature (CoOp; untrained, it is CLIP's zero-shot classifier),
+    ``fused`` the fused vector (the earlier model), ``both`` the sum, each with its own learned scale."""
     use_local_prompts: bool = True
     """Compute the local token-to-patch alignment feature (ablation switch)."""
     use_fusion: bool = True
@@ -162,6 +166,8 @@ class ModelConfig:
         _require(self.n_local_tokens >= 0, f"model.n_local_tokens must be >= 0, got {self.n_local_tokens!r}")
         _require(self.fusion_layers >= 1, f"model.fusion_layers must be >= 1, got {self.fusion_layers!r}")
         _require(self.fusion_heads >= 1, f"model.fusion_heads must be >= 1, got {self.fusion_heads!r}")
+        _require(self.global_head in ("coop", "fused", "both"),
+                 f"unknown model.global_head {self.global_head!r}; expected coop, fused or both")
         _require(self.unfreeze_image_blocks >= 0 and self.unfreeze_text_blocks >= 0,
                  "model.unfreeze_image_blocks and model.unfreeze_text_blocks must be >= 0")
         if self.ctx_init:

@@ -102,10 +102,13 @@ def load_results(report_dir: str, tracking_uri: str | None = None) -> dict[str, 
 
 def print_results(result: dict[str, Any]) -> None:
     """The end of ``make demo``: the table, the report path, the command that opens MLflow."""
+    from smpp_ray.console import out
+
     table: pd.DataFrame = result["table"]
-    print("\nTest split (higher SRC is better; lower MAE/MSE is better):")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
-    print(f"\nReport: {result['report']}")
+    lines = ["", "Test split (higher SRC is better; lower MAE/MSE is better):",
+             table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"),
+             "", f"Report: {result['report']}"]
     uri = result.get("tracking_uri")
     if uri:
-        print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    out("\n".join(lines))

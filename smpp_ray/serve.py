@@ -101,8 +101,9 @@ class ScorerEndpoint:
         if len(posts) > self.max_posts:
             return 413, {"error": f"{len(posts)} posts in one request; at most {self.max_posts} "
                                   "(serve.max_posts_per_request): send bigger jobs to `smpp predict`"}
-        rows, rejects = parse_posts(posts, max_side=self.max_side, quality=self.quality,
-                                    taxonomy=self.scorer.state.taxonomy)
+        # Off the event loop: validation decodes every image, and other requests must keep arriving.
+        rows, rejects = await asyncio.to_thread(parse_posts, posts, max_side=self.max_side, quality=self.quality,
+                                                taxonomy=self.scorer.state.taxonomy)
         if rejects:
             return 422, {"errors": [{"index": r["row_index"], "pid": r["pid"], "field": r["field"],
                                      "reason": r["reason"]} for r in rejects]}
@@ -123,7 +124,9 @@ class ScorerEndpoint:
 def build_app(source: str, config: Config, *, model: str = "blend", tracking_uri: str = ""):
     """The Serve application of the scorer at ``source`` (pipeline folder, bundle or models:/ URI)."""
     cfg = config.serve
+    # Enough requests in flight per replica for @serve.batch to fill a batch from single-post requests.
     deployment = serve.deployment(name="scorer", num_replicas=cfg.replicas,
+                                  max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
                                   ray_actor_options={"num_cpus": cfg.cpus_per_replica,
                                                      "num_gpus": cfg.gpus_per_replica})(ScorerEndpoint)
     return deployment.bind(source, model, tracking_uri, cfg.max_posts_per_request, cfg.max_batch_size,

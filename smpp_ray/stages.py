@@ -2,8 +2,29 @@
 
 Each wraps one library function (which takes plain arguments) with what every stage shares:
 Ray start-up, an MLflow run (a child of the pipeline run when there is one), ``summary.json``
-in the output folder, and a fingerprint of inputs + config that lets the pipeline skip a stage
-whose artifact is already complete.
+in the output folder, and a fingerprint of the inputs' contents + config that lets the pipeline
+skip a stage whose artifact is already complete.
+
+A failed run never leaves a previous complete output half-replaced. What is atomic, per stage
+(:data:`STAGE_WRITES`; ``summary.json`` is always written last, after everything else):
+
+- **prepare** (staged): writes into ``.<name>.staging-<id>`` beside its folder and swaps
+  ``posts/``, ``rejects/`` and ``manifest.json`` in on success (old summary and manifest removed
+  first, manifest moved in last). During the run and after a failure, the previous dataset and
+  its summary stay in place, byte-identical.
+- **synth, prototypes, extract, evaluate** (set aside): a previous complete output is moved to
+  ``.<name>.previous-<id>`` beside the folder while the run writes the folder afresh, deleted on
+  success and moved back, byte-identical, when the run raises. A run killed outright leaves it
+  there; the next run keeps it as the output to restore, unless the folder is complete by then.
+  The folder is empty (no summary) while the stage runs.
+- **train, tune** (in place): they resume from ``ray_results/`` in their folder, so it stays;
+  only ``summary.json`` is atomic: removed before the run changes anything, written last. Tune's
+  final files (models, predictions, plots) are rewritten in place, so after a failed tune rerun
+  the folder is incomplete (no summary) and the next run completes it.
+
+On object storage the swaps and moves are copy-then-delete (see :mod:`smpp_ray.storage`): the
+same order of steps, not one atomic step, so a run that dies mid-swap leaves the folder without
+its summary (not complete) rather than a mix that claims to be.
 """
 
 from __future__ import annotations
@@ -12,14 +33,22 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from smpp_ray import storage
 from smpp_ray.config import Config, config_to_dict, flatten_config_dict
 from smpp_ray.layout import STAGE_FOLDERS, pipeline_layout
-from smpp_ray.summary import SUMMARY_FILE, json_safe, read_summary, write_summary
+from smpp_ray.summary import (
+    SUMMARY_FILE,
+    is_complete_summary,
+    json_safe,
+    read_summary,
+    remove_summary,
+    write_summary,
+)
 from smpp_ray.tracking import (
     STAGE_TAG,
     TrackingContext,
@@ -43,6 +72,19 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "extract": ("extract",),
     "tune": ("tune",),
     "evaluate": ("tune",),
+}
+
+#: How a run keeps a stage's previous complete output whole (see the module docstring):
+#: ``staged`` (the library writes beside the folder and swaps in), ``set_aside`` (moved away for
+#: the run, put back if it fails) or ``in_place`` (resumable state stays; summary removed first).
+STAGE_WRITES: dict[str, str] = {
+    "synth": "set_aside",
+    "prepare": "staged",
+    "prototypes": "set_aside",
+    "train": "in_place",
+    "extract": "set_aside",
+    "tune": "in_place",
+    "evaluate": "set_aside",
 }
 
 
@@ -70,21 +112,58 @@ def default_stage_run(config: Config, parent_run_id: str | None = None, root: st
 
 
 def stage_fingerprint(stage: str, config: Config, inputs: dict[str, str]) -> str:
-    """Hash of the stage's config sections and its inputs' own fingerprints (or paths)."""
+    """Hash of the stage's config sections and its inputs' contents, not their paths.
+
+    An input's contents are the names, sizes and mtimes of its files
+    (:func:`smpp_ray.storage.fingerprint`): a raw file edited in place, or an upstream stage
+    rerun (its ``summary.json`` is new), changes the fingerprint. It lists every file of each
+    input, a few seconds for a real SMPD raw folder on object storage.
+    """
     values = config_to_dict(config)
     relevant = {section: values[section] for section in STAGE_SECTIONS[stage]}
-    upstream = {}
-    for name, location in inputs.items():
-        summary = read_summary(location) if location else None
-        upstream[name] = summary["fingerprint"] if summary and summary.get("fingerprint") else str(location)
-    blob = json.dumps({"stage": stage, "config": relevant, "inputs": upstream}, sort_keys=True)
+    contents = {name: storage.fingerprint(location) if location else "" for name, location in inputs.items()}
+    blob = json.dumps({"stage": stage, "config": relevant, "inputs": contents}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def is_complete(stage: str, config: Config, inputs: dict[str, str], out_dir: str) -> bool:
     summary = read_summary(out_dir)
-    return bool(summary and summary.get("status") == "complete"
-                and summary.get("fingerprint") == stage_fingerprint(stage, config, inputs))
+    return is_complete_summary(summary) and summary.get("fingerprint") == stage_fingerprint(stage, config, inputs)
+
+
+def _previous_output(out: str) -> str | None:
+    """Move the folder's complete output aside for a ``set_aside`` run; where it went, or None.
+
+    A run killed after moving the output aside left it beside the folder; while the folder is not
+    complete again, that is still the output to restore, so it is kept, not set aside again."""
+    earlier = storage.set_aside_folders(out)
+    complete_here = is_complete_summary(read_summary(out))
+    keep = None if complete_here else next((e for e in earlier if is_complete_summary(read_summary(e))), None)
+    for stale in earlier:
+        if stale != keep:
+            storage.remove(stale)
+    return storage.set_aside(out) if complete_here else keep
+
+
+@contextmanager
+def _keeping_previous_output(stage: str, out: str) -> Iterator[None]:
+    """Run a stage's writes so that, if they raise, its previous complete output is as it was."""
+    mode = STAGE_WRITES[stage]
+    if mode == "in_place":
+        remove_summary(out)   # resumable state stays; the folder is just not complete any more
+    if mode != "set_aside":
+        yield
+        return
+    aside = _previous_output(out)
+    try:
+        yield
+    except BaseException:
+        if aside:
+            logger.warning("stage %s failed: putting the previous output back in %s", stage, out)
+            storage.put_back(aside, out)
+        raise
+    if aside:
+        storage.remove(aside)
 
 
 def _numeric_leaves(values: Any, prefix: str = "") -> dict[str, float]:
@@ -100,15 +179,25 @@ def _numeric_leaves(values: Any, prefix: str = "") -> dict[str, float]:
 
 def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
                stage_run: StageRun, body: Callable[[TrackingContext | None], dict[str, Any]]) -> str:
-    """Run ``body`` inside the stage's MLflow run and write ``summary.json`` for it (last)."""
+    """Run ``body`` inside the stage's MLflow run and write ``summary.json`` for it (last); a
+    failure leaves the previous complete output as :data:`STAGE_WRITES` says."""
     if stage_run.skip_complete and is_complete(stage, config, inputs, out_dir):
         logger.info("stage %s: already complete in %s for this config and these inputs (--force reruns it)",
                     stage, out_dir)
         return storage.normalize(out_dir)
-    out = storage.make_dir(out_dir)
-    sections = {s: config_to_dict(config)[s] for s in STAGE_SECTIONS[stage]}
+    out = storage.normalize(out_dir)
     started = time.time()
     logger.info("stage %s: starting (out=%s)", stage, out)
+    with _keeping_previous_output(stage, out):
+        storage.make_dir(out)
+        _run_tracked(stage, config, out, inputs, stage_run, body, started)
+    logger.info("stage %s: done in %.1f s", stage, time.time() - started)
+    return out
+
+
+def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], stage_run: StageRun,
+                 body: Callable[[TrackingContext | None], dict[str, Any]], started: float) -> None:
+    sections = {s: config_to_dict(config)[s] for s in STAGE_SECTIONS[stage]}
     with tracked_run(stage_run.tracking_uri, stage_run.experiment, stage,
                      parent_run_id=stage_run.parent_run_id, params=flatten_config_dict(sections),
                      tags={STAGE_TAG: stage}, enabled=stage_run.enabled) as run_id:
@@ -136,8 +225,6 @@ def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
         write_summary(out, summary)
         if run_id:  # from memory: fetching back what was just written to object storage is a round trip
             client(stage_run.tracking_uri).log_dict(run_id, json_safe(summary), SUMMARY_FILE)
-    logger.info("stage %s: done in %.1f s", stage, time.time() - started)
-    return out
 
 
 def _ensure_ray(config: Config) -> None:

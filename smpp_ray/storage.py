@@ -11,6 +11,16 @@ variables pyarrow reads (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS
 Writes are atomic per file: a local file is written beside its target and renamed over it, an
 object-store PUT is atomic by itself. A stage is complete when its ``summary.json`` exists, and
 that file is always written last (see :mod:`smpp_ray.stages`).
+
+Whole outputs are swapped, not overwritten: a run writes into :func:`staging_location` (a hidden
+folder beside its target) and :func:`swap_in` moves the finished entries into the target.
+Locally each entry moves with one ``rename``; on object storage, which has no rename, the swap
+is copy-then-delete (a server-side copy of each object, then the staging objects are deleted).
+Neither is one atomic step for the whole folder, so the swap orders its work by marker: the
+entry that says "complete" (``summary.json``, a manifest) is removed first and moved in last,
+and a reader who checks the marker never takes a half-swapped folder for a whole one. A run
+that fails before its swap leaves the target untouched; one that dies during it leaves the
+target without its marker (not complete), never as a mix that claims to be.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import IO, Any
@@ -33,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 #: Node-local cache of fetched objects (checkpoints, prototypes, pretrained weights).
 CACHE_ENV = "SMPP_CACHE_DIR"
+#: ``.<name><mark><id>``: a run's staging folder beside its target (hidden from folder readers).
+STAGING_MARK = ".staging-"
+#: ``.<name><mark><id>``: a complete previous output moved out of a stage's way (see set_aside).
+PREVIOUS_MARK = ".previous-"
 
 
 class StorageError(ValueError):
@@ -262,6 +276,119 @@ def download_dir(location: str, local_dir: str) -> str:
     os.makedirs(local_dir, exist_ok=True)
     pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local_dir
+
+
+def _siblings(target: str, mark: str) -> list[str]:
+    """Locations beside ``target`` named ``.<name><mark>*`` (staging or set-aside folders)."""
+    loc = normalize(target)
+    base = parent(loc)
+    if base == loc:
+        raise StorageError(f"{loc!r} has no parent folder to stage its output beside")
+    prefix = f".{name(loc)}{mark}"
+    return [join(base, n) for n in list_names(base) if n.startswith(prefix)]
+
+
+def staging_location(target: str) -> str:
+    """A fresh location beside ``target`` (``<parent>/.<name>.staging-<id>``) to write its next
+    version into before :func:`swap_in`. Staging folders left by killed runs are removed first:
+    two runs writing one target at once are not supported (their swaps would interleave)."""
+    for stale in _siblings(target, STAGING_MARK):
+        logger.info("removing %s, left by an earlier run that did not finish", stale)
+        remove(stale)
+    loc = normalize(target)
+    return join(parent(loc), f".{name(loc)}{STAGING_MARK}{uuid.uuid4().hex[:8]}")
+
+
+def _move(source: str, target: str) -> None:
+    """Move a file or folder to a location that does not exist (same filesystem and scheme)."""
+    fs, src = resolve(source)
+    _, dst = resolve(target)
+    if not is_uri(normalize(source)):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.move(src, dst)   # one rename on the same filesystem (a sibling always is, but for mounts)
+        return
+    info = fs.get_file_info(src)
+    if info.type == pafs.FileType.File:
+        fs.copy_file(src, dst)   # a server-side copy (S3 CopyObject): no bytes through this process
+    else:
+        for found in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+            if found.type == pafs.FileType.File:
+                fs.copy_file(found.path, dst + found.path[len(src):])
+    remove(source)
+
+
+def swap_in(staging: str, target: str, names: Sequence[str]) -> str:
+    """Make ``staging``'s entries ``names`` the target's, then delete ``staging``; returns ``target``.
+
+    ``names`` are every entry the output owns, marker first: each is removed from ``target``
+    in that order (so an entry the new output lacks never survives from the old one), then the
+    staged ones move in in reverse order (the marker last). Entries of ``target`` not named are
+    left alone. Locally the old entries are renamed into the staging folder and deleted with it;
+    on object storage they are deleted and the new ones copied (see the module docstring)."""
+    staged, out = normalize(staging), make_dir(target)
+    trash = join(staged, ".replaced")
+    for entry in names:
+        if exists(join(out, entry)):
+            if is_uri(out):
+                remove(join(out, entry))
+            else:
+                _move(join(out, entry), join(trash, entry))
+    for entry in reversed(names):
+        if exists(join(staged, entry)):
+            _move(join(staged, entry), join(out, entry))
+    remove(staged)
+    return out
+
+
+def set_aside(target: str) -> str | None:
+    """Move everything at ``target`` out of a rerun's way, to ``<parent>/.<name>.previous-<id>``.
+
+    Returns that location, for :func:`put_back` when the rerun fails or :func:`remove` when it
+    succeeds; None when ``target`` holds nothing."""
+    loc = normalize(target)
+    entries = list_names(loc)
+    if not entries:
+        return None
+    aside = join(parent(loc), f".{name(loc)}{PREVIOUS_MARK}{uuid.uuid4().hex[:8]}")
+    if is_uri(loc):
+        swap_in(loc, aside, entries)   # copies every object across, then deletes the originals
+    else:
+        _move(loc, aside)
+    return aside
+
+
+def set_aside_folders(target: str) -> list[str]:
+    """Folders set aside beside ``target`` (by :func:`set_aside`) and not yet put back or removed."""
+    return _siblings(target, PREVIOUS_MARK)
+
+
+def put_back(aside: str, target: str) -> str:
+    """Replace whatever is at ``target`` with the folder :func:`set_aside` moved away."""
+    remove(target)
+    if is_uri(normalize(target)):
+        return swap_in(aside, target, list_names(aside))
+    _move(aside, target)
+    return normalize(target)
+
+
+def fingerprint(location: str) -> str:
+    """What identifies the contents of a file or folder: relative name, size and mtime of each file.
+
+    Not the path: a file edited in place changes it, a folder moved with its mtimes kept does
+    not. A missing location has the fingerprint of an empty folder. Object stores report mtimes
+    to the second, so an edit that keeps a file's size within the same second goes unseen there.
+    """
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        entries = [("", info.size, info.mtime_ns)]
+    elif info.type == pafs.FileType.Directory:
+        entries = sorted((i.path[len(path):].lstrip("/"), i.size, i.mtime_ns)
+                         for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                         if i.type == pafs.FileType.File)
+    else:
+        entries = []
+    return hashlib.sha256(json.dumps(entries, default=str).encode()).hexdigest()[:20]
 
 
 def cache_root() -> str:

@@ -2,6 +2,7 @@
 
 Every stage writes it last, into its output location, so a location with a readable summary
 whose ``status`` is ``complete`` holds a whole artifact; a torn or missing one means "not done".
+A run that changes its folder removes it first (see :data:`smpp_ray.stages.STAGE_WRITES`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def read_summary(stage_dir: str) -> dict[str, Any] | None:
 def require_summary(stage_dir: str, stage: str) -> dict[str, Any]:
     """The summary of a finished ``stage`` in ``stage_dir``, or a clear error naming both."""
     summary = read_summary(stage_dir)
-    if not summary or summary.get("status") != "complete":
+    if not is_complete_summary(summary):
         raise ValueError(f"{storage.normalize(stage_dir)!r} holds no finished {stage} stage "
                          f"({SUMMARY_FILE}); run `smpp {stage}` (or the pipeline) first")
     return summary
@@ -58,3 +59,12 @@ def json_safe(value: Any) -> Any:
 def write_summary(stage_dir: str, summary: dict[str, Any]) -> str:
     """Write the summary (atomically: the stage is complete from this moment)."""
     return storage.write_json(summary_location(stage_dir), json_safe(summary))
+
+
+def remove_summary(stage_dir: str) -> None:
+    """Mark ``stage_dir`` not complete: the first step of a run that changes the folder in place."""
+    storage.remove(summary_location(stage_dir))
+
+
+def is_complete_summary(summary: dict[str, Any] | None) -> bool:
+    return bool(summary and summary.get("status") == "complete")

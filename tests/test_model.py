@@ -18,8 +18,9 @@ from smpp_ray.model.prototypes import PrototypeBank
 NUM_SUB, NUM_CAT = 77, 11
 TAXONOMY = Taxonomy(tuple(f"category {c}" for c in range(NUM_CAT)),
                     tuple(f"sub_{s}" for s in range(NUM_SUB)), tuple(s % NUM_CAT for s in range(NUM_SUB)))
-CONTRACT_KEYS = {"logits_sub", "logits_cat", "fused", "image_embedding", "text_embedding",
-                 "proto_sim_visual", "proto_sim_text", "local_feature"}
+CONTRACT_KEYS = {"logits_sub", "logits_cat", "pred_subcategory", "pred_category", "fused", "image_embedding",
+                 "text_embedding", "proto_sim_visual", "proto_sim_text", "local_feature"}
+PROTOTYPE_TOKENS = ("visual_prototype_sub", "textual_prototype_sub", "visual_prototype_cat", "textual_prototype_cat")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +65,9 @@ def test_forward_keys_and_shapes(proto_path, batch):
     for size in (1, 4):
         out = model(pixels[:size], tokens[:size])
         assert CONTRACT_KEYS | {"regression"} <= set(out)
-        assert out["logits_sub"].shape == (size, NUM_SUB) and out["logits_cat"].shape == (size, NUM_CAT)
+        assert out["logits_sub"].shape == out["logits_global"].shape == (size, NUM_SUB)
+        assert out["logits_cat"].shape == (size, NUM_CAT)
+        assert out["pred_subcategory"].shape == out["pred_category"].shape == (size,)
         assert out["proto_sim_visual"].shape == out["proto_sim_text"].shape == (size, NUM_SUB + NUM_CAT)
         for key in ("fused", "image_embedding", "text_embedding", "local_feature"):
             assert out[key].shape == (size, 64), key
@@ -72,16 +75,34 @@ def test_forward_keys_and_shapes(proto_path, batch):
         torch.testing.assert_close(out["image_embedding"].norm(dim=-1), torch.ones(size))
 
 
-def test_category_logits_follow_the_hierarchy(proto_path, batch):
-    pixels, tokens, _, _ = batch
+def test_category_is_the_sum_of_its_children_and_agrees_with_the_subcategory(proto_path):
+    """No category head of its own: P(category) = sum of its children's P(subcategory), and the
+    predicted category is the predicted subcategory's parent on every row."""
     model = build(proto_path)
+    assert not any("head_cat" in name for name, _ in model.named_parameters())
+    g = torch.Generator().manual_seed(7)
+    pixels = torch.randn(32, 3, 64, 64, generator=g)
+    tokens = model.backbone.tokenize([f"post {i} about {i % 5} things" for i in range(32)])
     with torch.no_grad():
         out = model(pixels, tokens)
-        direct = model.head_cat(out["fused"])
+    prob_sub, prob_cat = torch.softmax(out["logits_sub"], -1), torch.softmax(out["logits_cat"], -1)
+    parents = torch.tensor(TAXONOMY.parents)
     for c in range(NUM_CAT):
-        children = [s for s, p in enumerate(TAXONOMY.parents) if p == c]
-        expected = torch.logsumexp(out["logits_sub"][:, children], dim=-1) + direct[:, c]
-        torch.testing.assert_close(out["logits_cat"][:, c], expected)
+        torch.testing.assert_close(prob_cat[:, c], prob_sub[:, parents == c].sum(-1))
+        torch.testing.assert_close(out["logits_cat"][:, c], torch.logsumexp(out["logits_sub"][:, parents == c], -1))
+    assert torch.equal(out["pred_subcategory"], out["logits_sub"].argmax(-1))
+    assert torch.equal(out["pred_category"], parents[out["logits_sub"].argmax(-1)])
+
+
+def test_a_childless_category_has_probability_zero_and_finite_losses():
+    taxonomy = Taxonomy(("empty", "a", "b"), ("x", "y", "z"), (1, 2, 2))
+    model = SMPPModel(ModelConfig(use_prototypes=False), taxonomy, create_backbone(TINY_MODEL))
+    out = model(torch.randn(2, 3, 64, 64), model.backbone.tokenize(["one", "two"]))
+    assert torch.equal(torch.softmax(out["logits_cat"], -1)[:, 0], torch.zeros(2))
+    losses = model.compute_losses(out, torch.tensor([0, -1]), torch.tensor([-1, 2]))  # row 0: no category
+    assert torch.isfinite(losses["loss"]) and float(losses["ce_cat"].detach()) > 0
+    losses["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.trainable_parameters() if p.grad is not None)
 
 
 def test_image_features_argument_skips_the_image_tower(proto_path, batch):
@@ -93,9 +114,10 @@ def test_image_features_argument_skips_the_image_tower(proto_path, batch):
     torch.testing.assert_close(full["logits_sub"], cached["logits_sub"])
 
 
-def test_one_step_updates_every_trainable_parameter_and_no_frozen_one(proto_path, batch):
+@pytest.mark.parametrize("global_head", ["coop", "both"])
+def test_one_step_updates_every_trainable_parameter_and_no_frozen_one(proto_path, batch, global_head):
     pixels, tokens, sub, cat = batch
-    model = build(proto_path, direct_regression=True, weight_regression=1.0)
+    model = build(proto_path, direct_regression=True, weight_regression=1.0, global_head=global_head)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert len(frozen_before) > 0 and len(trainable_before) > 10
@@ -174,6 +196,54 @@ def test_global_prompts_off_leaves_only_the_direct_head(proto_path, batch):
     with torch.no_grad():
         out = model(pixels, tokens)
         torch.testing.assert_close(out["logits_sub"], model.head_sub(out["fused"]))
+    assert "logits_global" not in out
+
+
+@pytest.mark.parametrize("global_head", ["coop", "fused", "both"])
+def test_global_head_scores_class_text_against_the_configured_vectors(proto_path, batch, global_head):
+    """coop: CLIP's image embedding with CLIP's temperature; fused: the fused vector; both: the sum."""
+    pixels, tokens, _, _ = batch
+    model = build(proto_path, global_head=global_head)
+    keys = {n for n in model.trainable_state_dict() if n.startswith("log_scale_global")}
+    expected_keys = {"coop": {"log_scale_global"}, "fused": {"log_scale_global_fused"},
+                     "both": {"log_scale_global", "log_scale_global_fused"}}[global_head]
+    assert keys == expected_keys
+    if "log_scale_global" in keys:
+        assert float(model.log_scale_global.detach().exp()) == pytest.approx(model.backbone.logit_scale)
+    with torch.no_grad():
+        out = model(pixels, tokens)
+        class_text = model.global_prompts(model.backbone)  # (S, D)
+        image = torch.nn.functional.normalize(model.backbone.encode_image(pixels)[0], dim=-1)
+        fused = torch.nn.functional.normalize(out["fused"], dim=-1)
+        expected = torch.zeros(4, NUM_SUB)
+        if global_head in ("coop", "both"):
+            expected += model.log_scale_global.exp() * image @ class_text.t()
+        if global_head in ("fused", "both"):
+            expected += model.log_scale_global_fused.exp() * fused @ class_text.t()
+        torch.testing.assert_close(out["logits_global"], expected)
+        torch.testing.assert_close(out["logits_sub"], model.head_sub(out["fused"]) + expected)
+
+
+def test_global_head_is_validated():
+    with pytest.raises(ValueError, match="global_head 'image'"):
+        ModelConfig(global_head="image")
+
+
+def test_category_prototypes_are_fusion_tokens(proto_path, batch, tmp_path):
+    """A bank that differs only in its category rows changes the fused vector (both levels are
+    tokens of the attention), with prototypes on; the soft mixtures use no label."""
+    pixels, tokens, _, _ = batch
+    bank = PrototypeBank.load(proto_path)
+    other = PrototypeBank(bank.visual.clone(), bank.textual.clone(), bank.counts, NUM_SUB, bank.metadata)
+    other.visual[NUM_SUB:] = torch.randn(NUM_CAT, 64)
+    other_path = str(tmp_path / "other_categories.safetensors")
+    other.save(other_path)
+    model = build(proto_path)
+    assert set(PROTOTYPE_TOKENS) <= set(model.modalities) == set(model.fusion.modalities)
+    with torch.no_grad():
+        a, b = model(pixels, tokens), build(other_path)(pixels, tokens)
+    assert not torch.allclose(a["fused"], b["fused"])
+    torch.testing.assert_close(a["proto_sim_visual"][:, :NUM_SUB], b["proto_sim_visual"][:, :NUM_SUB])
 
 
 def test_local_prompts_off_uses_the_plain_text_embedding(proto_path, batch):
@@ -191,13 +261,24 @@ def test_local_prompts_off_uses_the_plain_text_embedding(proto_path, batch):
 
 
 def test_fusion_off_averages_the_tokens(proto_path, batch):
+    """The fused vector is the plain mean of image, text, local feature and the four soft
+    prototypes (each level's rows weighted by a softmax over the post's own similarities)."""
     pixels, tokens, _, _ = batch
     model = build(proto_path, use_fusion=False)
     assert model.fusion is None and not any(k.startswith("fusion.") for k in model.trainable_state_dict())
+    assert model.modalities == ("image", "text", "local") + PROTOTYPE_TOKENS
     with torch.no_grad():
         out = model(pixels, tokens)
-    torch.testing.assert_close(out["fused"].norm(dim=-1) <= 1.0 + 1e-6, torch.ones(4, dtype=torch.bool))
-    assert set(model.modalities) == {"image", "text", "local", "visual_prototype", "textual_prototype"}
+    bank, scale = make_bank(), float(model.log_scale_prototype.detach().exp())
+    visual = torch.nn.functional.normalize(bank.visual, dim=-1)
+    textual = torch.nn.functional.normalize(bank.textual, dim=-1)
+    prototypes = []
+    for rows in (slice(0, NUM_SUB), slice(NUM_SUB, None)):
+        weights = torch.softmax(scale * (out["proto_sim_visual"][:, rows] + out["proto_sim_text"][:, rows]) / 2, -1)
+        prototypes += [weights @ visual[rows], weights @ textual[rows]]
+    tokens_in = [out["image_embedding"], out["text_embedding"], out["local_feature"], *prototypes]
+    torch.testing.assert_close(out["fused"], torch.stack(tokens_in).mean(0))
+    assert not torch.allclose(out["fused"], out["image_embedding"])
 
 
 def test_direct_regression_head_and_loss(proto_path, batch):

@@ -19,6 +19,7 @@ from test_cluster import _CLIENT_VARS, cluster_processes
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+SCORING = "Scoring new posts: predict, the registry, serve"
 _MARKER = re.compile(r"<!-- tested:[^>]*-->\s*\n```bash\n(.*?)\n```", re.S)
 
 
@@ -34,7 +35,7 @@ def test_every_marked_block_is_found():
     """Each section the suite runs has its block (a renamed heading must not silently skip it)."""
     assert len(readme_blocks("Running on a cluster")) == 1
     assert len(readme_blocks("The two commands")) == 1
-    assert len(readme_blocks("Predicting new posts")) == 1
+    assert len(readme_blocks(SCORING)) == 2
     assert "cluster/local.sh up" in readme_blocks("Running on a cluster")[0]
 
 
@@ -82,6 +83,28 @@ def test_readme_cluster_commands_as_written(checkout_copy: Path):
                        capture_output=True, timeout=120)
 
 
+#: Lines only Ray, MLflow, torch or Python's warnings print; none may reach the default console.
+LIBRARY_CHATTER = ("pid=", "core_worker", "raylet", "streaming_executor", "Execution plan", "worker.py",
+                   "UserWarning", "DeprecationWarning", "FutureWarning", "WARNING ", "INFO ", "Traceback",
+                   "ray.data", "mlflow.", "\x1b[")
+
+
+def assert_console_is_the_projects(console: str, *, epochs: int, trials: int) -> None:
+    """`make demo`'s console: the project's lines only (stages, epochs, trials, the results)."""
+    lines = [line for line in console.splitlines() if line.strip()]
+    noise = [line for line in lines if any(word in line for word in LIBRARY_CHATTER)
+             and not line.startswith(("make", ".venv/bin/"))]
+    assert not noise, "\n".join(noise[:20])
+    for number, stage in enumerate(("synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate"), 1):
+        assert f"[{number}/7] {stage}" in console, stage
+    for epoch in range(1, epochs + 1):
+        assert f"epoch {epoch}/{epochs} train_loss" in console, epoch
+    for family in ("lightgbm", "catboost"):
+        assert f"{family} trial {trials}/{trials}" in console, family
+    assert "MLflow UI: mlflow ui" in console and "Report: " in console
+    assert len(lines) <= 90, f"{len(lines)} console lines"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_readme_demo_then_predict_as_written(checkout_copy: Path):
@@ -91,12 +114,19 @@ def test_readme_demo_then_predict_as_written(checkout_copy: Path):
     done = run_block(demo[0], checkout_copy, timeout=900)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     assert "Test split" in done.stdout and "blend" in done.stdout, done.stdout[-3000:]
+    assert_console_is_the_projects(done.stdout + done.stderr, epochs=4, trials=4)
 
-    predict = run_block(readme_blocks("Predicting new posts")[0], checkout_copy, timeout=600)
-    assert predict.returncode == 0, predict.stdout[-6000:] + predict.stderr[-6000:]
     import pandas as pd
 
-    scores = pd.read_csv(checkout_copy / "runs" / "scores.csv")
+    from_pipeline, from_registry = readme_blocks(SCORING)
+    predict = run_block(from_pipeline, checkout_copy, timeout=600)
+    assert predict.returncode == 0, predict.stdout[-6000:] + predict.stderr[-6000:]
+    scores = pd.read_csv(checkout_copy / "runs" / "scores.csv", dtype={"pid": str}).set_index("pid")
     assert len(scores) == 50  # 40 train_ + 10 test_ posts, none rejected
     assert scores["predicted_popularity"].notna().all()
-    assert scores["pid"].is_unique
+    assert scores.index.is_unique
+
+    registry = run_block(from_registry, checkout_copy, timeout=600)
+    assert registry.returncode == 0, registry.stdout[-6000:] + registry.stderr[-6000:]
+    again = pd.read_csv(checkout_copy / "runs" / "scores.csv", dtype={"pid": str}).set_index("pid")
+    pd.testing.assert_series_equal(again.loc[scores.index, "predicted_popularity"], scores["predicted_popularity"])

@@ -31,8 +31,12 @@ prefix. Each image task resolves the raw folder's filesystem itself and reads it
 location, so on a cluster the raw posts need only be on storage every node reaches (a local raw
 folder must then be mounted on every node).
 
-Rerunning into the same folder first removes the previous ``posts/``, ``rejects/`` and manifest,
-and writes with row order preserved and deterministic file names, so a rerun gives the same shards.
+A run writes into a staging folder beside the output (``.<name>.staging-<id>``) and swaps its
+``posts/``, ``rejects/`` and manifest in only when it succeeds (:func:`smpp_ray.storage.swap_in`:
+the old ``summary.json`` and manifest are removed first, the new manifest moves in last), so a
+failed rerun leaves the previous dataset byte-identical. Its rejects then go to ``<out>.failed``
+beside it (or into the output folder itself when that held no dataset). Rows keep their order
+and files have deterministic names, so a rerun gives the same shards.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ import stat
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -55,7 +61,7 @@ import pyarrow.parquet as pq
 
 from smpp_ray import storage
 from smpp_ray.data import smpd
-from smpp_ray.data.manifest import manifest_location, write_manifest
+from smpp_ray.data.manifest import MANIFEST_FILE, manifest_location, write_manifest
 from smpp_ray.data.schema import (
     POSTS_SCHEMA,
     REJECTS_SCHEMA,
@@ -66,6 +72,7 @@ from smpp_ray.data.schema import (
     rejects_path,
 )
 from smpp_ray.data.taxonomy_names import default_taxonomy
+from smpp_ray.summary import SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -379,10 +386,37 @@ def _read_raw(raw: str) -> tuple[list[smpd.FileSet], list[dict], list[dict]]:
     return sets, records, rejects
 
 
-def _clear_outputs(out: str) -> None:
-    storage.remove(storage.join(out, "posts"))
-    storage.remove(rejects_path(out))
-    storage.remove(manifest_location(out))
+#: What a prepare run owns in its folder, marker first (see :func:`smpp_ray.storage.swap_in`):
+#: the stage's summary goes first (it describes the dataset being replaced) and the manifest,
+#: which makes the folder a dataset, moves in last. Anything else in the folder is left alone.
+_OUTPUT_ENTRIES = (SUMMARY_FILE, MANIFEST_FILE, "rejects", "posts")
+
+
+@contextmanager
+def _staged_outputs(out: str) -> Iterator[str]:
+    """A staging folder beside ``out`` for this run's outputs, deleted however the run ends.
+
+    The previous dataset in ``out`` is untouched until the run swaps its finished outputs in,
+    so a failed rerun leaves it byte-identical (its summary included)."""
+    staging = storage.staging_location(out)
+    try:
+        yield staging
+    finally:
+        storage.remove(staging)
+
+
+def _failed_location(out: str) -> str:
+    """Where a failed run keeps its rejects: ``out`` itself, unless that holds a dataset (a
+    manifest), which a failure must not touch; then ``<out>.failed`` beside it."""
+    if storage.is_file(manifest_location(out)):
+        return storage.join(storage.parent(out), f"{storage.name(out)}.failed")
+    return out
+
+
+def _keep_failed_rejects(staging: str, failed_at: str) -> None:
+    """Move a failed run's rejects (only: no partial shards) to ``failed_at``."""
+    storage.remove(storage.join(staging, "posts"))
+    storage.swap_in(staging, failed_at, _OUTPUT_ENTRIES)
 
 
 def _count_rows(folder: str) -> int:
@@ -504,8 +538,10 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
     Raises ValueError naming the folder or file on bad usage (missing folder or required file,
     malformed file, files of different lengths, no rows, bad arguments) before any work. Bad rows
     are rejects; when nothing is left to write or more than ``max_reject_fraction`` of the rows
-    are rejected, it raises ValueError with a per-field summary, after writing the rejects (and
-    before the manifest, so the folder is not a dataset). ``taxonomy`` (default: the SMPD 11/77)
+    are rejected, it raises ValueError with a per-field summary, after keeping the rejects (no
+    shards, no manifest: that folder is not a dataset) in ``out_dir``, or in ``<out_dir>.failed``
+    when ``out_dir`` holds a dataset. Outputs are staged and swapped in on success: a failed run
+    leaves a previous dataset in ``out_dir`` byte-identical. ``taxonomy`` (default: the SMPD 11/77)
     fixes the class names and ids; rows naming other classes are rejects.
     """
     raw, out = storage.normalize(raw_dir), storage.normalize(out_dir)
@@ -521,21 +557,43 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
                                if r["category"] is not None and r["subcategory"] is not None], taxonomy)
     records, class_rejects, concepts = _assign_class_ids(records, taxonomy)
     rejects += class_rejects
-    _clear_outputs(out)
-    problem = _reject_problem(input_rows, len(records), rejects, max_reject_fraction, out)
+    with _staged_outputs(out) as staging:
+        manifest = _write_dataset(staging, out, raw, sets, records, rejects, input_rows, taxonomy, concepts,
+                                  split=split, val_fraction=val_fraction, test_fraction=test_fraction,
+                                  max_image_side=max_image_side, jpeg_quality=jpeg_quality,
+                                  rows_per_shard=rows_per_shard, max_reject_fraction=max_reject_fraction,
+                                  max_image_bytes=max_image_bytes, started=started)
+        storage.swap_in(staging, out, _OUTPUT_ENTRIES)
+    logger.info("prepare: %d rows in, %d written (%s), %d rejected, in %.1fs (%.0f rows/s) -> %s",
+                input_rows, manifest["counts"]["written"],
+                ", ".join(f"{k}={v}" for k, v in manifest["counts"]["per_split"].items()),
+                manifest["counts"]["rejected"], manifest["run"]["seconds"], manifest["run"]["posts_per_s"], out)
+    return manifest
+
+
+def _write_dataset(staging: str, out: str, raw: str, sets: list[smpd.FileSet], records: list[dict],
+                   rejects: list[dict], input_rows: int, taxonomy: Taxonomy, concepts: list[str], *, split: str,
+                   val_fraction: float, test_fraction: float, max_image_side: int, jpeg_quality: int,
+                   rows_per_shard: int, max_reject_fraction: float, max_image_bytes: int, started: float) -> dict:
+    """Write shards, rejects and manifest into ``staging`` (``out``'s next version); returns the
+    manifest. Too many rejects: the rejects go where :func:`_keep_failed_rejects` says, and ValueError."""
+    failed_at = _failed_location(out)
+    problem = _reject_problem(input_rows, len(records), rejects, max_reject_fraction, failed_at)
     if problem is not None:   # image rejects only add to these: failing now saves decoding every image
-        _write_rejects(rejects, out)
+        _write_rejects(rejects, staging)
+        _keep_failed_rejects(staging, failed_at)
         raise ValueError(problem)
     parts, boundaries = _split_records(records, split, val_fraction, test_fraction)
-    per_split, image_rejects = _write_posts(parts, out, raw, max_side=max_image_side, quality=jpeg_quality,
+    per_split, image_rejects = _write_posts(parts, staging, raw, max_side=max_image_side, quality=jpeg_quality,
                                             max_bytes=max_image_bytes, rows_per_shard=rows_per_shard)
     rejects += image_rejects
-    _write_rejects(rejects, out)
+    _write_rejects(rejects, staging)
     written = sum(per_split.values())
     if input_rows != written + len(rejects):
         raise RuntimeError(f"prepare lost rows: {input_rows} in, {written} written + {len(rejects)} rejected")
-    problem = _reject_problem(input_rows, written, rejects, max_reject_fraction, out)
-    if problem is not None:   # the rejects are written; without a manifest the folder is no dataset
+    problem = _reject_problem(input_rows, written, rejects, max_reject_fraction, failed_at)
+    if problem is not None:   # the rejects are kept; without a manifest that folder is no dataset
+        _keep_failed_rejects(staging, failed_at)
         raise ValueError(problem)
     bad_images = {(r["source_file"], r["row_index"]) for r in image_rejects}
     dates = [r["postdate"] for r in records if (r[_SOURCE_COLUMN], r["row_index"]) not in bad_images]
@@ -557,10 +615,7 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
         "rows_per_shard": rows_per_shard,
         "run": {"seconds": round(seconds, 2), "posts_per_s": round(input_rows / max(seconds, 1e-9), 1)},
     }
-    write_manifest(out, manifest)
-    logger.info("prepare: %d rows in, %d written (%s), %d rejected, in %.1fs (%.0f rows/s) -> %s", input_rows,
-                written, ", ".join(f"{k}={v}" for k, v in per_split.items()), len(rejects), seconds,
-                manifest["run"]["posts_per_s"], out)
+    write_manifest(staging, manifest)
     return manifest
 
 

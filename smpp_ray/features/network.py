@@ -72,8 +72,8 @@ def outputs_to_numpy(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
         "text_embedding": outputs["text_embedding"],
     }
     out = {name: value.float().cpu().numpy() for name, value in tensors.items()}
-    out["pred_subcategory"] = logits_sub.argmax(dim=-1).cpu().numpy().astype(np.int64)
-    out["pred_category"] = logits_cat.argmax(dim=-1).cpu().numpy().astype(np.int64)
+    out["pred_subcategory"] = outputs["pred_subcategory"].cpu().numpy().astype(np.int64)
+    out["pred_category"] = outputs["pred_category"].cpu().numpy().astype(np.int64)  # parent of pred_subcategory
     return out
 
 

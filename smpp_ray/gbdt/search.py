@@ -73,6 +73,32 @@ class _TrialLedger(Callback):
         self.statuses = {t.trial_id: str(t.status) for t in trials}
 
 
+class _TrialProgress(Callback):
+    """One console line per finished trial: ``lightgbm trial 5/8 done: val_src 0.61, best 0.64``."""
+
+    def __init__(self, family: str, total: int) -> None:
+        self.family, self.total = family, total
+        self.done = 0
+        self.best = float("-inf")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "done")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "failed")
+
+    def _line(self, trial: Any, how: str) -> None:
+        from smpp_ray.console import line
+
+        self.done += 1
+        value = (trial.last_result or {}).get(METRIC)
+        if isinstance(value, (int, float)) and value == value:
+            self.best = max(self.best, float(value))
+        shown = f"{METRIC} {value:.4f}" if isinstance(value, (int, float)) else f"no {METRIC}"
+        best = f", best {self.best:.4f}" if self.best > float("-inf") else ""
+        line(f"{self.family} trial {self.done}/{self.total} {how}: {shown}{best}")
+
+
 class _InterruptAfter(Callback):
     """Testing aid: after ``count`` trials complete, interrupt the search as Ctrl+C would."""
 
@@ -149,7 +175,8 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
     # progress.csv / result.json are the per-round record the best round is read back from (also
     # after a restore); they are named explicitly because TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1
     # (set in tests and quiet deployments) drops Tune's automatic loggers.
-    callbacks: list[Callback] = [ledger, CSVLoggerCallback(), JsonLoggerCallback()]
+    callbacks: list[Callback] = [ledger, _TrialProgress(family, tune_config.num_samples), CSVLoggerCallback(),
+                                 JsonLoggerCallback()]
     mlflow_cb = None
     if tracking_ctx is not None:
         search_run_id = _search_run(tracking_ctx, family, experiment_path)

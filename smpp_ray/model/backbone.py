@@ -95,7 +95,7 @@ class Backbone(nn.Module):
 
     Attributes: ``embed_dim`` (joint space D), ``text_width`` (W, token embedding width),
     ``image_size``, ``num_patches`` (P), ``context_length`` (L), ``eot_token_id``, ``pad_token_id``,
-    ``image_mean`` / ``image_std``, ``randomly_initialised``.
+    ``image_mean`` / ``image_std``, ``randomly_initialised``, ``logit_scale``.
     """
 
     def __init__(self, clip: nn.Module, name: str, pretrained: str, randomly_initialised: bool,
@@ -198,6 +198,12 @@ class Backbone(nn.Module):
         """Text embedding ``(B, D)`` of token ids ``(B, L)``; equals open_clip's ``encode_text``."""
         pooled = self.encode_text_embeddings(self.token_embedding(tokens), tokens)
         return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's own learned temperature ``exp(logit_scale)``: zero-shot logits are this times the
+        cosine of image and class text embeddings (1/0.07 in a randomly initialised model)."""
+        return float(self.clip.logit_scale.detach().exp())
 
     # -- image tower ----------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

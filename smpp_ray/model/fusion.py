@@ -1,4 +1,4 @@
-"""Cross-modal attention fusion over [image, post text, local feature, prototypes]."""
+"""Cross-modal attention fusion over [image, post text, local feature, prototypes of both levels]."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 #: Token order of the fusion; a model uses the subset its ablation switches leave on.
-MODALITIES = ("image", "text", "local", "visual_prototype", "textual_prototype")
+MODALITIES = ("image", "text", "local", "visual_prototype_sub", "textual_prototype_sub",
+              "visual_prototype_cat", "textual_prototype_cat")
 
 
 class CrossModalFusion(nn.Module):

@@ -27,7 +27,9 @@ def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor)
 def _ce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     target = target.long()
     valid = target >= 0
-    per_sample = F.cross_entropy(logits, target.clamp_min(0), reduction="none") * valid
+    # ignore_index, not a product with the mask: a childless category's logit is -inf, and
+    # inf * 0 would be NaN for an unlabelled row.
+    per_sample = F.cross_entropy(logits, target.masked_fill(~valid, -100), ignore_index=-100, reduction="none")
     return per_sample, valid
 
 

@@ -6,10 +6,16 @@
 ==================== ========== ==========================================================
 key                  shape      meaning
 ==================== ========== ==========================================================
-logits_sub           (B, S)     direct head on the fused vector + CLIP-style score against
-                                the global-prompt class text features (when on)
-logits_cat           (B, C)     logsumexp of each category's children in ``logits_sub`` +
-                                a direct category head (consistent with the hierarchy)
+logits_sub           (B, S)     linear head on the fused vector + ``logits_global`` (when on)
+logits_global        (B, S)     the global-prompt head alone (global prompts on only): with
+                                ``global_head`` ``coop``, CoOp's ``scale * cos(CLIP image
+                                embedding, class text feature)``, which with CLIP's own
+                                temperature and untrained context equals CLIP's zero-shot logits
+logits_cat           (B, C)     logsumexp of each category's children in ``logits_sub``, no
+                                head of its own: softmax(logits_cat) is the sum of the
+                                children's softmax(logits_sub) (-inf for a childless category)
+pred_subcategory     (B,)       argmax of ``logits_sub`` (int64)
+pred_category        (B,)       the parent of ``pred_subcategory`` (int64; see below)
 fused                (B, D)     the cross-modal fusion output (feature for the regressor)
 image_embedding      (B, D)     normalised pooled image embedding (frozen tower)
 text_embedding       (B, D)     normalised post-text embedding (with local prompt tokens)
@@ -24,6 +30,15 @@ regression           (B,)       direct popularity regression (direct_regression 
 ==================== ========== ==========================================================
 
 Without a prototype bank the two ``proto_sim_*`` outputs are zeros.
+
+The fusion's prototype tokens are soft at both levels: the subcategory (category) visual and
+textual prototypes weighted by a softmax over the post's own similarities to that level's
+prototypes, so no label enters the forward pass.
+
+Summing children's probabilities makes the category distribution consistent with the
+subcategory one, but not the argmaxes: one category's several middling children can outweigh
+another's single best subcategory. ``pred_category`` is therefore the parent of the predicted
+subcategory (the 77-way prediction decides), so the two predictions always agree.
 """
 
 from __future__ import annotations
@@ -85,20 +100,26 @@ class SMPPModel(nn.Module):
         if config.use_local_prompts:
             modalities.append("local")
         if config.use_prototypes:
-            modalities += ["visual_prototype", "textual_prototype"]
+            modalities += ["visual_prototype_sub", "textual_prototype_sub", "visual_prototype_cat",
+                           "textual_prototype_cat"]
         self.modalities = tuple(modalities)
         self.fusion = (CrossModalFusion(dim, self.modalities, config.fusion_layers, config.fusion_heads)
                        if config.use_fusion else None)
         self.head_sub = nn.Linear(dim, num_sub)
-        self.head_cat = nn.Linear(dim, num_cat)
         init_scale = math.log(1 / 0.07)
-        self.log_scale_global = nn.Parameter(torch.tensor(init_scale)) if config.use_global_prompts else None
+        global_on = config.use_global_prompts
+        # CoOp scores with CLIP's own temperature, so the untrained head gives CLIP's zero-shot logits.
+        self.log_scale_global = (nn.Parameter(torch.tensor(math.log(backbone.logit_scale)))
+                                 if global_on and config.global_head in ("coop", "both") else None)
+        self.log_scale_global_fused = (nn.Parameter(torch.tensor(init_scale))
+                                       if global_on and config.global_head in ("fused", "both") else None)
         self.log_scale_contrastive = nn.Parameter(torch.tensor(init_scale))
         self.log_scale_prototype = nn.Parameter(torch.tensor(math.log(10.0))) if config.use_prototypes else None
         self.head_regression = nn.Linear(dim, 1) if config.direct_regression else None
         children = torch.zeros(num_cat, num_sub, dtype=torch.bool)
         children[torch.tensor(taxonomy.parents), torch.arange(num_sub)] = True
         self.register_buffer("children_mask", children, persistent=False)  # (C, S)
+        self.register_buffer("parents", torch.tensor(taxonomy.parents, dtype=torch.long), persistent=False)  # (S,)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, pixels: torch.Tensor | None, tokens: torch.Tensor, *,
@@ -135,38 +156,53 @@ class SMPPModel(nn.Module):
         fused = (self.fusion(fusion_tokens) if self.fusion is not None
                  else mean_fusion(fusion_tokens, self.modalities))  # (B, D)
         out["fused"] = fused
-        out.update(self._heads(fused))
-        out["logit_scale"] = self.log_scale_contrastive.exp().clamp(max=_MAX_LOGIT_SCALE)
+        out.update(self._heads(fused, image))
+        out["logit_scale"] = self._scale(self.log_scale_contrastive)
         return out
 
     def _soft_prototypes(self, sim_visual: torch.Tensor, sim_text: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Prototypes of the nearest subcategory, softly: a softmax over prototype similarity."""
+        """Each level's prototypes, softly: a softmax over the post's similarity to that level's
+        prototypes (mean of visual and textual) weights its visual and textual rows."""
         num_sub = self.taxonomy.num_subcategories
-        scale = self.log_scale_prototype.exp().clamp(max=_MAX_LOGIT_SCALE)
-        weights = torch.softmax(scale * 0.5 * (sim_visual[:, :num_sub] + sim_text[:, :num_sub]), dim=-1)  # (B, S)
-        return {"visual_prototype": weights @ self.bank.normalized("visual")[:num_sub],  # (B, D)
-                "textual_prototype": weights @ self.bank.normalized("textual")[:num_sub]}
+        scale = self._scale(self.log_scale_prototype)
+        visual, textual = self.bank.normalized("visual"), self.bank.normalized("textual")  # (S + C, D)
+        tokens: dict[str, torch.Tensor] = {}
+        for level, rows in (("sub", slice(0, num_sub)), ("cat", slice(num_sub, None))):
+            weights = torch.softmax(scale * 0.5 * (sim_visual[:, rows] + sim_text[:, rows]), dim=-1)  # (B, S) or (B, C)
+            tokens[f"visual_prototype_{level}"] = weights @ visual[rows]  # (B, D)
+            tokens[f"textual_prototype_{level}"] = weights @ textual[rows]
+        return tokens
 
-    def _heads(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _heads(self, fused: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         logits_sub = self.head_sub(fused)  # (B, S)
         unit = F.normalize(fused, dim=-1)
         if self.global_prompts is not None:
-            class_text = self.global_prompts(self.backbone)  # (S, D)
-            logits_sub = logits_sub + self.log_scale_global.exp().clamp(max=_MAX_LOGIT_SCALE) * unit @ class_text.t()
+            class_text = self.global_prompts(self.backbone)  # (S, D), normalised
+            logits_global = torch.zeros_like(logits_sub)
+            if self.log_scale_global is not None:  # CoOp: CLIP's image embedding vs class text
+                logits_global = logits_global + self._scale(self.log_scale_global) * image @ class_text.t()
+            if self.log_scale_global_fused is not None:
+                logits_global = logits_global + self._scale(self.log_scale_global_fused) * unit @ class_text.t()
+            out["logits_global"] = logits_global
+            logits_sub = logits_sub + logits_global
         children = logits_sub.unsqueeze(1).masked_fill(~self.children_mask, float("-inf"))  # (B, C, S)
-        hierarchy = torch.logsumexp(children, dim=-1)
-        hierarchy = torch.where(self.children_mask.any(dim=1), hierarchy, torch.zeros_like(hierarchy))  # childless: 0
         out["logits_sub"] = logits_sub
-        out["logits_cat"] = hierarchy + self.head_cat(fused)  # (B, C)
+        out["logits_cat"] = torch.logsumexp(children, dim=-1)  # (B, C); a childless category: -inf
+        out["pred_subcategory"] = logits_sub.argmax(dim=-1)
+        out["pred_category"] = self.parents[out["pred_subcategory"]]
         if self.config.use_prototypes:
             anchors = F.normalize(self.bank.normalized("visual") + self.bank.normalized("textual"), dim=-1)  # (S + C, D)
-            align = self.log_scale_prototype.exp().clamp(max=_MAX_LOGIT_SCALE) * unit @ anchors.t()
+            align = self._scale(self.log_scale_prototype) * unit @ anchors.t()
             num_sub = self.taxonomy.num_subcategories
             out["proto_align_sub"], out["proto_align_cat"] = align[:, :num_sub], align[:, num_sub:]
         if self.head_regression is not None:
             out["regression"] = self.head_regression(fused).squeeze(-1)
         return out
+
+    @staticmethod
+    def _scale(log_scale: torch.Tensor) -> torch.Tensor:
+        return log_scale.exp().clamp(max=_MAX_LOGIT_SCALE)
 
     # -- losses and trainable state ---------------------------------------------------------------
     def compute_losses(self, outputs: dict[str, torch.Tensor], subcategory_id: torch.Tensor,

@@ -94,7 +94,8 @@ class LocalPrompt(nn.Module):
         self.n_tokens = n_tokens
         self.ctx = nn.Parameter(torch.randn(n_tokens, backbone.text_width) * 0.02) if n_tokens else None
         self.patch_logits = nn.Parameter(torch.zeros(backbone.num_patches))  # learned spatial weights
-        self.token_scorer = nn.Linear(dim, 1)  # learned token weights
+        # Learned token weights; no bias: a softmax over tokens cancels it (it would never learn).
+        self.token_scorer = nn.Linear(dim, 1, bias=False)
         self.log_sim_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.eot_token_id = backbone.eot_token_id
         self.pad_token_id = backbone.pad_token_id

@@ -300,6 +300,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_split = ray.train.get_dataset_shard("val")
     for epoch in range(state["epoch"] + 1, train_config.epochs):
+        epoch_started = time.perf_counter()
         fail = _failure_hook(train_config.fail_at_epoch, epoch, rank, world, config["run_path"])
         stats = train_epoch(model, iterate_torch(train_shard, train_config.batch_size, train=True,
                                                  seed=train_config.seed + epoch),
@@ -319,6 +320,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _advance_state(state, epoch, int(stats["global_step"]), metrics, train_config.early_stopping_patience)
         _report(model, optimizer, scheduler, model_config, taxonomy, config["prototypes_path"], metrics, state,
                 val.get("probe"), rank)
+        if rank == 0:
+            _epoch_line(metrics, epoch, train_config.epochs, time.perf_counter() - epoch_started)
         if rank == 0 and config["tracking"]:
             tracking = config["tracking"]
             log_metrics(tracking["tracking_uri"], tracking["run_id"],
@@ -327,6 +330,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.info("early stopping after epoch %d: no better val_top1 for %d epochs", epoch,
                         train_config.early_stopping_patience)
             break
+
+
+def _epoch_line(metrics: dict[str, Any], epoch: int, epochs: int, seconds: float) -> None:
+    """``epoch 2/4 train_loss .. val_top1 .. samples/s .. input wait ..% ETA ..`` for the console."""
+    from smpp_ray.console import line
+
+    left = (epochs - epoch - 1) * seconds
+    line(f"epoch {epoch + 1}/{epochs} train_loss {metrics['train_loss']:.4f} val_top1 {metrics.get('val_top1', float('nan')):.3f} "
+         f"{metrics['samples_per_s']:.0f} samples/s, input wait {metrics['data_wait_fraction']:.0%}, "
+         f"{seconds:.0f} s/epoch, ETA {left:.0f} s")
 
 
 def _build_model(model_config: ModelConfig, taxonomy: Taxonomy, prototypes_path: str | None, seed: int):

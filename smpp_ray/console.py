@@ -1,0 +1,206 @@
+"""What a person sees: the project's own lines on the console, everything else in a log file.
+
+:func:`capture` (used by the CLI) sends the process's stdout and stderr, at the file-descriptor
+level too (Ray's C++ core, the raylet, torch), and every logger but ``smpp_ray``'s to a log file,
+and keeps on the console only:
+
+- ``smpp_ray`` log records of this process (stage lines, results), as ``HH:MM:SS message``;
+- lines :func:`line` emits anywhere, including inside Ray workers (a Train worker's epoch line):
+  a worker prints them with :data:`MARK`, Ray forwards worker output to the driver, and the
+  driver's stream picks marked lines out of it and shows them without Ray's prefix.
+
+``-v`` (``verbose``) keeps everything on the console as before. Tests and library users that never
+call :func:`capture` see plain logging; :func:`line` then just logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import IO
+
+logger = logging.getLogger(__name__)
+
+#: Marks a project line in a Ray worker's output, so the driver can show it.
+MARK = "[smpp] "
+_ACTIVE: _Capture | None = None
+
+
+def line(message: str) -> None:
+    """A progress line for the person running the job (an epoch, a trial, a stage).
+
+    On the driver it is a ``smpp_ray`` log record (console + log file); in a Ray worker it is
+    printed with :data:`MARK`, which the driver's captured stream shows on its console.
+    """
+    if _ACTIVE is not None or not _in_ray_worker():
+        logger.info("%s", message)
+        return
+    # Not print(): Ray Train patches it in its workers to also log, which would show the line twice.
+    sys.stderr.write(f"{MARK}{time.strftime('%H:%M:%S')} {message}\n")
+    sys.stderr.flush()
+
+
+def out(text: str) -> None:
+    """Text that is the command's result (a table, a summary): on the console, and in the log."""
+    target = _ACTIVE.console if _ACTIVE is not None else sys.stdout
+    target.write(text if text.endswith("\n") else text + "\n")
+    target.flush()
+    if _ACTIVE is not None:
+        _ACTIVE.log.write(text if text.endswith("\n") else text + "\n")
+
+
+def _in_ray_worker() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # no runtime context: not a worker
+        return False
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        return f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {text}"
+
+
+class _Router(io.TextIOBase):
+    """A text stream that writes everything to the log and marked lines also to the console."""
+
+    def __init__(self, log: IO[str], console: IO[str]) -> None:
+        self.log, self.console, self._pending = log, console, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self._pending += text
+        while "\n" in self._pending:
+            current, self._pending = self._pending.split("\n", 1)
+            at = current.find(MARK)
+            if at >= 0:
+                self.console.write(current[at + len(MARK):] + "\n")
+                self.console.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.console.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _Capture:
+    def __init__(self, log_path: str, console: IO[str]) -> None:
+        self.log_path = log_path
+        self.console = console
+        self.log = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+
+
+@contextlib.contextmanager
+def capture(log_path: str, *, verbose: bool = False) -> Iterator[str]:
+    """Route this process's output as the module docstring says, for the ``with`` block; yields
+    the log file's path. Everything is restored afterwards (the CLI runs many times in one test
+    process)."""
+    global _ACTIVE
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    # Ray folds similar worker lines from several processes into one, later: the console shows
+    # only the project's lines anyway, and each must arrive when it is printed.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    console = sys.stdout
+    state = _Capture(log_path, console)
+    root = logging.getLogger()
+    project = logging.getLogger("smpp_ray")
+    file_handler = logging.StreamHandler(state.log)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console_handler = logging.StreamHandler(console)
+    console_handler.setFormatter(_ConsoleFormatter())
+    saved = {"stdout": sys.stdout, "stderr": sys.stderr, "root_level": root.level,
+             "project_level": project.level, "propagate": project.propagate}
+    saved_fds: list[tuple[int, int]] = []
+    root.addHandler(file_handler)
+    root.setLevel(logging.INFO)
+    if verbose:
+        root.addHandler(console_handler)
+        root.setLevel(logging.DEBUG)
+    else:
+        project.addHandler(console_handler)
+        project.setLevel(logging.INFO)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd in (1, 2):  # native writers (Ray's core, raylet messages, torch) go to the log too
+            try:
+                saved_fds.append((fd, os.dup(fd)))
+                os.dup2(state.log.fileno(), fd)
+            except OSError:
+                continue
+        # A console that was fd 1 itself must keep reaching the terminal, not the log.
+        if _writes_to_fd(console, 1) and saved_fds:
+            console = os.fdopen(os.dup(saved_fds[0][1]), "w", buffering=1)
+            state.console = console
+            console_handler.setStream(console)
+        sys.stdout = _Router(state.log, state.console)
+        sys.stderr = _Router(state.log, state.console)
+    _ACTIVE = state
+    ray_was_up = _ray_is_up()
+    try:
+        yield log_path
+    finally:
+        if not ray_was_up and _ray_is_up():
+            # A Ray this command started stops here, while its last messages still go to the log.
+            import ray
+
+            ray.shutdown()
+        _ACTIVE = None
+        sys.stdout, sys.stderr = saved["stdout"], saved["stderr"]
+        for fd, copy in saved_fds:
+            os.dup2(copy, fd)
+            os.close(copy)
+        root.removeHandler(file_handler)
+        root.removeHandler(console_handler)
+        project.removeHandler(console_handler)
+        root.setLevel(saved["root_level"])
+        project.setLevel(saved["project_level"])
+        if state.console is not saved["stdout"]:
+            state.console.close()
+        state.log.close()
+
+
+def _ray_is_up() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized()
+
+
+def _writes_to_fd(stream: IO[str], fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def log_location(command: str, out: str | None, *, pipeline_root: bool = False) -> str:
+    """Where a command's log goes: ``<pipeline>/logs/<command>.log`` when ``out`` is a pipeline
+    folder, else ``logs/<command>.log`` *beside* the output (never inside a stage's folder: its
+    files are the next stage's fingerprinted input); this node's cache for a URI."""
+    from smpp_ray import storage
+
+    if out and not storage.is_uri(out):
+        folder = storage.normalize(out)
+        if not pipeline_root:
+            folder = os.path.dirname(folder.rstrip(os.sep)) or folder
+        return os.path.join(folder, "logs", f"{command}.log")
+    return os.path.join(storage.cache_root(), "logs", f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log")

@@ -1,0 +1,223 @@
+"""Atomic stages: a failed rerun leaves the previous complete output byte-identical, summary.json
+comes last, and fingerprints follow the inputs' contents (not their paths).
+
+The same test bodies run on a local folder and on the session's S3 server; corpora are tiny
+(30 posts of 16 px), so a prepare run is a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+
+import pytest
+
+from smpp_ray import stages, storage
+from smpp_ray.config import load_config
+from smpp_ray.data import synth
+from smpp_ray.data.synth import synthesize_corpus
+from smpp_ray.stages import StageRun
+from smpp_ray.summary import SUMMARY_FILE, read_summary, summary_location, write_summary
+
+CORPUS = {"posts": 30, "seed": 5, "image_size": 16}
+LABEL, IMAGES = "train_label.txt", "train_img_filepath.txt"
+NO_TRACKING = StageRun("", "atomic", enabled=False)
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket") + "/store"
+
+
+@pytest.fixture
+def config():
+    return load_config(None, ["tracking.enabled=false", "data.max_image_side=16"])
+
+
+def _tree(location: str) -> dict[str, bytes]:
+    """Every file under ``location`` by relative name, with its bytes."""
+    base = storage.normalize(location)
+    return {f[len(base) + 1:]: storage.read_bytes(f) for f in storage.list_files(base)}
+
+
+def _beside(location: str) -> list[str]:
+    """Hidden staging / set-aside folders a run left beside ``location``."""
+    prefix = f".{storage.name(location)}."
+    return [n for n in storage.list_names(storage.parent(location)) if n.startswith(prefix)]
+
+
+# ----------------------------------------------------------------------------- ways to break a raw corpus
+
+def _drop_a_label(raw: str) -> None:
+    """Files of different lengths: a file-level ValueError before any row is read."""
+    location = storage.join(raw, LABEL)
+    storage.write_text(location, "".join(line + "\n" for line in storage.read_text(location).splitlines()[:-1]))
+
+
+def _spoil_every_image(raw: str) -> None:
+    """Every row an image reject: the ValueError comes after the shards were written (staged)."""
+    for relative in storage.read_text(storage.join(raw, IMAGES)).splitlines():
+        storage.write_bytes(storage.join(raw, relative), b"not an image")
+
+
+BREAKS: dict[str, tuple[Callable[[str], None], str]] = {
+    "inconsistent-files": (_drop_a_label, LABEL),
+    "every-image-rejected": (_spoil_every_image, "no row is left"),
+}
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+@pytest.mark.parametrize("broken", ["inconsistent-files", "every-image-rejected"])
+def test_a_failed_prepare_rerun_keeps_the_previous_dataset_byte_identical(request, root, config, broken):
+    request.getfixturevalue("ray_with_s3" if root.startswith("s3://") else "ray_session")
+    if root.startswith("s3://") and broken == "inconsistent-files":
+        pytest.skip("fails before anything is written: the local case covers it")
+    good, bad, data = storage.join(root, "good"), storage.join(root, "bad"), storage.join(root, "data")
+    synthesize_corpus(good, **CORPUS)
+    synthesize_corpus(bad, **CORPUS)
+    edit, word = BREAKS[broken]
+    edit(bad)
+    stages.run_prepare(config, good, data, NO_TRACKING)
+    before = _tree(data)
+    assert {"manifest.json", SUMMARY_FILE} <= set(before) and any(n.startswith("posts/") for n in before)
+
+    with pytest.raises(ValueError, match=word):
+        stages.run_prepare(config, bad, data, NO_TRACKING)
+
+    assert _tree(data) == before
+    assert _beside(data) == []   # no staging folder left behind
+    failed = storage.join(root, "data.failed")
+    if broken == "every-image-rejected":   # the failed run's rejects are kept beside, not in, the dataset
+        assert set(_tree(failed)) == {"rejects/part-00000.parquet"}
+    else:
+        assert not storage.exists(failed)
+
+
+def test_a_successful_prepare_rerun_replaces_only_what_prepare_owns(ray_session, config, tmp_path):
+    raw, data = str(tmp_path / "raw"), tmp_path / "data"
+    synthesize_corpus(raw, **CORPUS)
+    stages.run_prepare(config, raw, str(data), NO_TRACKING)
+    (data / "posts" / "split=train" / "stale.parquet").write_bytes(b"left by an older run")
+    (data / "notes.txt").write_text("not prepare's")
+    first = read_summary(str(data))
+    stages.run_prepare(config, raw, str(data), NO_TRACKING)
+    assert not (data / "posts" / "split=train" / "stale.parquet").exists()
+    assert (data / "notes.txt").read_text() == "not prepare's"
+    assert read_summary(str(data))["fingerprint"] == first["fingerprint"]
+    assert _beside(str(data)) == []
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def test_editing_a_raw_file_in_place_changes_the_prepare_fingerprint(root, config):
+    raw, data = storage.join(root, "raw"), storage.join(root, "data")
+    synthesize_corpus(raw, **CORPUS)
+    inputs = {"raw": raw}
+    fingerprint = stages.stage_fingerprint("prepare", config, inputs)
+    write_summary(data, {"stage": "prepare", "status": "complete", "fingerprint": fingerprint})
+    assert stages.is_complete("prepare", config, inputs, data)
+    assert stages.stage_fingerprint("prepare", config, inputs) == fingerprint   # stable while nothing changes
+
+    label = storage.join(raw, LABEL)
+    storage.write_text(label, storage.read_text(label).replace("\n", "1\n", 1))   # one label edited in place
+
+    assert stages.stage_fingerprint("prepare", config, inputs) != fingerprint
+    assert not stages.is_complete("prepare", config, inputs, data)   # so the pipeline reruns prepare
+
+
+def test_a_same_size_edit_with_a_new_mtime_changes_the_fingerprint(tmp_path):
+    raw = tmp_path / "raw"
+    synthesize_corpus(str(raw), **CORPUS)
+    before = storage.fingerprint(str(raw))
+    label = raw / LABEL
+    text = label.read_text()
+    label.write_text(text[::-1])   # same size
+    stat = label.stat()
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))   # a later edit, whatever the clock
+    assert storage.fingerprint(str(raw)) != before
+
+
+def test_the_fingerprint_follows_contents_not_paths(tmp_path, config):
+    raw = tmp_path / "raw"
+    synthesize_corpus(str(raw), **CORPUS)
+    moved = tmp_path / "elsewhere" / "raw"
+    shutil.copytree(raw, moved)   # copy2: same names, sizes and mtimes
+    assert (stages.stage_fingerprint("prepare", config, {"raw": str(raw)})
+            == stages.stage_fingerprint("prepare", config, {"raw": str(moved)}))
+
+
+# ----------------------------------------------------------------------------- summary.json and set-aside stages
+
+def _watch_synth(monkeypatch, seen: list[bool], fail: bool = False) -> None:
+    """Make run_synth record whether its folder has a summary.json while it runs (and maybe fail)."""
+    real = synth.synthesize_corpus
+
+    def watched(out_dir: str, **kwargs):
+        seen.append(storage.exists(summary_location(out_dir)))
+        result = real(out_dir, **kwargs)
+        if fail:
+            raise RuntimeError("failed on purpose")
+        return result
+
+    monkeypatch.setattr(synth, "synthesize_corpus", watched)
+
+
+def test_summary_is_absent_while_a_stage_runs_and_present_after(root, monkeypatch):
+    config = load_config(None, ["tracking.enabled=false", "synth.posts=12", "synth.image_size=16"])
+    out, seen = storage.join(root, "raw"), []
+    _watch_synth(monkeypatch, seen)
+    stages.run_synth(config, out, NO_TRACKING)
+    assert storage.is_file(summary_location(out))
+    stages.run_synth(load_config(None, ["tracking.enabled=false", "synth.posts=10", "synth.image_size=16"]),
+                     out, NO_TRACKING)   # a rerun over a complete output
+    assert seen == [False, False]
+    assert read_summary(out)["metrics"]["posts"] == 10 and _beside(out) == []
+
+
+def test_a_failed_set_aside_stage_puts_the_previous_output_back(root, monkeypatch):
+    config = load_config(None, ["tracking.enabled=false", "synth.posts=12", "synth.image_size=16"])
+    out = storage.join(root, "raw")
+    stages.run_synth(config, out, NO_TRACKING)
+    before = _tree(out)
+    _watch_synth(monkeypatch, [], fail=True)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        stages.run_synth(load_config(None, ["tracking.enabled=false", "synth.posts=10", "synth.image_size=16"]),
+                         out, NO_TRACKING)
+    assert _tree(out) == before and _beside(out) == []
+
+
+def test_an_output_set_aside_by_a_killed_run_is_what_a_failed_rerun_restores(tmp_path, monkeypatch):
+    config = load_config(None, ["tracking.enabled=false", "synth.posts=12", "synth.image_size=16"])
+    out = str(tmp_path / "raw")
+    stages.run_synth(config, out, NO_TRACKING)
+    before = _tree(out)
+    storage.set_aside(out)   # what a run killed mid-way leaves: the output beside, a partial folder
+    storage.write_text(storage.join(out, "train_text.json"), "[")
+    _watch_synth(monkeypatch, [], fail=True)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        stages.run_synth(config, out, NO_TRACKING)
+    assert _tree(out) == before and _beside(out) == []
+
+
+def test_an_in_place_stage_keeps_its_resumable_state_and_removes_its_summary_first(tmp_path, config):
+    out = str(tmp_path / "train")
+    checkpoint = storage.join(out, "ray_results", "smpp-train", "checkpoint_000000", "trainable.pt")
+    storage.write_bytes(checkpoint, b"weights")
+    write_summary(out, {"stage": "train", "status": "complete", "fingerprint": "old"})
+    seen = []
+
+    def body(_):
+        seen.append(storage.exists(summary_location(out)))
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        stages._run_stage("train", config, out, {}, NO_TRACKING, body)
+    assert seen == [False] and not storage.exists(summary_location(out))
+    assert storage.read_bytes(checkpoint) == b"weights"   # what the next run resumes from
+    stages._run_stage("train", config, out, {}, NO_TRACKING, lambda _: {"metrics": {"epochs_run": 1}})
+    assert read_summary(out)["status"] == "complete" and storage.read_bytes(checkpoint) == b"weights"
