@@ -46,8 +46,10 @@ def line(message: str) -> None:
 
 
 def out(text: str) -> None:
-    """Text that is the command's result (a table, a summary): on the console, and in the log."""
-    target = _ACTIVE.console if _ACTIVE is not None else sys.stdout
+    """Text that is the command's result (a table, a summary): on standard output (progress lines
+    are on standard error, so ``smpp predict ... > summary.json`` keeps the result alone), and in
+    the log."""
+    target = _ACTIVE.result if _ACTIVE is not None else sys.stdout
     target.write(text if text.endswith("\n") else text + "\n")
     target.flush()
     if _ACTIVE is not None:
@@ -102,9 +104,10 @@ class _Router(io.TextIOBase):
 
 
 class _Capture:
-    def __init__(self, log_path: str, console: IO[str]) -> None:
+    def __init__(self, log_path: str, console: IO[str], result: IO[str]) -> None:
         self.log_path = log_path
-        self.console = console
+        self.console = console  # progress: standard error
+        self.result = result    # the command's result: standard output
         self.log = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
 
 
@@ -118,8 +121,8 @@ def capture(log_path: str, *, verbose: bool = False) -> Iterator[str]:
     # Ray folds similar worker lines from several processes into one, later: the console shows
     # only the project's lines anyway, and each must arrive when it is printed.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    console = sys.stdout
-    state = _Capture(log_path, console)
+    console, result = sys.stderr, sys.stdout
+    state = _Capture(log_path, console, result)
     root = logging.getLogger()
     project = logging.getLogger("smpp_ray")
     file_handler = logging.StreamHandler(state.log)
@@ -145,11 +148,13 @@ def capture(log_path: str, *, verbose: bool = False) -> Iterator[str]:
                 os.dup2(state.log.fileno(), fd)
             except OSError:
                 continue
-        # A console that was fd 1 itself must keep reaching the terminal, not the log.
-        if _writes_to_fd(console, 1) and saved_fds:
-            console = os.fdopen(os.dup(saved_fds[0][1]), "w", buffering=1)
-            state.console = console
-            console_handler.setStream(console)
+        # Streams that were fd 1 / fd 2 themselves must keep reaching the terminal, not the log.
+        originals = dict(saved_fds)
+        if _writes_to_fd(result, 1) and 1 in originals:
+            state.result = os.fdopen(os.dup(originals[1]), "w", buffering=1)
+        if _writes_to_fd(console, 2) and 2 in originals:
+            state.console = os.fdopen(os.dup(originals[2]), "w", buffering=1)
+            console_handler.setStream(state.console)
         sys.stdout = _Router(state.log, state.console)
         sys.stderr = _Router(state.log, state.console)
     _ACTIVE = state
@@ -172,8 +177,10 @@ def capture(log_path: str, *, verbose: bool = False) -> Iterator[str]:
         project.removeHandler(console_handler)
         root.setLevel(saved["root_level"])
         project.setLevel(saved["project_level"])
-        if state.console is not saved["stdout"]:
+        if state.console is not saved["stderr"]:
             state.console.close()
+        if state.result is not saved["stdout"]:
+            state.result.close()
         state.log.close()
 
 

@@ -47,7 +47,9 @@ def _node_tags() -> dict[str, str]:
         ours = {node["NodeID"] for node in ray.nodes()}
         tags["smpp.node_ids"] = ",".join(sorted({t.node_id for t in tasks if t.node_id in ours}))
     except Exception as err:  # a local Ray started without a dashboard has no state API
-        logger.info("Ray state API unavailable (%s); not tagging the nodes that ran tasks", err)
+        # Not for the console: nothing a user must do (the tags are a convenience).
+        logging.getLogger("smpp.details").info("Ray state API unavailable (%s); not tagging the nodes that ran tasks",
+                                               err)
     return tags
 
 

@@ -291,7 +291,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(loaded["scheduler"])
         state = loaded["meta"]["state"]
         state["attempt"] += 1
-        logger.info("rank %d resumed from epoch %d (attempt %d)", rank, state["epoch"], state["attempt"])
+        from smpp_ray.console import line
+
+        line(f"rank {rank} resumed from epoch {state['epoch']} (attempt {state['attempt']})")
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
 
     settings = StepSettings(grad_accum_steps=train_config.grad_accum_steps,
