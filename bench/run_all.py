@@ -2,7 +2,7 @@
 
 Each script runs in its own process (a fresh Ray per benchmark) and writes its own table; this
 collects them. The GPU benchmark (bench_gpu.py, and the --device cuda modes) is run by hand on
-a GPU machine. Sizes here fit a 2-core machine in about 15-20 minutes; pass --quick for a smoke
+a GPU machine. The predict benchmark scores with the demo pipeline (run `make demo` first). Sizes here fit a 2-core machine in about 15-20 minutes; pass --quick for a smoke
 run that only checks the scripts work.
 """
 
@@ -21,11 +21,14 @@ FULL = {
     "train": ["bench_train.py", "--posts", "3000", "--epochs", "3"],
     "extract": ["bench_extract.py", "--posts", "1024"],
     "tune": ["bench_tune.py", "--trial-seconds", "30", "--trials", "4"],
+    "predict": ["bench_predict.py", "--pipeline", "runs/demo"],  # after `make demo`
 }
 QUICK = {
     "train": ["bench_train.py", "--posts", "600", "--epochs", "2"],
     "extract": ["bench_extract.py", "--posts", "256"],
     "tune": ["bench_tune.py", "--quick"],
+    "predict": ["bench_predict.py", "--pipeline", "runs/demo", "--small", "8", "--large", "200",
+                "--serve-requests", "20"],
 }
 
 
@@ -33,7 +36,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(HERE / "results.md"))
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="", help="comma-separated: train,extract,tune")
+    parser.add_argument("--only", default="", help="comma-separated: train,extract,tune,predict")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     chosen = [n for n in plan if not args.only or n in args.only.split(",")]

@@ -40,6 +40,11 @@ _JSON, _ARRAYS, _TAGS, _HISTORY = "state.json", "arrays.npz", "tags.parquet", "h
 _USER_PCA = "user_description"
 
 
+def has_feature_state(features_dir: str) -> bool:
+    """Whether ``features_dir`` holds a feature state (features written by another tool may not)."""
+    return storage.is_file(storage.join(features_dir, STATE_FOLDER, _JSON))
+
+
 @dataclass
 class FeatureState:
     """What was fitted on the training posts, plus the class names the ids refer to."""

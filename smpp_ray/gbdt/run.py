@@ -187,15 +187,16 @@ def _register_scorer(ctx: TrackingContext, features_dir: str, out: str, config: 
     with the champion alias; nothing for metadata-only features (no network to score with)."""
     import tempfile
 
-    from smpp_ray.features.state import FeatureState
+    from smpp_ray.features.state import STATE_FOLDER, FeatureState, has_feature_state
     from smpp_ray.scoring.bundle import ScorerBundle
     from smpp_ray.scoring.pyfunc import example_posts, log_scorer
 
-    state = FeatureState.load(features_dir)
-    if not state.checkpoint or not state.dataset:
-        logger.info("tune: features have no network checkpoint; the scorer model is not registered")
+    state = FeatureState.load(features_dir) if has_feature_state(features_dir) else None
+    if state is None or not state.checkpoint or not state.dataset:
+        logger.info("tune: the features have no feature state with a network checkpoint; "
+                    "the scorer model is not registered (the family models are)")
         return {}
-    bundle = ScorerBundle(state.checkpoint, storage.join(features_dir, "feature_state"),
+    bundle = ScorerBundle(state.checkpoint, storage.join(features_dir, STATE_FOLDER),
                           storage.join(out, FEATURE_SPEC_FILE), storage.join(out, "blend.json"),
                           {family: storage.join(out, "models", family) for family in config.models})
     with tempfile.TemporaryDirectory(prefix="smpp-scorer-") as scratch:
