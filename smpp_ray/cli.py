@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration-s", type=float, default=0.0,
                    help="stop after this many seconds (0: until Ctrl+C); for smoke tests and benchmarks")
 
+    p = _add(sub, "config", "print the effective config (YAML) of a --config + --set combination",
+             _examples("smpp config show --config jobs/configs/demo.yaml --set train.epochs=3"))
+    p.add_argument("action", choices=["show"], help="show: the config every stage would run with")
+
     p = _add(sub, "pipeline", "run every stage under one parent MLflow run, skipping complete ones",
              _examples("smpp pipeline --config jobs/configs/demo.yaml --out runs/demo",
                        "smpp pipeline --raw /data/smpd --config jobs/configs/smpd-8gpu.yaml --out s3://bucket/run1"))
@@ -235,6 +239,13 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
 
         source, score = scorer_choice(args)
         return serve_scorer(source, config=config, model=score, duration_s=args.duration_s)
+    if command == "config":
+        import yaml
+
+        from smpp_ray.config import config_to_dict
+
+        console.out(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        return None
     if command == "pipeline":
         from smpp_ray.evaluate import print_results
         from smpp_ray.pipeline import run_pipeline
@@ -300,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("smpp %s failed: %s: %s (traceback and library output in %s)", args.command,
                          type(err).__name__, err, log_path)
             return EXIT_FAILURE
-        if args.command not in ("evaluate", "pipeline"):
+        if args.command not in ("evaluate", "pipeline", "config"):
             _print_summary(location)
         return EXIT_OK
 

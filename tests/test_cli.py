@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from smpp_ray.cli import EXIT_BAD_INPUT, build_parser, main
 
-COMMANDS = ["synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate", "predict", "serve", "pipeline"]
+COMMANDS = ["synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate", "predict", "serve", "config",
+            "pipeline"]
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -74,3 +76,20 @@ def test_an_s3_pipeline_without_a_tracking_server_is_refused_clearly(monkeypatch
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["pipeline", "--out", "s3://bucket/run"]) == EXIT_BAD_INPUT
     assert "MLFLOW_TRACKING_URI" in caplog.text and "s3://bucket/run" in caplog.text
+
+
+def test_config_show_prints_the_effective_config_that_loads_back(tmp_path, capsys):
+    """`smpp config show`: YAML of --config + --set, which as a config file gives the same config."""
+    import yaml
+
+    from smpp_ray.config import config_to_dict, load_config
+
+    smoke = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "smoke.yaml")
+    assert main(["config", "show", "--config", smoke, "--set", "train.epochs=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["epochs"] == 3 and shown["synth"]["posts"] == 360  # the --set, then the YAML
+    assert shown["serve"]["host"] == "127.0.0.1"  # and every default
+    (tmp_path / "effective.yaml").write_text(yaml.safe_dump(shown))
+    assert config_to_dict(load_config(tmp_path / "effective.yaml")) == config_to_dict(
+        load_config(smoke, ["train.epochs=3"]))
+    assert main(["config", "show", "--set", "train.epochz=3"]) == EXIT_BAD_INPUT
