@@ -209,7 +209,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
 
     command = args.command
     # A single stage whose output is already complete for this config and inputs returns at once.
-    run = stages.default_stage_run(config, skip_complete=not getattr(args, "force", False))
+    run = (stages.default_stage_run(config, root=_store_root(args), skip_complete=not args.force)
+           if command in STAGE_COMMANDS and command != "evaluate" else None)
     if command == "synth":
         return stages.run_synth(config, args.out, run)
     if command == "prepare":
@@ -314,6 +315,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in ("evaluate", "pipeline", "config"):
             _print_summary(location)
         return EXIT_OK
+
+
+def _store_root(args: argparse.Namespace) -> str:
+    """Where a single stage's default MLflow store (mlruns.db) goes: beside its output folder, as a
+    pipeline's stages share ``<pipeline>/mlruns.db``; never the folder the command is run from."""
+    from smpp_ray import storage
+
+    out = getattr(args, "out", None)
+    return storage.parent(storage.normalize(out)) if out else "."
 
 
 def _output_of(args: argparse.Namespace) -> str | None:

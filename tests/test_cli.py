@@ -93,3 +93,24 @@ def test_config_show_prints_the_effective_config_that_loads_back(tmp_path, capsy
     assert config_to_dict(load_config(tmp_path / "effective.yaml")) == config_to_dict(
         load_config(smoke, ["train.epochs=3"]))
     assert main(["config", "show", "--set", "train.epochz=3"]) == EXIT_BAD_INPUT
+
+
+def test_a_single_stage_keeps_its_mlflow_store_and_log_beside_its_output(tmp_path, monkeypatch, capsys):
+    """Not in the folder the command runs from: `<out>/../mlruns.db` and `<out>/../logs/<stage>.log`."""
+    from smpp_ray.tracking import client
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "run" / "raw"
+    assert main(["synth", "--out", str(out), "--posts", "20", "--set", "synth.image_size=16"]) == 0
+    capsys.readouterr()
+    assert list(elsewhere.iterdir()) == []
+    store = tmp_path / "run" / "mlruns.db"
+    runs = client(f"sqlite:///{store}").search_runs(
+        [client(f"sqlite:///{store}").get_experiment_by_name("smpp").experiment_id])
+    assert [r.data.tags["mlflow.runName"] for r in runs] == ["synth"]
+    log = (tmp_path / "run" / "logs" / "synth.log").read_text()
+    assert "stage synth: done" in log
+    assert not (out / "logs").exists()  # a stage folder holds only its outputs (they are fingerprinted)
