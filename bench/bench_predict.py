@@ -10,7 +10,6 @@ validation (prepare), the Ray Data pass, and writing the scores.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import os
@@ -118,16 +117,10 @@ def _json_posts(data_dir: str, limit: int) -> list[dict]:
     import pyarrow.parquet as pq
 
     from smpp_ray import storage
-    from smpp_ray.scoring.pyfunc import posts_to_smpd_frame
+    from smpp_ray.scoring.pyfunc import posts_to_json, posts_to_smpd_frame
 
     files = storage.list_parquet_files(storage.join(data_dir, "posts"))
-    frame = posts_to_smpd_frame(pq.read_table(files[0]).to_pandas().head(limit))
-    posts = []
-    for row in frame.to_dict(orient="records"):
-        post = {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
-        post["image"] = base64.b64encode(row["image"]).decode()
-        posts.append(post)
-    return posts
+    return posts_to_json(posts_to_smpd_frame(pq.read_table(files[0]).to_pandas().head(limit)))
 
 
 def main() -> int:

@@ -31,16 +31,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _json_posts(frame: pd.DataFrame) -> list[dict]:
-    """The model-input table as the JSON a client sends (base64 image, no nulls)."""
-    posts = []
-    for row in frame.to_dict(orient="records"):
-        post = {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
-        post["image"] = base64.b64encode(row["image"]).decode()
-        posts.append(post)
-    return posts
-
-
 @pytest.fixture(scope="module")
 def endpoint(smoke_pipeline):
     from smpp_ray import serve as smpp_serve
@@ -75,12 +65,12 @@ def endpoint(smoke_pipeline):
 def test_posts(smoke_pipeline):
     import pyarrow.parquet as pq
 
-    from smpp_ray.scoring.pyfunc import posts_to_smpd_frame
+    from smpp_ray.scoring.pyfunc import posts_to_json, posts_to_smpd_frame
 
     _, out, _ = smoke_pipeline
     posts = pq.read_table(out / "data" / "posts" / "split=test").to_pandas().head(12)
     predictions = pd.read_parquet(out / "tune" / "predictions.parquet").set_index("pid")
-    return _json_posts(posts_to_smpd_frame(posts)), predictions
+    return posts_to_json(posts_to_smpd_frame(posts)), predictions
 
 
 def test_healthz_names_the_scorer(endpoint):

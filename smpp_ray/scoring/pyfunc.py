@@ -133,6 +133,18 @@ def posts_to_smpd_frame(posts: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def posts_to_json(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The model's input table as the JSON posts a client sends to ``smpp serve`` (image base64, no nulls)."""
+    import base64
+
+    posts = []
+    for row in frame.to_dict(orient="records"):
+        post = {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
+        post["image"] = base64.b64encode(row["image"]).decode()
+        posts.append(post)
+    return posts
+
+
 def _number_text(value: Any) -> str | None:
     return None if value is None or (isinstance(value, float) and np.isnan(value)) else repr(float(value))
 
@@ -183,20 +195,14 @@ def log_scorer(tracking_uri: str, run_id: str, bundle: Any, *, name: str, alias:
 def registered_source(uri: str, tracking_uri: str = "") -> str:
     """The artifact location of ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or
     ``models:/<name>`` (its latest version), resolved with an explicit client (no global MLflow state)."""
-    import mlflow
+    from smpp_ray.gbdt import registry
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri or None)  # None: $MLFLOW_TRACKING_URI
     reference = uri[len("models:/"):].strip("/")
     if "@" in reference:
         name, alias = reference.split("@", 1)
-        return client.get_model_version_by_alias(name, alias).source
+        return tracking.client(tracking_uri).get_model_version_by_alias(name, alias).source
     name, _, version = reference.partition("/")
-    if not version or version == "latest":
-        versions = client.search_model_versions(f"name = '{name}'")
-        if not versions:
-            raise ValueError(f"no registered model named {name!r}")
-        version = str(max(int(v.version) for v in versions))
-    return client.get_model_version(name, version).source
+    return registry.registered_source(tracking_uri, name, None if version in ("", "latest") else version)
 
 
 def download_bundle(uri: str, dst: str, *, tracking_uri: str = "") -> str:

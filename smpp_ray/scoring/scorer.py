@@ -26,8 +26,6 @@ from smpp_ray.scoring.bundle import MODEL_CHOICES, ScorerBundle
 
 logger = logging.getLogger(__name__)
 
-#: Output columns, in order (``pred_<family>`` for each family of the bundle follow them).
-SCORE_COLUMNS = ("pid", "predicted_popularity", "predicted_subcategory", "predicted_category")
 _STATES: dict[str, Any] = {}
 
 
