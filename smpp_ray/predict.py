@@ -36,15 +36,19 @@ MLFLOW_SOURCES = ("models:/", "runs:/", "mlflow-artifacts:/")
 _OUTPUT_SUFFIXES = (".csv", ".parquet")
 
 
-def resolve_bundle(source: str, *, stage_dir: str, tracking_uri: str = "") -> ScorerBundle:
+def resolve_bundle(source: str, *, stage_dir: str | None, tracking_uri: str = "") -> ScorerBundle:
     """The scorer at ``source``: a pipeline folder, a bundle folder, or an MLflow model URI.
 
     A registered model is downloaded from MLflow and staged under ``stage_dir`` (the run's own
-    storage), so Ray workers on every node read it from there rather than from the driver's disk.
+    storage), so Ray workers on every node read it from there rather than from the driver's disk;
+    with ``stage_dir`` None it stays in a local folder of this process (a Serve replica's own copy).
     """
     if source.startswith(MLFLOW_SOURCES):
         from smpp_ray.scoring.pyfunc import download_bundle
 
+        if stage_dir is None:
+            local = download_bundle(source, tempfile.mkdtemp(prefix="smpp-scorer-"), tracking_uri=tracking_uri)
+            return ScorerBundle.from_folder(local)
         with tempfile.TemporaryDirectory(prefix="smpp-scorer-") as scratch:
             local = download_bundle(source, scratch, tracking_uri=tracking_uri)
             staged = storage.join(stage_dir, "scorer")

@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from typing import Any
@@ -40,28 +39,15 @@ def request_stop() -> None:
     _STOP.set()
 
 
-def _load_bundle(source: str, tracking_uri: str, scratch: str):
-    from smpp_ray import storage
-    from smpp_ray.predict import MLFLOW_SOURCES
-    from smpp_ray.scoring.bundle import ScorerBundle
-    from smpp_ray.scoring.pyfunc import download_bundle
-
-    if source.startswith(MLFLOW_SOURCES):
-        return ScorerBundle.from_folder(download_bundle(source, scratch, tracking_uri=tracking_uri))
-    if storage.is_file(storage.join(source, "bundle.json")):
-        return ScorerBundle.from_folder(source)
-    return ScorerBundle.from_pipeline(source)
-
-
 class ScorerEndpoint:
     """The Serve deployment's class (wrapped by :func:`build_app`); one scorer per replica."""
 
     def __init__(self, source: str, model: str, tracking_uri: str, max_posts: int, max_batch_size: int,
                  batch_wait_timeout_s: float) -> None:
+        from smpp_ray.predict import resolve_bundle
         from smpp_ray.scoring.scorer import Scorer
 
-        self._scratch = tempfile.mkdtemp(prefix="smpp-serve-")
-        self.bundle = _load_bundle(source, tracking_uri, self._scratch)
+        self.bundle = resolve_bundle(source, stage_dir=None, tracking_uri=tracking_uri)
         self.scorer = Scorer(self.bundle, model=model, device="auto")
         self.model = model
         self.max_posts = max_posts
