@@ -34,6 +34,23 @@
 #   SMPP_KEEP_RAY_LOGS    1 keeps the Ray temp folder (session logs) after `down`
 #   SMPP_STOP_GRACE_S     seconds `down` waits after SIGTERM before SIGKILL (10)
 #
+# Trust boundaries (tests/test_cluster.py checks each one on a running cluster):
+#   - Every service listens on 127.0.0.1 only: Ray's GCS, both raylets and object managers, the
+#     dashboard, the dashboard and runtime-env agents, the metrics exporters (node, dashboard,
+#     autoscaler), the Ray client server and every Ray worker's own gRPC server; MLflow; S3.
+#     Ray binds a node's services to loopback only when the node's IP is exactly 127.0.0.1, and
+#     `ray start` on Linux rewrites 127.0.0.1 to the host's address. The head keeps it with
+#     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; that switch also stops a node joining a cluster, so
+#     the worker node starts through cluster/ray_loopback.py (see there). No Ray port is left on
+#     another interface. On a real cluster the nodes must reach each other: firewall those
+#     ports to the cluster network instead.
+#   - Ray's job API and dashboard want the token ($STATE/auth_token, 0600). The metrics ports
+#     answer without it, but only on loopback.
+#   - MLflow runs with basic auth (`--app-name basic-auth`): user smpp-admin, a random password
+#     in $STATE/env and $STATE/mlflow/basic_auth.ini (both 0600). Ray processes inherit the
+#     credentials from this script, so a job's runtime env never carries them.
+#   - Run storage must be trusted: Tune resumes by unpickling its experiment state from it.
+#
 # Every service runs in its own session (setsid) whose id is recorded, and every process carries
 # SMPP_CLUSTER_ID=<random> in its environment, so `down` finds exactly this cluster's processes
 # (Ray puts workers in their own process groups and job drivers in new sessions) and never
@@ -149,7 +166,7 @@ cmd_up() {
       die "a cluster from $STATE is already up; run '$0 down' first" 2
     fi
     log "clearing stale state of a cluster that is no longer running"
-    rm -f "$STATE_FILE" "$PROCS_FILE" "$STATE/env"
+    rm -f "$STATE_FILE" "$PROCS_FILE" "$STATE/env" "$STATE/mlflow/basic_auth.ini"
   fi
   mkdir -p "$STATE/logs" "$STATE/mlflow/artifacts"
   : >"$PROCS_FILE"
@@ -200,10 +217,28 @@ cmd_up() {
     printf 'S3_PORT=%q\nS3_BUCKET=%q\n' "$s3_port" "$bucket" >>"$STATE_FILE"
   fi
 
+  # MLflow with basic auth: one admin user whose random password lives in the state folder
+  # (0600). Every Ray process inherits the credentials from here, so job drivers log without
+  # them travelling in a job's runtime env (which `ray job list` shows to anyone with the token).
+  export MLFLOW_TRACKING_USERNAME=smpp-admin
+  MLFLOW_TRACKING_PASSWORD="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+  export MLFLOW_TRACKING_PASSWORD
+  # A fresh user store each time: MLflow ignores admin_password once the admin user exists
+  rm -f "$STATE/mlflow/auth.db"
+  (umask 077 && printf '%s\n' \
+    "[mlflow]" \
+    "default_permission = NO_PERMISSIONS" \
+    "database_uri = sqlite:///$STATE/mlflow/auth.db" \
+    "admin_username = $MLFLOW_TRACKING_USERNAME" \
+    "admin_password = $MLFLOW_TRACKING_PASSWORD" \
+    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth" \
+    >"$STATE/mlflow/basic_auth.ini")
   # Clients log through the server (mlflow-artifacts:/), which alone writes the artifact store
-  spawn mlflow "$VENV/bin/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-    --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" \
-    --artifacts-destination "$artifacts"
+  # The Flask secret signs the UI's CSRF tokens; the server alone needs it
+  MLFLOW_AUTH_CONFIG_PATH="$STATE/mlflow/basic_auth.ini" \
+    MLFLOW_FLASK_SERVER_SECRET_KEY="$("$PY" -c 'import secrets; print(secrets.token_hex(32))')" \
+    spawn mlflow "$VENV/bin/mlflow" server --app-name basic-auth --host 127.0.0.1 --port "$MLFLOW_PORT" \
+    --workers 1 --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" --artifacts-destination "$artifacts"
 
   node_ports() {  # per-node service ports, so nothing collides with another Ray on this host
     echo --node-manager-port "${ports[$1]}" --object-manager-port "${ports[$(($1 + 1))]}" \
@@ -213,7 +248,7 @@ cmd_up() {
   local store=$((OBJECT_STORE_MB * 1024 * 1024))
   log "starting Ray head on 127.0.0.1:$GCS_PORT (dashboard $DASHBOARD_PORT, $HEAD_CPUS CPUs)"
   # shellcheck disable=SC2046
-  spawn ray-head "$VENV/bin/ray" start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 spawn ray-head "$VENV/bin/ray" start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
     --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --include-dashboard true \
     --ray-client-server-port "$CLIENT_PORT" $(node_ports 4) \
     --num-cpus "$HEAD_CPUS" --num-gpus 0 --resources '{"node_head": 1}' \
@@ -221,7 +256,7 @@ cmd_up() {
   wait "$SPAWNED_PID" || die "ray start --head failed; see $STATE/logs/ray-head.log"
 
   # shellcheck disable=SC2046
-  local worker_start=("$VENV/bin/ray" start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1
+  local worker_start=("$PY" "$REPO/cluster/ray_loopback.py" start --address "127.0.0.1:$GCS_PORT"
     $(node_ports 10) --num-cpus "$WORKER_CPUS" --num-gpus 0 --resources '{"node_b": 1}'
     --object-store-memory "$store" --temp-dir "$RAY_TMP_WORKER" --disable-usage-stats)
   if ((isolate)); then
@@ -245,6 +280,8 @@ cmd_up() {
   wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 120 mlflow
   wait_for_nodes 2 60 || die "the cluster did not reach 2 alive nodes; see $STATE/logs and $RAY_TMP"
 
+  # Secrets inside (the MLflow password, the S3 keys): readable by this user only
+  (umask 077 && : >"$STATE/env")
   {
     echo "# written by cluster/local.sh up; source it before ray job submit / smpp"
     printf 'export RAY_ADDRESS=%q\n' "http://127.0.0.1:$DASHBOARD_PORT"
@@ -252,6 +289,8 @@ cmd_up() {
     printf 'export MLFLOW_TRACKING_URI=%q\n' "http://127.0.0.1:$MLFLOW_PORT"
     printf 'export RAY_AUTH_MODE=token\n'
     printf 'export RAY_AUTH_TOKEN_PATH=%q\n' "$token_file"
+    printf 'export MLFLOW_TRACKING_USERNAME=%q\n' "$MLFLOW_TRACKING_USERNAME"
+    printf 'export MLFLOW_TRACKING_PASSWORD=%q\n' "$MLFLOW_TRACKING_PASSWORD"
     if ((with_s3)); then
       local name
       for name in AWS_ENDPOINT_URL MLFLOW_S3_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY \
@@ -329,7 +368,7 @@ cmd_down() {
     done
   fi
   mv -f "$PROCS_FILE" "$STATE/processes.stopped"
-  rm -f "$STATE_FILE" "$STATE/env" "$STATE/auth_token"
+  rm -f "$STATE_FILE" "$STATE/env" "$STATE/auth_token" "$STATE/mlflow/basic_auth.ini"
   log "down: nothing of cluster $CLUSTER_ID is left running"
 }
 

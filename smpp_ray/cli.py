@@ -292,8 +292,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse exits 2 on bad usage, 0 on --help
         return int(exit_.code or 0)
     _configure_logging(args.verbose)
-    log_path = console.log_location(args.command, _output_of(args),
-                                    pipeline_root=args.command in ("pipeline", "evaluate", "serve"))
+    pipeline_root = args.command in ("pipeline", "evaluate", "serve")
+    log_path = console.log_location(args.command, _output_of(args), pipeline_root=pipeline_root)
+    published = console.published_log_location(args.command, _output_of(args), pipeline_root=pipeline_root)
+    try:
+        return _run_logged(args, log_path)
+    finally:
+        if published:
+            console.publish_log(log_path, published)
+
+
+def _run_logged(args: argparse.Namespace, log_path: str) -> int:
     with console.capture(log_path, verbose=args.verbose):
         # A native crash (SIGSEGV, SIGABRT) prints the Python stack of every thread before dying
         _enable_faulthandler()

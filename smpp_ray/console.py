@@ -211,3 +211,27 @@ def log_location(command: str, out: str | None, *, pipeline_root: bool = False) 
             folder = os.path.dirname(folder.rstrip(os.sep)) or folder
         return os.path.join(folder, "logs", f"{command}.log")
     return os.path.join(storage.cache_root(), "logs", f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+
+
+def published_log_location(command: str, out: str | None, *, pipeline_root: bool = False) -> str | None:
+    """Where the log of a command whose output is a URI is copied when it ends (the same place
+    :func:`log_location` uses for a local output), so it outlives the node that wrote it."""
+    from smpp_ray import storage
+
+    if not out or not storage.is_uri(out):
+        return None
+    folder = storage.normalize(out)
+    if not pipeline_root:
+        folder = storage.parent(folder)
+    return storage.join(folder, "logs", f"{command}.log")
+
+
+def publish_log(log_path: str, target: str) -> None:
+    """Copy the node-local log to the run's storage; a failure to do so never fails the run."""
+    from smpp_ray import storage
+
+    try:
+        with open(log_path, "rb") as log:
+            storage.write_bytes(target, log.read())
+    except (OSError, ValueError) as err:
+        sys.stderr.write(f"could not copy the log {log_path} to {target}: {err}\n")

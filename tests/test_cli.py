@@ -114,3 +114,17 @@ def test_a_single_stage_keeps_its_mlflow_store_and_log_beside_its_output(tmp_pat
     log = (tmp_path / "run" / "logs" / "synth.log").read_text()
     assert "stage synth: done" in log
     assert not (out / "logs").exists()  # a stage folder holds only its outputs (they are fingerprinted)
+
+
+def test_a_stage_writing_to_s3_leaves_its_log_beside_its_output(s3_bucket, capsys):
+    """The log of a URI output is written on the node, then copied to the run's storage, where
+    the stage's output is: ``<parent>/logs/<command>.log`` as for a local folder."""
+    from smpp_ray import storage
+
+    out = f"{s3_bucket}/run/raw"
+    assert main(["synth", "--out", out, "--posts", "20", "--set", "synth.image_size=16",
+                 "--set", "tracking.enabled=false"]) == 0
+    capsys.readouterr()
+    log = storage.read_text(f"{s3_bucket}/run/logs/synth.log")
+    assert "stage synth: done" in log
+    assert not storage.exists(f"{out}/logs")

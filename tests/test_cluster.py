@@ -20,6 +20,7 @@ token and process records, from under it.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -41,7 +42,9 @@ LOCAL_SH = REPO / "cluster" / "local.sh"
 SUBMIT_SH = REPO / "jobs" / "submit.sh"
 # Variables of the caller that would point the cluster or the client somewhere else
 _CLIENT_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-                "MLFLOW_TRACKING_URI", "SMPP_FORWARD_ENV", "SMPP_SUBMIT_OPTS")
+                "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                "SMPP_FORWARD_ENV", "SMPP_SUBMIT_OPTS")
+_MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -173,8 +176,18 @@ def local_cluster(cluster_workdir: Path):
     state = _read_state(state_dir / "cluster.state")
     sessions = {int(line.split()[2]) for line in (state_dir / "processes").read_text().splitlines()}
     env = _clean_env(**_read_exports(state_dir / "env"))
-    yield LocalCluster(state_dir, env, state["CLUSTER_ID"], sessions)
-    run_local_sh("down", state_dir)  # no-op when test_down already stopped it
+    # This process reads the MLflow server back: it needs the credentials, as any client does
+    saved = {k: os.environ.get(k) for k in _MLFLOW_CREDENTIALS}
+    os.environ.update({k: env[k] for k in _MLFLOW_CREDENTIALS})
+    try:
+        yield LocalCluster(state_dir, env, state["CLUSTER_ID"], sessions)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        run_local_sh("down", state_dir)  # no-op when test_down already stopped it
 
 
 def _read_state(path: Path) -> dict[str, str]:
@@ -208,12 +221,29 @@ def test_up_starts_two_nodes_mlflow_and_token_auth(local_cluster: LocalCluster):
     assert sorted(n["is_head_node"] for n in nodes) == [False, True]
     worker = next(n for n in nodes if not n["is_head_node"])
     assert worker["resources_total"].get("node_b") == 1.0
-    # Two nodes on one host. Ray records the host's routable IP even for --node-ip-address
-    # 127.0.0.1 (services.resolve_ip_for_localhost), so the check is "the same host", not 127.0.0.1.
-    assert nodes[0]["node_ip"] == nodes[1]["node_ip"]
+    # Both nodes keep 127.0.0.1 as their IP (the head by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the
+    # worker through cluster/ray_loopback.py): what makes Ray bind their services to loopback.
+    assert [n["node_ip"] for n in nodes] == ["127.0.0.1", "127.0.0.1"]
 
+    # MLflow: health is open, the API wants the basic-auth credentials of the state folder.
     with urllib.request.urlopen(f"{local_cluster.tracking_uri}/health", timeout=10) as response:
         assert response.status == 200
+    search = f"{local_cluster.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(search, timeout=10)
+    assert anonymous.value.code == 401
+    wrong = base64.b64encode(f"{env['MLFLOW_TRACKING_USERNAME']}:wrong".encode()).decode()
+    with pytest.raises(urllib.error.HTTPError) as bad_password:
+        urllib.request.urlopen(urllib.request.Request(search, headers={"Authorization": f"Basic {wrong}"}),
+                               timeout=10)
+    assert bad_password.value.code == 401
+    right = base64.b64encode(f"{env['MLFLOW_TRACKING_USERNAME']}:{env['MLFLOW_TRACKING_PASSWORD']}".encode())
+    with urllib.request.urlopen(urllib.request.Request(search, headers={"Authorization": f"Basic {right.decode()}"}),
+                                timeout=10) as response:
+        assert response.status == 200
+    assert len(env["MLFLOW_TRACKING_PASSWORD"]) >= 24
+    for secret_file in ("env", "mlflow/basic_auth.ini"):
+        assert oct((local_cluster.state_dir / secret_file).stat().st_mode & 0o777) == "0o600", secret_file
 
     status = run_local_sh("status", local_cluster.state_dir)
     assert status.returncode == 0, status.stdout + status.stderr
@@ -495,6 +525,91 @@ def test_stopped_training_job_resumes_from_its_checkpoint_in_the_bucket(local_cl
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                               filter_string="tags.`smpp.stage` = 'train'")
     assert len(runs) == 2  # one per job
+
+
+def _listening_sockets(pids: set[int]) -> dict[str, set[int]]:
+    """``host:port`` of every TCP socket in LISTEN state that one of ``pids`` holds, read from
+    /proc (no `ss` needed): socket inodes from each process's fds, addresses from /proc/net."""
+    inodes: dict[str, set[int]] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.setdefault(target[len("socket:["):-1], set()).add(pid)
+        except OSError:
+            continue  # exited while we looked
+    listening: dict[str, set[int]] = {}
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            address, port = local.split(":")
+            listening[f"{_proc_net_ip(address, width)}:{int(port, 16)}"] = inodes[inode]
+    return listening
+
+
+def _proc_net_ip(hex_address: str, width: int) -> str:
+    """An address as /proc/net/tcp{,6} writes it (32-bit words in host byte order) in text."""
+    import ipaddress
+    import struct
+
+    words = [int(hex_address[i:i + 8], 16) for i in range(0, width, 8)]
+    packed = b"".join(struct.pack("<I", w) for w in words)
+    ip = ipaddress.ip_address(packed)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+@pytest.mark.slow
+def test_every_cluster_service_listens_on_loopback_only(local_cluster: LocalCluster, pipeline_job: PipelineJob):
+    """After the jobs above (Train workers, Data and Tune workers, the job supervisor all ran),
+    no process of the cluster listens on anything but loopback."""
+    pids = cluster_processes(local_cluster.cluster_id, local_cluster.sessions)
+    listening = _listening_sockets(pids)
+    names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pids_ in listening.values() for pid in pids_
+             if Path(f"/proc/{pid}/comm").exists()}
+    # GCS, 2 raylets x 2, 2 dashboard agents, 2 runtime-env agents, dashboard, MLflow, S3, ...
+    assert len(listening) >= 10, listening
+    exposed = {address: sorted(names.get(p, str(p)) for p in holders) for address, holders in listening.items()
+               if address.rsplit(":", 1)[0] not in ("127.0.0.1", "::1")}
+    assert exposed == {}, f"listening beyond loopback: {exposed}"
+    state = _read_state(local_cluster.state_dir / "cluster.state")
+    for port_name in ("GCS_PORT", "DASHBOARD_PORT", "MLFLOW_PORT", "S3_PORT"):
+        assert f"127.0.0.1:{state[port_name]}" in listening, port_name
+
+
+def _secrets(cluster: LocalCluster) -> dict[str, str]:
+    return {"ray token": Path(cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip(),
+            "mlflow password": cluster.env["MLFLOW_TRACKING_PASSWORD"],
+            "s3 secret key": cluster.env["AWS_SECRET_ACCESS_KEY"]}
+
+
+@pytest.mark.slow
+def test_no_secret_in_logs_summaries_or_mlflow(local_cluster: LocalCluster, pipeline_job: PipelineJob):
+    """The cluster's secrets (Ray token, MLflow password, S3 secret key) appear nowhere a run
+    writes: the job's console, every file of the run in the bucket (summaries, stage logs,
+    reports, configs), and the params, tags and summary artifacts of its MLflow runs."""
+    import mlflow
+
+    secrets = _secrets(local_cluster)
+    places: dict[str, str] = {"job logs": pipeline_job.logs}
+    for name in _bucket_files(local_cluster, pipeline_job.out):
+        if name.endswith((".json", ".log", ".csv", ".md", ".html", ".yaml", ".txt")):
+            with _bucket(local_cluster).open_input_stream(f"{pipeline_job.out.removeprefix('s3://')}/{name}") as f:
+                places[name] = f.read().decode("utf-8", errors="replace")
+    assert any(name.startswith("logs/") for name in places), sorted(places)  # the stage logs were read
+    client = mlflow.MlflowClient(tracking_uri=local_cluster.tracking_uri)
+    experiment = client.get_experiment_by_name(pipeline_job.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) >= 8  # the pipeline run, 7 stages, the searches and trials
+    for run in runs:
+        places[f"mlflow run {run.info.run_name} params+tags"] = json.dumps([run.data.params, run.data.tags])
+    leaks = [(what, where) for where, text in places.items() for what, secret in secrets.items() if secret in text]
+    assert leaks == []
 
 
 @pytest.mark.slow
