@@ -103,6 +103,7 @@ def load_results(report_dir: str, tracking_uri: str | None = None) -> dict[str, 
 def print_results(result: dict[str, Any]) -> None:
     """The end of ``make demo``: the table, the report path, the command that opens MLflow."""
     from smpp_ray.console import out
+    from smpp_ray.redact import redact_uri
 
     table: pd.DataFrame = result["table"]
     lines = ["", "Test split (higher SRC is better; lower MAE/MSE is better):",
@@ -110,5 +111,5 @@ def print_results(result: dict[str, Any]) -> None:
              "", f"Report: {result['report']}"]
     uri = result.get("tracking_uri")
     if uri:
-        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {redact_uri(uri)} --host 127.0.0.1 --port 5000")
     out("\n".join(lines))
