@@ -217,7 +217,9 @@ class TrainConfig:
     batch_size: int = 32
     """Per-worker batch size."""
     lr: float = 2e-3
-    """Peak learning rate."""
+    """Peak learning rate (prompts, fusion, heads)."""
+    backbone_lr: float = 0.0
+    """Peak learning rate of the unfrozen backbone blocks (model.unfreeze_*_blocks), lower than lr so fine-tuning keeps CLIP's alignment; 0 uses lr."""
     weight_decay: float = 1e-4
     """Decoupled weight decay."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -231,7 +233,11 @@ class TrainConfig:
     cache_image_features: bool = False
     """Cache frozen image-tower outputs per Pid (only valid with a frozen image tower)."""
     sample_selection_keep: float = 1.0
-    """After warm-up, train on the lowest-loss share of each batch (the paper keeps 0.77)."""
+    """Share of train posts kept by loss-based sample selection after selection_warmup_epochs (the paper keeps 0.77; 1.0: off)."""
+    sample_selection: Literal["dataset", "batch"] = "dataset"
+    """``dataset``: after the warm-up epochs, one pass ranks every train post by classification loss and later epochs read only the kept ones (the paper); ``batch``: the lowest total loss share of each batch gets gradients."""
+    selection_warmup_epochs: int = 1
+    """Epochs trained on every post before sample selection starts (early losses say little about label noise)."""
     checkpoints_to_keep: int = 2
     """Best checkpoints kept, by validation top-1."""
     max_failures: int = 2
@@ -256,9 +262,14 @@ class TrainConfig:
         _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs!r}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size!r}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr!r}")
+        _require(self.backbone_lr >= 0, f"train.backbone_lr must be >= 0 (0: train.lr), got {self.backbone_lr!r}")
         _require(self.grad_accum_steps >= 1, f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps!r}")
         _require(0 < self.sample_selection_keep <= 1,
                  f"train.sample_selection_keep must be in (0, 1], got {self.sample_selection_keep!r}")
+        _require(self.sample_selection in ("dataset", "batch"),
+                 f"unknown train.sample_selection {self.sample_selection!r}; expected dataset or batch")
+        _require(self.selection_warmup_epochs >= 0,
+                 f"train.selection_warmup_epochs must be >= 0, got {self.selection_warmup_epochs!r}")
         _require(self.checkpoints_to_keep >= 1, f"train.checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep!r}")
         _require(self.max_failures >= 0, f"train.max_failures must be >= 0, got {self.max_failures!r}")
 
@@ -322,6 +333,10 @@ class TuneConfig:
     """Folds of the grouped validation."""
     refit_on: Literal["train", "train+val"] = "train"
     """Data the best configuration is refit on."""
+    fit_on_selected: bool = False
+    """Fit the regressors (trials and refit) on the train posts the train stage's sample selection kept; val and test stay whole."""
+    selected_ids: str = ""
+    """Location of the train stage's kept-ids Parquet (its summary's ``selection.kept_ids``), read with fit_on_selected."""
     feature_groups: tuple[str, ...] = ()
     """Feature groups used (empty: all); e.g. [user, time] for a metadata-only model."""
     registered_model_prefix: str = "smpp"
@@ -544,8 +559,11 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def flatten_config(config: Any) -> dict[str, Any]:
-    """``{"train.lr": 0.002, ...}``: the form MLflow params take."""
-    return flatten_config_dict(config_to_dict(config))
+    """``{"train.lr": 0.002, ...}``: the form MLflow params take, with credentials in any location
+    (``http://user:PASSWORD@host``) redacted: params are shown to everyone who can read the run."""
+    from smpp_ray.redact import redact_values
+
+    return redact_values(flatten_config_dict(config_to_dict(config)))
 
 
 def flatten_config_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

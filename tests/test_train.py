@@ -84,6 +84,38 @@ def test_warmup_then_cosine_schedule():
         warmup_cosine_factor(0, 0, 0)
 
 
+def test_unfrozen_backbone_blocks_train_at_their_own_learning_rate():
+    from smpp_ray.train.schedule import BACKBONE_PREFIX
+
+    model = _model(ModelConfig(use_prototypes=False, weight_contrastive=0.0, unfreeze_image_blocks=1,
+                               unfreeze_text_blocks=1))
+    named = dict(model.named_parameters())
+    backbone = {n for n, p in named.items() if p.requires_grad and n.startswith(BACKBONE_PREFIX)}
+    head = {n for n, p in named.items() if p.requires_grad and not n.startswith(BACKBONE_PREFIX)}
+    frozen = {n for n, p in named.items() if not p.requires_grad}
+    assert backbone and head and frozen
+    optimizer = create_optimizer(model, "adamw", 1e-2, 1e-5, backbone_lr=1e-4)
+    scheduler = create_scheduler(optimizer, 2, 10)
+    by_id = {id(p): n for n, p in named.items()}
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert [g["name"] for g in optimizer.param_groups] == ["head", "backbone"]
+    assert {by_id[id(p)] for p in groups["backbone"]["params"]} == backbone
+    assert {by_id[id(p)] for p in groups["head"]["params"]} == head
+    # The warm-up factor (1/3 at step 0) scales both groups, keeping their 100:1 ratio.
+    assert scheduler.get_last_lr() == pytest.approx([1e-2 / 3, 1e-4 / 3])
+
+    before = {n: p.detach().clone() for n, p in named.items()}
+    train_epoch(model, [_batch(model, 4)], create_loss_fn(model), optimizer, scheduler, StepSettings())
+    assert scheduler.get_last_lr() == pytest.approx([1e-2 * 2 / 3, 1e-4 * 2 / 3])
+    changed = {n for n in backbone if not torch.equal(before[n], named[n])}
+    assert changed == backbone, sorted(backbone - changed)
+    assert all(torch.equal(before[n], named[n]) for n in frozen)  # bitwise: no update, no decay
+    # Without a separate rate the backbone group takes train.lr; a bare parameter list is one group.
+    same = create_optimizer(model, "adamw", 1e-2, 0.0)
+    assert [g["lr"] for g in same.param_groups] == [1e-2, 1e-2]
+    assert len(create_optimizer(model.trainable_parameters(), "sgd", 1e-2, 0.0).param_groups) == 1
+
+
 def test_select_lowest_loss_keeps_the_easiest_share():
     losses = torch.tensor([5.0, 0.1, 3.0, 0.2, 4.0, 0.3, 2.0, 1.0, 9.0, 0.4])
     kept = select_lowest_loss(losses, 0.77)
@@ -139,6 +171,66 @@ def test_sample_selection_starts_after_warmup_and_trains_on_kept_samples_only():
     a, b = _trainables(selecting), _trainables(reference)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_selection_pass_keeps_the_lowest_classification_losses_with_deterministic_ties(tmp_path):
+    import os
+    import time
+
+    import numpy as np
+    import pyarrow as pa
+
+    from smpp_ray.train.loop import score_classification_loss
+    from smpp_ray.train.selection import (
+        KeptPostsFilter,
+        kept_count,
+        read_kept_ids,
+        select_easiest,
+        write_kept_ids,
+    )
+
+    # The pass scores CE(77) + CE(11) in eval mode, without the contrastive/prototype terms.
+    model = _model(ModelConfig(use_prototypes=False))  # contrastive weight on: it must not enter the score
+    batches = [_batch(model, 6, seed=s) for s in range(2)]
+    model.train()
+    pids, losses = score_classification_loss(model, batches, torch.device("cpu"))
+    assert model.training  # the mode is restored
+    model.eval()
+    with torch.no_grad():
+        expected = []
+        for batch in batches:
+            parts = model.compute_losses(model(batch["pixels"], batch["tokens"]), batch["subcategory_id"],
+                                         batch["category_id"], reduction="none")
+            expected.append(parts["ce_sub"] + parts["ce_cat"])
+    assert pids == [p for b in batches for p in b["pid"]]
+    np.testing.assert_allclose(losses, torch.cat(expected).numpy(), rtol=1e-5)
+    kept = select_easiest(pids, losses, 0.77)
+    assert len(kept) == kept_count(12, 0.77) == 9
+    assert set(losses[kept]) == set(np.sort(losses)[:9])  # the easiest, whatever order they came in
+
+    # Ties break by pid, so the ranks' arrival order does not matter; NaN ranks last.
+    tied = np.array([1.0, 0.5, 1.0, np.nan, 1.0, 0.2])
+    names = ["e", "d", "a", "z", "c", "b"]
+    assert [names[i] for i in select_easiest(names, tied, 0.67)] == ["b", "d", "a", "c"]
+    shuffled = [5, 3, 0, 2, 4, 1]
+    assert ([[names[i] for i in shuffled][j] for j in select_easiest([names[i] for i in shuffled], tied[shuffled], 0.67)]
+            == ["b", "d", "a", "c"])
+    assert kept_count(480, 0.77) == 370 and kept_count(10, 0.7) == 7 and kept_count(3, 0.01) == 1
+
+    # The pipeline's filter passes everything until the file exists, then only the kept posts,
+    # and sees a rewritten file (Ray Data reuses its worker processes across epochs and launches).
+    location = str(tmp_path / "run" / "selection" / "kept_ids.parquet")
+    rows = pa.table({"pid": [f"p{i}" for i in range(6)], "image": [b"x"] * 6})
+    keep_filter = KeptPostsFilter(location)
+    assert keep_filter(rows).num_rows == 6
+    facts = {"keep": 0.5, "kept": 2, "total": 6, "scored_after_epoch": 0}
+    write_kept_ids(location, ["p4", "p1"], np.array([0.1, 0.2]), facts)
+    assert keep_filter(rows).column("pid").to_pylist() == ["p1", "p4"]
+    table, read_facts = read_kept_ids(location)
+    assert read_facts == facts and table.column("rank").to_pylist() == [0, 1]
+    write_kept_ids(location, ["p0", "p2", "p3"], np.zeros(3), {**facts, "kept": 3})
+    os.utime(location, ns=(time.time_ns(), time.time_ns() + 10**9))  # a distinct mtime even on coarse clocks
+    assert keep_filter(rows).column("pid").to_pylist() == ["p0", "p2", "p3"]
 
 
 def test_image_cache_serves_frozen_tower_outputs():
@@ -220,6 +312,8 @@ def test_checkpoint_holds_exactly_the_trainable_state_and_reloads(tmp_path):
 
 EPOCHS_FIRST = 2  # the first launch, which fails once in epoch 1 and recovers
 EPOCHS_RELAUNCH = 3  # the relaunch with the same name runs only epoch 2
+TRAIN_POSTS = 480
+KEPT_POSTS = 370  # dataset-level sample selection after epoch 0: round(0.77 * 480)
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +354,13 @@ def _train_config(epochs: int, **overrides) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def first_run(corpus, tracking):
-    """2 workers on gloo; rank 1 raises in epoch 1 once, the group restarts from epoch 0's checkpoint."""
+    """2 workers on gloo; rank 1 raises in epoch 1 once, the group restarts from epoch 0's checkpoint.
+
+    Dataset-level sample selection runs after epoch 0, before the failure: the restarted group
+    finds the kept ids its checkpoint's weights scored and reuses them; epochs 1-2 read only those."""
     out = corpus["root"] / "out"
-    config = _train_config(EPOCHS_FIRST, fail_at_epoch=1, storage_path=str(corpus["root"] / "ray_results"))
+    config = _train_config(EPOCHS_FIRST, fail_at_epoch=1, storage_path=str(corpus["root"] / "ray_results"),
+                           sample_selection_keep=0.77, sample_selection="dataset", selection_warmup_epochs=1)
     result = train_model(corpus["data"], corpus["prototypes"], str(out), model_config=ModelConfig(),
                          train_config=config, tracking=tracking)
     return {"result": result, "config": config, "out": out}
@@ -296,10 +394,31 @@ def test_failed_worker_resumes_from_last_checkpoint(first_run):
     assert [h["attempt"] for h in history] == [0, 1]  # epoch 1 ran in the restarted group
     assert result["resumes"] == 1 and result["epochs_run"] == EPOCHS_FIRST
     assert (Path(result["run_path"]) / "fail_at_epoch_1.marker").is_file()
+    assert history[0]["train_samples"] == TRAIN_POSTS  # both workers' shards, every train post once
+    assert history[1]["train_samples"] == KEPT_POSTS  # after selection: the kept posts only (370 splits evenly)
     for entry in history:
-        assert entry["train_samples"] == 480  # both workers' shards, every train post once
         assert entry["val_samples"] == 90  # rank 0 saw the whole (unsplit) val split
         assert entry["samples_per_s"] > 0 and math.isfinite(entry["train_loss"])
+
+
+@pytest.mark.slow
+def test_dataset_selection_trains_later_epochs_on_the_kept_posts_only(relaunch, corpus):
+    from smpp_ray.train.selection import read_kept_ids
+
+    result = relaunch["result"]
+    selection = result["selection"]
+    assert (selection["kept"], selection["total"], selection["epoch"]) == (KEPT_POSTS, TRAIN_POSTS, 1)
+    assert selection["reused"] is True  # the restarted group reused what attempt 0 scored, from the same weights
+    assert selection["seconds"] > 0
+    assert [h["train_samples"] for h in result["history"]] == [TRAIN_POSTS, KEPT_POSTS, KEPT_POSTS]
+    assert result["history"][1]["selection_kept"] == KEPT_POSTS
+    table, facts = read_kept_ids(selection["kept_ids"])
+    pids = table.column("pid").to_pylist()
+    train_pids = set(pq.read_table(f"{corpus['data']}/posts/split=train", columns=["pid"]).column("pid").to_pylist())
+    assert len(set(pids)) == len(pids) == KEPT_POSTS and set(pids) <= {str(p) for p in train_pids}
+    assert facts["scored_after_epoch"] == 0
+    losses = table.column("loss").to_pylist()
+    assert losses == sorted(losses)  # easiest first
 
 
 @pytest.mark.slow
@@ -317,6 +436,24 @@ def test_relaunch_with_same_name_continues_epochs(relaunch, first_run):
                         model_config=ModelConfig(), train_config=relaunch["config"], tracking=None)
     assert _checkpoint_dirs(result["run_path"]) == before
     assert again["history"] == result["history"]
+
+
+@pytest.mark.slow
+def test_resume_removes_checkpoint_folders_ray_never_committed(relaunch):
+    from smpp_ray.train.trainer import _previous_run
+
+    run_path = relaunch["result"]["run_path"]
+    committed = _checkpoint_dirs(run_path)
+    orphan = Path(run_path) / "checkpoint_2099-01-01_00-00-00.000000"  # uploaded, never recorded
+    orphan.mkdir()
+    (orphan / ckpt.TRAINABLE_FILE).write_bytes(b"partial upload")
+    bystander = Path(run_path) / "checkpoint_notes.txt"  # a file, not a checkpoint folder: left alone
+    bystander.write_text("kept")
+    previous = _previous_run(run_path, ModelConfig())  # what a relaunch runs before Ray Train starts
+    assert previous is not None and previous["meta"]["epoch"] == EPOCHS_RELAUNCH - 1
+    assert _checkpoint_dirs(run_path) == committed and not orphan.exists()
+    assert bystander.read_text() == "kept"
+    bystander.unlink()
 
 
 @pytest.mark.slow
@@ -374,6 +511,8 @@ def test_mlflow_run_has_epoch_metrics_and_best_checkpoint(relaunch, tracking):
     assert history == {h["epoch"] + 1: pytest.approx(h["val_top1"]) for h in relaunch["result"]["history"]}
     artifacts = {Path(a.path).name for a in c.list_artifacts(tracking.run_id, "best_checkpoint")}
     assert {ckpt.TRAINABLE_FILE, ckpt.OPTIMIZER_FILE, ckpt.META_FILE, ckpt.PROTOTYPES_FILE} <= artifacts
+    assert "kept_ids.parquet" in {Path(a.path).name for a in c.list_artifacts(tracking.run_id, "selection")}
+    assert [m.step for m in c.get_metric_history(tracking.run_id, "selection_kept")] == [2]
 
 
 @pytest.mark.slow

@@ -35,7 +35,8 @@ from smpp_ray.features.manifest import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["FEATURE_SPEC_FILE", "GROUPS", "SPLITS", "FeatureSpec", "SplitData", "build_spec", "categorical_columns",
-           "encode", "group_folds", "load_feature_manifest", "load_splits", "read_split", "select_columns"]
+           "encode", "group_folds", "load_feature_manifest", "load_splits", "read_split", "select_columns",
+           "select_train_posts"]
 
 FEATURE_SPEC_FILE = "feature_spec.json"
 SPLITS = ("train", "val", "test")
@@ -131,13 +132,20 @@ class SplitData:
 
 
 def load_splits(features_dir: str, feature_groups: tuple[str, ...] = (),
-                splits: tuple[str, ...] = SPLITS) -> tuple[FeatureSpec, dict[str, SplitData]]:
-    """Read, check and encode the requested splits (train is always read: it defines the vocabulary)."""
+                splits: tuple[str, ...] = SPLITS, *, selected_ids: str = "") -> tuple[FeatureSpec, dict[str, SplitData]]:
+    """Read, check and encode the requested splits (train is always read: it defines the vocabulary).
+
+    ``selected_ids`` (``tune.fit_on_selected``: the train stage's kept-ids file) keeps only the
+    train posts that sample selection kept; val and test stay whole. The vocabulary is still
+    built on all of train, so a model's :class:`FeatureSpec` does not depend on the selection.
+    """
     manifest = load_feature_manifest(features_dir)
     chosen = select_columns(manifest, feature_groups)
     keys = list(SPLIT_KEYS)
     frames = {s: read_split(features_dir, s, keys + chosen) for s in dict.fromkeys(("train", *splits))}
     spec = build_spec(manifest, frames["train"], feature_groups)
+    if selected_ids:
+        frames["train"] = select_train_posts(frames["train"], selected_ids)
     data: dict[str, SplitData] = {}
     for split, frame in frames.items():
         y = frame["label"].to_numpy(dtype=np.float64, na_value=np.nan)
@@ -149,6 +157,25 @@ def load_splits(features_dir: str, feature_groups: tuple[str, ...] = (),
     logger.info("loaded features %s: %s, %d features (%d categorical)", features_dir,
                 {s: len(d.y) for s, d in data.items()}, len(spec.features), len(spec.categorical))
     return spec, data
+
+
+def select_train_posts(train: pd.DataFrame, selected_ids: str) -> pd.DataFrame:
+    """The rows of ``train`` whose pid the kept-ids file at ``selected_ids`` lists (order kept).
+
+    A kept pid missing from the features means the two come from different datasets; fitting on
+    the overlap would silently change the subset, so it is an error.
+    """
+    from smpp_ray.train.selection import read_kept_ids
+
+    table, facts = read_kept_ids(selected_ids)
+    kept = set(table.column("pid").to_pylist())
+    mask = train["pid"].astype(str).isin(kept).to_numpy()
+    if int(mask.sum()) != len(kept):
+        raise ValueError(f"{len(kept) - int(mask.sum())} of the {len(kept)} kept posts in {selected_ids!r} are not "
+                         "in the features' train split: were the features extracted from another dataset?")
+    logger.info("fitting on the %d of %d train posts sample selection kept (keep %s)", len(kept), len(train),
+                facts.get("keep"))
+    return train[mask].reset_index(drop=True)
 
 
 def group_folds(uids: np.ndarray, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -47,6 +47,8 @@ class TrialSetup:
     threads: int
     seed: int
     report_every: int = 1
+    selected_ids: str = ""
+    """The train stage's kept-ids file when ``tune.fit_on_selected`` (empty: all of train)."""
 
 
 def is_report_round(rounds: int, every: int, total: int) -> bool:
@@ -173,7 +175,8 @@ def _catboost_metric_names() -> dict[str, str]:
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trainable: one hyperparameter configuration, reported every boosting round."""
-    spec, data = load_splits(setup.features_dir, setup.feature_groups, splits=("train", "val"))
+    spec, data = load_splits(setup.features_dir, setup.feature_groups, splits=("train", "val"),
+                             selected_ids=setup.selected_ids)
     params = {**fixed_params(setup.family, seed=setup.seed, threads=setup.threads), **config}
     if setup.validation == "time":
         _time_validation(setup, params, spec.categorical, data)

@@ -149,6 +149,31 @@ def load_training_state(checkpoint: str | os.PathLike[str],
 # Which checkpoint
 
 
+#: Ray Train names each reported checkpoint's folder ``checkpoint_<timestamp>`` under the run.
+CHECKPOINT_DIR_PREFIX = "checkpoint_"
+
+
+def remove_uncommitted_checkpoints(run_path: str, committed: list[str]) -> list[str]:
+    """Remove the ``checkpoint_*`` folders of ``run_path`` that are not in ``committed``; returns them.
+
+    Ray Train uploads a checkpoint folder before it records it in its checkpoint manager's
+    snapshot; a run killed in between leaves a folder no Result lists, which retention never
+    deletes and which would sit in the run's storage for good (a few hundred MB each with
+    unfrozen CLIP blocks). ``committed`` are the folders Ray's snapshot lists (any locations;
+    matched by name). Call it only while no run writes to ``run_path``.
+    """
+    keep = {storage.name(storage.normalize(c)) for c in committed}
+    removed = []
+    for entry in storage.list_names(run_path):
+        location = storage.join(run_path, entry)
+        if entry.startswith(CHECKPOINT_DIR_PREFIX) and entry not in keep and storage.is_dir(location):
+            storage.remove(location)
+            removed.append(location)
+            logger.warning("removed checkpoint folder %s: Ray Train never committed it (a run stopped "
+                           "while reporting it)", location)
+    return removed
+
+
 def best_checkpoint(train_dir: str) -> str:
     """The best checkpoint's location recorded by the finished train stage in ``train_dir``."""
     summary = read_summary(train_dir)

@@ -79,10 +79,12 @@ def count_rows(data_dir: str, split: str) -> int:
     return sum(fragment.count_rows() for fragment in dataset.get_fragments())
 
 
-def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: bool):
+def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: bool, kept_ids: str = ""):
     """A lazy Ray Dataset of one split, decoded and tokenised by the model's BatchPreprocessor.
 
-    ``train`` switches on the preprocessor's augmentation (random resized crop + flip). The
+    ``train`` switches on the preprocessor's augmentation (random resized crop + flip).
+    ``kept_ids`` (a location) puts a :class:`~smpp_ray.train.selection.KeptPostsFilter` ahead of
+    decoding: every post passes until sample selection writes that file, then only its posts. The
     preprocessor instance is a plain callable, so Ray Data runs it in stateless CPU tasks that
     hold no CPUs between epochs; an actor pool would pin CPUs that the training workers and the
     other split's pipeline also need on a small machine.
@@ -98,6 +100,12 @@ def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: b
     preprocessor = BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, train,
                                      mean=spec.mean, std=spec.std)
     dataset = ray.data.read_parquet(path).select_columns(INPUT_COLUMNS)
+    if kept_ids:
+        from smpp_ray.train.selection import KeptPostsFilter
+
+        # Same compute as the preprocessor, so Ray Data fuses the two into one task per batch.
+        dataset = dataset.map_batches(KeptPostsFilter(kept_ids), batch_size=PREPROCESS_BATCH_ROWS,
+                                      batch_format="pyarrow", num_cpus=1)
     return dataset.map_batches(preprocessor, batch_size=PREPROCESS_BATCH_ROWS, batch_format="numpy",
                                num_cpus=1)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from smpp_ray.train.image_cache import ImageFeatureCache
@@ -29,9 +30,10 @@ class StepSettings:
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step."""
     sample_selection_keep: float = 1.0
-    """Share of each batch (lowest per-sample loss) that contributes gradients, after warm-up."""
+    """Share of each batch (lowest per-sample loss) that contributes gradients, after warm-up
+    (``train.sample_selection: batch``; the dataset mode selects posts before they are read)."""
     warmup_steps: int = 0
-    """Optimizer steps before sample selection starts (early losses say little about noise)."""
+    """Optimizer steps before per-batch selection starts (early losses say little about noise)."""
     device: torch.device = torch.device("cpu")
 
 
@@ -153,6 +155,34 @@ def _step(optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+@torch.inference_mode()
+def score_classification_loss(model: torch.nn.Module, batches: Iterable[dict[str, Any]],
+                              device: torch.device) -> tuple[list[str], np.ndarray]:
+    """Every post's classification loss, ``CE(77) + CE(11)`` unweighted, in eval mode.
+
+    What dataset-level sample selection ranks: the paper ranks by classification loss, so the
+    contrastive and prototype terms (which depend on the rest of the batch or on the anchors)
+    stay out, and eval mode (no dropout) makes a post's score independent of which rank or batch
+    scored it. Returns ``(pids, losses)`` in the order seen. Runs the bare model, like
+    :func:`evaluate`, since no gradient is all-reduced.
+    """
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    pids: list[str] = []
+    losses: list[np.ndarray] = []
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(device):
+            outputs = forward_batch(net, batch)
+        parts = net.compute_losses({k: v.float() if v.is_floating_point() else v for k, v in outputs.items()},
+                                   batch["subcategory_id"], batch["category_id"], reduction="none")
+        losses.append((parts["ce_sub"] + parts["ce_cat"]).double().cpu().numpy())  # (B,)
+        pids += [str(p) for p in batch["pid"]]
+    net.train(was_training)
+    return pids, np.concatenate(losses) if losses else np.zeros(0)
 
 
 @torch.inference_mode()

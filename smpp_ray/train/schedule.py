@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -33,13 +34,47 @@ def create_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
         optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps))
 
 
-def create_optimizer(params: list[torch.nn.Parameter], name: str, lr: float,
-                     weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum 0.9) over the given (trainable) parameters only."""
-    if not params:
+#: Prefix of the backbone's parameter names in :class:`smpp_ray.model.model.SMPPModel`.
+BACKBONE_PREFIX = "backbone."
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, backbone_lr: float = 0.0) -> list[dict[str, Any]]:
+    """Optimizer groups over the trainable parameters: ``head`` (prompts, fusion, heads,
+    temperatures) at ``lr`` and ``backbone`` (unfrozen CLIP blocks) at ``backbone_lr``.
+
+    CLIP's pretrained blocks take a lower rate than the freshly initialised parts so fine-tuning
+    adapts them without washing out the image-text alignment the prompts rely on. ``backbone_lr``
+    0 means ``lr``. Groups without parameters are left out; ``head`` comes first, so
+    ``scheduler.get_last_lr()[0]`` stays the main learning rate.
+    """
+    head, backbone = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (backbone if name.startswith(BACKBONE_PREFIX) else head).append(param)
+    groups = [{"name": "head", "params": head, "lr": lr},
+              {"name": "backbone", "params": backbone, "lr": backbone_lr or lr}]
+    return [g for g in groups if g["params"]]
+
+
+def create_optimizer(params: list[torch.nn.Parameter] | torch.nn.Module, name: str, lr: float,
+                     weight_decay: float, *, backbone_lr: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9) over the trainable parameters only.
+
+    Given a model, its trainable parameters are split into :func:`parameter_groups` (the
+    backbone's unfrozen blocks at ``backbone_lr``); given a list of parameters, they form one
+    group at ``lr``. A :func:`create_scheduler` schedule multiplies every group's rate by the
+    same factor, so the backbone keeps its ratio to ``lr`` through warm-up and decay.
+    """
+    if isinstance(params, torch.nn.Module):
+        groups: list[dict[str, Any]] = parameter_groups(params, lr, backbone_lr)
+    else:
+        if backbone_lr:
+            raise ValueError("backbone_lr needs the model (to find its backbone parameters), not a parameter list")
+        groups = [{"name": "head", "params": list(params), "lr": lr}] if params else []
+    if not groups:
         raise ValueError("the model has no trainable parameters; nothing to optimise")
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; expected adamw or sgd")

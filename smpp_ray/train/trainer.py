@@ -7,6 +7,11 @@ split, shares the metrics with the other ranks (so early stopping agrees everywh
 checkpoint and logs the epoch to MLflow. Relaunching with the same ``storage_path``/``name``
 resumes from the latest checkpoint, and a worker failure restarts the group from it.
 
+With ``train.sample_selection: dataset`` (and a keep share below 1) the workers score every
+train post after the warm-up epochs and later epochs read only the kept ones; see
+:mod:`smpp_ray.train.selection` for why the train pipeline reads the kept ids from the run's
+storage.
+
 Every input and output is a location (:mod:`smpp_ray.storage`): with ``out`` on ``s3://`` the run's
 storage defaults to ``<out>/ray_results`` there too, Ray Train persists each checkpoint to it,
 workers read the dataset and the prototype bank from their locations, and the best checkpoint
@@ -31,8 +36,15 @@ from smpp_ray.tracking import TrackingContext, log_artifact, log_metrics, set_ta
 from smpp_ray.train import checkpoint as ckpt
 from smpp_ray.train.data import count_rows, create_split_dataset, input_spec, iterate_torch
 from smpp_ray.train.image_cache import ImageFeatureCache
-from smpp_ray.train.loop import StepSettings, evaluate, train_epoch
+from smpp_ray.train.loop import StepSettings, evaluate, score_classification_loss, train_epoch
 from smpp_ray.train.schedule import create_optimizer, create_scheduler
+from smpp_ray.train.selection import (
+    kept_count,
+    kept_ids_location,
+    read_kept_facts,
+    select_easiest,
+    write_kept_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +55,10 @@ RAY_RESULTS_DIR = "ray_results"
 BEST_CHECKPOINT_DIR = "best_checkpoint"
 #: Validation rows whose logits are stored in each checkpoint (probe.pt) to verify reloads.
 PROBE_ROWS = 16
+#: MLflow artifact path of the kept ids of dataset-level sample selection.
+SELECTION_DIR = "selection"
+#: The train split, unaugmented and unfiltered, that the selection pass scores.
+SELECT_DATASET = "select"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,8 +77,10 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
     (worker-group starts from a checkpoint: failures recovered plus relaunches),
     ``stopped_early``, ``best_checkpoint`` (the full location of Ray Train's best checkpoint
     folder, e.g. ``s3://bucket/run/train/ray_results/smpp-train/checkpoint_...``; retention
-    ranks by val top-1, so the best one is never deleted), ``run_path`` (the run's location) and
-    ``history`` (every epoch's metrics).
+    ranks by val top-1, so the best one is never deleted), ``run_path`` (the run's location),
+    ``history`` (every epoch's metrics) and, once dataset-level sample selection ran,
+    ``selection`` (``kept``, ``total``, ``keep``, ``epoch`` (the first epoch on the kept posts),
+    ``seconds`` (the pass), ``reused``, ``kept_ids`` (the location of the kept pids)).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train import DataConfig as RayDataConfig
@@ -85,17 +103,22 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
         return _finish(previous["result"], run_path, tracking)
 
     train_rows = count_rows(data_dir, "train")
+    selection = _selection_plan(train_config, run_path, train_rows)
     steps_per_epoch = _steps_per_epoch(train_rows, train_config)
-    total_steps = steps_per_epoch * train_config.epochs
+    total_steps = sum(_steps_per_epoch(_epoch_rows(epoch, train_rows, selection), train_config)
+                      for epoch in range(train_config.epochs))
     warmup_steps = int(round(train_config.warmup_epochs * steps_per_epoch))
     spec = input_spec(model_config.backbone, model_config.context_length)
     augment = train_config.augment and not train_config.cache_image_features
     if train_config.augment and not augment:
         logger.info("train.cache_image_features: augmentation off (cached features fix each image)")
     datasets = {
-        "train": create_split_dataset(data_dir, "train", spec, train=augment),
+        "train": create_split_dataset(data_dir, "train", spec, train=augment,
+                                      kept_ids=selection["kept_ids"] if selection else ""),
         "val": create_split_dataset(data_dir, "val", spec, train=False),
     }
+    if selection:
+        datasets[SELECT_DATASET] = create_split_dataset(data_dir, "train", spec, train=False)
     loop_config = {
         "model_config": dataclasses.asdict(model_config),
         "train_config": dataclasses.asdict(train_config),
@@ -104,6 +127,7 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
         "tracking": dataclasses.asdict(tracking) if tracking else None,
         "steps_per_epoch": steps_per_epoch,
         "warmup_steps": warmup_steps,
+        "selection": selection,
         "total_steps": total_steps,
         "run_path": run_path,
     }
@@ -121,7 +145,7 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
                                                checkpoint_score_attribute="val_top1",
                                                checkpoint_score_order="max")),
         datasets=datasets,
-        dataset_config=RayDataConfig(datasets_to_split=["train"]),
+        dataset_config=_ingest_config(RayDataConfig, split_unequal=(SELECT_DATASET,) if selection else ()),
     )
     logger.info("training %d workers x batch %d, %d train posts, %d optimizer steps/epoch, storage %s",
                 train_config.num_workers, train_config.batch_size, train_rows, steps_per_epoch, run_path)
@@ -129,6 +153,47 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
     if result.error is not None:
         raise RuntimeError(f"training run {run_path} failed: {result.error}") from result.error
     return _finish(result, run_path, tracking)
+
+
+def _selection_plan(train_config: TrainConfig, run_path: str, train_rows: int) -> dict[str, Any] | None:
+    """What dataset-level sample selection the workers run (None: off or per batch)."""
+    if train_config.sample_selection_keep >= 1.0 or train_config.sample_selection != "dataset":
+        return None
+    if train_config.selection_warmup_epochs >= train_config.epochs:
+        logger.warning("train.selection_warmup_epochs=%d >= train.epochs=%d: sample selection never runs",
+                       train_config.selection_warmup_epochs, train_config.epochs)
+        return None
+    return {"keep": train_config.sample_selection_keep, "warmup_epochs": train_config.selection_warmup_epochs,
+            "kept_ids": kept_ids_location(run_path), "kept": kept_count(train_rows, train_config.sample_selection_keep)}
+
+
+def _epoch_rows(epoch: int, train_rows: int, selection: dict[str, Any] | None) -> int:
+    """Train posts an epoch reads: all of them until selection starts, the kept ones after."""
+    return selection["kept"] if selection and epoch >= selection["warmup_epochs"] else train_rows
+
+
+def _ingest_config(base: type, split_unequal: tuple[str, ...]) -> Any:
+    """Ray Train's ``DataConfig`` splitting ``train`` (and ``split_unequal``) across the workers.
+
+    ``split_unequal`` datasets are split with ``equal=False``: the default ``equal=True`` drops up
+    to ``world - 1`` rows so every rank steps in lock-step, which training needs, but a post the
+    selection pass never scores could be neither kept nor dropped on merit.
+    """
+
+    class IngestConfig(base):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            unequal = {k: v for k, v in datasets.items() if k in split_unequal}
+            output = super().configure({k: v for k, v in datasets.items() if k not in unequal}, world_size,
+                                       worker_handles, worker_node_ids, **kwargs)
+            for name, dataset in unequal.items():
+                dataset = dataset.copy(dataset)
+                dataset.context.execution_options = self._resolve_execution_options(name)
+                hints = worker_node_ids if self._enable_shard_locality else None
+                for rank, shard in enumerate(dataset.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[rank][name] = shard
+            return output
+
+    return IngestConfig(datasets_to_split=["train", *split_unequal])
 
 
 def _validate(model_config: ModelConfig, train_config: TrainConfig) -> None:
@@ -198,6 +263,10 @@ def _previous_run(run_path: str, model_config: ModelConfig) -> dict[str, Any] | 
         return None
     if result.checkpoint is None:
         return None
+    # Resuming: folders Ray uploaded but never recorded (a run killed mid-report) go now, while
+    # nothing writes to the run; retention would never delete them.
+    committed = [_checkpoint_location(c, run_path) for c, _ in result.best_checkpoints]
+    ckpt.remove_uncommitted_checkpoints(run_path, [*committed, _checkpoint_location(result.checkpoint, run_path)])
     meta = ckpt.read_meta(_checkpoint_location(result.checkpoint, run_path))
     stored = meta["model_config"]
     current = dataclasses.asdict(model_config)
@@ -244,8 +313,13 @@ def _finish(result: Any, run_path: str, tracking: TrackingContext | None) -> dic
         "run_path": run_path,
         "history": state["history"],
     }
+    kept_ids = kept_ids_location(run_path)
+    if state.get("selection"):
+        summary["selection"] = {**state["selection"], "kept_ids": kept_ids}
     if tracking is not None:
         log_artifact(tracking.tracking_uri, tracking.run_id, best_location, BEST_CHECKPOINT_DIR)
+        if state.get("selection") and storage.is_file(kept_ids):
+            log_artifact(tracking.tracking_uri, tracking.run_id, kept_ids, SELECTION_DIR)
         set_tags(tracking.tracking_uri, tracking.run_id,
                  {"smpp.train.run_path": run_path, "smpp.train.best_epoch": best_meta["epoch"]})
     logger.info("training done: best epoch %d val_top1 %.4f (checkpoint %s)", best_meta["epoch"],
@@ -278,8 +352,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if train_config.cache_image_features:
         ImageFeatureCache.check_frozen(model.backbone)
         cache = ImageFeatureCache()
-    optimizer = create_optimizer([p for p in model.parameters() if p.requires_grad], train_config.optimizer,
-                                 train_config.lr, train_config.weight_decay)
+    optimizer = create_optimizer(model, train_config.optimizer, train_config.lr, train_config.weight_decay,
+                                 backbone_lr=train_config.backbone_lr)
     scheduler = create_scheduler(optimizer, config["warmup_steps"], config["total_steps"])
     state = _initial_state()
     restored = ray.train.get_checkpoint()
@@ -294,15 +368,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from smpp_ray.console import line
 
         line(f"rank {rank} resumed from epoch {state['epoch']} (attempt {state['attempt']})")
+    selection = config["selection"]
+    if selection and rank == 0 and not state.get("selection"):
+        _discard_stale_selection(selection["kept_ids"], state["epoch"], selection)
+    # prepare_model is collective (DDP broadcasts rank 0's weights): no rank reads the train
+    # shard before a stale kept-ids file is gone.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
 
+    per_batch = train_config.sample_selection == "batch"
     settings = StepSettings(grad_accum_steps=train_config.grad_accum_steps,
-                            sample_selection_keep=train_config.sample_selection_keep,
-                            warmup_steps=config["warmup_steps"], device=device)
+                            sample_selection_keep=train_config.sample_selection_keep if per_batch else 1.0,
+                            warmup_steps=train_config.selection_warmup_epochs * config["steps_per_epoch"],
+                            device=device)
     train_shard = ray.train.get_dataset_shard("train")
     val_split = ray.train.get_dataset_shard("val")
+    select_shard = ray.train.get_dataset_shard(SELECT_DATASET) if selection else None
     for epoch in range(state["epoch"] + 1, train_config.epochs):
         epoch_started = time.perf_counter()
+        selected_now = None
+        if selection and not state.get("selection") and epoch >= selection["warmup_epochs"]:
+            selected_now = _select_posts(model, select_shard, selection, epoch, train_config.batch_size, device,
+                                         rank, world)
+            state["selection"] = selected_now
         fail = _failure_hook(train_config.fail_at_epoch, epoch, rank, world, config["run_path"])
         stats = train_epoch(model, iterate_torch(train_shard, train_config.batch_size, train=True,
                                                  seed=train_config.seed + epoch),
@@ -316,9 +403,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val = _broadcast(val, rank, world)
         metrics = {"epoch": epoch, **train_metrics,
                    **{k: v for k, v in val.items() if k != "probe"},
-                   "lr": scheduler.get_last_lr()[0], "attempt": state["attempt"]}
+                   **_learning_rates(optimizer), "attempt": state["attempt"]}
         if cache is not None:
             metrics["image_cache_hit_rate"] = cache.hits / max(1, cache.hits + cache.misses)
+        if selected_now is not None:
+            metrics.update(selection_seconds=selected_now["seconds"], selection_kept=selected_now["kept"],
+                           selection_total=selected_now["total"])
         _advance_state(state, epoch, int(stats["global_step"]), metrics, train_config.early_stopping_patience)
         _report(model, optimizer, scheduler, model_config, taxonomy, config["prototypes_path"], metrics, state,
                 val.get("probe"), rank)
@@ -332,6 +422,82 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.info("early stopping after epoch %d: no better val_top1 for %d epochs", epoch,
                         train_config.early_stopping_patience)
             break
+
+
+def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``lr`` (the head group's current rate) and ``backbone_lr`` when backbone blocks train."""
+    rates = {group.get("name", "head"): float(group["lr"]) for group in optimizer.param_groups}
+    out = {"lr": rates.get("head", float(optimizer.param_groups[0]["lr"]))}
+    if "backbone" in rates:
+        out["backbone_lr"] = rates["backbone"]
+    return out
+
+
+def _discard_stale_selection(location: str, resumed_epoch: int, selection: dict[str, Any]) -> None:
+    """Remove a kept-ids file that the weights this run resumes from did not score.
+
+    A file from an earlier launch with another keep share or warm-up, or from a run that went
+    back to an earlier checkpoint, would otherwise filter the epochs before selection. A file
+    scored by exactly these weights (a worker failed after the pass, before the epoch's
+    checkpoint) is kept: the pass would give it again, so it is reused.
+    """
+    from smpp_ray.console import line
+
+    facts = read_kept_facts(location)
+    if facts is None or (_same_selection(facts, resumed_epoch, selection)
+                         and resumed_epoch + 1 >= selection["warmup_epochs"]):
+        return
+    storage.remove(location)
+    line(f"removed kept ids {location} scored after epoch {facts.get('scored_after_epoch')} "
+         f"(keep {facts.get('keep')}); this run resumes after epoch {resumed_epoch}")
+
+
+def _same_selection(facts: dict[str, Any], scored_after_epoch: int, selection: dict[str, Any]) -> bool:
+    return facts.get("scored_after_epoch") == scored_after_epoch and facts.get("keep") == selection["keep"]
+
+
+def _select_posts(model: torch.nn.Module, select_shard: Any, selection: dict[str, Any], epoch: int,
+                  batch_size: int, device: torch.device, rank: int, world: int) -> dict[str, Any]:
+    """The dataset-level selection pass at the start of ``epoch``: every rank scores its shard of
+    the train split, rank 0 ranks all posts and writes the kept ids; returns the selection facts.
+
+    Ends in a broadcast from rank 0 after the write, so no rank starts the epoch's train shard
+    (whose pipeline reads the file) before the file is complete.
+    """
+    from smpp_ray.console import line
+
+    started = time.perf_counter()
+    location = selection["kept_ids"]
+    facts = read_kept_facts(location) if rank == 0 else None
+    reuse = _broadcast(facts if facts is not None and _same_selection(facts, epoch - 1, selection) else None,
+                       rank, world)
+    if reuse is not None:
+        if rank == 0:
+            line(f"reusing kept ids {location}: {reuse['kept']}/{reuse['total']} posts, scored after epoch {epoch - 1}")
+        return {**reuse, "reused": True}
+    batches = iterate_torch(select_shard, batch_size, train=False)
+    pids, losses = _gather_scores(*score_classification_loss(model, batches, device), world)
+    facts = None
+    if rank == 0:
+        index = select_easiest(pids, losses, selection["keep"])
+        facts = {"keep": selection["keep"], "kept": int(len(index)), "total": len(pids), "epoch": epoch,
+                 "scored_after_epoch": epoch - 1, "seconds": time.perf_counter() - started}
+        write_kept_ids(location, [pids[i] for i in index], losses[index], facts)
+        line(f"sample selection after epoch {epoch}: kept {facts['kept']}/{facts['total']} posts by "
+             f"classification loss in {facts['seconds']:.1f} s -> {location}")
+    return {**_broadcast(facts, rank, world), "reused": False}
+
+
+def _gather_scores(pids: list[str], losses: Any, world: int) -> tuple[list[str], Any]:
+    """Every rank's ``(pid, loss)`` on every rank, concatenated in rank order."""
+    import numpy as np
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return pids, losses
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (pids, losses))
+    return [p for part, _ in gathered for p in part], np.concatenate([loss for _, loss in gathered])
 
 
 def _epoch_line(metrics: dict[str, Any], epoch: int, epochs: int, seconds: float) -> None:
@@ -365,7 +531,7 @@ def create_loss_fn(model: torch.nn.Module):
 
 def _initial_state() -> dict[str, Any]:
     return {"epoch": -1, "global_step": 0, "best_val_top1": -1.0, "best_epoch": -1, "epochs_since_best": 0,
-            "stopped_early": False, "attempt": 0, "history": []}
+            "stopped_early": False, "attempt": 0, "history": [], "selection": None}
 
 
 def _advance_state(state: dict[str, Any], epoch: int, global_step: int, metrics: dict[str, float],

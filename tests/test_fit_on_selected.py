@@ -1,0 +1,45 @@
+"""``tune.fit_on_selected``: the regressors' train rows are the posts sample selection kept (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from smpp_ray.gbdt.data import load_splits, read_split
+from smpp_ray.gbdt.synthetic import write_synthetic_features
+from smpp_ray.train.selection import kept_ids_location, write_kept_ids
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    path = tmp_path_factory.mktemp("features")
+    write_synthetic_features(path, rows=600, seed=0)
+    return str(path)
+
+
+def test_fit_on_selected_keeps_the_kept_train_posts_and_whole_val_and_test(features, tmp_path):
+    train_pids = read_split(features, "train", ["pid"])["pid"].astype(str).tolist()
+    kept = train_pids[::3]  # any subset: the file, not a rule, decides
+    location = kept_ids_location(str(tmp_path / "run"))
+    write_kept_ids(location, kept[::-1], np.linspace(0, 1, len(kept)),
+                   {"keep": 0.33, "kept": len(kept), "total": len(train_pids), "scored_after_epoch": 0})
+
+    spec_all, everything = load_splits(features)
+    spec, selected = load_splits(features, selected_ids=location)
+    assert spec == spec_all  # the vocabulary comes from all of train either way
+    assert sorted(selected["train"].keys["pid"].astype(str)) == sorted(kept)
+    assert len(selected["train"].y) == len(selected["train"].X) == len(kept) < len(everything["train"].y)
+    rows = everything["train"].keys["pid"].astype(str).isin(set(kept)).to_numpy()
+    pd.testing.assert_frame_equal(selected["train"].X, everything["train"].X[rows].reset_index(drop=True))
+    np.testing.assert_array_equal(selected["train"].y, everything["train"].y[rows])
+    for split in ("val", "test"):
+        pd.testing.assert_frame_equal(selected[split].X, everything[split].X)
+
+
+def test_kept_posts_missing_from_the_features_are_an_error(features, tmp_path):
+    location = kept_ids_location(str(tmp_path / "run"))
+    write_kept_ids(location, ["no-such-post"], np.zeros(1), {"keep": 0.5, "kept": 1, "total": 2,
+                                                            "scored_after_epoch": 0})
+    with pytest.raises(ValueError, match="1 of the 1 kept posts .* are not in the features' train split"):
+        load_splits(features, selected_ids=location)
