@@ -4,7 +4,8 @@ A job driver that dies on a signal (a native library aborting, the kernel's OOM 
 the user as Ray's bare "exit code 134" or "-9". Running the stage in a child lets this process
 outlive it and say plainly which stage died, on which signal, and where the whole log is. The
 child inherits the job's environment (``RAY_ADDRESS``), so it joins the cluster as the job driver
-would, and the process group, so ``ray job stop`` still reaches it.
+would, and the process group, so ``ray job stop`` still reaches it. A stop that reaches only this
+process is forwarded; the stopped child's exit code (128 + the signal) is this job's.
 """
 
 from __future__ import annotations
@@ -60,9 +61,15 @@ def supervise(child: Sequence[str], command: str) -> int:
     stage = ""
     process = subprocess.Popen(list(child), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                text=True, errors="replace", bufsize=1)
-    # A stop request that reaches only this process is passed on, so the child ends cleanly too.
-    forward = {s: signal.signal(s, lambda num, _frame: process.send_signal(num))
-               for s in (signal.SIGTERM, signal.SIGINT)}
+    forwarded: list[int] = []
+
+    def forward_signal(num: int, _frame: object) -> None:
+        forwarded.append(num)
+        process.send_signal(num)
+
+    # A stop request that reaches only this process is passed on, so the child ends cleanly too:
+    # it marks its MLflow runs KILLED and exits with 128 + the signal (smpp_ray.tracking).
+    forward = {s: signal.signal(s, forward_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         assert process.stdout is not None
         for line in process.stdout:
@@ -78,6 +85,10 @@ def supervise(child: Sequence[str], command: str) -> int:
     if code < 0:
         logger.error("%s", describe_signal_death(command, -code, stage, submission_id()))
         return 128 - code
+    if forwarded and code == 128 + forwarded[0]:
+        where = f"during stage {stage!r}" if stage else "before any stage started"
+        logger.error("smpp %s: stopped by %s %s; rerun the same job to resume", command,
+                     signal.Signals(forwarded[0]).name, where)
     return code
 
 

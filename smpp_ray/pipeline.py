@@ -15,7 +15,16 @@ from typing import Any
 from smpp_ray import stages, storage
 from smpp_ray.config import Config, flatten_config
 from smpp_ray.layout import PIPELINE_STAGES, STAGE_FOLDERS, pipeline_layout
-from smpp_ray.tracking import STAGE_TAG, log_metrics, resolve_tracking_uri, set_tags, tracked_run
+from smpp_ray.tracking import (
+    OUT_TAG,
+    STAGE_TAG,
+    StopRequested,
+    log_metrics,
+    resolve_tracking_uri,
+    set_tags,
+    stop_signals_end_runs,
+    tracked_run,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +79,25 @@ def run_pipeline(config: Config, out_dir: str, *, raw_dir: str | None = None,
     if raw_dir and "synth" in selected:
         selected.remove("synth")
     started = time.time()
+    current = {"stage": ""}
+    try:
+        with stop_signals_end_runs():
+            return _run_stages(config, out_dir, tracking_uri, layout, raw, selected, force, started, current)
+    except StopRequested as stop:
+        logger.error("pipeline stopped by %s %s; its MLflow runs are KILLED; rerun the same command to resume",
+                     stop.signal_name, f"during stage {current['stage']}" if current["stage"] else "before any stage")
+        raise
+
+
+def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[str, str], raw: str,
+                selected: list[str], force: bool, started: float, current: dict[str, str]) -> dict[str, Any]:
+    """The body of :func:`run_pipeline`: ``current["stage"]`` names the stage running, for the
+    message of a stop."""
+    # A stopped pipeline rerun with the same config reopens its run: the resumed stages (tune
+    # reattaches its own stage run too) stay in one tree.
     with tracked_run(tracking_uri, config.tracking.experiment, "pipeline", params=flatten_config(config),
-                     tags={STAGE_TAG: "pipeline", "smpp.out_dir": out_dir},
-                     enabled=config.tracking.enabled) as parent_id:
+                     tags={STAGE_TAG: "pipeline", OUT_TAG: out_dir},
+                     enabled=config.tracking.enabled, reattach=True) as parent_id:
         stage_run = stages.StageRun(tracking_uri, config.tracking.experiment, config.tracking.enabled, parent_id)
         plan = {
             "synth": (lambda: stages.run_synth(config, layout["raw"], stage_run), {}),
@@ -97,7 +122,9 @@ def run_pipeline(config: Config, out_dir: str, *, raw_dir: str | None = None,
                             len(selected), stage)
                 continue
             logger.info("[%d/%d] %s ...", number, len(selected), stage)
+            current["stage"] = stage
             run()
+        current["stage"] = ""
         result: dict[str, Any] = {}
         if "evaluate" in selected:
             from smpp_ray.evaluate import load_results

@@ -50,7 +50,9 @@ from smpp_ray.summary import (
     write_summary,
 )
 from smpp_ray.tracking import (
+    OUT_TAG,
     STAGE_TAG,
+    StopRequested,
     TrackingContext,
     client,
     log_artifact,
@@ -58,6 +60,7 @@ from smpp_ray.tracking import (
     metric_name,
     resolve_tracking_uri,
     set_tags,
+    stop_signals_end_runs,
     tracked_run,
 )
 
@@ -86,6 +89,12 @@ STAGE_WRITES: dict[str, str] = {
     "tune": "in_place",
     "evaluate": "set_aside",
 }
+
+#: Stages whose rerun resumes the stopped work (Tune restores its experiment), so the rerun
+#: reopens the stage's unfinished MLflow run instead of starting a second one: the resumed
+#: search runs and trials stay in one tree. (Train resumes too, but its per-epoch metrics after a
+#: resume belong to the new attempt's run until it logs them only after committed checkpoints.)
+REATTACHED_STAGES = frozenset({"tune"})
 
 
 @dataclass(frozen=True)
@@ -188,9 +197,15 @@ def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
     out = storage.normalize(out_dir)
     started = time.time()
     logger.info("stage %s: starting (out=%s)", stage, out)
-    with _keeping_previous_output(stage, out):
-        storage.make_dir(out)
-        _run_tracked(stage, config, out, inputs, stage_run, body, started)
+    try:
+        with stop_signals_end_runs(), _keeping_previous_output(stage, out):
+            storage.make_dir(out)
+            _run_tracked(stage, config, out, inputs, stage_run, body, started)
+    except StopRequested as stop:
+        logger.error("stage %s: stopped by %s after %.1f s; its MLflow runs are KILLED; rerun the same "
+                     "command to %s", stage, stop.signal_name, time.time() - started,
+                     "resume it" if STAGE_WRITES[stage] == "in_place" else "run it again")
+        raise
     logger.info("stage %s: done in %.1f s", stage, time.time() - started)
     return out
 
@@ -200,7 +215,8 @@ def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], s
     sections = {s: config_to_dict(config)[s] for s in STAGE_SECTIONS[stage]}
     with tracked_run(stage_run.tracking_uri, stage_run.experiment, stage,
                      parent_run_id=stage_run.parent_run_id, params=flatten_config_dict(sections),
-                     tags={STAGE_TAG: stage}, enabled=stage_run.enabled) as run_id:
+                     tags={STAGE_TAG: stage, OUT_TAG: out}, enabled=stage_run.enabled,
+                     reattach=stage in REATTACHED_STAGES) as run_id:
         context = TrackingContext(stage_run.tracking_uri, stage_run.experiment, run_id) if run_id else None
         result = body(context)
         metrics = result.get("metrics", {})

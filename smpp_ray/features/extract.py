@@ -16,7 +16,8 @@ How the work is split:
 2. With a checkpoint, one Ray Data pass streams the posts: ``read_parquet`` -> JPEG decoding and
    tokenisation in CPU tasks (:func:`decode_batch`) -> the model in an actor pool
    (:class:`NetworkFeatureExtractor`, ``ActorPoolStrategy(min_size, max_size)``, ``num_gpus``)
-   -> ``_network/split=*`` Parquet. Decoding is a separate stage so GPUs wait on nothing.
+   -> ``_network/split=*`` Parquet. Decoding is a separate stage so GPUs wait on nothing. An
+   actor that dies mid-run is restarted and its batch retried (:func:`inference_pool`).
 3. The embedding PCAs are fitted on ``_network/split=train`` only, streamed batch by batch.
 4. A second Ray Data pass joins the network rows with the tabular rows *by pid* (order
    independent; the tabular table is shared once through the object store), projects the
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +61,10 @@ ROWS_PER_FILE = 8192
 EMBEDDINGS = ("image_embedding", "text_embedding")
 #: Seconds to wait for the minimum actor pool (model loading included) before failing.
 MIN_ACTORS_WAIT_S = 900
+#: Testing aid, read on the driver: a file path. The first inference actor to create that file
+#: exits abruptly (``os._exit``) in its second batch, as a lost node or an OOM kill would, so a
+#: test can check that the restarted actor's retried batch leaves every pid written exactly once.
+CRASH_ONCE_ENV = "SMPP_TEST_EXTRACT_CRASH_ONCE"
 
 
 @dataclass(frozen=True)
@@ -277,8 +283,34 @@ def network_feature_dataset(data_dir: str, checkpoint: CheckpointInfo, cfg: Extr
         fn_kwargs={"backbone": checkpoint.backbone, "image_size": checkpoint.image_size,
                    "context_length": checkpoint.context_length, "mean": checkpoint.mean, "std": checkpoint.std})
     options, actor = inference_pool(cfg)
-    return decoded.map_batches(NetworkFeatureExtractor, fn_constructor_kwargs={"checkpoint_dir": checkpoint.path, **actor},
+    extractor: type = NetworkFeatureExtractor
+    crash_marker = os.environ.get(CRASH_ONCE_ENV, "")
+    if crash_marker:
+        extractor, actor = _CrashOnceExtractor, {**actor, "crash_marker": crash_marker}
+    return decoded.map_batches(extractor, fn_constructor_kwargs={"checkpoint_dir": checkpoint.path, **actor},
                                **options)
+
+
+class _CrashOnceExtractor(NetworkFeatureExtractor):
+    """Testing aid (:data:`CRASH_ONCE_ENV`): the extractor, but the actor that first creates
+    ``crash_marker`` dies in its second batch, after one batch of its output has gone downstream."""
+
+    def __init__(self, checkpoint_dir: str, *, crash_marker: str, **kwargs: Any) -> None:
+        super().__init__(checkpoint_dir, **kwargs)
+        self.crash_marker = crash_marker
+        self.calls = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        if self.calls == 2:
+            try:  # O_EXCL: exactly one actor of all (and of all restarts) wins the marker
+                os.close(os.open(self.crash_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                logger.warning("feature extractor %s exits abruptly (%s)", self.worker, CRASH_ONCE_ENV)
+                os._exit(1)
+        return super().__call__(batch)
 
 
 #: What a decode worker process holds before its first batch (torch, torchvision, the tokenizer),
@@ -305,6 +337,11 @@ def inference_pool(cfg: ExtractConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                "num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.num_gpus_per_actor,
                "resources": parse_resources(cfg.actor_resources, "extract.actor_resources"),
                "batch_size": cfg.batch_size, "batch_format": "numpy"}
+    # A dead actor (lost node, OOM kill) is restarted and its unfinished batches are retried
+    # there: Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1 (Ray 2.60
+    # deprecates passing them: they would go through **ray_remote_args). A batch's output
+    # leaves the actor only when the call returns, so a retry never duplicates rows;
+    # tests/test_faults.py kills an actor mid-run to hold Ray to that.
     actor = {"device": "cuda" if cfg.num_gpus_per_actor > 0 else "cpu",
              "num_threads": max(1, int(round(cfg.cpus_per_actor)))}
     return options, actor

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -137,7 +138,7 @@ def _search_run(tracking_ctx: TrackingContext, family: str, search_path: str) ->
     found = tracking.find_runs(tracking_ctx.tracking_uri, tracking_ctx.experiment,
                                {FAMILY_TAG: family, SEARCH_TAG: search_path, tracking.PARENT_TAG: tracking_ctx.run_id})
     if found:
-        tracking.client(tracking_ctx.tracking_uri).update_run(found[0], status="RUNNING")
+        tracking.reopen_run(tracking_ctx.tracking_uri, found[0])
         return found[0]
     return tracking.create_run(tracking_ctx.tracking_uri, tracking_ctx.experiment, f"search-{family}",
                                parent_run_id=tracking_ctx.run_id, tags={FAMILY_TAG: family, SEARCH_TAG: search_path})
@@ -213,13 +214,13 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
     started = time.perf_counter()
     try:
-        grid = tuner.fit()
+        grid = _fit_stopping_gracefully(tuner)
         wall = time.perf_counter() - started
         _check_complete(family, ledger.statuses, wall, tune_config, experiment_path)
         result = _summarise(family, grid, ledger.statuses, experiment_path, search_run_id, wall, restored)
     except BaseException as err:
         if search_run_id and tracking_ctx is not None:
-            status = "KILLED" if isinstance(err, (SearchInterrupted, KeyboardInterrupt)) else "FAILED"
+            status = "KILLED" if isinstance(err, SearchInterrupted) else tracking.ended_status(err)
             tracking.end_run(tracking_ctx.tracking_uri, search_run_id, status)
         raise
     if mlflow_cb is not None:
@@ -232,6 +233,40 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                               "trials": len(result.trials), "search_seconds": wall})
         tracking.end_run(tracking_ctx.tracking_uri, search_run_id, "FINISHED")
     return result
+
+
+def _ask_tune_to_stop() -> bool:
+    """Ask the running ``Tuner.fit`` to stop as on its first Ctrl+C (it saves the experiment state
+    one last time, so a rerun resumes from this moment): Tune listens for SIGUSR1 while it runs.
+    False before Tune installed that handler (SIGUSR1's default would kill the process)."""
+    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        return False
+    signal.raise_signal(signal.SIGUSR1)
+    return True
+
+
+def _fit_stopping_gracefully(tuner: Any) -> Any:
+    """``tuner.fit()``; a stop signal (SIGTERM, SIGINT; :func:`smpp_ray.tracking.stop_signals_end_runs`)
+    stops Tune gracefully and then raises :class:`~smpp_ray.tracking.StopRequested`.
+
+    Tune's own SIGINT handler is turned off while ours handles the signal, so SIGINT and SIGTERM
+    (``ray job stop``) take the same path: cut trials end KILLED in MLflow (the callback's
+    ``on_experiment_end``) and the stage exits with 128 + the signal.
+    """
+    with tracking.graceful_stop(_ask_tune_to_stop) as handled:
+        previous = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        if handled:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        try:
+            grid = tuner.fit()
+        finally:
+            if handled:
+                if previous is None:
+                    os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+                else:
+                    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous
+        tracking.raise_if_stop_received()
+    return grid
 
 
 def _check_complete(family: str, statuses: dict[str, str], wall: float, config: TuneConfig, path: str) -> None:

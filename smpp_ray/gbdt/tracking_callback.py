@@ -54,9 +54,8 @@ class MlflowTrialCallback(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         started = time.perf_counter()
         run_id = self._existing_run(trial.trial_id)
-        client = tracking.client(self.tracking_uri)
         if run_id:
-            client.update_run(run_id, status="RUNNING")
+            tracking.reopen_run(self.tracking_uri, run_id)
             logger.info("trial %s resumes MLflow run %s", trial.trial_id, run_id)
         else:
             run_id = tracking.create_run(
