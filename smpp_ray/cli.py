@@ -29,6 +29,8 @@ def package_version() -> str:
 logger = logging.getLogger("smpp_ray.cli")
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+#: A Ctrl+C outside a stage's own stop handling: 128 + SIGINT, as a shell reports it.
+EXIT_INTERRUPTED = 130
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -315,7 +317,7 @@ def _run_logged(args: argparse.Namespace, log_path: str) -> int:
             return EXIT_BAD_INPUT
         except KeyboardInterrupt:
             logger.error("interrupted; full log: %s", log_path)
-            return EXIT_FAILURE
+            return EXIT_INTERRUPTED
         except Exception as err:
             logging.getLogger("smpp.details").error("smpp %s failed", args.command, exc_info=True)
             logger.error("smpp %s failed: %s: %s (traceback and library output in %s)", args.command,

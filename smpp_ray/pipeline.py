@@ -7,6 +7,7 @@ the tune section, redoes only what changed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -117,7 +118,13 @@ def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[st
         for number, stage in enumerate(selected, start=1):
             run, inputs = plan[stage]
             folder = layout[STAGE_FOLDERS[stage]]
-            if not force and stages.is_complete(stage, config, inputs, folder):
+            stage_config = config
+            if stage == "tune" and config.tune.fit_on_selected:
+                # The kept ids exist only once train has run: resolved now, not when the plan was made
+                stage_config = stages.selected_ids_config(config, layout["train"])
+                inputs = {**inputs, "selected_ids": stage_config.tune.selected_ids}
+                run = functools.partial(stages.run_tune, stage_config, layout["features"], layout["tune"], stage_run)
+            if not force and stages.is_complete(stage, stage_config, inputs, folder):
                 logger.info("[%d/%d] %s: complete for these inputs and config, skipped", number,
                             len(selected), stage)
                 continue

@@ -29,6 +29,7 @@ its summary (not complete) rather than a mix that claims to be.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -351,12 +352,32 @@ def run_extract(config: Config, data_dir: str, checkpoint: str | None, out_dir: 
     return _run_stage("extract", config, out_dir, inputs, stage_run, body)
 
 
+def selected_ids_config(config: Config, train_dir: str | None) -> Config:
+    """``tune.fit_on_selected`` without ``tune.selected_ids``: the kept-ids file the train stage
+    in ``train_dir`` wrote (its summary's ``selection.kept_ids``). Fails, naming what to set,
+    when there is none to find."""
+    tune = config.tune
+    if not tune.fit_on_selected or tune.selected_ids:
+        return config
+    summary = read_summary(train_dir) if train_dir else None
+    kept = ((summary or {}).get("metrics", {}).get("selection") or {}).get("kept_ids")
+    if not kept:
+        where = f"the train stage in {train_dir}" if train_dir else "no train stage given"
+        raise ValueError(f"tune.fit_on_selected: {where} recorded no dataset-level sample selection "
+                         "(it needs train.sample_selection: dataset and train.sample_selection_keep < 1); "
+                         "set tune.selected_ids to a kept_ids.parquet or tune.fit_on_selected=false")
+    return dataclasses.replace(config, tune=dataclasses.replace(tune, selected_ids=kept))
+
+
 def run_tune(config: Config, features_dir: str, out_dir: str,
              stage_run: StageRun | None = None) -> str:
     """Search LightGBM and CatBoost on Ray Tune, refit, blend, evaluate."""
     features_dir, out_dir = storage.normalize(features_dir), storage.normalize(out_dir)
     from smpp_ray.gbdt import tune_models
 
+    if config.tune.fit_on_selected and not config.tune.selected_ids:
+        raise ValueError("tune.fit_on_selected needs tune.selected_ids (the train stage's "
+                         "selection/kept_ids.parquet); a pipeline fills it in from its train stage")
     stage_run = stage_run or default_stage_run(config)
     _ensure_ray(config)
 
@@ -365,7 +386,10 @@ def run_tune(config: Config, features_dir: str, out_dir: str,
         metrics = {**result["metrics"], "blend_weights": result["blend_weights"]}
         return {"metrics": metrics, "artifacts": result["paths"]}
 
-    return _run_stage("tune", config, out_dir, {"features": str(features_dir)}, stage_run, body)
+    inputs = {"features": str(features_dir)}
+    if config.tune.fit_on_selected:
+        inputs["selected_ids"] = config.tune.selected_ids  # its contents are fingerprinted too
+    return _run_stage("tune", config, out_dir, inputs, stage_run, body)
 
 
 def run_evaluate(config: Config, pipeline_dir: str, stage_run: StageRun | None = None) -> str:

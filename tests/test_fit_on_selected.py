@@ -43,3 +43,43 @@ def test_kept_posts_missing_from_the_features_are_an_error(features, tmp_path):
                                                             "scored_after_epoch": 0})
     with pytest.raises(ValueError, match="1 of the 1 kept posts .* are not in the features' train split"):
         load_splits(features, selected_ids=location)
+
+
+def test_refit_on_selected_fits_the_kept_rows_and_predicts_every_post(features, tmp_path):
+    from smpp_ray.gbdt.refit import refit
+
+    train_pids = read_split(features, "train", ["pid"])["pid"].astype(str).tolist()
+    kept = train_pids[: len(train_pids) // 4]
+    location = kept_ids_location(str(tmp_path / "run"))
+    write_kept_ids(location, kept, np.zeros(len(kept)), {"keep": 0.25, "kept": len(kept), "total": len(train_pids),
+                                                          "scored_after_epoch": 0})
+    common = dict(fit_on=("train",), feature_groups=(), threads=1, seed=0)
+    params = {"num_leaves": 7, "learning_rate": 0.1, "min_data_in_leaf": 5}
+    whole = refit("lightgbm", params, 30, features, **common)
+    selected = refit("lightgbm", params, 30, features, selected_ids=location, **common)
+    # Every post of every split is still predicted, once
+    for result in (whole, selected):
+        counts = result["predictions"].groupby("split")["pid"].nunique().to_dict()
+        assert counts == whole["predictions"].groupby("split")["pid"].nunique().to_dict()
+        assert not result["predictions"].duplicated(["split", "pid"]).any()
+    # ... by a model fitted on a quarter of train: its train predictions differ from the whole fit's
+    a = whole["predictions"].query("split == 'train'")["pred"].to_numpy()
+    b = selected["predictions"].query("split == 'train'")["pred"].to_numpy()
+    assert not np.allclose(a, b)
+
+
+def test_a_pipeline_takes_the_kept_ids_from_its_train_stage(tmp_path):
+    from smpp_ray import storage
+    from smpp_ray.config import Config, TuneConfig
+    from smpp_ray.stages import selected_ids_config
+
+    config = Config(tune=TuneConfig(fit_on_selected=True))
+    with pytest.raises(ValueError, match="recorded no dataset-level sample selection"):
+        selected_ids_config(config, str(tmp_path / "train"))
+    storage.write_json(str(tmp_path / "train" / "summary.json"),
+                       {"stage": "train", "status": "complete",
+                        "metrics": {"selection": {"kept_ids": "s3://b/run/selection/kept_ids.parquet"}}})
+    assert selected_ids_config(config, str(tmp_path / "train")).tune.selected_ids == \
+        "s3://b/run/selection/kept_ids.parquet"
+    off = Config()
+    assert selected_ids_config(off, str(tmp_path / "train")) is off

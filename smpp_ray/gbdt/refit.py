@@ -21,16 +21,22 @@ logger = logging.getLogger(__name__)
 
 
 def refit(family: str, config: dict[str, Any], rounds: int, features_dir: str, *, fit_on: tuple[str, ...],
-          feature_groups: tuple[str, ...], threads: int, seed: int) -> dict[str, Any]:
+          feature_groups: tuple[str, ...], threads: int, seed: int, selected_ids: str = "") -> dict[str, Any]:
     """Train ``family`` with ``config`` for ``rounds`` rounds on ``fit_on`` and predict all splits.
 
     Returns ``model``, ``spec`` (the :class:`FeatureSpec` as a dict), ``predictions`` (pid, split,
     label, category, pred), ``importance`` (feature -> share of the total, sums to 1) and
     ``sample`` (a few encoded val rows, the signature/input example of the logged model).
+    ``selected_ids`` (``tune.fit_on_selected``) fits on the train posts sample selection kept;
+    predictions still cover every post of every split.
     """
     spec, data = load_splits(features_dir, feature_groups)
-    X = pd.concat([data[s].X for s in fit_on], ignore_index=True)
-    y = np.concatenate([data[s].y for s in fit_on])
+    fit_data = dict(data)
+    if selected_ids:
+        _, kept = load_splits(features_dir, feature_groups, splits=("train",), selected_ids=selected_ids)
+        fit_data["train"] = kept["train"]
+    X = pd.concat([fit_data[s].X for s in fit_on], ignore_index=True)
+    y = np.concatenate([fit_data[s].y for s in fit_on])
     params = {**fixed_params(family, seed=seed, threads=threads), **config}
     model = fit_model(family, params, rounds, X, y, spec.categorical)
     frames = []
@@ -50,11 +56,11 @@ def refit(family: str, config: dict[str, Any], rounds: int, features_dir: str, *
 
 def refit_remote(family: str, config: dict[str, Any], rounds: int, features_dir: str, *, fit_on: tuple[str, ...],
                  feature_groups: tuple[str, ...], cpus: float, seed: int,
-                 resources: dict[str, float] | None = None) -> Any:
+                 resources: dict[str, float] | None = None, selected_ids: str = "") -> Any:
     """Launch :func:`refit` as a Ray task holding ``cpus`` CPUs (and the trials' custom
     ``resources``, so it runs where they may); returns its ObjectRef."""
     import ray
 
     task = ray.remote(refit).options(num_cpus=cpus, resources=resources or {}, name=f"refit-{family}")
     return task.remote(family, config, rounds, features_dir, fit_on=fit_on, feature_groups=feature_groups,
-                       threads=max(1, int(cpus)), seed=seed)
+                       threads=max(1, int(cpus)), seed=seed, selected_ids=selected_ids)

@@ -61,6 +61,8 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     features_dir = storage.normalize(features_dir)
     out = storage.normalize(out_dir)
     select_columns(load_feature_manifest(features_dir), tune_config.feature_groups)  # fail before any trial
+    if tune_config.fit_on_selected and not tune_config.selected_ids:
+        raise ValueError("tune.fit_on_selected needs tune.selected_ids (the train stage's selection/kept_ids.parquet)")
     models = list(tune_config.models)
 
     searches: dict[str, SearchResult] = {}
@@ -116,7 +118,8 @@ def _refit_all(searches: dict[str, SearchResult], features_dir: str,
     def launch(fit_on: tuple[str, ...]) -> dict[str, Any]:
         return {f: refit_remote(f, s.best_config, s.best_rounds, features_dir, fit_on=fit_on,
                                 feature_groups=config.feature_groups, cpus=config.cpus_per_trial, seed=config.seed,
-                                resources=parse_resources(config.trial_resources, "tune.trial_resources"))
+                                resources=parse_resources(config.trial_resources, "tune.trial_resources"),
+                                selected_ids=config.selected_ids if config.fit_on_selected else "")
                 for f, s in searches.items()}
 
     refs = launch(("train",))

@@ -166,7 +166,8 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
     setup = TrialSetup(family=family, features_dir=storage.normalize(features_dir), feature_groups=tune_config.feature_groups,
                        validation=tune_config.validation, folds=tune_config.folds, max_rounds=tune_config.max_rounds,
                        threads=max(1, int(tune_config.cpus_per_trial)), seed=tune_config.seed,
-                       report_every=effective_report_every(tune_config))
+                       report_every=effective_report_every(tune_config),
+                       selected_ids=tune_config.selected_ids if tune_config.fit_on_selected else "")
     resources = {"cpu": tune_config.cpus_per_trial, **parse_resources(tune_config.trial_resources, "tune.trial_resources")}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
     space = search_space(family)
