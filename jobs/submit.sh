@@ -27,10 +27,12 @@ need_address() {
 }
 
 # The runtime env: what to leave out of the upload and which client variables the job needs.
+# The upload leaves .git out, so the checkout's commit travels as SMPP_GIT_COMMIT (MLflow's
+# source.git.commit tag and the report's run facts).
 runtime_env_json() {
-  "$PY" - <<'EOF'
+  SMPP_GIT_COMMIT="${SMPP_GIT_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || true)}" "$PY" - <<'EOF'
 import json, os
-names = ["MLFLOW_TRACKING_URI"] + os.environ.get("SMPP_FORWARD_ENV", "").split()
+names = ["MLFLOW_TRACKING_URI", "SMPP_GIT_COMMIT"] + os.environ.get("SMPP_FORWARD_ENV", "").split()
 env_vars = {n: os.environ[n] for n in names if os.environ.get(n)}
 print(json.dumps({
     "excludes": [".venv", "runs", ".git", "cluster/.local", "**/__pycache__", "*.egg-info",

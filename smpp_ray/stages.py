@@ -57,6 +57,7 @@ from smpp_ray.tracking import (
     TrackingContext,
     client,
     log_artifact,
+    log_dataset_inputs,
     log_metrics,
     metric_name,
     resolve_tracking_uri,
@@ -211,6 +212,10 @@ def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
     return out
 
 
+#: Stage inputs that are datasets, logged as MLflow dataset inputs of the stage's run.
+DATASET_INPUTS = ("raw", "data", "features", "selected_ids")
+
+
 def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], stage_run: StageRun,
                  body: Callable[[TrackingContext | None], dict[str, Any]], started: float) -> None:
     sections = {s: config_to_dict(config)[s] for s in STAGE_SECTIONS[stage]}
@@ -219,6 +224,9 @@ def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], s
                      tags={STAGE_TAG: stage, OUT_TAG: out}, enabled=stage_run.enabled,
                      reattach=stage in REATTACHED_STAGES) as run_id:
         context = TrackingContext(stage_run.tracking_uri, stage_run.experiment, run_id) if run_id else None
+        if run_id:
+            read = {f"smpd-{name}": location for name, location in inputs.items() if name in DATASET_INPUTS and location}
+            log_dataset_inputs(stage_run.tracking_uri, run_id, read, context=stage)
         result = body(context)
         metrics = result.get("metrics", {})
         if run_id:

@@ -21,11 +21,13 @@ import re
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from smpp_ray import storage
+from smpp_ray.provenance import run_source_tags
 
 logger = logging.getLogger(__name__)
 
@@ -84,18 +86,28 @@ def client(tracking_uri: str):
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
+#: MLflow 3's UI opens an experiment on its GenAI overview unless told it holds model training
+#: runs; with this tag it opens on the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
+                   "mlflow.note.content": "smpp_ray: one run per pipeline, a child run per stage, "
+                                          "Tune trials as children of their search run."}
+
+
 def experiment_id(tracking_uri: str, name: str) -> str:
     """Id of the named experiment, created (with artifacts beside a SQLite store) when missing."""
     c = client(tracking_uri)
     found = c.get_experiment_by_name(name)
     if found is not None:
+        if "mlflow.experimentKind" not in found.tags:  # made before this tag existed, or by hand
+            for key, value in EXPERIMENT_TAGS.items():
+                c.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     artifact_location = None
     if tracking_uri.startswith("sqlite:///"):
         db = tracking_uri[len("sqlite:///"):]
         artifact_location = "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
     try:
-        return c.create_experiment(name, artifact_location=artifact_location)
+        return c.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
     except Exception:  # another process created it between our lookup and create
         found = c.get_experiment_by_name(name)
         if found is None:
@@ -146,13 +158,33 @@ def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
 def create_run(tracking_uri: str, experiment: str, name: str, *, parent_run_id: str | None = None,
                tags: Mapping[str, Any] | None = None) -> str:
     """Create a RUNNING run (a child of ``parent_run_id`` when given) and return its id."""
-    all_tags = {"mlflow.runName": name, **(tags or {})}
+    all_tags = {"mlflow.runName": name, **run_source_tags(), **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = client(tracking_uri).create_run(experiment_id(tracking_uri, experiment), run_name=name,
                                           tags={k: str(v) for k, v in all_tags.items()})
     _OPEN_RUNS[run.info.run_id] = tracking_uri
     return run.info.run_id
+
+
+def log_dataset_inputs(tracking_uri: str, run_id: str, datasets: Mapping[str, str], context: str) -> None:
+    """Record each ``{name: location}`` the run reads as an MLflow dataset input (the UI's
+    Datasets column), its digest the contents fingerprint stages already compute."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    entries = []
+    for name, location in datasets.items():
+        with warnings.catch_warnings():
+            # MLflow registers the local-file source class twice and warns that a path "can be
+            # interpreted in multiple ways" (both the same class): nothing a user can act on.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(location)
+        dataset = MetaDataset(source=source, name=name, digest=storage.fingerprint(location)[:16])
+        entries.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    if entries:
+        client(tracking_uri).log_inputs(run_id, datasets=entries)
 
 
 def reopen_run(tracking_uri: str, run_id: str) -> None:

@@ -648,8 +648,9 @@ def test_runtime_env_excludes_local_state_and_forwards_tracking(tmp_path: Path):
     runtime_env = json.loads(out.stdout)
     for path in (".venv", ".git", "runs", "cluster/.local"):
         assert path in runtime_env["excludes"]
-    assert runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5999",
-                                       "AWS_REGION": "eu-west-1"}
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5999", "AWS_REGION": "eu-west-1",
+                                       **({"SMPP_GIT_COMMIT": commit} if commit else {})}
 
 
 def test_submit_sh_refuses_missing_address_and_config():

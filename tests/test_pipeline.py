@@ -58,6 +58,36 @@ def test_mlflow_holds_parent_run_with_one_child_per_stage(pipeline_run):
         assert name in parent.data.metrics
 
 
+def test_mlflow_experiment_and_runs_carry_provenance_and_dataset_inputs(pipeline_run):
+    """The UI opens on runs (classic experiment kind); each run says who started it, how and from
+    which commit; the stages that read a dataset list it as an input, digest = its contents."""
+    import subprocess
+
+    from smpp_ray import storage
+
+    config, out, result = pipeline_run
+    c = client(result["tracking_uri"])
+    experiment = c.get_experiment_by_name(config.tracking.experiment)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = _runs(result["tracking_uri"], config.tracking.experiment)
+    commit = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    for run in runs:
+        tags = run.data.tags
+        assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL", tags
+        assert tags.get("mlflow.source.git.commit", "") == commit
+    by_stage = {r.data.tags[STAGE_TAG]: r for r in runs if r.data.tags.get(PARENT_TAG) == result["mlflow_run_id"]}
+    expected = {"prepare": {"smpd-raw"}, "prototypes": {"smpd-data"}, "train": {"smpd-data"},
+                "extract": {"smpd-data"}, "tune": {"smpd-features"}}
+    for stage, names in expected.items():
+        inputs = by_stage[stage].inputs.dataset_inputs
+        assert {i.dataset.name for i in inputs} == names, stage
+        for entry in inputs:
+            assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == stage
+            location = by_stage[stage].data.tags[f"input.{entry.dataset.name.removeprefix('smpd-')}"]
+            assert entry.dataset.digest == storage.fingerprint(location)[:16]
+
+
 def test_results_table_and_report(pipeline_run):
     _, out, result = pipeline_run
     table = result["table"].set_index("model")
