@@ -282,6 +282,8 @@ def run_prepare(config: Config, raw_dir: str, out_dir: str,
     from smpp_ray.data.prepare import prepare_dataset
     from smpp_ray.data.schema import rejects_path
 
+    if not storage.is_dir(raw_dir):  # before Ray starts: a typo should cost no start-up
+        raise FileNotFoundError(f"raw SMPD folder {raw_dir} does not exist (expected train_*.json/.txt files there)")
     stage_run = stage_run or default_stage_run(config)
     d = config.data
     _ensure_ray(config)
