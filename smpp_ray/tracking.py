@@ -115,7 +115,8 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         return found.experiment_id
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
+    """A param as MLflow stores it: text, cut to MLflow's length limit."""
     text = str(value)
     return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
 
@@ -123,7 +124,7 @@ def _param_value(value: Any) -> str:
 def log_params(tracking_uri: str, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(str(k), _param_value(v)) for k, v in params.items()]
+    items = [Param(str(k), param_value(v)) for k, v in params.items()]
     c = client(tracking_uri)
     for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         c.log_batch(run_id, params=items[start:start + 100])
@@ -227,7 +228,7 @@ def find_reattachable_run(tracking_uri: str, experiment: str, tags: Mapping[str,
     query = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
     runs = client(tracking_uri).search_runs([found.experiment_id], filter_string=query,
                                             order_by=["attributes.start_time DESC"], max_results=100)
-    wanted = {str(k): _param_value(v) for k, v in params.items()}
+    wanted = {str(k): param_value(v) for k, v in params.items()}
     for run in runs:
         if run.data.tags.get(PARENT_TAG) != (parent_run_id or None):
             continue

@@ -114,6 +114,16 @@ def test_registered_models_reload_and_predict_identically(tuned, features):
         reloaded = np.asarray(model.predict(data["test"].X), dtype=np.float64)
         assert np.array_equal(data["test"].keys["pid"].to_numpy(), test_rows["pid"].to_numpy())
         assert np.array_equal(reloaded, test_rows[f"pred_{family}"].to_numpy())
+        # The registry explains itself: a description, tagged versions, a READY logged model
+        c = client(ctx.tracking_uri)
+        assert family in c.get_registered_model(f"test-{family}").description
+        version = c.get_model_version(f"test-{family}", result["registered_models"][family]["version"])
+        assert version.tags["smpp.family"] == family
+        assert float(version.tags["smpp.val_src"]) == pytest.approx(result["search"][family]["best_val_src"], abs=0.2)
+        logged = c.get_logged_model(result["registered_models"][family]["model_id"])
+        assert "READY" in str(logged.status)
+        assert logged.source_run_id == result["search"][family]["search_run_id"]
+        assert int(logged.params["rounds"]) == result["best_rounds"][family]
 
 
 def test_tuned_blend_beats_constant_and_single_feature_baselines(tuned, features):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -75,20 +76,33 @@ def load_flavour(family: str, location: str) -> Any:
     return mlflow.catboost.load_model(source)
 
 
-def log_and_register(tracking_uri: str, run_id: str, model_location: str, name: str,
-                     artifact_path: str = "model") -> dict[str, str]:
-    """Upload the model folder at ``model_location`` (any location) to ``run_id`` and register it
-    as a new version of ``name``."""
+def log_and_register(tracking_uri: str, run_id: str, model_location: str, name: str, *,
+                     description: str = "", tags: Mapping[str, Any] | None = None,
+                     params: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Log the model folder at ``model_location`` (any location) as an MLflow *logged model* of
+    ``run_id`` (the UI's Models tab: its params, tags and signature), and register it as a new
+    version of ``name`` (created with ``description`` the first time; the version gets ``tags``)."""
     client = tracking.client(tracking_uri)
-    client.log_artifacts(run_id, storage.local_copy(model_location), artifact_path)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    text_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment, name=name, source_run_id=run_id, tags=text_tags,
+                                        params={str(k): tracking.param_value(v) for k, v in (params or {}).items()})
+    try:
+        client.log_model_artifacts(logged.model_id, storage.local_copy(model_location))
+    except Exception:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(logged.model_id, "READY")
+    source = logged.artifact_location
     try:
         client.get_registered_model(name)
     except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST: first version of this name
-        client.create_registered_model(name)
-    version = client.create_model_version(name, source=source, run_id=run_id)
-    logger.info("registered %s version %s from %s", name, version.version, source)
-    return {"name": name, "version": str(version.version), "source": source, "run_id": run_id}
+        client.create_registered_model(name, description=description or None)
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=text_tags,
+                                          model_id=logged.model_id)
+    logger.info("registered %s version %s (logged model %s)", name, version.version, logged.model_id)
+    return {"name": name, "version": str(version.version), "source": source, "run_id": run_id,
+            "model_id": logged.model_id}
 
 
 def registered_source(tracking_uri: str, name: str, version: str | None = None) -> str:

@@ -210,11 +210,22 @@ def _register_scorer(ctx: TrackingContext, features_dir: str, out: str, config: 
 def _log_to_mlflow(ctx: TrackingContext, out: str, searches: dict[str, SearchResult], evaluation: dict[str, Any],
                    weights: dict[str, float], paths: dict[str, str], config: TuneConfig) -> dict[str, dict[str, str]]:
     """Models to each family's search run (registered), metrics and artifacts to the stage run."""
+    from smpp_ray.provenance import git_commit
+
     registered = {}
+    overall = evaluation.get("overall", {})
     for family, search in searches.items():
         run_id = search.search_run_id or ctx.run_id
-        registered[family] = log_and_register(ctx.tracking_uri, run_id, paths[f"model_{family}"],
-                                              f"{config.registered_model_prefix}-{family}")
+        scores = {f"{split}_{name}": overall.get(split, {}).get(family, {}).get(name)
+                  for split in ("val", "test") for name in ("src", "mae")}
+        tags = {"smpp.family": family, "smpp.refit_on": config.refit_on, "smpp.best_trial": search.best_trial_id,
+                **{f"smpp.{k}": f"{v:.4f}" for k, v in scores.items() if isinstance(v, float)},
+                **({"smpp.git_commit": git_commit()} if git_commit() else {})}
+        registered[family] = log_and_register(
+            ctx.tracking_uri, run_id, paths[f"model_{family}"], f"{config.registered_model_prefix}-{family}",
+            description=f"smpp_ray {family} popularity regressor on the extracted features (the tune stage's "
+                        "best trial, refit); its inputs are the features of feature_spec.json",
+            tags=tags, params={**search.best_config, "rounds": search.best_rounds})
     flat = mlflow_metrics(evaluation)
     flat.update({f"blend_weight_{f}": w for f, w in weights.items()})
     tracking.log_metrics(ctx.tracking_uri, ctx.run_id, flat)
