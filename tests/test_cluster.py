@@ -523,8 +523,9 @@ def test_stopped_training_job_resumes_from_its_checkpoint_in_the_bucket(local_cl
 
     client = mlflow.MlflowClient(tracking_uri=local_cluster.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
-                              filter_string="tags.`smpp.stage` = 'train'")
-    assert len(runs) == 2  # one per job
+                              filter_string="tags.`smpp.stage` = 'train'", order_by=["attributes.start_time ASC"])
+    # One per job: the stopped one KILLED (`ray job stop` sends SIGTERM), the resumed one FINISHED
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
 
 
 def _listening_sockets(pids: set[int]) -> dict[str, set[int]]:
