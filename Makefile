@@ -17,7 +17,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/smpp pipeline --config jobs/configs/demo.yaml --out $(DEMO_OUT)
 
-test: $(STAMP)
+# The report test renders the HTML in headless Chromium (Debian package `chromium`); installed here
+# when running as root with apt-get, otherwise that test skips and says why.
+$(VENV)/.chromium: | $(STAMP)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }; } || \
+		echo "chromium not installed: the report's browser test will skip"
+	touch $@
+
+test: $(STAMP) $(VENV)/.chromium
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)

@@ -264,6 +264,15 @@ cmd_up() {
     IFS=: read -r -a extra <<<"${SMPP_WORKER_HIDE:-}"
     hide+=("${extra[@]}")
     mkdir -p "$REPO/runs"
+    local hidden real_venv
+    real_venv="$(readlink -f "$VENV")"
+    for hidden in "${hide[@]}"; do
+      [[ -n "$hidden" && "$real_venv/" == "$(readlink -f "$hidden")/"* ]] && \
+        die "--isolate-worker: the venv $real_venv is under $hidden, which the worker node cannot see; set VENV" 2
+    done
+    # The venv by its real path and the launcher's source as an argument: a symlinked venv or
+    # the repository itself may sit under a hidden folder
+    worker_start=("$real_venv/bin/python" -c "$(cat "$REPO/cluster/ray_loopback.py")" "${worker_start[@]:2}")
     log "starting Ray worker node ($WORKER_CPUS CPUs, resource node_b) in its own mount namespace; hidden: ${hide[*]}"
     # The token file may be under a hidden folder: the node gets the token itself
     RAY_AUTH_TOKEN="$(cat "$token_file")" spawn ray-worker unshare --mount --propagation private -- \

@@ -10,6 +10,7 @@ the network brings is measured, not assumed.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -33,17 +34,37 @@ METADATA_GROUPS = ("user", "time", "text", "geo", "category", "history")
 
 def metadata_baseline(features_dir: str, seed: int = 0) -> dict[str, float]:
     """Test metrics of a default LightGBM on the non-network features (fit on train)."""
+    predictions = metadata_baseline_predictions(features_dir, seed=seed)["predictions"]
+    test = predictions[predictions["split"] == "test"]
+    return regression_metrics(test["label"].to_numpy(), test["pred"].to_numpy())
+
+
+#: The baseline's parameters (LightGBM defaults but for the number of rounds), shown in the report.
+BASELINE_PARAMS = {"n_estimators": 300, "learning_rate": 0.05, "num_leaves": 31}
+
+
+def metadata_baseline_predictions(features_dir: str, seed: int = 0) -> dict[str, Any]:
+    """The metadata-only baseline fit on train: ``predictions`` (pid, split, label, category,
+    pred over the labelled val and test posts), ``fit_seconds`` and ``params``."""
     import lightgbm as lgb
 
     manifest = load_feature_manifest(features_dir)
     names = select_columns(manifest, METADATA_GROUPS)
     categorical = categorical_columns(manifest, names)
-    train, test = read_split(str(features_dir), "train"), read_split(str(features_dir), "test")
-    test = test[test["label"].notna()]
-    model = lgb.LGBMRegressor(n_estimators=300, learning_rate=0.05, num_leaves=31, random_state=seed,
-                              n_jobs=2, verbose=-1)
+    train = read_split(str(features_dir), "train")
+    model = lgb.LGBMRegressor(**BASELINE_PARAMS, random_state=seed, n_jobs=2, verbose=-1)
+    started = time.perf_counter()
     model.fit(train[names], train["label"], categorical_feature=categorical or "auto")
-    return regression_metrics(test["label"].to_numpy(), model.predict(test[names]))
+    fit_seconds = time.perf_counter() - started
+    frames = []
+    for split in ("val", "test"):
+        rows = read_split(str(features_dir), split)
+        rows = rows[rows["label"].notna()]
+        frames.append(pd.DataFrame({"pid": rows["pid"].astype(str).to_numpy(), "split": split,
+                                    "label": rows["label"].to_numpy(), "category": rows["category"].to_numpy(),
+                                    "pred": model.predict(rows[names]) if len(rows) else np.empty(0)}))
+    return {"predictions": pd.concat(frames, ignore_index=True), "fit_seconds": fit_seconds,
+            "params": dict(BASELINE_PARAMS)}
 
 
 def oracle_src(raw_dir: str, test_pids: pd.Series, labels: pd.Series) -> float | None:
@@ -79,13 +100,15 @@ def evaluate_pipeline(layout: dict[str, str], *, seed: int, tracking_uri: str | 
     for folder, stage in (("data", "prepare"), ("features", "extract"), ("tune", "tune")):
         require_summary(layout[folder], stage)
     tune_metrics = require_summary(layout["tune"], "tune")["metrics"]
-    baseline = metadata_baseline(layout["features"], seed=seed)
+    baseline_run = metadata_baseline_predictions(layout["features"], seed=seed)
+    baseline_test = baseline_run["predictions"][baseline_run["predictions"]["split"] == "test"]
+    baseline = regression_metrics(baseline_test["label"].to_numpy(), baseline_test["pred"].to_numpy())
     test = read_split(layout["features"], "test")
     test = test[test["label"].notna()]
     oracle = oracle_src(layout["raw"], test["pid"], test["label"])
     table = results_table(tune_metrics, baseline, oracle)
     results = storage.write_text(storage.join(layout["report"], "results.csv"), table.to_csv(index=False))
-    report = write_report(layout, table, tracking_uri=tracking_uri)
+    report = write_report(layout, table, tracking_uri=tracking_uri, baseline=baseline_run)
     final = {f"test_src_{r.model.split()[0]}": r.src for r in table.itertuples()}
     final.update({f"test_mae_{r.model.split()[0]}": r.mae for r in table.itertuples() if np.isfinite(r.mae)})
     return {"table": table, "report": report, "results": results, "final_metrics": final}

@@ -19,12 +19,14 @@ from pathlib import Path
 GIT_COMMIT_ENV = "SMPP_GIT_COMMIT"
 
 
-@functools.cache
 def git_commit() -> str:
-    """The commit of the checkout this package runs from ('' when there is none: an installed
-    wheel, an uploaded job folder without ``SMPP_GIT_COMMIT``, no git binary)."""
-    if os.environ.get(GIT_COMMIT_ENV):
-        return os.environ[GIT_COMMIT_ENV]
+    """The commit of the code: ``$SMPP_GIT_COMMIT``, else that of the checkout this package runs
+    from ('' when there is none: an installed wheel, an uploaded job folder, no git binary)."""
+    return os.environ.get(GIT_COMMIT_ENV, "").strip() or _checkout_commit()
+
+
+@functools.cache
+def _checkout_commit() -> str:
     package_dir = Path(__file__).resolve().parent
     try:
         done = subprocess.run(["git", "-C", str(package_dir), "rev-parse", "HEAD"], capture_output=True,

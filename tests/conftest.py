@@ -57,19 +57,11 @@ def one_torch_thread():
 def s3_endpoint(tmp_path_factory):
     """A real S3 server (moto) on 127.0.0.1 for the session, with the standard AWS_* variables
     set in this process (pyarrow and MLflow read them); yields the endpoint URL."""
+    from environ import environ
     from s3_server import moto_server, s3_env
 
-    with moto_server(tmp_path_factory.mktemp("s3") / "moto.log") as endpoint:
-        saved = {k: os.environ.get(k) for k in s3_env(endpoint)}
-        os.environ.update(s3_env(endpoint))
-        try:
-            yield endpoint
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with moto_server(tmp_path_factory.mktemp("s3") / "moto.log") as endpoint, environ(s3_env(endpoint)):
+        yield endpoint
 
 
 def _fresh_bucket(endpoint: str) -> str:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from environ import environ
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster" / "local.sh"
@@ -177,16 +178,10 @@ def local_cluster(cluster_workdir: Path):
     sessions = {int(line.split()[2]) for line in (state_dir / "processes").read_text().splitlines()}
     env = _clean_env(**_read_exports(state_dir / "env"))
     # This process reads the MLflow server back: it needs the credentials, as any client does
-    saved = {k: os.environ.get(k) for k in _MLFLOW_CREDENTIALS}
-    os.environ.update({k: env[k] for k in _MLFLOW_CREDENTIALS})
     try:
-        yield LocalCluster(state_dir, env, state["CLUSTER_ID"], sessions)
+        with environ({k: env[k] for k in _MLFLOW_CREDENTIALS}):
+            yield LocalCluster(state_dir, env, state["CLUSTER_ID"], sessions)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         run_local_sh("down", state_dir)  # no-op when test_down already stopped it
 
 
