@@ -228,6 +228,15 @@ def test_build_prototypes_with_ray_equals_in_process(ray_session, prepared, tmp_
 
     # in-process: the same actor class called directly on every train post, then the same selection
     embedded = EmbedPosts(TINY_MODEL)(train)
+    # Independently of the assembly code: each prototype row is the mean of its recorded members'
+    # unit-norm embeddings (image for the visual bank, text for the textual one).
+    np.testing.assert_allclose(np.linalg.norm(embedded["image_emb"], axis=1), 1.0, atol=1e-5)
+    row_of = {str(p): i for i, p in enumerate(embedded["pid"])}
+    for c in members["classes"]:
+        if c["count"]:
+            rows = [row_of[p] for p in c["pids"]]
+            np.testing.assert_allclose(bank.visual[c["row"]].numpy(), embedded["image_emb"][rows].mean(0), atol=1e-5)
+            np.testing.assert_allclose(bank.textual[c["row"]].numpy(), embedded["text_emb"][rows].mean(0), atol=1e-5)
     expected, expected_members = compute_prototypes(embedded, TAXONOMY, shots=shots, time_buckets=3, seed=0, embed_dim=64)
     got = {(c["level"], c["id"]): c for c in members["classes"]}
     for c in expected_members["classes"]:

@@ -119,6 +119,7 @@ def test_registered_models_reload_and_predict_identically(tuned, features):
         assert family in c.get_registered_model(f"test-{family}").description
         version = c.get_model_version(f"test-{family}", result["registered_models"][family]["version"])
         assert version.tags["smpp.family"] == family
+        assert 50 < result["search"][family]["peak_rss_mib"] < 8192  # a trial process: torch-free, < 8 GiB
         assert float(version.tags["smpp.val_src"]) == pytest.approx(result["search"][family]["best_val_src"], abs=0.2)
         logged = c.get_logged_model(result["registered_models"][family]["model_id"])
         assert "READY" in str(logged.status)

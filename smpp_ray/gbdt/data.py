@@ -6,9 +6,18 @@ names are re-exported here). ``FEATURES`` is any location (a local path, ``s3://
 reader here runs where it is called (a Tune trial, a refit task) and reads the location itself,
 so the data never passes through the driver and no node needs the driver's disk.
 
-Categorical feature values (strings or integers) are coded as int32 from a vocabulary built on
-the *train* split only (sorted distinct values); values unseen in train get -1, which LightGBM
-reads as missing and CatBoost as one more category. The :class:`FeatureSpec` holds that
+Numeric features are float32 (:data:`FEATURE_DTYPE`): half the memory of float64 in every Tune
+trial, at a precision the models hardly use (LightGBM bins each feature into at most ``max_bin``
+values; CatBoost converts its input to float32 itself). Floating-point columns are cast as the
+Parquet files are scanned, so no float64 copy of a split is ever held. Trials, refits and the
+scorer all encode through :func:`encode`, so a model sees the same rounded values when it is fit
+and when it predicts. Labels stay float64: one column, and the SRC/MAE the search ranks by.
+
+Categorical feature values (strings or integers) are coded as integers (:func:`code_dtype`: int16
+while the vocabulary fits, so a LightGBM matrix of float32 and int16 columns stays float32 rather
+than being promoted to float64) from a vocabulary built on the *train* split only (sorted
+distinct values); values unseen in train get -1, which LightGBM reads as missing and CatBoost as
+one more category. The :class:`FeatureSpec` holds that
 vocabulary and is saved beside the models (``feature_spec.json``, written and read only by
 :meth:`FeatureSpec.save` / :meth:`FeatureSpec.load`) so prediction codes new rows the same way.
 """
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +44,13 @@ from smpp_ray.features.manifest import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FEATURE_SPEC_FILE", "GROUPS", "SPLITS", "FeatureSpec", "SplitData", "build_spec", "categorical_columns",
-           "encode", "group_folds", "load_feature_manifest", "load_splits", "read_split", "select_columns",
-           "select_train_posts"]
+__all__ = ["FEATURE_DTYPE", "FEATURE_SPEC_FILE", "GROUPS", "SPLITS", "FeatureSpec", "SplitData", "build_spec",
+           "categorical_columns", "code_dtype", "encode", "group_folds", "load_feature_manifest", "load_splits",
+           "read_split", "select_columns", "select_train_posts"]
 
 FEATURE_SPEC_FILE = "feature_spec.json"
+#: dtype of the numeric feature columns in the model matrix.
+FEATURE_DTYPE = np.float32
 SPLITS = ("train", "val", "test")
 #: Key columns read with the features: identity, time order, the label and the evaluation groups.
 SPLIT_KEYS = ("pid", "uid", "postdate", "label", "category")
@@ -78,8 +90,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {value!r} of type {type(value).__name__} to JSON")
 
 
-def read_split(features_dir: str, split: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """One split as pandas, in time order (postdate, then pid) so row order never depends on files."""
+def read_split(features_dir: str, split: str, columns: list[str] | None = None, *,
+               float32: Iterable[str] = ()) -> pd.DataFrame:
+    """One split as pandas, in time order (postdate, then pid) so row order never depends on files.
+
+    The ``float32`` columns that are float64 in the files are read as float32, cast batch by
+    batch during the scan (other types are left to :func:`encode`). Sorting happens in Arrow,
+    before the conversion, which frees each column as it converts it.
+    """
+    import pyarrow as pa
     import pyarrow.dataset as ds
 
     if split not in SPLITS:
@@ -88,11 +107,21 @@ def read_split(features_dir: str, split: str, columns: list[str] | None = None) 
     if not storage.is_dir(location):
         raise ValueError(f"features split {location!r} does not exist; run `smpp extract` first")
     fs, path = storage.resolve(location)
-    table = ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
-    frame = table.to_pandas()
-    if "postdate" in frame.columns and "pid" in frame.columns:
-        frame = frame.sort_values(["postdate", "pid"], kind="stable").reset_index(drop=True)
-    return frame
+    dataset = ds.dataset(path, filesystem=fs, format="parquet")
+    narrow = set(float32)
+    projection: Any = columns
+    if narrow:
+        schema = dataset.schema
+        projection = {name: ds.field(name).cast(pa.float32())
+                      if name in narrow and name in schema.names and pa.types.is_float64(schema.field(name).type)
+                      else ds.field(name) for name in (columns if columns is not None else schema.names)}
+    table = dataset.to_table(columns=projection)
+    if "postdate" in table.column_names and "pid" in table.column_names:
+        # Arrow's sort is stable and puts nulls last, as pandas' stable sort did.
+        table = table.sort_by([("postdate", "ascending"), ("pid", "ascending")])
+    # split_blocks + self_destruct: columns become pandas blocks one by one, each Arrow buffer
+    # freed as it is converted, instead of a consolidated copy beside the whole table.
+    return table.to_pandas(split_blocks=True, self_destruct=True)
 
 
 def build_spec(manifest: dict[str, Any], train: pd.DataFrame, feature_groups: tuple[str, ...] = ()) -> FeatureSpec:
@@ -107,8 +136,18 @@ def build_spec(manifest: dict[str, Any], train: pd.DataFrame, feature_groups: tu
                        categorical=categorical, vocabularies=vocab)
 
 
-def encode(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
-    """The model matrix: numeric features as float64, categoricals as int32 codes (-1 unseen/missing)."""
+def code_dtype(vocabulary_size: int) -> type:
+    """The integer type of a categorical's codes (-1 and ``0 .. vocabulary_size - 1``).
+
+    int16 for vocabularies below 32768 values: LightGBM converts a frame to one numpy dtype,
+    ``np.result_type`` of its columns, and float32 with int32 is float64 (a full-size copy).
+    """
+    return np.int16 if vocabulary_size <= np.iinfo(np.int16).max else np.int32
+
+
+def encode(frame: pd.DataFrame, spec: FeatureSpec, *, dtype: Any = FEATURE_DTYPE) -> pd.DataFrame:
+    """The model matrix: numeric features as ``dtype`` (float32), categoricals as integer codes
+    (:func:`code_dtype`; -1 unseen/missing)."""
     missing = [name for name in spec.features if name not in frame.columns]
     if missing:
         raise ValueError(f"frame lacks feature columns {missing!r}")
@@ -116,9 +155,9 @@ def encode(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
     for name in spec.features:
         if name in spec.categorical:
             lookup = {value: code for code, value in enumerate(spec.vocabularies[name])}
-            out[name] = frame[name].map(lookup).fillna(-1).to_numpy(dtype=np.int32)
+            out[name] = frame[name].map(lookup).fillna(-1).to_numpy(dtype=code_dtype(len(lookup)))
         else:
-            out[name] = pd.to_numeric(frame[name], errors="raise").to_numpy(dtype=np.float64)
+            out[name] = pd.to_numeric(frame[name], errors="raise").to_numpy(dtype=dtype)
     return pd.DataFrame(out, index=frame.index)
 
 
@@ -132,28 +171,36 @@ class SplitData:
 
 
 def load_splits(features_dir: str, feature_groups: tuple[str, ...] = (),
-                splits: tuple[str, ...] = SPLITS, *, selected_ids: str = "") -> tuple[FeatureSpec, dict[str, SplitData]]:
+                splits: tuple[str, ...] = SPLITS, *, selected_ids: str = "",
+                _dtype: Any = FEATURE_DTYPE) -> tuple[FeatureSpec, dict[str, SplitData]]:
     """Read, check and encode the requested splits (train is always read: it defines the vocabulary).
 
     ``selected_ids`` (``tune.fit_on_selected``: the train stage's kept-ids file) keeps only the
     train posts that sample selection kept; val and test stay whole. The vocabulary is still
     built on all of train, so a model's :class:`FeatureSpec` does not depend on the selection.
+    ``_dtype`` (tests only) is the numeric features' dtype; float64 reads the files as they are.
     """
     manifest = load_feature_manifest(features_dir)
     chosen = select_columns(manifest, feature_groups)
     keys = list(SPLIT_KEYS)
-    frames = {s: read_split(features_dir, s, keys + chosen) for s in dict.fromkeys(("train", *splits))}
-    spec = build_spec(manifest, frames["train"], feature_groups)
-    if selected_ids:
-        frames["train"] = select_train_posts(frames["train"], selected_ids)
+    categorical = set(categorical_columns(manifest, chosen))
+    narrow = [c for c in chosen if c not in categorical and c not in keys] if np.dtype(_dtype) == np.float32 else []
     data: dict[str, SplitData] = {}
-    for split, frame in frames.items():
+    spec: FeatureSpec | None = None
+    # One raw split in memory at a time: each is encoded, and dropped, before the next is read.
+    for split in dict.fromkeys(("train", *splits)):
+        frame = read_split(features_dir, split, keys + chosen, float32=narrow)
+        if spec is None:  # train comes first
+            spec = build_spec(manifest, frame, feature_groups)
+            if selected_ids:
+                frame = select_train_posts(frame, selected_ids)
         y = frame["label"].to_numpy(dtype=np.float64, na_value=np.nan)
         if split != "test" and not np.isfinite(y).all():
             bad = int(np.flatnonzero(~np.isfinite(y))[0])
             raise ValueError(f"split={split} row {bad} (pid {frame['pid'].iloc[bad]!r}) has no label; "
                              "train and val must be fully labelled")
-        data[split] = SplitData(X=encode(frame, spec), y=y, keys=frame[keys].reset_index(drop=True))
+        data[split] = SplitData(X=encode(frame, spec, dtype=_dtype), y=y, keys=frame[keys].reset_index(drop=True))
+        del frame
     logger.info("loaded features %s: %s, %d features (%d categorical)", features_dir,
                 {s: len(d.y) for s, d in data.items()}, len(spec.features), len(spec.categorical))
     return spec, data

@@ -100,7 +100,10 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         "best_rounds": {f: s.best_rounds for f, s in searches.items()},
         "search": {f: {"trials": len(s.trials), "best_val_src": s.best_val_src, "best_trial_id": s.best_trial_id,
                        "experiment_path": s.experiment_path, "search_run_id": s.search_run_id,
-                       "restored": s.restored, "seconds": s.wall_seconds} for f, s in searches.items()},
+                       "restored": s.restored, "seconds": s.wall_seconds,
+                       # the largest trial process's peak: what max_concurrent_trials multiplies
+                       "peak_rss_mib": max((t["peak_rss_mib"] for t in s.trials if t.get("peak_rss_mib") is not None),
+                                           default=None)} for f, s in searches.items()},
         "blend_weights": weights,
         "registered_models": registered,
         "timings": {"total_s": time.perf_counter() - started, "search_s": search_seconds,

@@ -294,7 +294,8 @@ def _summarise(family: str, grid: Any, statuses: dict[str, str], experiment_path
         if frame is not None and METRIC in frame and frame[METRIC].notna().any():
             row = frame.loc[frame[METRIC].idxmax()]
             entry.update(best_val_src=float(row[METRIC]), best_val_mae=float(row["val_mae"]),
-                         best_round=int(row["rounds"]), rounds_run=int(frame["rounds"].max()))
+                         best_round=int(row["rounds"]), rounds_run=int(frame["rounds"].max()),
+                         peak_rss_mib=float(frame["peak_rss_mib"].max()) if "peak_rss_mib" in frame else None)
             if result.error is None and (best is None or entry["best_val_src"] > best["best_val_src"]):
                 best = entry
         trials.append(entry)

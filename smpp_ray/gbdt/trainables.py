@@ -11,7 +11,9 @@ SRC each round), CatBoost through :class:`TuneReportCatBoostCallback` with a Pyt
 metric that computes SRC. Both report ``val_src``, ``val_mae`` and ``rounds`` (the number of
 trees the values belong to; ASHA's time attribute) on rounds 1, 1 + k, 1 + 2k, ... and the
 last, k = ``report_every``: a report is a round trip to the driver, which would dominate
-rounds that take milliseconds.
+rounds that take milliseconds. Every report also carries ``peak_rss_mib``, the trial process's
+peak resident memory since the trial started (:func:`peak_rss_mib`), so a trial's last report
+holds its peak.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from smpp_ray.gbdt.spaces import fixed_params
 logger = logging.getLogger(__name__)
 
 REPORTED = ("val_src", "val_mae")
+#: The memory metric in every trial report: peak RSS of the trial's process, MiB.
+PEAK_RSS = "peak_rss_mib"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,31 @@ class TrialSetup:
     """The train stage's kept-ids file when ``tune.fit_on_selected`` (empty: all of train)."""
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-RSS count from its current RSS; False where that is not possible.
+
+    Tune reuses trial actors (``reuse_actors=True``), so without the reset a trial would report
+    the peak of every trial its process ran before it. Linux resets the high-water mark that
+    ``getrusage`` reads when ``5`` is written to ``/proc/self/clear_refs`` (Linux >= 4.0);
+    elsewhere the figure stays the process's lifetime peak, an upper bound.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB (``getrusage(RUSAGE_SELF).ru_maxrss``)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
 def is_report_round(rounds: int, every: int, total: int) -> bool:
     """Rounds 1, 1 + every, ... and the last: the rounds CatBoost's ``metric_period`` evaluates."""
     return (rounds - 1) % every == 0 or rounds == total
@@ -65,7 +94,7 @@ def lightgbm_report_callback(metric_names: dict[str, str], every: int) -> Any:
             rounds = env.iteration + 1
             if is_report_round(rounds, every, env.end_iteration):
                 report = self._get_report_dict(self._get_eval_result(env))
-                self._report_metrics({**report, "rounds": rounds})
+                self._report_metrics({**report, "rounds": rounds, PEAK_RSS: peak_rss_mib()})
 
     return _EveryRounds(metrics=metric_names, frequency=0, checkpoint_at_end=False)
 
@@ -121,7 +150,7 @@ class TuneReportCatBoostCallback:
 def _tune_report(values: dict[str, float]) -> None:
     from ray import tune
 
-    tune.report(values)
+    tune.report({**values, PEAK_RSS: peak_rss_mib()})
 
 
 class _RecordCatBoostCallback(TuneReportCatBoostCallback):
@@ -175,6 +204,7 @@ def _catboost_metric_names() -> dict[str, str]:
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trainable: one hyperparameter configuration, reported every boosting round."""
+    reset_peak_rss()
     spec, data = load_splits(setup.features_dir, setup.feature_groups, splits=("train", "val"),
                              selected_ids=setup.selected_ids)
     params = {**fixed_params(setup.family, seed=setup.seed, threads=setup.threads), **config}

@@ -185,48 +185,82 @@ def score_classification_loss(model: torch.nn.Module, batches: Iterable[dict[str
     return pids, np.concatenate(losses) if losses else np.zeros(0)
 
 
+#: The sums :func:`evaluate` accumulates, in the order they are all-reduced.
+EVAL_SUMS = ("loss_sum", "samples", "correct_sub", "correct_cat", "labelled_sub", "labelled_cat")
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], loss_fn: LossFn,
-             device: torch.device, *, probe_rows: int = 0) -> dict[str, Any]:
+             device: torch.device, *, probe_rows: int = 0, sharded: bool = False) -> dict[str, Any]:
     """Validation loss and top-1 (77-way ``logits_sub``, 11-way ``logits_cat``) over ``batches``.
 
-    Runs the bare model (not its DDP wrapper) so one rank can evaluate alone. Posts without a
-    label id (-1) are left out of the accuracies. With ``probe_rows`` the first rows' pids and
-    ``logits_sub`` are returned under ``probe`` (saved in checkpoints to check a reload).
+    Runs the bare model (not its DDP wrapper): no gradient is all-reduced, and a rank's forward
+    passes must not wait on the others' (shards differ in length). Posts without a label id (-1)
+    are left out of the accuracies. With ``probe_rows`` the first rows' pids and ``logits_sub``
+    are returned under ``probe`` (saved in checkpoints to check a reload).
+
+    ``sharded``: ``batches`` is this rank's shard of the split; the sums are all-reduced over the
+    process group, so every rank returns the metrics of the whole split (the probe stays this
+    rank's). A rank whose shard is empty still joins the all-reduce.
     """
+    sums, probe = _evaluation_sums(model, batches, loss_fn, device, probe_rows)
+    if sharded:
+        sums = all_reduce_sums(sums, device)
+    if sums["samples"] == 0:
+        raise ValueError("evaluate got no batches: the validation split is empty")
+    result: dict[str, Any] = {
+        "val_loss": sums["loss_sum"] / sums["samples"],
+        "val_top1": sums["correct_sub"] / max(1, sums["labelled_sub"]),
+        "val_top1_cat": sums["correct_cat"] / max(1, sums["labelled_cat"]),
+        "val_samples": float(sums["samples"]),
+    }
+    if probe_rows:
+        result["probe"] = probe
+    return result
+
+
+def _evaluation_sums(model: torch.nn.Module, batches: Iterable[dict[str, Any]], loss_fn: LossFn,
+                     device: torch.device, probe_rows: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """:data:`EVAL_SUMS` over ``batches`` and the probe (first ``probe_rows`` pids and logits)."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
-    loss_sum, samples, correct_sub, correct_cat, labelled_sub, labelled_cat = 0.0, 0, 0, 0, 0, 0
+    sums = dict.fromkeys(EVAL_SUMS, 0.0)
     probe_pids: list[str] = []
     probe_logits: list[torch.Tensor] = []
     for batch in batches:
         batch = to_device(batch, device)
         with autocast(device):
             outputs = forward_batch(net, batch)
-            per_sample = loss_fn(outputs, batch).float()
-        loss_sum += float(per_sample.sum())
-        samples += per_sample.shape[0]
+            per_sample = loss_fn(outputs, batch).float()  # (B,)
         sub, cat = batch["subcategory_id"].long(), batch["category_id"].long()
         mask_sub, mask_cat = sub >= 0, cat >= 0
-        correct_sub += int((outputs["logits_sub"].argmax(-1).eq(sub) & mask_sub).sum())
-        correct_cat += int((outputs["logits_cat"].argmax(-1).eq(cat) & mask_cat).sum())
-        labelled_sub += int(mask_sub.sum())
-        labelled_cat += int(mask_cat.sum())
+        sums["loss_sum"] += float(per_sample.double().sum())
+        sums["samples"] += per_sample.shape[0]
+        sums["correct_sub"] += int((outputs["logits_sub"].argmax(-1).eq(sub) & mask_sub).sum())
+        sums["correct_cat"] += int((outputs["logits_cat"].argmax(-1).eq(cat) & mask_cat).sum())
+        sums["labelled_sub"] += int(mask_sub.sum())
+        sums["labelled_cat"] += int(mask_cat.sum())
         if len(probe_pids) < probe_rows:
             take = probe_rows - len(probe_pids)
             probe_pids += list(batch["pid"][:take])
             probe_logits.append(outputs["logits_sub"][:take].float().cpu())
     net.train(was_training)
-    if samples == 0:
-        raise ValueError("evaluate got no batches: the validation split is empty")
-    result: dict[str, Any] = {
-        "val_loss": loss_sum / samples,
-        "val_top1": correct_sub / max(1, labelled_sub),
-        "val_top1_cat": correct_cat / max(1, labelled_cat),
-        "val_samples": float(samples),
-    }
-    if probe_rows:
-        result["probe"] = {"pid": probe_pids, "logits_sub": torch.cat(probe_logits) if probe_logits
-                           else torch.empty(0)}
-    return result
+    probe = {"pid": probe_pids, "logits_sub": torch.cat(probe_logits) if probe_logits else torch.empty(0)}
+    return sums, probe
+
+
+def all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    """``sums`` added over the process group (as given without one, or alone in it).
+
+    float64 on the wire: the counts stay exact well past 2**24 posts, and the loss sum differs
+    from one process's only by the order of the additions.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(sums)
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = torch.tensor([sums[k] for k in sums], dtype=torch.float64, device=on)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return dict(zip(sums, values.cpu().tolist(), strict=True))

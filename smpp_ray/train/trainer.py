@@ -2,9 +2,9 @@
 
 The driver builds two lazy Ray Datasets (train, val), a ``TorchTrainer`` with DDP workers and
 the run's storage, then collects the best checkpoint. Each worker streams its shard of the
-train split through :func:`smpp_ray.train.loop.train_epoch`; rank 0 evaluates the whole val
-split, shares the metrics with the other ranks (so early stopping agrees everywhere), writes the
-checkpoint and logs the epoch to MLflow. Relaunching with the same ``storage_path``/``name``
+train split through :func:`smpp_ray.train.loop.train_epoch` and evaluates its shard of the val
+split; the evaluation sums are all-reduced, so every rank holds the metrics of the whole split
+(and early stopping agrees everywhere). Rank 0 writes the checkpoint and logs the epoch to MLflow. Relaunching with the same ``storage_path``/``name``
 resumes from the latest checkpoint, and a worker failure restarts the group from it.
 
 With ``train.sample_selection: dataset`` (and a keep share below 1) the workers score every
@@ -53,7 +53,8 @@ PROTOTYPES_FILE = "prototypes.safetensors"
 RAY_RESULTS_DIR = "ray_results"
 #: MLflow artifact path of the best checkpoint.
 BEST_CHECKPOINT_DIR = "best_checkpoint"
-#: Validation rows whose logits are stored in each checkpoint (probe.pt) to verify reloads.
+#: Validation rows whose logits are stored in each checkpoint (probe.pt) to verify reloads: the
+#: first rows of rank 0's val shard.
 PROBE_ROWS = 16
 #: MLflow artifact path of the kept ids of dataset-level sample selection.
 SELECTION_DIR = "selection"
@@ -145,7 +146,8 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
                                                checkpoint_score_attribute="val_top1",
                                                checkpoint_score_order="max")),
         datasets=datasets,
-        dataset_config=_ingest_config(RayDataConfig, split_unequal=(SELECT_DATASET,) if selection else ()),
+        dataset_config=_ingest_config(RayDataConfig,
+                                      split_unequal=("val", SELECT_DATASET) if selection else ("val",)),
     )
     logger.info("training %d workers x batch %d, %d train posts, %d optimizer steps/epoch, storage %s",
                 train_config.num_workers, train_config.batch_size, train_rows, steps_per_epoch, run_path)
@@ -175,9 +177,12 @@ def _epoch_rows(epoch: int, train_rows: int, selection: dict[str, Any] | None) -
 def _ingest_config(base: type, split_unequal: tuple[str, ...]) -> Any:
     """Ray Train's ``DataConfig`` splitting ``train`` (and ``split_unequal``) across the workers.
 
-    ``split_unequal`` datasets are split with ``equal=False``: the default ``equal=True`` drops up
-    to ``world - 1`` rows so every rank steps in lock-step, which training needs, but a post the
-    selection pass never scores could be neither kept nor dropped on merit.
+    ``split_unequal`` datasets (val, the selection pass's) are split with ``equal=False``: the
+    default ``equal=True`` drops up to ``world - 1`` rows so every rank steps in lock-step, which
+    training needs, but a val post left out would change the metrics with the worker count, and
+    a post the selection pass never scores could be neither kept nor dropped on merit. Neither
+    pass steps an optimizer, so shards of different lengths cost nothing but the wait at the
+    final all-reduce.
     """
 
     class IngestConfig(base):
@@ -381,7 +386,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             warmup_steps=train_config.selection_warmup_epochs * config["steps_per_epoch"],
                             device=device)
     train_shard = ray.train.get_dataset_shard("train")
-    val_split = ray.train.get_dataset_shard("val")
+    val_shard = ray.train.get_dataset_shard("val")
     select_shard = ray.train.get_dataset_shard(SELECT_DATASET) if selection else None
     for epoch in range(state["epoch"] + 1, train_config.epochs):
         epoch_started = time.perf_counter()
@@ -396,11 +401,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             loss_fn, optimizer, scheduler, settings, global_step=state["global_step"], cache=cache,
                             on_step=fail)
         train_metrics = _reduce_train_stats(stats, device)
-        val = None
-        if rank == 0:
-            val = evaluate(model, iterate_torch(val_split, train_config.batch_size, train=False), loss_fn, device,
-                           probe_rows=PROBE_ROWS)
-        val = _broadcast(val, rank, world)
+        val = evaluate(model, iterate_torch(val_shard, train_config.batch_size, train=False), loss_fn, device,
+                       probe_rows=PROBE_ROWS if rank == 0 else 0, sharded=True)
         metrics = {"epoch": epoch, **train_metrics,
                    **{k: v for k, v in val.items() if k != "probe"},
                    **_learning_rates(optimizer), "attempt": state["attempt"]}

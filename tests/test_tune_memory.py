@@ -1,0 +1,108 @@
+"""Tune memory: trials read float32 features (half of float64's memory) and pick the same best
+trial as float64 data on a fixed seed; every trial report carries the trial's peak RSS.
+
+Trials run in-process here (``ray.tune.report`` recorded), not through a Tune search: the
+float64 arm swaps the trial's loader, which a search's remote trials could not see.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from smpp_ray.gbdt import trainables
+from smpp_ray.gbdt.data import load_splits
+from smpp_ray.gbdt.spaces import search_space
+from smpp_ray.gbdt.synthetic import write_synthetic_features
+from smpp_ray.gbdt.trainables import PEAK_RSS, TrialSetup, run_trial
+
+NOISE_FEATURES = 20
+CONFIGS = 4  # per family
+ROUNDS = 30
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("features32")
+    write_synthetic_features(path, rows=3000, noise_features=NOISE_FEATURES, seed=0)
+    return path
+
+
+def test_loaded_features_are_float32_at_half_the_memory_of_float64(features):
+    spec, narrow = load_splits(str(features))
+    _, wide = load_splits(str(features), _dtype=np.float64)
+    numeric = [c for c in spec.features if c not in spec.categorical]
+    assert len(numeric) == 3 + NOISE_FEATURES and spec.categorical == ("device",)
+    for split in ("train", "val", "test"):
+        X32, X64 = narrow[split].X, wide[split].X
+        assert list(X32.columns) == list(X64.columns) == list(spec.features)
+        assert (X32[numeric].dtypes == np.float32).all() and (X64[numeric].dtypes == np.float64).all()
+        assert X32["device"].dtype == X64["device"].dtype == np.int16  # categorical codes, as before
+        np.testing.assert_array_equal(X32[numeric].to_numpy(), X64[numeric].to_numpy().astype(np.float32))
+        # LightGBM turns a frame into one array of np.result_type(columns..., float32): no float64 copy.
+        assert np.result_type(*X32.dtypes, np.float32) == np.float32
+        np.testing.assert_array_equal(X32["device"], X64["device"])
+        # Labels stay float64 (the metrics rank by them); keys and row order are unchanged.
+        assert narrow[split].y.dtype == np.float64 and np.array_equal(narrow[split].y, wide[split].y, equal_nan=True)
+        pd.testing.assert_frame_equal(narrow[split].keys, wide[split].keys)
+        numeric_ratio = X32[numeric].memory_usage(index=False).sum() / X64[numeric].memory_usage(index=False).sum()
+        assert numeric_ratio == 0.5
+        ratio = X32.memory_usage(index=False, deep=True).sum() / X64.memory_usage(index=False, deep=True).sum()
+        assert 0.5 <= ratio <= 0.51, ratio  # the int16 categorical column is the same in both
+
+
+def _configs(family: str) -> list[dict]:
+    """``CONFIGS`` draws from the family's Tune search space on a fixed seed."""
+    rng = np.random.default_rng(7)
+    return [{name: domain.sample(random_state=rng) for name, domain in search_space(family).items()}
+            for _ in range(CONFIGS)]
+
+
+def _trial_reports(monkeypatch, config: dict, setup: TrialSetup, dtype) -> list[dict]:
+    import ray.tune
+
+    reports: list[dict] = []
+    monkeypatch.setattr(ray.tune, "report", lambda values, **_: reports.append(dict(values)))
+    monkeypatch.setattr(trainables, "load_splits", functools.partial(load_splits, _dtype=dtype))
+    run_trial(config, setup)
+    return reports
+
+
+@pytest.mark.parametrize("family", ["lightgbm", "catboost"])
+def test_float32_data_gives_the_same_best_trial_as_float64(family, features, monkeypatch):
+    setup = TrialSetup(family=family, features_dir=str(features), feature_groups=(), validation="time", folds=3,
+                       max_rounds=ROUNDS, threads=1, seed=0, report_every=3)
+    best: dict[str, list[tuple[float, int]]] = {}
+    for dtype in (np.float32, np.float64):
+        arm = best.setdefault(np.dtype(dtype).name, [])
+        for config in _configs(family):
+            reports = _trial_reports(monkeypatch, config, setup, dtype)
+            assert [r["rounds"] for r in reports] == [1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 30]
+            top = max(reports, key=lambda r: r["val_src"])
+            arm.append((top["val_src"], top["rounds"]))
+            peaks = [r[PEAK_RSS] for r in reports]
+            assert all(p > 0 for p in peaks) and peaks == sorted(peaks)  # a running peak, in MiB
+    # What the search's summary takes: the trial (and round) with the highest val_src.
+    winner32 = max(range(CONFIGS), key=lambda i: best["float32"][i][0])
+    winner64 = max(range(CONFIGS), key=lambda i: best["float64"][i][0])
+    assert winner32 == winner64, best
+    assert best["float32"][winner32][1] == best["float64"][winner64][1]
+    for (src32, _), (src64, _) in zip(best["float32"], best["float64"], strict=True):
+        assert src32 == pytest.approx(src64, abs=2e-3), best  # every trial nearly the same, not only the best
+
+
+def test_trial_peak_rss_counts_from_the_trial_start(features, monkeypatch):
+    """Tune reuses trial actors: a trial reports its own peak, not an earlier trial's in the process."""
+    if not trainables.reset_peak_rss():
+        pytest.skip("this platform cannot reset the peak RSS (no writable /proc/self/clear_refs)")
+    ballast = np.ones(512 * 2**17)  # 512 MiB held, then freed: a peak the trial must not report
+    held = trainables.peak_rss_mib()
+    del ballast
+    setup = TrialSetup(family="lightgbm", features_dir=str(features), feature_groups=(), validation="time", folds=3,
+                       max_rounds=5, threads=1, seed=0, report_every=1)
+    reports = _trial_reports(monkeypatch, _configs("lightgbm")[0], setup, np.float32)
+    assert 0 < reports[-1][PEAK_RSS] < held - 256, (reports[-1][PEAK_RSS], held)
