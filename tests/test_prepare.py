@@ -311,3 +311,28 @@ def test_labelled_test_files_stay_in_the_test_split(ray_session, raw_copy, tmp_p
     assert manifest["files"]["test"]["label"] == "test_label.txt"
     test = _read_split(tmp_path / "data", "test")
     assert test.column("label").null_count == 0
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_picture():
+    """fit_image decodes a big JPEG at the DCT scale nearest max_side (draft mode), so its cost
+    follows what is kept; the stored picture matches a full decode then resize."""
+    import numpy as np
+
+    from smpp_ray.data.prepare import fit_image
+
+    y, x = np.mgrid[0:3000, 0:4000]
+    picture = np.stack([(x / 16) % 256, (y / 12) % 256, ((x + y) / 20) % 256], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="JPEG", quality=92)
+    stored = Image.open(io.BytesIO(fit_image(buffer.getvalue(), "big.jpg", 256, 92)))
+    assert stored.format == "JPEG" and max(stored.size) == 256
+
+    reference = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    reference.thumbnail((256, 256), Image.Resampling.BICUBIC)
+    assert stored.size == reference.size
+    difference = np.abs(np.asarray(stored, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+    assert difference.mean() < 6  # the same picture: JPEG re-encoding and scaling noise only
+
+    with Image.open(io.BytesIO(buffer.getvalue())) as probe:
+        probe.draft("RGB", (256, 256))
+        assert max(probe.size) < 4000  # the decoder really was asked for a smaller scale

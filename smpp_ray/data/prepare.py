@@ -262,11 +262,16 @@ def fit_image(data: bytes, relative: str, max_side: int, quality: int, *,
             if image.width * image.height > max_pixels:
                 raise ImageError(f"image {relative!r} is {image.width}x{image.height} pixels, more than the "
                                  f"limit of {max_pixels} pixels")
-            image.load()   # decodes every byte: truncated files fail here, not later in training
             if image.width == 0 or image.height == 0:
                 raise ImageError(f"image {relative!r} is empty")
             if image.format == "JPEG" and image.mode == "RGB" and max(image.size) <= max_side:
+                image.load()   # decodes every byte: truncated files fail here, not later in training
                 return data   # already what we store: keep the original bytes, no re-encode loss
+            if image.format == "JPEG":
+                # Decode at the smallest DCT scale (1/2 .. 1/8) still >= max_side: a large JPEG
+                # then costs memory and time in proportion to what is kept, not to its pixels.
+                image.draft("RGB", (max_side, max_side))
+            image.load()
             rgb = image.convert("RGB")
     except UnidentifiedImageError:
         raise ImageError(f"image {relative!r} is not a {', '.join(IMAGE_FORMATS)} image") from None
