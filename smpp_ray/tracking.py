@@ -56,8 +56,12 @@ class StopRequested(SystemExit):
 
 
 def ended_status(err: BaseException) -> str:
-    """The status a run ends with when ``err`` leaves it: KILLED for a stop, else FAILED."""
-    return "KILLED" if isinstance(err, (StopRequested, KeyboardInterrupt)) else "FAILED"
+    """The status a run ends with when ``err`` leaves it: KILLED for a stop, else FAILED.
+
+    A stop is also any error while a stop signal is pending: a library may turn our
+    StopRequested into its own exception (Ray's ``ray.get`` re-raises it as ``SystemExit(1)``)."""
+    stopped = isinstance(err, (StopRequested, KeyboardInterrupt)) or bool(_STOP.signum)
+    return "KILLED" if stopped else "FAILED"
 
 
 def resolve_tracking_uri(configured: str, out_dir: str) -> str:
@@ -311,10 +315,18 @@ def stop_signals_end_runs() -> Iterator[None]:
     _STOP.installed, _STOP.signum = True, 0
     try:
         yield
-    except StopRequested as stop:
+    except BaseException as err:
+        # Ray's blocking calls turn the handler's StopRequested into SystemExit(1): a pending
+        # stop signal, not the exception's type, says this was a stop.
+        stop = err if isinstance(err, StopRequested) else StopRequested(_STOP.signum) if _STOP.signum else None
+        if stop is None:
+            raise
         ended = end_open_runs("KILLED", keep=before)
-        logger.error("stopped by %s; %d MLflow run(s) ended KILLED", stop.signal_name, len(ended))
-        raise
+        logger.error("stopped by %s%s", stop.signal_name,
+                     f"; {len(ended)} open MLflow run(s) ended KILLED" if ended else "")
+        if stop is err:
+            raise
+        raise stop from err
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

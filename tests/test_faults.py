@@ -78,6 +78,30 @@ def test_a_stop_signal_ends_every_open_run_killed(tmp_path, signum):
     assert signal.getsignal(signum) is not tracking._on_stop_signal  # handlers restored
 
 
+def test_a_stop_that_a_library_turns_into_another_exit_is_still_a_stop(tmp_path):
+    """Ray's blocking ``ray.get`` (a Train run's ``fit``) catches the handler's StopRequested and
+    raises ``SystemExit(1)`` instead; the pending signal still makes it a stop: KILLED, 143."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    with pytest.raises(tracking.StopRequested) as stopped:
+        with tracking.stop_signals_end_runs():
+            with tracking.tracked_run(uri, "faults", "train") as run_id:
+                try:
+                    signal.raise_signal(signal.SIGTERM)
+                    time.sleep(5)  # not reached
+                except tracking.StopRequested:
+                    raise SystemExit(1) from None  # what Ray's check_status does with it
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert isinstance(stopped.value.__cause__, SystemExit) and stopped.value.__cause__.code == 1
+    assert tracking.client(uri).get_run(run_id).info.status == "KILLED"
+    # With no stop pending, the same exit is an ordinary failure
+    with pytest.raises(SystemExit) as failed:
+        with tracking.stop_signals_end_runs():
+            with tracking.tracked_run(uri, "faults", "train") as run_id:
+                raise SystemExit(1)
+    assert failed.value.code == 1 and not isinstance(failed.value, tracking.StopRequested)
+    assert tracking.client(uri).get_run(run_id).info.status == "FAILED"
+
+
 def test_a_stopped_pipeline_names_the_stage_ends_killed_and_its_rerun_reattaches(tmp_path, monkeypatch, caplog):
     """In process and without Ray: the synth stage receives SIGTERM (the pipeline's handlers
     are installed as under `smpp pipeline`), then the same pipeline runs again."""
