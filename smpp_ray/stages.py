@@ -122,7 +122,13 @@ def default_stage_run(config: Config, parent_run_id: str | None = None, root: st
     return StageRun(uri, config.tracking.experiment, config.tracking.enabled, parent_run_id, skip_complete)
 
 
-def stage_fingerprint(stage: str, config: Config, inputs: dict[str, str]) -> str:
+def input_contents(inputs: dict[str, str]) -> dict[str, str]:
+    """Each input's contents fingerprint (:func:`smpp_ray.storage.fingerprint`; '' for none)."""
+    return {name: storage.fingerprint(location) if location else "" for name, location in inputs.items()}
+
+
+def stage_fingerprint(stage: str, config: Config, inputs: dict[str, str],
+                      contents: dict[str, str] | None = None) -> str:
     """Hash of the stage's config sections and its inputs' contents, not their paths.
 
     An input's contents are the names, sizes and mtimes of its files
@@ -132,7 +138,7 @@ def stage_fingerprint(stage: str, config: Config, inputs: dict[str, str]) -> str
     """
     values = config_to_dict(config)
     relevant = {section: values[section] for section in STAGE_SECTIONS[stage]}
-    contents = {name: storage.fingerprint(location) if location else "" for name, location in inputs.items()}
+    contents = contents if contents is not None else input_contents(inputs)
     blob = json.dumps({"stage": stage, "config": relevant, "inputs": contents}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -224,8 +230,11 @@ def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], s
                      tags={STAGE_TAG: stage, OUT_TAG: out}, enabled=stage_run.enabled,
                      reattach=stage in REATTACHED_STAGES) as run_id:
         context = TrackingContext(stage_run.tracking_uri, stage_run.experiment, run_id) if run_id else None
+        # Listed once: each input's files are listed for the dataset inputs and the summary both
+        contents = input_contents(inputs)
         if run_id:
-            read = {f"smpd-{name}": location for name, location in inputs.items() if name in DATASET_INPUTS and location}
+            read = {f"smpd-{name}": (location, contents[name]) for name, location in inputs.items()
+                    if name in DATASET_INPUTS and location}
             log_dataset_inputs(stage_run.tracking_uri, run_id, read, context=stage)
         result = body(context)
         metrics = result.get("metrics", {})
@@ -244,7 +253,7 @@ def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], s
             "metrics": metrics,
             "artifacts": result.get("artifacts", {}),
             "mlflow_run_id": run_id,
-            "fingerprint": stage_fingerprint(stage, config, inputs),
+            "fingerprint": stage_fingerprint(stage, config, inputs, contents),
             "seconds": round(time.time() - started, 2),
         }
         write_summary(out, summary)

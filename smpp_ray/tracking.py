@@ -172,21 +172,22 @@ def create_run(tracking_uri: str, experiment: str, name: str, *, parent_run_id: 
     return run.info.run_id
 
 
-def log_dataset_inputs(tracking_uri: str, run_id: str, datasets: Mapping[str, str], context: str) -> None:
-    """Record each ``{name: location}`` the run reads as an MLflow dataset input (the UI's
-    Datasets column), its digest the contents fingerprint stages already compute."""
+def log_dataset_inputs(tracking_uri: str, run_id: str, datasets: Mapping[str, tuple[str, str]],
+                       context: str) -> None:
+    """Record each ``{name: (location, contents fingerprint)}`` the run reads as an MLflow dataset
+    input (the UI's Datasets column); the digest is the fingerprint the stage already computed."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
     entries = []
-    for name, location in datasets.items():
+    for name, (location, fingerprint) in datasets.items():
         with warnings.catch_warnings():
             # MLflow registers the local-file source class twice and warns that a path "can be
             # interpreted in multiple ways" (both the same class): nothing a user can act on.
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             source = resolve_dataset_source(location)
-        dataset = MetaDataset(source=source, name=name, digest=storage.fingerprint(location)[:16])
+        dataset = MetaDataset(source=source, name=name, digest=fingerprint[:16])
         entries.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
     if entries:
         client(tracking_uri).log_inputs(run_id, datasets=entries)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,21 +168,30 @@ def score_classification_loss(model: torch.nn.Module, batches: Iterable[dict[str
     scored it. Returns ``(pids, losses)`` in the order seen. Runs the bare model, like
     :func:`evaluate`, since no gradient is all-reduced.
     """
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
     pids: list[str] = []
     losses: list[np.ndarray] = []
-    for batch in batches:
-        batch = to_device(batch, device)
+    for net, batch in _eval_batches(model, batches, device):
         with autocast(device):
             outputs = forward_batch(net, batch)
         parts = net.compute_losses({k: v.float() if v.is_floating_point() else v for k, v in outputs.items()},
                                    batch["subcategory_id"], batch["category_id"], reduction="none")
         losses.append((parts["ce_sub"] + parts["ce_cat"]).double().cpu().numpy())  # (B,)
         pids += [str(p) for p in batch["pid"]]
-    net.train(was_training)
     return pids, np.concatenate(losses) if losses else np.zeros(0)
+
+
+def _eval_batches(model: torch.nn.Module, batches: Iterable[dict[str, Any]],
+                  device: torch.device) -> Iterator[tuple[torch.nn.Module, dict[str, Any]]]:
+    """``(bare model, batch on device)`` for each batch, the model in eval mode meanwhile and
+    back in its earlier mode afterwards: the loop :func:`evaluate` and the selection pass share."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    try:
+        for batch in batches:
+            yield net, to_device(batch, device)
+    finally:
+        net.train(was_training)
 
 
 #: The sums :func:`evaluate` accumulates, in the order they are all-reduced.
@@ -222,14 +231,10 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict[str, Any]], loss_fn:
 def _evaluation_sums(model: torch.nn.Module, batches: Iterable[dict[str, Any]], loss_fn: LossFn,
                      device: torch.device, probe_rows: int) -> tuple[dict[str, float], dict[str, Any]]:
     """:data:`EVAL_SUMS` over ``batches`` and the probe (first ``probe_rows`` pids and logits)."""
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
     sums = dict.fromkeys(EVAL_SUMS, 0.0)
     probe_pids: list[str] = []
     probe_logits: list[torch.Tensor] = []
-    for batch in batches:
-        batch = to_device(batch, device)
+    for net, batch in _eval_batches(model, batches, device):
         with autocast(device):
             outputs = forward_batch(net, batch)
             per_sample = loss_fn(outputs, batch).float()  # (B,)
@@ -245,7 +250,6 @@ def _evaluation_sums(model: torch.nn.Module, batches: Iterable[dict[str, Any]], 
             take = probe_rows - len(probe_pids)
             probe_pids += list(batch["pid"][:take])
             probe_logits.append(outputs["logits_sub"][:take].float().cpu())
-    net.train(was_training)
     probe = {"pid": probe_pids, "logits_sub": torch.cat(probe_logits) if probe_logits else torch.empty(0)}
     return sums, probe
 
