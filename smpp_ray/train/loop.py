@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from smpp_ray.model.precision import autocast
 from smpp_ray.train.image_cache import ImageFeatureCache
 
 #: ``loss_fn(outputs, batch) -> (B,)`` per-sample total loss (``compute_losses(reduction="none")``).
@@ -35,13 +36,6 @@ class StepSettings:
     warmup_steps: int = 0
     """Optimizer steps before per-batch selection starts (early losses say little about noise)."""
     device: torch.device = torch.device("cpu")
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; on CPU plain float32 (CPU bf16 is slower and less exact here)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
