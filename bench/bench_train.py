@@ -11,7 +11,13 @@ warm-up when there are two or more):
   does in parallel CPU tasks);
 - ``ray-1``: ``train_model`` with one worker, fed by the Ray Data pipeline (decode + tokenise in
   CPU tasks, streamed to the worker);
-- ``ray-2``: two workers (DDP; gloo on CPU, NCCL on GPU; skipped with fewer than 2 GPUs).
+- ``ray-2``: two workers (DDP; gloo on CPU, NCCL on GPU; skipped with fewer than 2 GPUs);
+- ``plain-cached``: the bare loop over batches of stored image-tower outputs (bf16, computed
+  beforehand and held in memory): the network minus its frozen image tower;
+- ``ray-1-cached``: ``train_model`` with ``train.cache_image_features`` (one Ray Data job encodes
+  every post once into the run's storage; each epoch streams those Parquet files). Its ratio to
+  ``plain-cached`` is the Ray layer's cost on the same inputs; the one-off encoding time is
+  reported beside it.
 
 "time waiting for input" is the share of the train phase spent waiting for the next batch:
 high values mean the Ray Data pipeline (or its start-up each epoch) is the bottleneck, not
@@ -67,12 +73,14 @@ def steady(values: list[float]) -> float:
     return statistics.mean(values[1:] if len(values) > 1 else values)
 
 
-def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inline: bool) -> tuple[float, float]:
+def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inline: bool,
+                cached: bool = False) -> tuple[float, float]:
     """A bare PyTorch loop: same model, optimizer, schedule, batch and threads.
 
     ``decode_inline=False``: batches decoded beforehand and held in memory (network only);
     ``True``: each batch decoded and tokenised in the loop, as a single-process PyTorch loop
     without a data loader would (the same work the Ray Data pipeline does in its tasks).
+    ``cached``: batches of stored image-tower outputs (eval transform, bf16) in memory instead.
     """
     import pyarrow.parquet as pq
     import torch
@@ -91,10 +99,21 @@ def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inlin
     spec = input_spec(args.backbone)
     table = pq.read_table(f"{data}/posts/split=train", columns=INPUT_COLUMNS)
     rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
-    decode = BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, True, mean=spec.mean, std=spec.std)
+    decode = BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, not cached,
+                               mean=spec.mean, std=spec.std)
     size = len(rows["pid"])
     raw_batches = [{k: v[i:i + args.batch_size] for k, v in rows.items()} for i in range(0, size, args.batch_size)]
-    decoded = None if decode_inline else [collate_batch(decode(b)) for b in raw_batches]
+    if cached:
+        import dataclasses
+
+        from smpp_ray.train.image_features import ImageTowerEncoder
+
+        encoder = ImageTowerEncoder(dataclasses.asdict(ModelConfig(backbone=args.backbone, pretrained=args.pretrained)),
+                                    load_taxonomy(data).to_dict(), f"{proto}/prototypes.safetensors", 0, "bfloat16",
+                                    device=args.device)
+        decoded = [collate_batch(encoder(decode(b))) for b in raw_batches]
+    else:
+        decoded = None if decode_inline else [collate_batch(decode(b)) for b in raw_batches]
 
     def batches():
         if decoded is not None:
@@ -117,25 +136,29 @@ def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inlin
         step = int(stats["global_step"])
         rates.append(stats["samples"] / stats["seconds"])
         waits.append(stats["data_wait_seconds"] / stats["seconds"])
-        logger.info("plain%s epoch %d: %.1f samples/s", "+decode" if decode_inline else "", epoch, rates[-1])
+        logger.info("plain%s epoch %d: %.1f samples/s", "-cached" if cached else "+decode" if decode_inline else "",
+                    epoch, rates[-1])
     return steady(rates), steady(waits)
 
 
 def bench_ray(data: str, proto: str, workers: int, args: argparse.Namespace,
-              workdir: Path) -> tuple[float, float]:
+              workdir: Path, *, cached: bool = False, facts: dict | None = None) -> tuple[float, float]:
     from smpp_ray.config import ModelConfig, TrainConfig
     from smpp_ray.train import train_model
 
     config = TrainConfig(num_workers=workers, use_gpu=args.device == "cuda", cpus_per_worker=float(args.threads),
                          epochs=args.epochs, batch_size=args.batch_size, lr=5e-3, early_stopping_patience=0,
-                         max_failures=0, name=f"bench-{workers}w-{time.time_ns()}",
-                         storage_path=str(workdir / "ray_results"))
+                         max_failures=0, name=f"bench-{workers}w{'-cached' if cached else ''}-{time.time_ns()}",
+                         storage_path=str(workdir / "ray_results"), cache_image_features=cached)
     result = train_model(data, proto, str(workdir / f"out-{workers}w"),
                          model_config=ModelConfig(backbone=args.backbone, pretrained=args.pretrained),
                          train_config=config, tracking=None)
     rates = [h["samples_per_s"] for h in result["history"]]
     waits = [h["data_wait_fraction"] for h in result["history"]]
-    logger.info("ray %d worker(s): %s samples/s per epoch", workers, [round(r, 1) for r in rates])
+    if facts is not None and "image_features" in result:
+        facts.update(result["image_features"])
+    logger.info("ray %d worker(s)%s: %s samples/s per epoch", workers, " cached" if cached else "",
+                [round(r, 1) for r in rates])
     return steady(rates), steady(waits)
 
 
@@ -173,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     results["ray-1"] = bench_ray(data, proto, 1, args, workdir)
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     results["ray-2"] = bench_ray(data, proto, 2, args, workdir) if args.device == "cpu" or gpus >= 2 else None
+    results["plain-cached"] = bench_plain(data, proto, args, decode_inline=False, cached=True)
+    encoded: dict = {}
+    results["ray-1-cached"] = bench_ray(data, proto, 1, args, workdir, cached=True, facts=encoded)
 
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     lines = [
@@ -184,16 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         "| setup | workers | samples/s | vs plain | vs ray-1 | time waiting for input |",
         "|---|---|---|---|---|---|",
     ]
-    for name, workers in (("plain", 1), ("plain+decode", 1), ("ray-1", 1), ("ray-2", 2)):
+    for name, workers in (("plain", 1), ("plain+decode", 1), ("ray-1", 1), ("ray-2", 2),
+                          ("plain-cached", 1), ("ray-1-cached", 1)):
         if results[name] is None:
             lines.append(f"| {name} | {workers} | n/a (needs 2 GPUs) | | | |")
             continue
         rate, wait = results[name]
-        vs_plain = rate / results["plain"][0]
+        vs_plain = rate / results["plain-cached" if name == "ray-1-cached" else "plain"][0]
         vs_one = rate / results["ray-1"][0] if name == "ray-2" else math.nan
         lines.append(f"| {name} | {workers} | {rate:.1f} | {vs_plain:.2f}x | "
                      f"{'' if math.isnan(vs_one) else f'{vs_one:.2f}x'} | {100 * wait:.0f}% |")
-    lines += ["", f"Total wall time {time.time() - started:.0f} s."]
+    lines += ["", "`vs plain` of ray-1-cached is against plain-cached (the same stored inputs).",
+              f"ray-1-cached encoded {sum(encoded.get('rows', {}).values())} posts once in "
+              f"{encoded.get('seconds', 0.0):.1f} s ({encoded.get('posts_per_s', 0.0):.0f} posts/s) before its epochs.",
+              "", f"Total wall time {time.time() - started:.0f} s."]
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -231,7 +231,11 @@ class TrainConfig:
     augment: bool = True
     """Train-time augmentation (random resized crop, flip)."""
     cache_image_features: bool = False
-    """Cache frozen image-tower outputs per Pid (only valid with a frozen image tower)."""
+    """Encode every post's image once (frozen image tower only) into <run>/image_features on the run's storage and stream those instead of pixels; augmentation is then off."""
+    image_features_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Stored precision of the cached image-tower outputs (bfloat16 halves storage and I/O)."""
+    prefetch_batches: int = 2
+    """Batches each worker's input iterator prepares ahead of the step (hides pipeline latency)."""
     sample_selection_keep: float = 1.0
     """Share of train posts kept by loss-based sample selection after selection_warmup_epochs (the paper keeps 0.77; 1.0: off)."""
     sample_selection: Literal["dataset", "batch"] = "dataset"
@@ -263,6 +267,9 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size!r}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr!r}")
         _require(self.backbone_lr >= 0, f"train.backbone_lr must be >= 0 (0: train.lr), got {self.backbone_lr!r}")
+        _require(self.image_features_dtype in ("bfloat16", "float32"),
+                 f"unknown train.image_features_dtype {self.image_features_dtype!r}; expected bfloat16 or float32")
+        _require(self.prefetch_batches >= 0, f"train.prefetch_batches must be >= 0, got {self.prefetch_batches!r}")
         _require(self.grad_accum_steps >= 1, f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps!r}")
         _require(0 < self.sample_selection_keep <= 1,
                  f"train.sample_selection_keep must be in (0, 1], got {self.sample_selection_keep!r}")

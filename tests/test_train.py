@@ -20,7 +20,6 @@ from smpp_ray.config import ModelConfig, TrainConfig
 from smpp_ray.data.taxonomy_names import default_taxonomy
 from smpp_ray.train import checkpoint as ckpt
 from smpp_ray.train.data import INPUT_COLUMNS, collate_batch, input_spec
-from smpp_ray.train.image_cache import ImageFeatureCache
 from smpp_ray.train.loop import StepSettings, evaluate, select_lowest_loss, train_epoch
 from smpp_ray.train.schedule import create_optimizer, create_scheduler, warmup_cosine_factor
 from smpp_ray.train.trainer import create_loss_fn, train_model
@@ -233,29 +232,7 @@ def test_selection_pass_keeps_the_lowest_classification_losses_with_deterministi
     assert keep_filter(rows).column("pid").to_pylist() == ["p0", "p2", "p3"]
 
 
-def test_image_cache_serves_frozen_tower_outputs():
-    model = _model().eval()
-    batch = _batch(model, 6)
-    cache = ImageFeatureCache()
-    pooled, patches = cache.features(model.backbone, batch["pixels"], batch["pid"])
-    with torch.no_grad():
-        expected_pooled, expected_patches = model.backbone.encode_image(batch["pixels"])
-        torch.testing.assert_close(pooled, expected_pooled)
-        torch.testing.assert_close(patches, expected_patches)
-        assert (cache.hits, cache.misses, len(cache)) == (0, 6, 6)
-        # Second time round the tower is skipped: garbage pixels still give the cached features.
-        again, _ = cache.features(model.backbone, torch.zeros_like(batch["pixels"]), batch["pid"])
-        torch.testing.assert_close(again, expected_pooled)
-        assert cache.hits == 6
-        cached = model(batch["pixels"], batch["tokens"], image_features=(pooled, patches))
-        direct = model(batch["pixels"], batch["tokens"])
-        torch.testing.assert_close(cached["logits_sub"], direct["logits_sub"])
-
-
-def test_image_cache_refuses_a_training_image_tower():
-    unfrozen = _model(ModelConfig(use_prototypes=False, unfreeze_image_blocks=1))
-    with pytest.raises(ValueError, match="unfreeze_image_blocks"):
-        ImageFeatureCache.check_frozen(unfrozen.backbone)
+def test_cached_image_features_refuse_a_training_image_tower():
     with pytest.raises(ValueError, match="cache_image_features.*unfreeze_image_blocks=1"):
         train_model("unused", None, "unused", model_config=ModelConfig(use_prototypes=False, unfreeze_image_blocks=1),
                     train_config=TrainConfig(cache_image_features=True), tracking=None)

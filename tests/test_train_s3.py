@@ -2,7 +2,10 @@
 
 The dataset is prepared locally and uploaded; the prototypes stage reads it from S3 and writes
 its bank to S3; one short Ray Train run (1 epoch, 1 worker, tiny model) reads both from S3 and
-persists its checkpoints to ``<out>/ray_results`` in the bucket. Its best checkpoint is an
+persists its checkpoints to ``<out>/ray_results`` in the bucket. The run caches its image
+features (``train.cache_image_features``, float32): a Ray Data job encodes every post once into
+the bucket and the worker streams those instead of pixels, so the probe logits the worker
+computed from stored features must equal the pixel path's at inference. Its best checkpoint is an
 ``s3://`` location that ``resolve_checkpoint`` accepts and that loads for inference.
 
 Ray workers see the S3 endpoint and credentials only through the ``AWS_*`` variables as they
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -62,7 +66,7 @@ def _train(dataset, prototypes, bucket):
 
     config = TrainConfig(num_workers=1, cpus_per_worker=1.0, epochs=1, batch_size=16, lr=1e-2,
                          warmup_epochs=0.5, checkpoints_to_keep=1, max_failures=0, early_stopping_patience=0,
-                         name=RUN_NAME)
+                         name=RUN_NAME, cache_image_features=True, image_features_dtype="float32")
     return train_model(dataset["remote"], prototypes["out"], f"{bucket}/run/train", model_config=ModelConfig(),
                        train_config=config, tracking=None)
 
@@ -124,6 +128,34 @@ def test_training_with_out_on_s3_checkpoints_into_the_bucket(trained, prototypes
 
     assert resolve_checkpoint(best) == best
     assert resolve_checkpoint(_train_stage(bucket, best)) == best
+
+
+@pytest.mark.slow
+def test_image_features_are_encoded_once_into_the_bucket(trained, dataset, prototypes, bucket):
+    from smpp_ray.train.data import count_rows
+    from smpp_ray.train.image_features import MANIFEST, POOLED, build_image_features, read_manifest
+
+    facts = trained["image_features"]
+    location = f"{trained['run_path']}/image_features"
+    assert facts["location"] == location and not facts["reused"]
+    expected = {split: count_rows(dataset["remote"], split) for split in ("train", "val")}
+    assert facts["rows"] == expected and read_manifest(location)["rows"] == expected
+    assert storage.is_file(f"{location}/{MANIFEST}")
+    fs, path = storage.resolve(f"{location}/train")
+    table = pq.read_table(path, filesystem=fs)
+    assert sorted(table.column("pid").to_pylist()) == sorted(
+        pq.read_table(f"{dataset['local']}/posts/split=train").column("pid").to_pylist())  # each post once
+    assert "pixels" not in table.column_names
+    assert np.asarray(table.column(POOLED).to_numpy(zero_copy_only=False)[0]).size == 64  # (D,) per post
+
+    from smpp_ray.train.data import input_spec
+
+    spec = input_spec(ModelConfig().backbone, ModelConfig().context_length)
+    again = build_image_features(dataset["remote"], location, splits=("train", "val"), spec=spec,
+                                 model_config=ModelConfig(), taxonomy=None, prototypes_path=prototypes["out"],
+                                 seed=0, dtype="float32", actors=1, cpus_per_actor=1.0, gpus_per_actor=0.0,
+                                 batch_size=16)
+    assert again["reused"] and again["rows"] == expected  # same key: no second Ray Data job
 
 
 @pytest.mark.slow

@@ -261,3 +261,10 @@ def create_model(config: ModelConfig, taxonomy: Taxonomy, prototypes_path: str |
     logger.info("SMPP model on %s%s: %d trainable of %d parameters", config.backbone,
                 " (randomly initialised)" if backbone.randomly_initialised else "", counts["trainable"], counts["total"])
     return model
+
+
+def seeded_model(config: ModelConfig, taxonomy: Taxonomy, prototypes_path: str | None, seed: int) -> SMPPModel:
+    """:func:`create_model` after seeding torch: the same ``seed`` gives the same weights in every
+    process (training ranks, the image-feature encoders), randomly initialised towers included."""
+    torch.manual_seed(seed)
+    return create_model(config, taxonomy, prototypes_path)

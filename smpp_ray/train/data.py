@@ -67,15 +67,20 @@ def input_spec(backbone: str, context_length: int = 0) -> InputSpec:
 
 def count_rows(data_dir: str, split: str) -> int:
     """Rows of one split from the Parquet footers (no data pages are read)."""
-    import pyarrow.dataset as pads
-
     location = posts_path(storage.normalize(data_dir), split)
-    filesystem, path = storage.resolve(location)
     try:
-        dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+        return parquet_rows(location)
     except (FileNotFoundError, OSError) as err:
         raise FileNotFoundError(f"no Parquet shards for split {split!r} at {location!r}; "
                                 "run `smpp prepare` first") from err
+
+
+def parquet_rows(location: str) -> int:
+    """Rows of the Parquet files under ``location``, from their footers."""
+    import pyarrow.dataset as pads
+
+    filesystem, path = storage.resolve(location)
+    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
     return sum(fragment.count_rows() for fragment in dataset.get_fragments())
 
 
@@ -132,13 +137,14 @@ class CollateBatch(NumpyBatchCollateFn):
         return collate_batch(batch)
 
 
-def iterate_torch(iterator, batch_size: int, *, train: bool, seed: int | None = None):
+def iterate_torch(iterator, batch_size: int, *, train: bool, seed: int | None = None, prefetch_batches: int = 1):
     """Collated torch batches from a Ray ``DataIterator`` (a worker's shard or the whole val split).
 
     Train batches get a local shuffle buffer so consecutive batches mix shards; the device move
-    is left to the loop so the same batches feed CPU and GPU runs.
+    is left to the loop so the same batches feed CPU and GPU runs. ``prefetch_batches`` are
+    fetched and collated in the background while the step runs.
     """
     return iterator.iter_torch_batches(
-        batch_size=batch_size, collate_fn=CollateBatch(), drop_last=False,
+        batch_size=batch_size, collate_fn=CollateBatch(), drop_last=False, prefetch_batches=prefetch_batches,
         local_shuffle_buffer_size=4 * batch_size if train else None,
         local_shuffle_seed=seed if train else None)

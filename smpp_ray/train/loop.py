@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from smpp_ray.model.precision import autocast
-from smpp_ray.train.image_cache import ImageFeatureCache
+from smpp_ray.train.image_features import image_features_of
 
 #: ``loss_fn(outputs, batch) -> (B,)`` per-sample total loss (``compute_losses(reduction="none")``).
 LossFn = Callable[[dict[str, torch.Tensor], dict[str, Any]], torch.Tensor]
@@ -48,13 +48,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def forward_batch(model: torch.nn.Module, batch: dict[str, Any],
-                  cache: ImageFeatureCache | None = None) -> dict[str, torch.Tensor]:
-    """One forward pass; with a cache the frozen image tower is skipped for posts already seen."""
-    image_features = None
-    if cache is not None:
-        image_features = cache.features(unwrap(model).backbone, batch["pixels"], batch["pid"])
-    return model(batch["pixels"], batch["tokens"], image_features=image_features)
+def forward_batch(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One forward pass; a batch of stored image features (``train.cache_image_features``)
+    skips the image tower, one of pixels runs it."""
+    return model(batch.get("pixels"), batch["tokens"], image_features=image_features_of(batch))
 
 
 def select_lowest_loss(per_sample: torch.Tensor, keep: float) -> torch.Tensor:
@@ -71,8 +68,7 @@ def select_lowest_loss(per_sample: torch.Tensor, keep: float) -> torch.Tensor:
 
 def train_epoch(model: torch.nn.Module, batches: Iterable[dict[str, Any]], loss_fn: LossFn,
                 optimizer: torch.optim.Optimizer, scheduler: Any, settings: StepSettings, *,
-                global_step: int = 0, cache: ImageFeatureCache | None = None,
-                on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+                global_step: int = 0, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """One pass over ``batches``; returns loss/sample/step counts, timing and the new ``global_step``.
 
     ``data_wait_seconds`` is the part of ``seconds`` spent waiting for the next batch: near 0
@@ -98,7 +94,7 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict[str, Any]], loss_
         sync = contextlib.nullcontext() if boundary or no_sync is None else no_sync()
         with sync:
             with autocast(device):
-                per_sample = loss_fn(forward_batch(model, batch, cache), batch).float()  # (B,)
+                per_sample = loss_fn(forward_batch(model, batch), batch).float()  # (B,)
             selecting = settings.sample_selection_keep < 1.0 and global_step >= settings.warmup_steps
             index = select_lowest_loss(per_sample, settings.sample_selection_keep) if selecting else None
             objective = per_sample[index].mean() if index is not None else per_sample.mean()

@@ -35,7 +35,6 @@ from smpp_ray.data.schema import Taxonomy
 from smpp_ray.tracking import TrackingContext, log_artifact, log_metrics, set_tags
 from smpp_ray.train import checkpoint as ckpt
 from smpp_ray.train.data import count_rows, create_split_dataset, input_spec, iterate_torch
-from smpp_ray.train.image_cache import ImageFeatureCache
 from smpp_ray.train.loop import StepSettings, evaluate, score_classification_loss, train_epoch
 from smpp_ray.train.schedule import create_optimizer, create_scheduler
 from smpp_ray.train.selection import (
@@ -110,16 +109,11 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
                       for epoch in range(train_config.epochs))
     warmup_steps = int(round(train_config.warmup_epochs * steps_per_epoch))
     spec = input_spec(model_config.backbone, model_config.context_length)
-    augment = train_config.augment and not train_config.cache_image_features
-    if train_config.augment and not augment:
-        logger.info("train.cache_image_features: augmentation off (cached features fix each image)")
-    datasets = {
-        "train": create_split_dataset(data_dir, "train", spec, train=augment,
-                                      kept_ids=selection["kept_ids"] if selection else ""),
-        "val": create_split_dataset(data_dir, "val", spec, train=False),
-    }
-    if selection:
-        datasets[SELECT_DATASET] = create_split_dataset(data_dir, "train", spec, train=False)
+    image_features = None
+    if train_config.cache_image_features:
+        image_features = _encode_images_once(data_dir, run_path, spec, model_config, taxonomy, prototypes_path,
+                                             train_config)
+    datasets = _split_datasets(data_dir, spec, train_config, selection, image_features)
     loop_config = {
         "model_config": dataclasses.asdict(model_config),
         "train_config": dataclasses.asdict(train_config),
@@ -154,7 +148,58 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training run {run_path} failed: {result.error}") from result.error
-    return _finish(result, run_path, tracking)
+    finished = _finish(result, run_path, tracking)
+    if image_features is not None:
+        finished["image_features"] = image_features
+    return finished
+
+
+def _encode_images_once(data_dir: str, run_path: str, spec: Any, model_config: ModelConfig, taxonomy: Taxonomy,
+                        prototypes_path: str | None, train_config: TrainConfig) -> dict[str, Any]:
+    """Frozen image-tower outputs of train and val, computed before the workers start.
+
+    The encoder pool gets the resources the worker group will use (one actor per worker, same
+    CPUs and GPU): they are free until ``fit`` starts, and a pool that fits the workers fits
+    the cluster.
+    """
+    from smpp_ray.console import line
+    from smpp_ray.train.image_features import build_image_features, image_features_location
+
+    facts = build_image_features(
+        data_dir, image_features_location(run_path), splits=("train", "val"), spec=spec,
+        model_config=model_config, taxonomy=taxonomy, prototypes_path=prototypes_path, seed=train_config.seed,
+        dtype=train_config.image_features_dtype, actors=train_config.num_workers,
+        cpus_per_actor=train_config.cpus_per_worker, gpus_per_actor=1.0 if train_config.use_gpu else 0.0,
+        batch_size=train_config.batch_size)
+    posts = sum(facts["rows"].values())
+    if facts["reused"]:
+        line(f"image features: {posts} posts, reused from {facts['location']}")
+    else:
+        line(f"image features: {posts} posts encoded once in {facts['seconds']:.0f} s "
+             f"({facts['posts_per_s']:.0f} posts/s) -> {facts['location']}")
+    return facts
+
+
+def _split_datasets(data_dir: str, spec: Any, train_config: TrainConfig, selection: dict[str, Any] | None,
+                    image_features: dict[str, Any] | None) -> dict[str, Any]:
+    """The Ray Datasets the workers read: decoded posts, or the stored image features."""
+    kept_ids = selection["kept_ids"] if selection else ""
+    if image_features is not None:
+        from smpp_ray.train.image_features import feature_split_dataset
+
+        if train_config.augment:
+            logger.info("train.cache_image_features: augmentation off (stored features fix each image)")
+        location = image_features["location"]
+        datasets = {"train": feature_split_dataset(location, "train", kept_ids=kept_ids),
+                    "val": feature_split_dataset(location, "val")}
+        if selection:
+            datasets[SELECT_DATASET] = feature_split_dataset(location, "train")
+        return datasets
+    datasets = {"train": create_split_dataset(data_dir, "train", spec, train=train_config.augment, kept_ids=kept_ids),
+                "val": create_split_dataset(data_dir, "val", spec, train=False)}
+    if selection:
+        datasets[SELECT_DATASET] = create_split_dataset(data_dir, "train", spec, train=False)
+    return datasets
 
 
 def _selection_plan(train_config: TrainConfig, run_path: str, train_rows: int) -> dict[str, Any] | None:
@@ -353,10 +398,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, loss_fn = _build_model(model_config, taxonomy, config["prototypes_path"], train_config.seed)
     # On the device before the optimizer exists, so restored optimizer state lands there too.
     model.to(device)
-    cache = None
-    if train_config.cache_image_features:
-        ImageFeatureCache.check_frozen(model.backbone)
-        cache = ImageFeatureCache()
     optimizer = create_optimizer(model, train_config.optimizer, train_config.lr, train_config.weight_decay,
                                  backbone_lr=train_config.backbone_lr)
     scheduler = create_scheduler(optimizer, config["warmup_steps"], config["total_steps"])
@@ -397,17 +438,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["selection"] = selected_now
         fail = _failure_hook(train_config.fail_at_epoch, epoch, rank, world, config["run_path"])
         stats = train_epoch(model, iterate_torch(train_shard, train_config.batch_size, train=True,
-                                                 seed=train_config.seed + epoch),
-                            loss_fn, optimizer, scheduler, settings, global_step=state["global_step"], cache=cache,
-                            on_step=fail)
+                                                 seed=train_config.seed + epoch,
+                                                 prefetch_batches=train_config.prefetch_batches),
+                            loss_fn, optimizer, scheduler, settings, global_step=state["global_step"], on_step=fail)
         train_metrics = _reduce_train_stats(stats, device)
         val = evaluate(model, iterate_torch(val_shard, train_config.batch_size, train=False), loss_fn, device,
                        probe_rows=PROBE_ROWS if rank == 0 else 0, sharded=True)
         metrics = {"epoch": epoch, **train_metrics,
                    **{k: v for k, v in val.items() if k != "probe"},
                    **_learning_rates(optimizer), "attempt": state["attempt"]}
-        if cache is not None:
-            metrics["image_cache_hit_rate"] = cache.hits / max(1, cache.hits + cache.misses)
         if selected_now is not None:
             metrics.update(selection_seconds=selected_now["seconds"], selection_kept=selected_now["kept"],
                            selection_total=selected_now["total"])
@@ -514,10 +553,9 @@ def _epoch_line(metrics: dict[str, Any], epoch: int, epochs: int, seconds: float
 
 def _build_model(model_config: ModelConfig, taxonomy: Taxonomy, prototypes_path: str | None, seed: int):
     """The model (same prompt init on every rank, though DDP broadcasts rank 0's anyway) and its loss."""
-    from smpp_ray.model.model import create_model
+    from smpp_ray.model.model import seeded_model
 
-    torch.manual_seed(seed)
-    model = create_model(model_config, taxonomy, prototypes_path)
+    model = seeded_model(model_config, taxonomy, prototypes_path, seed)
     return model, create_loss_fn(model)
 
 
