@@ -302,6 +302,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if published:
             console.publish_log(log_path, published)
+            import os
+
+            from smpp_ray import storage
+            from smpp_ray.layout import PIPELINE_STAGES
+
+            for stage in PIPELINE_STAGES:  # a pipeline's stage logs go beside its own
+                stage_log = console.stage_log_path(log_path, stage)
+                if os.path.isfile(stage_log):
+                    console.publish_log(stage_log, storage.join(storage.parent(published), f"{stage}.log"))
 
 
 def _run_logged(args: argparse.Namespace, log_path: str) -> int:

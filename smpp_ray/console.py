@@ -109,6 +109,23 @@ class _Capture:
         self.console = console  # progress: standard error
         self.result = result    # the command's result: standard output
         self.log = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+        self.file_handler: logging.StreamHandler | None = None
+        self.routers: list[_Router] = []
+        self.redirected_fds: list[int] = []
+
+    def switch_log(self, log: IO[str]) -> IO[str]:
+        """Send everything that went to the log file to ``log`` instead; returns the previous one."""
+        previous = self.log
+        for stream in (sys.stdout, sys.stderr, previous):
+            stream.flush()
+        self.log = log
+        if self.file_handler is not None:
+            self.file_handler.setStream(log)
+        for router in self.routers:
+            router.log = log
+        for fd in self.redirected_fds:
+            os.dup2(log.fileno(), fd)
+        return previous
 
 
 @contextlib.contextmanager
@@ -132,6 +149,7 @@ def capture(log_path: str, *, verbose: bool = False) -> Iterator[str]:
     saved = {"stdout": sys.stdout, "stderr": sys.stderr, "root_level": root.level,
              "project_level": project.level, "propagate": project.propagate}
     saved_fds: list[tuple[int, int]] = []
+    state.file_handler = file_handler
     root.addHandler(file_handler)
     root.setLevel(logging.INFO)
     if verbose:
@@ -146,6 +164,7 @@ def capture(log_path: str, *, verbose: bool = False) -> Iterator[str]:
             try:
                 saved_fds.append((fd, os.dup(fd)))
                 os.dup2(state.log.fileno(), fd)
+                state.redirected_fds.append(fd)
             except OSError:
                 continue
         # Streams that were fd 1 / fd 2 themselves must keep reaching the terminal, not the log.
@@ -155,8 +174,8 @@ def capture(log_path: str, *, verbose: bool = False) -> Iterator[str]:
         if _writes_to_fd(console, 2) and 2 in originals:
             state.console = os.fdopen(os.dup(originals[2]), "w", buffering=1)
             console_handler.setStream(state.console)
-        sys.stdout = _Router(state.log, state.console)
-        sys.stderr = _Router(state.log, state.console)
+        state.routers = [_Router(state.log, state.console), _Router(state.log, state.console)]
+        sys.stdout, sys.stderr = state.routers
     _ACTIVE = state
     ray_was_up = _ray_is_up()
     try:
@@ -182,6 +201,44 @@ def capture(log_path: str, *, verbose: bool = False) -> Iterator[str]:
         if state.result is not saved["stdout"]:
             state.result.close()
         state.log.close()
+
+
+def stage_log_path(log_path: str, stage: str) -> str:
+    """A pipeline stage's own log beside the command's: ``<logs>/<stage>.log`` for a pipeline's
+    ``logs/pipeline.log``, ``<logs>/<stem>.<stage>.log`` in the shared cache folder."""
+    folder, stem = os.path.dirname(log_path), os.path.splitext(os.path.basename(log_path))[0]
+    return os.path.join(folder, f"{stage}.log" if stem == "pipeline" else f"{stem}.{stage}.log")
+
+
+@contextlib.contextmanager
+def stage_log(stage: str) -> Iterator[str | None]:
+    """While a pipeline stage runs, the library output (Ray, MLflow, torch, other loggers) goes to
+    the stage's own log file (:func:`stage_log_path`); the project's lines stay on the console and
+    in the command's log. Yields the file's path (None without :func:`capture`: nothing to route).
+    A failing stage names its log, since that is where the library's account of it is."""
+    state = _ACTIVE
+    if state is None:
+        yield None
+        return
+    path = stage_log_path(state.log_path, stage)
+    log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    previous = state.switch_log(log)
+    # The project's own records stay in the command's log as well, so it reads as the run's story.
+    project_lines = logging.StreamHandler(previous)
+    project_lines.setFormatter(state.file_handler.formatter if state.file_handler else None)
+    project = logging.getLogger("smpp_ray")
+    project.addHandler(project_lines)
+    try:
+        yield path
+    except BaseException:
+        logger.error("stage %s failed; its library output is in %s", stage, path)
+        raise
+    finally:
+        project.removeHandler(project_lines)
+        state.switch_log(previous)
+        log.close()
+        # The command's log still tells where each stage's details went.
+        previous.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} stage {stage}: library output in {path}\n")
 
 
 def _ray_is_up() -> bool:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from smpp_ray import stages, storage
+from smpp_ray import console, stages, storage
 from smpp_ray.config import Config, flatten_config
 from smpp_ray.layout import PIPELINE_STAGES, STAGE_FOLDERS, pipeline_layout
 from smpp_ray.tracking import (
@@ -130,7 +130,8 @@ def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[st
                 continue
             logger.info("[%d/%d] %s ...", number, len(selected), stage)
             current["stage"] = stage
-            run()
+            with console.stage_log(stage):
+                run()
         current["stage"] = ""
         result: dict[str, Any] = {}
         if "evaluate" in selected:

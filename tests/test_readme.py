@@ -115,6 +115,10 @@ def test_readme_demo_then_predict_as_written(checkout_copy: Path):
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     assert "Test split" in done.stdout and "blend" in done.stdout, done.stdout[-3000:]
     assert_console_is_the_projects(done.stdout + done.stderr, epochs=4, trials=4)
+    logs = checkout_copy / "runs" / "demo" / "logs"
+    stages = ("synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate")
+    assert sorted(p.name for p in logs.iterdir()) == sorted(["pipeline.log", *(f"{s}.log" for s in stages)])
+    assert "TrainController" in (logs / "train.log").read_text()  # Ray Train's own account, in its stage's file
 
     import pandas as pd
 
