@@ -109,8 +109,9 @@ def evaluate_pipeline(layout: dict[str, str], *, seed: int, tracking_uri: str | 
     table = results_table(tune_metrics, baseline, oracle)
     results = storage.write_text(storage.join(layout["report"], "results.csv"), table.to_csv(index=False))
     report = write_report(layout, table, tracking_uri=tracking_uri, baseline=baseline_run)
-    final = {f"test_src_{r.model.split()[0]}": r.src for r in table.itertuples()}
-    final.update({f"test_mae_{r.model.split()[0]}": r.mae for r in table.itertuples() if np.isfinite(r.mae)})
+    # The names the tune stage uses for the same quantities: test_<model>_<metric>
+    final = {f"test_{r.model.split()[0]}_src": r.src for r in table.itertuples()}
+    final.update({f"test_{r.model.split()[0]}_mae": r.mae for r in table.itertuples() if np.isfinite(r.mae)})
     return {"table": table, "report": report, "results": results, "final_metrics": final}
 
 

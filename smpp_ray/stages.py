@@ -183,6 +183,13 @@ def _keeping_previous_output(stage: str, out: str) -> Iterator[None]:
         storage.remove(aside)
 
 
+#: Models whose summary metrics are ``{model: {test_src, ...}}``: logged as ``test_<model>_src``.
+MODEL_SECTIONS = ("lightgbm", "catboost", "blend")
+#: Summary sections that stay in summary.json and the report, not MLflow metric columns
+#: (one column per class would bury the run's real metrics).
+UNLOGGED_SECTIONS = ("counts",)
+
+
 def _numeric_leaves(values: Any, prefix: str = "") -> dict[str, float]:
     """Flatten nested metric dicts to ``a.b`` keys, keeping numbers only (for MLflow)."""
     flat: dict[str, float] = {}
@@ -192,6 +199,30 @@ def _numeric_leaves(values: Any, prefix: str = "") -> dict[str, float]:
     elif isinstance(values, (int, float)) and not isinstance(values, bool):
         flat[prefix.rstrip(".")] = float(values)
     return flat
+
+
+def summary_metric_names(metrics: dict[str, Any]) -> dict[str, float]:
+    """A stage summary's numbers under the one MLflow name each quantity has everywhere.
+
+    A model's split metrics are ``<split>_<model>_<metric>`` (``test_blend_mae``), as the tune
+    stage logs them while it runs and the evaluate stage and the pipeline log the final ones;
+    blend weights ``blend_weight_<model>``; the evaluate stage's ``final`` section is logged
+    unprefixed. Other leaves keep their dotted path.
+    """
+    named: dict[str, float] = {}
+    for key, value in _numeric_leaves(metrics).items():
+        head, _, rest = key.partition(".")
+        if head in UNLOGGED_SECTIONS:
+            continue
+        if head in MODEL_SECTIONS and rest.count("_") == 1 and "." not in rest:
+            split, metric = rest.split("_")
+            key = f"{split}_{head}_{metric}"
+        elif head == "blend_weights" and rest:
+            key = f"blend_weight_{rest}"
+        elif head == "final" and rest:
+            key = rest
+        named[key] = value
+    return named
 
 
 def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
@@ -242,7 +273,7 @@ def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], s
             # Only what the stage did not log itself: a final value at step 0 would sit in front
             # of its per-epoch series and bend every training curve.
             logged = set(client(stage_run.tracking_uri).get_run(run_id).data.metrics)
-            final = {k: v for k, v in _numeric_leaves(metrics).items() if metric_name(k) not in logged}
+            final = {k: v for k, v in summary_metric_names(metrics).items() if metric_name(k) not in logged}
             log_metrics(stage_run.tracking_uri, run_id, final)
             set_tags(stage_run.tracking_uri, run_id, {f"input.{k}": v for k, v in inputs.items()})
         summary = {

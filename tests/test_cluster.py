@@ -399,7 +399,7 @@ def test_pipeline_job_ran_on_the_isolated_node_and_tracked_through_the_server(lo
                                                        tempfile.mkdtemp())).read_text())
     assert logged["stage"] == "tune"
     assert _bucket_files(local_cluster, f"{local_cluster.env['SMPP_S3']}/mlflow-artifacts")
-    for name in ("test_src_lightgbm", "test_src_catboost", "test_src_blend"):
+    for name in ("test_lightgbm_src", "test_catboost_src", "test_blend_src"):
         assert -1.0 <= parent.data.metrics[name] <= 1.0, name
 
     # The job's tasks and actors ran on both nodes, the pinned ones on the isolated worker node

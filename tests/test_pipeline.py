@@ -54,8 +54,34 @@ def test_mlflow_holds_parent_run_with_one_child_per_stage(pipeline_run):
     train = next(r for r in children if r.data.tags[STAGE_TAG] == "train")
     history = client(result["tracking_uri"]).get_metric_history(train.info.run_id, "val_top1")
     assert len(history) >= config.train.epochs
-    for name in ("test_src_lightgbm", "test_src_catboost", "test_src_blend", "test_src_metadata-only"):
+    for name in ("test_lightgbm_src", "test_catboost_src", "test_blend_src", "test_metadata-only_src", "test_oracle_src"):
         assert name in parent.data.metrics
+
+
+def test_each_quantity_has_one_metric_name_in_every_run(pipeline_run):
+    """test_<model>_<metric> in the tune, evaluate and pipeline runs alike, with equal values;
+    no dotted copies of them and no per-class count columns."""
+    config, _, result = pipeline_run
+    runs = _runs(result["tracking_uri"], config.tracking.experiment)
+    by_stage = {r.data.tags[STAGE_TAG]: r.data.metrics for r in runs if STAGE_TAG in r.data.tags}
+    every = {key for r in runs for key in r.data.metrics}  # trial runs too
+    assert not [k for k in every if k.startswith(("blend.", "lightgbm.", "catboost.", "final.", "counts.",
+                                                  "blend_weights."))], sorted(every)
+    assert not [k for k in every if k.startswith("test_src_") or k.startswith("test_mae_")], sorted(every)
+    for name in ("test_blend_src", "test_lightgbm_mae"):
+        values = {stage: by_stage[stage][name] for stage in ("tune", "evaluate", "pipeline")}
+        assert len(set(values.values())) == 1, values
+    assert {"blend_weight_lightgbm", "blend_weight_catboost"} <= by_stage["tune"].keys()
+
+
+def test_summary_metric_names_maps_each_section_once():
+    from smpp_ray.stages import summary_metric_names
+
+    named = summary_metric_names({"blend": {"test_mae": 1.0, "val_src": 0.5}, "blend_weights": {"catboost": 0.4},
+                                  "final": {"test_oracle_src": 0.8}, "counts": {"category": {"Food": 3}},
+                                  "rows": {"train": 10}, "lightgbm": {"best_params": {"num_leaves": 15}}})
+    assert named == {"test_blend_mae": 1.0, "val_blend_src": 0.5, "blend_weight_catboost": 0.4,
+                     "test_oracle_src": 0.8, "rows.train": 10.0, "lightgbm.best_params.num_leaves": 15.0}
 
 
 def test_mlflow_experiment_and_runs_carry_provenance_and_dataset_inputs(pipeline_run):
