@@ -31,6 +31,12 @@ MARK = "[smpp] "
 _ACTIVE: _Capture | None = None
 
 
+def details(name: str) -> logging.Logger:
+    """A module's logger for lines that belong in the log file but not on the console (what a
+    later line sums up, or what only a debugging reader needs): ``smpp.details.<module>``."""
+    return logging.getLogger(f"smpp.details.{name}")
+
+
 def line(message: str) -> None:
     """A progress line for the person running the job (an epoch, a trial, a stage).
 

@@ -128,7 +128,7 @@ def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[st
                 logger.info("[%d/%d] %s: complete for these inputs and config, skipped", number,
                             len(selected), stage)
                 continue
-            logger.info("[%d/%d] %s ...", number, len(selected), stage)
+            logger.info("[%d/%d] %s -> %s", number, len(selected), stage, folder)
             current["stage"] = stage
             with console.stage_log(stage):
                 run()

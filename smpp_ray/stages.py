@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from smpp_ray import storage
+from smpp_ray import console, storage
 from smpp_ray.config import Config, config_to_dict, flatten_config_dict
 from smpp_ray.layout import STAGE_FOLDERS, pipeline_layout
 from smpp_ray.summary import (
@@ -235,7 +235,8 @@ def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
         return storage.normalize(out_dir)
     out = storage.normalize(out_dir)
     started = time.time()
-    logger.info("stage %s: starting (out=%s)", stage, out)
+    # The pipeline's "[n/7] stage -> out" line already says it on the console.
+    console.details(__name__).info("stage %s: starting (out=%s)", stage, out)
     try:
         with stop_signals_end_runs(), _keeping_previous_output(stage, out):
             storage.make_dir(out)

@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from smpp_ray import storage
+from smpp_ray import console, storage
 from smpp_ray.data import smpd
 from smpp_ray.data.manifest import MANIFEST_FILE, manifest_location, write_manifest
 from smpp_ray.data.schema import (
@@ -466,7 +466,7 @@ def _write_split(rows: list[dict], split: str, out: str, raw: str, *, max_side: 
     if written == 0:   # an empty split still gets a file, so readers see the schema
         storage.write_bytes(storage.join(folder, "part-00000-0.parquet"), _parquet_bytes(POSTS_SCHEMA.empty_table()))
     seconds = time.perf_counter() - started
-    logger.info("prepare: split=%s wrote %d of %d posts in %.1fs (%.0f rows/s)", split, written, len(rows),
+    console.details(__name__).info("prepare: split=%s wrote %d of %d posts in %.1fs (%.0f rows/s)", split, written, len(rows),
                 seconds, len(rows) / max(seconds, 1e-9))
     return written
 
@@ -556,7 +556,7 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
     sets, records, rejects = _read_raw(raw)
     input_rows = len(records) + len(rejects)
     _check_not_empty(sets, input_rows)
-    logger.info("prepare: parsed %d rows (%d rejected) from %s in %.1fs", input_rows, len(rejects), raw,
+    console.details(__name__).info("prepare: parsed %d rows (%d rejected) from %s in %.1fs", input_rows, len(rejects), raw,
                 time.perf_counter() - started)
     taxonomy = build_taxonomy([(r["category"], r["subcategory"]) for r in records
                                if r["category"] is not None and r["subcategory"] is not None], taxonomy)

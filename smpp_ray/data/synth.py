@@ -62,7 +62,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageFilter
 
-from smpp_ray import storage
+from smpp_ray import console, storage
 from smpp_ray.data.taxonomy_names import default_taxonomy
 
 logger = logging.getLogger(__name__)
@@ -535,7 +535,7 @@ def synthesize_corpus(out_dir: str, *, posts: int, seed: int, image_size: int = 
     out = storage.normalize(out_dir)
     _clear_previous(out)
     written = _write_split(out, corpus, np.flatnonzero(~corpus.is_test), "train_", image_size, seed) if posts else 0
-    logger.info("synth: wrote %d train posts in %.1fs", written, time.perf_counter() - started)
+    console.details(__name__).info("synth: wrote %d train posts in %.1fs", written, time.perf_counter() - started)
     if test_posts:
         _write_split(out, corpus, np.flatnonzero(corpus.is_test), "test_", image_size, seed)
     oracle = pa.table({

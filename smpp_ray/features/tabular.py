@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from smpp_ray import storage
+from smpp_ray import console, storage
 from smpp_ray.data.schema import POSTS_SCHEMA, SPLITS, posts_path
 from smpp_ray.features.manifest import KEY_COLUMNS, FeatureColumn
 from smpp_ray.features.pca import PCAAccumulator, PCAProjection
@@ -84,7 +84,7 @@ def load_post_metadata(data_dir: str) -> pd.DataFrame:
         frame = table.to_pandas()
         frame["split"] = split
         frames.append(frame)
-        logger.info("read metadata of %d %s posts from %d files", len(frame), split, len(files))
+        console.details(__name__).info("read metadata of %d %s posts from %d files", len(frame), split, len(files))
     meta = pd.concat(frames, ignore_index=True)
     duplicated = meta["pid"][meta["pid"].duplicated()]
     if len(duplicated):

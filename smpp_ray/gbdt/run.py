@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from smpp_ray import storage, tracking
+from smpp_ray import console, storage, tracking
 from smpp_ray.config import TuneConfig, parse_resources
 from smpp_ray.features.manifest import load_feature_manifest, select_columns
 from smpp_ray.gbdt.blend import apply_weights, choose_weights
@@ -93,7 +93,8 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     mlflow_seconds = time.perf_counter() - mlflow_started + sum(s.mlflow_seconds for s in searches.values())
 
     summary = summary_metrics(evaluation)
-    logger.info("tune: %s", {m: {k: round(v, 4) for k, v in values.items()} for m, values in summary.items()})
+    # The evaluate stage's results table shows these on the console.
+    console.details(__name__).info("tune: %s", {m: {k: round(v, 4) for k, v in values.items()} for m, values in summary.items()})
     return {
         "metrics": summary,
         "best_params": {f: s.best_config for f, s in searches.items()},

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smpp_ray import storage
+from smpp_ray import console, storage
 from smpp_ray.config import ModelConfig
 from smpp_ray.data.schema import Taxonomy
 from smpp_ray.model.backbone import Backbone, create_backbone
@@ -258,7 +258,7 @@ def create_model(config: ModelConfig, taxonomy: Taxonomy, prototypes_path: str |
     bank = PrototypeBank.load(prototypes_path) if prototypes_path else None
     model = SMPPModel(config, taxonomy, backbone, bank)
     counts = model.parameter_counts()
-    logger.info("SMPP model on %s%s: %d trainable of %d parameters", config.backbone,
+    console.details(__name__).info("SMPP model on %s%s: %d trainable of %d parameters", config.backbone,
                 " (randomly initialised)" if backbone.randomly_initialised else "", counts["trainable"], counts["total"])
     return model
 

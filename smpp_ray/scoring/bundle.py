@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from smpp_ray import storage
+from smpp_ray import console, storage
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class ScorerBundle:
             "weights": storage.read_json(self.blend)["weights"], "backbone": config.backbone,
             "pretrained": bundled, "source_checkpoint": self.checkpoint,
         })
-        logger.info("wrote scorer bundle %s (%s)", folder, ", ".join(self.families()))
+        console.details(__name__).info("wrote scorer bundle %s (%s)", folder, ", ".join(self.families()))
         return folder
 
 

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smpp_ray import storage
+from smpp_ray import console, storage
 from smpp_ray.config import ModelConfig
 from smpp_ray.data.schema import Taxonomy
 from smpp_ray.summary import SUMMARY_FILE, read_summary
@@ -231,6 +231,6 @@ def load_model_from_checkpoint(checkpoint: str | os.PathLike[str], device: str |
     model.load_trainable_state_dict(state)
     model.to(device)
     model.eval()
-    logger.info("loaded checkpoint %s (epoch %d, val_top1 %s)", location, meta["epoch"],
+    console.details(__name__).info("loaded checkpoint %s (epoch %d, val_top1 %s)", location, meta["epoch"],
                 meta.get("metrics", {}).get("val_top1"))
     return model
