@@ -299,8 +299,16 @@ class ExtractConfig:
     """Logical CPUs per inference actor."""
     pca_components: int = 16
     """Components of the PCA (fitted on train only) that reduces image/text embeddings; 0 keeps them whole."""
+    pca_fused: bool = True
+    """Reduce the fused vector with its own train-only PCA too (pca_components of them; needs pca_components > 0)."""
     user_description_components: int = 4
     """Components kept of the user description vector."""
+    gpu_decode: bool = False
+    """CPU tasks only tokenise and pass the JPEG bytes on; the actors decode, resize and normalise on their device."""
+    decode_concurrency: int = 0
+    """Concurrent decode tasks; 0 sizes them from the decode rate measured on the driver (capped by free CPUs)."""
+    actor_images_per_s: float = 0.0
+    """Expected images/s of one inference actor, for sizing decode; 0 measures CPU actors on the driver (GPU: all free CPUs)."""
 
     def __post_init__(self) -> None:
         parse_resources(self.actor_resources, "extract.actor_resources")
@@ -308,6 +316,11 @@ class ExtractConfig:
         _require(1 <= self.min_actors <= self.max_actors,
                  f"extract.min_actors ({self.min_actors}) must be >= 1 and <= extract.max_actors ({self.max_actors})")
         _require(self.pca_components >= 0, f"extract.pca_components must be >= 0, got {self.pca_components!r}")
+        _require(self.decode_concurrency >= 0,
+                 f"extract.decode_concurrency must be >= 0 (0: sized from the measured decode rate), "
+                 f"got {self.decode_concurrency!r}")
+        _require(self.actor_images_per_s >= 0,
+                 f"extract.actor_images_per_s must be >= 0, got {self.actor_images_per_s!r}")
 
 
 @dataclass(frozen=True)

@@ -198,28 +198,31 @@ def test_ray_extraction_equals_in_process_model(ray_session, dataset: Path, chec
     assert {c["name"] for c in manifest["columns"] if c["categorical"]} >= {"net_pred_subcategory", "net_pred_category"}
     out = _read_all(tmp_path).loc[posts["pid"]]  # rows in the in-process order, matched by pid
     expected = _in_process_outputs(checkpoint, posts)
-    for name, width in (("fused", 64), ("prob_sub", 77), ("prob_cat", 11), ("sim_visual", 88), ("sim_text", 88)):
+    for name, width in (("prob_sub", 77), ("prob_cat", 11), ("sim_visual", 88), ("sim_text", 88)):
         columns = [f"net_{name}_{i}" for i in range(width)]
         assert set(columns) <= set(network)
         np.testing.assert_allclose(out[columns].to_numpy(), expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
     assert (out["net_pred_subcategory"].to_numpy() == expected["pred_subcategory"]).all()
     assert (out["net_pred_category"].to_numpy() == expected["pred_category"]).all()
 
-    # embeddings: a PCA fitted on the train posts only, applied to every split
+    # embeddings and the fused vector (extract.pca_fused): a PCA fitted on the train posts only,
+    # applied to every split
     train = (posts["split"] == "train").to_numpy()
-    for kind in ("image", "text"):
-        pca = fit_pca(expected[f"{kind}_embedding"][train], 3)
+    for kind, name in (("image", "image_embedding"), ("text", "text_embedding"), ("fused", "fused")):
+        pca = fit_pca(expected[name][train], 3)
         columns = [f"net_{kind}_pc_{i}" for i in range(3)]
-        assert set(columns) <= set(network) and not any(c.startswith(f"net_{kind}_embedding") for c in network)
-        np.testing.assert_allclose(out[columns].to_numpy(), pca.transform(expected[f"{kind}_embedding"]), atol=1e-4)
-        with_val_test = fit_pca(expected[f"{kind}_embedding"], 3)  # what leaking val/test would give
-        assert not np.allclose(out[columns].to_numpy(), with_val_test.transform(expected[f"{kind}_embedding"]),
-                               atol=1e-3)
+        assert set(columns) <= set(network) and f"net_{name}_0" not in network  # only the projection
+        np.testing.assert_allclose(out[columns].to_numpy(), pca.transform(expected[name]), atol=1e-4)
+        with_val_test = fit_pca(expected[name], 3)  # what leaking val/test would give
+        assert not np.allclose(out[columns].to_numpy(), with_val_test.transform(expected[name]), atol=1e-3)
     # tabular columns ride along unchanged in the same rows
     assert (out["uid"].to_numpy() == posts["uid"].to_numpy()).all()
     assert (out["subcategory_code"].to_numpy() == posts["subcategory_id"].to_numpy()).all()
     state = json.loads((tmp_path / "feature_state" / "state.json").read_text())
-    assert state["backbone"] == "smpp-tiny-clip" and state["embedding_pcas"] == ["image", "text"]
+    assert state["backbone"] == "smpp-tiny-clip" and state["embedding_pcas"] == ["fused", "image", "text"]
+    # the decode stage (PIL decoding in CPU tasks) was sized from the rates measured on the driver
+    assert result["gpu_decode"] is False and result["decode_concurrency_from"] == "rates"
+    assert 1 <= result["decode_concurrency"] <= 4 - 2 and result["decode_images_per_s"] > 0
 
 
 def test_steady_throughput_uses_the_later_half_of_the_batches() -> None:

@@ -16,9 +16,12 @@ How the work is split:
 2. With a checkpoint, one Ray Data pass streams the posts: ``read_parquet`` -> JPEG decoding and
    tokenisation in CPU tasks (:func:`decode_batch`) -> the model in an actor pool
    (:class:`NetworkFeatureExtractor`, ``ActorPoolStrategy(min_size, max_size)``, ``num_gpus``)
-   -> ``_network/split=*`` Parquet. Decoding is a separate stage so GPUs wait on nothing. An
-   actor that dies mid-run is restarted and its batch retried (:func:`inference_pool`).
-3. The embedding PCAs are fitted on ``_network/split=train`` only, streamed batch by batch.
+   -> ``_network/split=*`` Parquet. Decoding is a separate stage so GPUs wait on nothing; its
+   concurrency is sized from one batch decoded on the driver (:func:`size_decode_stage`). With
+   ``extract.gpu_decode`` the CPU tasks only tokenise and the actors decode the JPEGs on their
+   device. An actor that dies mid-run is restarted and its batch retried (:func:`inference_pool`).
+3. The PCAs of the embeddings and the fused vector (:func:`pca_inputs`) are fitted on
+   ``_network/split=train`` only, streamed batch by batch.
 4. A second Ray Data pass joins the network rows with the tabular rows *by pid* (order
    independent; the tabular table is shared once through the object store), projects the
    embeddings and writes the final files; the driver then checks every post appears exactly once.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -59,6 +63,9 @@ NETWORK_TMP = "_network"
 #: Rows per output file: few enough files for fast listing, small enough to stream.
 ROWS_PER_FILE = 8192
 EMBEDDINGS = ("image_embedding", "text_embedding")
+#: Every output a train-only PCA may reduce; its projection is keyed by the name's first word
+#: (``image``, ``text``, ``fused``) and its columns are ``net_<key>_pc_<i>``.
+PCA_INPUTS = (*EMBEDDINGS, "fused")
 #: Seconds to wait for the minimum actor pool (model loading included) before failing.
 MIN_ACTORS_WAIT_S = 900
 #: Testing aid, read on the driver: a file path. The first inference actor to create that file
@@ -121,7 +128,7 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
         storage.reset_dir(tmp_dir)
         summary.update(_run_network_pass(data_dir, checkpoint, tmp_dir, extract_config))
         if extract_config.pca_components > 0:
-            projections = _fit_embedding_pcas(tmp_dir, extract_config.pca_components)
+            projections = _fit_embedding_pcas(tmp_dir, extract_config.pca_components, pca_inputs(extract_config))
         _run_join_pass(tmp_dir, table, projections, out_dir)
         storage.remove(tmp_dir)
 
@@ -265,10 +272,12 @@ def taxonomy_difference(checkpoint: Taxonomy, dataset: Taxonomy) -> str:
 # Ray Data passes
 
 
-def network_feature_dataset(data_dir: str, checkpoint: CheckpointInfo, cfg: ExtractConfig):
+def network_feature_dataset(data_dir: str, checkpoint: CheckpointInfo, cfg: ExtractConfig,
+                            decode_concurrency: int | None = None):
     """The lazy Ray Dataset of network features: posts -> decode (CPU tasks) -> model (actor pool).
 
     Rows: ``pid``, ``split``, the extractor's arrays and ``worker``. Nothing runs until consumed.
+    ``decode_concurrency`` caps the decode tasks running at once (None: Ray Data's default).
     """
     import ray.data
 
@@ -279,16 +288,30 @@ def network_feature_dataset(data_dir: str, checkpoint: CheckpointInfo, cfg: Extr
              .repartition(target_num_rows_per_block=cfg.batch_size))
     decoded = posts.map_batches(
         decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
-        memory=decode_stage_memory(cfg.batch_size, checkpoint.image_size),
-        fn_kwargs={"backbone": checkpoint.backbone, "image_size": checkpoint.image_size,
-                   "context_length": checkpoint.context_length, "mean": checkpoint.mean, "std": checkpoint.std})
+        memory=decode_stage_memory(cfg.batch_size, checkpoint.image_size, decode_images=not cfg.gpu_decode),
+        concurrency=decode_concurrency, fn_kwargs=_decode_kwargs(checkpoint, cfg))
     options, actor = inference_pool(cfg)
+    if cfg.gpu_decode:
+        actor = {**actor, **_device_decode_kwargs(checkpoint)}
     extractor: type = NetworkFeatureExtractor
     crash_marker = os.environ.get(CRASH_ONCE_ENV, "")
     if crash_marker:
         extractor, actor = _CrashOnceExtractor, {**actor, "crash_marker": crash_marker}
     return decoded.map_batches(extractor, fn_constructor_kwargs={"checkpoint_dir": checkpoint.path, **actor},
                                **options)
+
+
+def _decode_kwargs(checkpoint: CheckpointInfo, cfg: ExtractConfig) -> dict[str, Any]:
+    """:func:`decode_batch`'s keyword arguments for this checkpoint."""
+    return {"backbone": checkpoint.backbone, "image_size": checkpoint.image_size,
+            "context_length": checkpoint.context_length, "mean": checkpoint.mean, "std": checkpoint.std,
+            "decode_images": not cfg.gpu_decode}
+
+
+def _device_decode_kwargs(checkpoint: CheckpointInfo) -> dict[str, Any]:
+    """The extractor's constructor arguments that make it decode JPEG bytes on its device."""
+    return {"image_size": checkpoint.image_size, "mean": checkpoint.mean, "std": checkpoint.std,
+            "backbone": checkpoint.backbone, "context_length": checkpoint.context_length}
 
 
 class _CrashOnceExtractor(NetworkFeatureExtractor):
@@ -318,14 +341,90 @@ class _CrashOnceExtractor(NetworkFeatureExtractor):
 DECODE_WORKER_BASELINE_BYTES = 768 * 1024 * 1024
 
 
-def decode_stage_memory(batch_size: int, image_size: int) -> int:
-    """Bytes a decode task reserves: the worker's baseline plus its decoded batch, input and output.
+def decode_stage_memory(batch_size: int, image_size: int, *, decode_images: bool = True) -> int:
+    """Bytes a decode task reserves: the worker's baseline plus its decoded batch, input and output
+    (only the baseline when it only tokenises: ``extract.gpu_decode``).
 
     Reserving it also keeps Ray Data from fusing decoding into the model actors, which it does for
     stages with equal resources: decoding must run in its own CPU tasks, in parallel with
     inference, so accelerators never wait.
     """
-    return DECODE_WORKER_BASELINE_BYTES + 2 * batch_size * 3 * image_size ** 2 * 4
+    pixels = 2 * batch_size * 3 * image_size ** 2 * 4 if decode_images else 0
+    return DECODE_WORKER_BASELINE_BYTES + pixels
+
+
+def decode_concurrency(actors: int, actor_images_per_s: float, decode_images_per_s: float, cpu_cap: int) -> int:
+    """Decode tasks that keep ``actors`` inference actors fed: ``ceil(actors x actor rate / decode
+    rate)``, at least 1 and at most ``cpu_cap``; ``cpu_cap`` when a rate is unknown (<= 0 or NaN)."""
+    cpu_cap = max(1, int(cpu_cap))
+    if not (actor_images_per_s > 0 and decode_images_per_s > 0):
+        return cpu_cap
+    return max(1, min(cpu_cap, math.ceil(actors * actor_images_per_s / decode_images_per_s)))
+
+
+def _sample_batch(data_dir: str, rows: int) -> dict[str, np.ndarray]:
+    """Up to ``rows`` posts from the first shards, as a numpy batch (what a decode task gets)."""
+    tables: list[pa.Table] = []
+    for location in storage.list_parquet_files(storage.join(data_dir, "posts")):
+        fs, path = storage.resolve(location)
+        for part in pq.ParquetFile(path, filesystem=fs).iter_batches(
+                batch_size=rows, columns=["pid", "image", "title", "tags"]):
+            tables.append(pa.Table.from_batches([part]))
+            if sum(t.num_rows for t in tables) >= rows:
+                break
+        if sum(t.num_rows for t in tables) >= rows:
+            break
+    table = pa.concat_tables(tables).slice(0, rows) if tables else None
+    if table is None or table.num_rows == 0:
+        raise ValueError(f"no posts under {storage.join(data_dir, 'posts')!r} to measure the decode rate on")
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _images_per_s(fn: Any, batch: dict[str, np.ndarray]) -> tuple[float, Any]:
+    """Images/s of ``fn`` on ``batch`` after one warm-up call on two rows (tokenizer, model set-up)."""
+    fn({name: values[:2] for name, values in batch.items()})
+    started = time.perf_counter()
+    out = fn(batch)
+    seconds = time.perf_counter() - started
+    return (len(batch["pid"]) / seconds if seconds > 0 else float("inf")), out
+
+
+def size_decode_stage(data_dir: str, checkpoint: CheckpointInfo, cfg: ExtractConfig,
+                      cluster_cpus: float) -> dict[str, Any]:
+    """How many decode tasks run at once, from one batch decoded (as the stage would) on the driver.
+
+    The expected rate of one actor is ``extract.actor_images_per_s``, or for CPU actors one batch
+    timed on the driver with the actor's threads; for GPU actors without it the rate is unknown and
+    decode gets every CPU the actor pool leaves. ``extract.decode_concurrency`` > 0 overrides the
+    size (the rates are still measured and reported).
+    """
+    import torch
+
+    batch = _sample_batch(data_dir, cfg.batch_size)
+    decode_rate, decoded = _images_per_s(lambda b: decode_batch(b, **_decode_kwargs(checkpoint, cfg)), batch)
+    actor_rate = float(cfg.actor_images_per_s)
+    if actor_rate <= 0 and cfg.num_gpus_per_actor == 0:
+        _, actor = inference_pool(cfg)
+        threads = torch.get_num_threads()
+        try:
+            extractor = NetworkFeatureExtractor(
+                checkpoint.path, **actor, **(_device_decode_kwargs(checkpoint) if cfg.gpu_decode else {}))
+            actor_rate, _ = _images_per_s(extractor, decoded)
+            del extractor
+        finally:
+            torch.set_num_threads(threads)  # the extractor set the actor's threads in this process
+    cpu_cap = max(1, int(cluster_cpus - cfg.max_actors * cfg.cpus_per_actor))
+    auto = decode_concurrency(cfg.max_actors, actor_rate, decode_rate, cpu_cap)
+    size = cfg.decode_concurrency or auto
+    source = "config" if cfg.decode_concurrency else ("rates" if actor_rate > 0 else "free_cpus")
+    logger.info("decode: %.1f images/s per task (measured on %d posts%s); actor: %s images/s expected; "
+                "%d decode task(s) (%s; %d CPUs free beside %d actor(s))", decode_rate, len(batch["pid"]),
+                ", tokenise only" if cfg.gpu_decode else "", f"{actor_rate:.1f}" if actor_rate > 0 else "unknown",
+                size, source, cpu_cap, cfg.max_actors)
+    return {"decode_images_per_s": round(decode_rate, 2),
+            "expected_actor_images_per_s": round(actor_rate, 2) if actor_rate > 0 else None,
+            "decode_concurrency": size, "decode_concurrency_auto": auto, "decode_concurrency_from": source,
+            "gpu_decode": cfg.gpu_decode}
 
 
 def inference_pool(cfg: ExtractConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -359,6 +458,7 @@ def _run_network_pass(data_dir: str, checkpoint: CheckpointInfo, tmp_dir: str, c
     if cfg.num_gpus_per_actor > 0 and gpus < cfg.min_actors * cfg.num_gpus_per_actor:
         raise ValueError(f"extract.min_actors={cfg.min_actors} x extract.num_gpus_per_actor={cfg.num_gpus_per_actor} "
                          f"needs {cfg.min_actors * cfg.num_gpus_per_actor:g} GPUs but the Ray cluster has {gpus:g}")
+    decode = size_decode_stage(data_dir, checkpoint, cfg, ray.cluster_resources().get("CPU", 1.0))
     started = time.perf_counter()
     context = ray.data.DataContext.get_current()
     previous_wait = context.wait_for_min_actors_s
@@ -366,7 +466,7 @@ def _run_network_pass(data_dir: str, checkpoint: CheckpointInfo, tmp_dir: str, c
     # first actor up can take every batch), and fail clearly if the cluster cannot host it.
     context.wait_for_min_actors_s = MIN_ACTORS_WAIT_S
     try:
-        network_feature_dataset(data_dir, checkpoint, cfg).write_parquet(
+        network_feature_dataset(data_dir, checkpoint, cfg, decode["decode_concurrency"]).write_parquet(
             tmp_dir, partition_cols=["split"], filename_provider=_part_files())
     finally:
         context.wait_for_min_actors_s = previous_wait
@@ -379,7 +479,7 @@ def _run_network_pass(data_dir: str, checkpoint: CheckpointInfo, tmp_dir: str, c
     steady = steady_throughput(written.column("finished_at").to_numpy())
     logger.info("network features of %d posts in %.1f s (steady %.1f images/s) by %d actor(s): %s",
                 written.num_rows, seconds, steady, len(workers), workers)
-    return {"network_seconds": round(seconds, 3),
+    return {**decode, "network_seconds": round(seconds, 3),
             "images_per_s": round(written.num_rows / seconds, 2) if seconds > 0 else 0.0,
             "steady_images_per_s": round(steady, 2), "actors_used": len(workers), "workers": workers}
 
@@ -404,8 +504,16 @@ def _filesystem_paths(files: list[str]) -> tuple[Any, list[str]]:
     return resolved[0][0], [path for _, path in resolved]
 
 
-def _fit_embedding_pcas(tmp_dir: str, components: int) -> dict[str, PCAProjection]:
-    """One PCA per embedding, fitted on the train split's rows only (streamed)."""
+def pca_inputs(cfg: ExtractConfig) -> tuple[str, ...]:
+    """The outputs reduced by a train-only PCA: the embeddings, and the fused vector with
+    ``extract.pca_fused``."""
+    return PCA_INPUTS if cfg.pca_fused else EMBEDDINGS
+
+
+def _fit_embedding_pcas(tmp_dir: str, components: int, inputs: tuple[str, ...] = EMBEDDINGS
+                        ) -> dict[str, PCAProjection]:
+    """One PCA per output of ``inputs`` (:data:`PCA_INPUTS`), fitted on the train split's rows
+    only (streamed); keyed ``image`` / ``text`` / ``fused``."""
     import ray.data
 
     files = storage.list_parquet_files(storage.join(tmp_dir, "split=train"))
@@ -414,12 +522,12 @@ def _fit_embedding_pcas(tmp_dir: str, components: int) -> dict[str, PCAProjectio
                          "set extract.pca_components=0 to keep the embeddings whole")
     fs, paths = _filesystem_paths(files)
     accumulators: dict[str, PCAAccumulator] = {}
-    batches = ray.data.read_parquet(paths, filesystem=fs).select_columns(list(EMBEDDINGS))
+    batches = ray.data.read_parquet(paths, filesystem=fs).select_columns(list(inputs))
     for batch in batches.iter_batches(batch_size=4096, batch_format="numpy"):
-        for name in EMBEDDINGS:
+        for name in inputs:
             values = np.asarray(batch[name])
             accumulators.setdefault(name, PCAAccumulator(values.shape[1])).add(values)
-    return {name.split("_")[0]: accumulators[name].fit(components) for name in EMBEDDINGS}
+    return {name.split("_")[0]: accumulators[name].fit(components) for name in inputs}
 
 
 def _run_join_pass(tmp_dir: str, table: pa.Table, projections: dict[str, PCAProjection], out_dir: str) -> None:
@@ -470,13 +578,15 @@ def join_network_batch(batch: dict[str, np.ndarray], *, tabular_ref: list,
 
 def network_feature_columns(batch: dict[str, np.ndarray],
                             projections: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Flat ``net_*`` columns from the extractor's arrays (embeddings projected when a PCA is given)."""
+    """Flat ``net_*`` columns from the extractor's arrays; an output of :data:`PCA_INPUTS` whose
+    key (``image``, ``text``, ``fused``) has a PCA in ``projections`` is projected to
+    ``net_<key>_pc_<i>``, any other is written whole (``net_<name>_<i>``)."""
     out: dict[str, np.ndarray] = {}
     for name in TENSOR_OUTPUTS:
         values = np.asarray(batch[name], dtype=np.float32)
         prefix = f"net_{name}"
         kind = name.split("_")[0]
-        if name in EMBEDDINGS and kind in projections:
+        if name in PCA_INPUTS and kind in projections:
             mean, components = projections[kind]
             values = ((values.astype(np.float64) - mean) @ components.T).astype(np.float32)
             prefix = f"net_{kind}_pc"

@@ -36,8 +36,7 @@ import torch
 
 from smpp_ray import storage
 from smpp_ray.config import ModelConfig
-from smpp_ray.data.schema import Taxonomy
-from smpp_ray.data.schema import posts_path
+from smpp_ray.data.schema import Taxonomy, posts_path
 
 logger = logging.getLogger(__name__)
 
