@@ -135,5 +135,25 @@ def print_results(result: dict[str, Any]) -> None:
              "", f"Report: {result['report']}"]
     uri = result.get("tracking_uri")
     if uri:
-        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {redact_uri(uri)} --host 127.0.0.1 --port 5000")
+        runs_page = _runs_page(uri, result.get("mlflow_run_id"))
+        if uri.startswith(("http://", "https://")):
+            lines.append(f"MLflow UI: {redact_uri(uri)}{runs_page}")
+        else:
+            lines.append(f"MLflow UI: mlflow ui --backend-store-uri {redact_uri(uri)} --host 127.0.0.1 --port 5000")
+            if runs_page:
+                lines.append(f"           then open http://127.0.0.1:5000{runs_page}")
     out("\n".join(lines))
+
+
+def _runs_page(tracking_uri: str, run_id: str | None) -> str:
+    """The UI path of the run's experiment on its runs table: MLflow 3 opens an experiment on its
+    GenAI overview unless the page asks for the model-training view."""
+    if not run_id:
+        return ""
+    from smpp_ray.tracking import client
+
+    try:
+        experiment = client(tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # the line is a convenience: an unreachable store must not fail the run
+        return ""
+    return f"/#/experiments/{experiment}/runs?workflowType=machine_learning"

@@ -147,3 +147,19 @@ def test_rerun_skips_complete_stages(pipeline_run):
     assert not [r for r in runs if r.data.tags.get(PARENT_TAG) == again["mlflow_run_id"]]
     # A skipped evaluate still gives the table (read back from its summary)
     assert again["table"]["src"].tolist() == pytest.approx(result["table"]["src"].tolist(), nan_ok=True)
+
+
+def test_results_end_with_the_mlflow_runs_page_of_the_experiment(pipeline_run, capsys):
+    """MLflow 3 opens an experiment on its GenAI overview; the printed page is the runs table."""
+    from smpp_ray.evaluate import load_results, print_results
+    from smpp_ray.layout import pipeline_layout
+    from smpp_ray.tracking import client
+
+    config, out, result = pipeline_run
+    experiment = client(result["tracking_uri"]).get_experiment_by_name(config.tracking.experiment).experiment_id
+    shown = {**load_results(pipeline_layout(str(out))["report"]), "tracking_uri": result["tracking_uri"],
+             "mlflow_run_id": result["mlflow_run_id"]}
+    print_results(shown)
+    text = capsys.readouterr().out
+    assert "MLflow UI: mlflow ui --backend-store-uri sqlite:" in text
+    assert f"then open http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning" in text

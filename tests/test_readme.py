@@ -102,7 +102,7 @@ def assert_console_is_the_projects(console: str, *, epochs: int, trials: int) ->
     for family in ("lightgbm", "catboost"):
         assert f"{family} trial {trials}/{trials}" in console, family
     assert "MLflow UI: mlflow ui" in console and "Report: " in console
-    assert len(lines) <= 90, f"{len(lines)} console lines"
+    assert len(lines) <= 60, f"{len(lines)} console lines"
 
 
 @pytest.mark.slow

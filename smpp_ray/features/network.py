@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from smpp_ray import console
+
 logger = logging.getLogger(__name__)
 
 #: Tensor outputs written per post (name -> what it is); all float32 (B, K).
@@ -204,7 +206,8 @@ class NetworkFeatureExtractor:
         self.image_decoder = (DeviceImageDecoder(image_size, self.device, mean=mean, std=std, backbone=backbone,
                                                  context_length=context_length) if image_size > 0 else None)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        logger.info("feature extractor %s loaded %s on %s", self.worker, checkpoint_dir, self.device)
+        console.details(__name__).info("feature extractor %s loaded %s on %s", self.worker, checkpoint_dir,
+                                       self.device)
 
     def _pixels(self, batch: dict[str, np.ndarray]) -> Any:
         import torch

@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
-from smpp_ray import storage
+from smpp_ray import console, storage
 
 logger = logging.getLogger(__name__)
+#: Backbones whose random initialisation this process has already warned about.
+_RANDOM_INIT_WARNED: set[str] = set()
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 TINY_MODEL = "smpp-tiny-clip"
@@ -78,8 +80,11 @@ def _load_open_clip(name: str, pretrained: str) -> tuple[nn.Module, bool]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.create_model(name, pretrained=None)
-        logger.warning("backbone %s randomly initialised (seed %d): no pretrained weights",
-                       name, RANDOM_INIT_SEED)
+        # Once per process on the console: every model load in a stage would repeat it.
+        log = logger.warning if name not in _RANDOM_INIT_WARNED else console.details(__name__).info
+        _RANDOM_INIT_WARNED.add(name)
+        log("backbone %s randomly initialised (seed %d): no pretrained weights; set model.pretrained "
+            "to an open_clip tag or checkpoint file for a pretrained CLIP", name, RANDOM_INIT_SEED)
         return model, True
     weights = pretrained if pretrained in tags else _weights_file(name, pretrained, tags)
     try:
