@@ -63,12 +63,19 @@ def test_image_path_returns_open_clip_pooled_embedding_and_projected_patches(bac
     assert patches.shape == (2, backbone.num_patches, backbone.embed_dim) and backbone.num_patches == 16
 
 
-def test_random_init_only_for_the_tiny_model_is_seeded_and_logged(caplog):
-    with caplog.at_level(logging.WARNING, logger="smpp_ray.model.backbone"):
+def test_random_init_only_for_the_tiny_model_is_seeded_and_logged(caplog, monkeypatch):
+    from smpp_ray.model import backbone as backbone_module
+
+    monkeypatch.setattr(backbone_module, "_RANDOM_INIT_WARNED", set())  # as in a fresh process
+    with caplog.at_level(logging.INFO):
         first = create_backbone(TINY_MODEL)
+        second = create_backbone(TINY_MODEL)
     assert first.randomly_initialised
-    assert "randomly initialised" in caplog.text
-    second = create_backbone(TINY_MODEL)
+    ours = [r for r in caplog.records if "randomly initialised" in r.getMessage()]
+    # A warning (with what to do) once per process; later loads say it in the log file only.
+    assert [(r.name, r.levelno) for r in ours] == [("smpp_ray.model.backbone", logging.WARNING),
+                                                   ("smpp.details.smpp_ray.model.backbone", logging.INFO)]
+    assert "set model.pretrained" in ours[0].getMessage()
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
