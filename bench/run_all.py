@@ -5,6 +5,11 @@ collects them. The GPU benchmark (bench_gpu.py, and the --device cuda modes) is 
 a GPU machine. The predict benchmark scores with the demo pipeline (run `make demo` first). Sizes here fit a 2-core machine in about 15-20 minutes; pass --quick for a smoke
 run that only checks the scripts work.
 
+The scale benchmark (bench_scale.py) runs 3k and 10k posts here, on top of those minutes (about
+half an hour on 2 cores shared with other work, load average ~30; less on an idle machine); the
+issue's full range adds 30k (`bench/bench_scale.py --posts 3000,10000,30000`, by hand, about an
+hour or more on 2 cores).
+
 The ablation (bench/ablation.py, every variant x 3 seeds, ~25 minutes) is run by hand; here its
 table is only re-rendered from the numbers of that run (bench/out/ablation.json), and --quick
 runs two variants for one seed into a separate cache, leaving those numbers alone.
@@ -26,6 +31,7 @@ FULL = {
     "extract": ["bench_extract.py", "--posts", "1024"],
     "tune": ["bench_tune.py", "--trial-seconds", "30", "--trials", "4"],
     "predict": ["bench_predict.py", "--pipeline", "runs/demo"],  # after `make demo`
+    "scale": ["bench_scale.py", "--posts", "3000,10000"],
     "ablation": ["ablation.py", "--render-only"],  # after `bench/ablation.py --seeds 3`
 }
 QUICK = {
@@ -34,6 +40,8 @@ QUICK = {
     "tune": ["bench_tune.py", "--quick"],
     "predict": ["bench_predict.py", "--pipeline", "runs/demo", "--small", "8", "--large", "200",
                 "--serve-requests", "20"],
+    "scale": ["bench_scale.py", "--posts", "360,720", "--rounds", "20",
+              "--workdir", str(HERE / "out" / "scale-quick")],
     "ablation": ["ablation.py", "--seeds", "1", "--variants", "full,fusion_off", "--posts", "600", "--epochs", "1",
                  "--work", str(HERE / "out" / "ablation_quick"), "--json", str(HERE / "out" / "ablation_quick.json")],
 }
@@ -43,7 +51,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(HERE / "results.md"))
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="", help="comma-separated: train,extract,tune,predict,ablation")
+    parser.add_argument("--only", default="", help="comma-separated: train,extract,tune,predict,scale,ablation")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     chosen = [n for n in plan if not args.only or n in args.only.split(",")]
