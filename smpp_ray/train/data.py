@@ -84,6 +84,26 @@ def parquet_rows(location: str) -> int:
     return sum(fragment.count_rows() for fragment in dataset.get_fragments())
 
 
+def read_parquet(location: str):
+    """``ray.data.read_parquet(location)`` planned with Ray Data's first-generation file datasource.
+
+    Training re-executes its datasets every epoch, and Ray 2.60's default (datasource v2: a
+    ListFiles and a footer-reading operator ahead of the read tasks) took 15-22 s to hand out the
+    first batch of every execution here, against 0.2-3 s with v1 on the same files
+    (bench/results.md): most of each epoch's input wait. The choice is fixed when the read is
+    planned, i.e. here, so it is set only for this call.
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    previous = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(location)
+    finally:
+        context.use_datasource_v2 = previous
+
+
 def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: bool, kept_ids: str = ""):
     """A lazy Ray Dataset of one split, decoded and tokenised by the model's BatchPreprocessor.
 
@@ -94,7 +114,6 @@ def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: b
     hold no CPUs between epochs; an actor pool would pin CPUs that the training workers and the
     other split's pipeline also need on a small machine.
     """
-    import ray.data
 
     from smpp_ray.model.preprocess import BatchPreprocessor
 
@@ -104,7 +123,7 @@ def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: b
         raise ValueError(f"split {split!r} at {path!r} has no rows; training needs train and val posts")
     preprocessor = BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, train,
                                      mean=spec.mean, std=spec.std)
-    dataset = ray.data.read_parquet(path).select_columns(INPUT_COLUMNS)
+    dataset = read_parquet(path).select_columns(INPUT_COLUMNS)
     if kept_ids:
         from smpp_ray.train.selection import KeptPostsFilter
 

@@ -134,7 +134,13 @@ def build_image_features(data_dir: str, location: str, *, splits: tuple[str, ...
     import ray.data
 
     from smpp_ray.model.preprocess import BatchPreprocessor
-    from smpp_ray.train.data import INPUT_COLUMNS, PREPROCESS_BATCH_ROWS, count_rows, parquet_rows
+    from smpp_ray.train.data import (
+        INPUT_COLUMNS,
+        PREPROCESS_BATCH_ROWS,
+        count_rows,
+        parquet_rows,
+        read_parquet,
+    )
 
     key = features_key(data_dir, splits, model_config, seed, dtype, spec.image_size, spec.context_length)
     previous = read_manifest(location)
@@ -154,7 +160,7 @@ def build_image_features(data_dir: str, location: str, *, splits: tuple[str, ...
     for split in splits:
         expected = count_rows(data_dir, split)
         target = storage.join(location, split)
-        (ray.data.read_parquet(posts_path(data_dir, split)).select_columns(INPUT_COLUMNS)
+        (read_parquet(posts_path(data_dir, split)).select_columns(INPUT_COLUMNS)
          .map_batches(preprocessor, batch_size=PREPROCESS_BATCH_ROWS, batch_format="numpy", num_cpus=1)
          .map_batches(ImageTowerEncoder, fn_constructor_kwargs=encoder_kwargs, batch_size=batch_size,
                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
@@ -176,9 +182,9 @@ def build_image_features(data_dir: str, location: str, *, splits: tuple[str, ...
 
 def feature_split_dataset(location: str, split: str, *, kept_ids: str = ""):
     """A lazy Ray Dataset of one split's stored features (``kept_ids``: as in ``create_split_dataset``)."""
-    import ray.data
+    from smpp_ray.train.data import read_parquet
 
-    dataset = ray.data.read_parquet(storage.join(location, split))
+    dataset = read_parquet(storage.join(location, split))
     if kept_ids:
         from smpp_ray.train.selection import KeptPostsFilter
 
