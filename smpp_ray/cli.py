@@ -304,13 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.publish_log(log_path, published)
             import os
 
-            from smpp_ray import storage
             from smpp_ray.layout import PIPELINE_STAGES
 
-            for stage in PIPELINE_STAGES:  # a pipeline's stage logs go beside its own
+            for stage in PIPELINE_STAGES:  # a pipeline's stage logs go beside its own, named by the same rule
                 stage_log = console.stage_log_path(log_path, stage)
                 if os.path.isfile(stage_log):
-                    console.publish_log(stage_log, storage.join(storage.parent(published), f"{stage}.log"))
+                    console.publish_log(stage_log, console.stage_log_path(published, stage))
 
 
 def _run_logged(args: argparse.Namespace, log_path: str) -> int:
