@@ -71,12 +71,13 @@ GOAL = 1.2
 
 
 def _status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM and RssAnon (private memory) of ``pid`` in KiB ({} if it is gone)."""
+    """VmRSS, VmHWM, RssAnon (private memory) and RssShmem (shared memory, Ray's object store
+    among it) of ``pid`` in KiB ({} if it is gone)."""
     values = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:")):
+                if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssShmem:")):
                     key, value = line.split(":", 1)
                     values[key] = int(value.split()[0])
     except OSError:
@@ -148,6 +149,9 @@ class MemorySampler:
         self.cpu: dict[int, float] = {}    # pid -> CPU seconds at its last sample
         self.rss0: dict[int, int] = {}     # pid -> KiB at the window start (0: started during it)
         self.anon: dict[int, int] = {}     # pid -> largest sampled RssAnon, KiB
+        self.shmem: dict[int, int] = {}    # pid -> largest sampled RssShmem, KiB
+        self.anon0: dict[int, int] = {}    # pid -> RssAnon at the window start (0: started during it)
+        self.name: dict[int, str] = {}     # pid -> last non-idle process title (task / actor name)
         self.started = time.perf_counter()
 
     def reset(self) -> None:
@@ -156,7 +160,9 @@ class MemorySampler:
             self._begin()
             for pid in [self.driver, *descendants(self.driver)]:
                 self.cpu0[pid] = _cpu_seconds(pid)
-                self.rss0[pid] = _status(pid).get("VmRSS", 0)
+                start = _status(pid)
+                self.rss0[pid] = start.get("VmRSS", 0)
+                self.anon0[pid] = start.get("RssAnon", 0)
                 try:
                     with open(f"/proc/{pid}/clear_refs", "w") as f:
                         f.write("5")
@@ -176,10 +182,17 @@ class MemorySampler:
                     self.kind[pid] = "driver" if pid == self.driver else (
                         "worker" if is_worker(_cmdline(pid)) else "ray")
                 if self.kind[pid] == "worker":
+                    # A Ray worker renames itself to the task or actor it runs (``ray::ReadFiles->…``);
+                    # the last non-idle name is what it did in the window.
+                    name = _cmdline(pid).split(" ", 1)[0]
+                    if name and name != "ray::IDLE":
+                        self.name[pid] = name
+                if self.kind[pid] == "worker":
                     total += values.get("VmRSS", 0)
                     self.cpu[pid] = _cpu_seconds(pid)
                 self.peak[pid] = max(self.peak.get(pid, 0), values.get("VmHWM", 0), values.get("VmRSS", 0))
                 self.anon[pid] = max(self.anon.get(pid, 0), values.get("RssAnon", 0))
+                self.shmem[pid] = max(self.shmem.get(pid, 0), values.get("RssShmem", 0))
             self.workers_sum = max(self.workers_sum, total)
 
     def _run(self) -> None:
@@ -199,11 +212,22 @@ class MemorySampler:
             busy_pids = [p for p in self.peak if self.kind[p] == "worker"
                          and self.cpu.get(p, 0.0) - self.cpu0.get(p, 0.0) >= busy]
             workers = [self.peak[p] for p in busy_pids]
+            top = sorted(busy_pids, key=lambda p: self.peak[p], reverse=True)[:3]
             return {"driver_mib": self.peak.get(self.driver, 0) / 1024,
+                    "top_workers": [{"pid": p, "peak_mib": self.peak[p] / 1024, "private_mib": self.anon.get(p, 0) / 1024,
+                                     "shared_mib": self.shmem.get(p, 0) / 1024,
+                                     "start_mib": self.rss0.get(p, 0) / 1024,
+                                     "private_start_mib": self.anon0.get(p, 0) / 1024,
+                                     "cpu_s": self.cpu.get(p, 0.0) - self.cpu0.get(p, 0.0),
+                                     "name": self.name.get(p, "")} for p in top],
                     "worker_mib": max(workers, default=0) / 1024,
                     "worker_growth_mib": max((self.peak[p] - self.rss0.get(p, 0) for p in busy_pids), default=0) / 1024,
                     "worker_anon_mib": max((self.anon.get(p, 0) for p in busy_pids), default=0) / 1024,
+                    "worker_private_growth_mib": max((self.anon.get(p, 0) - self.anon0.get(p, 0)
+                                                      for p in busy_pids), default=0) / 1024,
                     "driver_anon_mib": self.anon.get(self.driver, 0) / 1024,
+                    "driver_private_growth_mib": (self.anon.get(self.driver, 0)
+                                                  - self.anon0.get(self.driver, 0)) / 1024,
                     "workers_sum_mib": self.workers_sum / 1024,
                     "workers_seen": len(workers)}
 
@@ -284,18 +308,30 @@ def run_size(posts: int, args, config_path: str, sampler: MemorySampler, spilled
         logger.info("%d posts: %s %.1f s, %s", posts, stage, seconds, rows[stage])
         return result
 
-    data = measure("prepare", lambda: run_prepare(config, raw, str(work / "data"), fresh))
+    def stage(name: str, fn):
+        """Measured when asked for (``--stages``); otherwise run unmeasured, as a later stage needs it."""
+        return measure(name, fn) if name in args.stages else fn()
+
+    data = stage("prepare", lambda: run_prepare(config, raw, str(work / "data"), fresh))
     counts = read_summary(data)["metrics"]
-    proto = run_prototypes(config, data, str(work / "prototypes"), cached)
-    train = measure("train epoch", lambda: run_train(config, data, proto, str(work / "train"), fresh))
-    train_summary = read_summary(train)
-    features = measure("extract", lambda: run_extract(config, data, train_summary["artifacts"]["best_checkpoint"],
-                                                      str(work / "features"), fresh))
-    trial = measure("tune trial", lambda: tune_trial(features, args.rounds))
-    history = train_summary["metrics"].get("history") or [{}]
     total = sum(counts["per_split"].values())
-    return {"posts": posts, "counts": counts, "total": total, "train_rows": trial["rows"], "stages": rows,
-            "train_phase_s": history[-1].get("train_seconds"), "trial": trial}
+    result = {"posts": posts, "counts": counts, "total": total, "train_rows": counts["per_split"]["train"],
+              "stages": rows, "train_phase_s": None}
+    if not {"train epoch", "extract", "tune trial"} & set(args.stages):
+        return result
+    proto = run_prototypes(config, data, str(work / "prototypes"), cached)
+    train = stage("train epoch", lambda: run_train(config, data, proto, str(work / "train"), fresh))
+    train_summary = read_summary(train)
+    history = train_summary["metrics"].get("history") or [{}]
+    result["train_phase_s"] = history[-1].get("train_seconds")
+    result["image_features"] = train_summary["metrics"].get("image_features")
+    if not {"extract", "tune trial"} & set(args.stages):
+        return result
+    features = stage("extract", lambda: run_extract(config, data, train_summary["artifacts"]["best_checkpoint"],
+                                                    str(work / "features"), fresh))
+    if "tune trial" in args.stages:
+        result["trial"] = measure("tune trial", lambda: tune_trial(features, args.rounds))
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +341,25 @@ def run_size(posts: int, args, config_path: str, sampler: MemorySampler, spilled
 def per_post_ms(result: dict, stage: str) -> float:
     denominator = result["train_rows"] if stage in ("train epoch", "tune trial") else result["total"]
     return 1000 * result["stages"][stage]["seconds"] / max(1, denominator)
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def private_ratio(stage: dict, base: dict) -> float | None:
+    """The largest busy worker's private memory (RssAnon) added in the stage, against the smallest size.
+
+    RSS also counts the pages of Ray's shared object store a process has mapped and touched: they
+    are one store's memory (bounded by its capacity), counted again in every process that read
+    them, so a per-process streaming bound is a bound on private memory. What the stage *added*
+    (peak minus the worker's private memory at the stage start) leaves out what a reused idle
+    worker held from earlier stages (imports, an earlier stage's model).
+    """
+    value, reference = stage.get("worker_private_growth_mib"), base.get("worker_private_growth_mib")
+    if value is None or not reference:
+        return None
+    return value / reference
 
 
 def marginal_ms(small: dict, large: dict, stage: str) -> float:
@@ -327,18 +382,21 @@ def render(results: list[dict], args, loads: tuple, wall: float, reset_failures:
         "",
         "| posts | stage | seconds | ms/post | ms/post vs smallest | peak driver RSS (MiB) | "
         "peak worker RSS (MiB) (busy workers) | worker growth (MiB) | worker private (MiB) | Σ workers RSS (MiB) | "
-        "memory vs smallest | spilled bytes | load 1-min (start→end) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "memory vs smallest | worker private added (MiB) | vs smallest | driver private added (MiB) | spilled bytes | load 1-min (start→end) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     verdicts = {}
-    for stage in STAGES:
+    for stage in [name for name in STAGES if name in base["stages"]]:
         b = base["stages"][stage]
-        worst_time, worst_mem, worst_growth = 0.0, 0.0, None
+        worst_time, worst_mem, worst_growth, worst_private = 0.0, 0.0, None, None
         for r in results:
             s = r["stages"][stage]
             time_ratio = per_post_ms(r, stage) / per_post_ms(base, stage)
             mem_ratio = max(s["driver_mib"] / max(b["driver_mib"], 1e-9), s["worker_mib"] / max(b["worker_mib"], 1e-9))
             worst_time, worst_mem = max(worst_time, time_ratio), max(worst_mem, mem_ratio)
+            private = private_ratio(s, b)
+            if private is not None:
+                worst_private = max(worst_private or 0.0, private)
             if s.get("worker_growth_mib") is not None and b.get("worker_growth_mib"):
                 worst_growth = max(worst_growth or 0.0, s["worker_growth_mib"] / b["worker_growth_mib"])
             spilled = "n/a" if s["spilled"] is None else f"{s['spilled']:,}"
@@ -346,15 +404,18 @@ def render(results: list[dict], args, loads: tuple, wall: float, reset_failures:
                          f"{time_ratio:.2f}x | {s['driver_mib']:.0f} | {s['worker_mib']:.0f} ({s['workers_seen']}) | "
                          f"{'n/a' if s.get('worker_growth_mib') is None else format(s['worker_growth_mib'], '.0f')} | "
                          f"{'n/a' if s.get('worker_anon_mib') is None else format(s['worker_anon_mib'], '.0f')} | "
-                         f"{s['workers_sum_mib']:.0f} | {mem_ratio:.2f}x | {spilled} | "
+                         f"{s['workers_sum_mib']:.0f} | {mem_ratio:.2f}x | "
+                         f"{_mib(s.get('worker_private_growth_mib'))} | "
+                         f"{'n/a' if private is None else format(private, '.2f') + 'x'} | "
+                         f"{_mib(s.get('driver_private_growth_mib'))} | {spilled} | "
                          f"{s['load'][0]:.1f}→{s['load'][1]:.1f} |")
-        verdicts[stage] = (worst_time, worst_mem, worst_growth)
+        verdicts[stage] = (worst_time, worst_mem, worst_growth, worst_private)
     lines += ["", "Per-post denominators: prepare and extract, every post prepared "
               f"({', '.join(str(r['total']) for r in results)}); train epoch and tune trial, the train split "
               f"({', '.join(str(r['train_rows']) for r in results)}). Memory vs smallest = the larger of the "
               "driver's and the largest worker's peak ratio.", "",
               f"Goal: ms/post and peak memory within {GOAL}x of the smallest size across the range.", ""]
-    for stage, (worst_time, worst_mem, worst_growth) in verdicts.items():
+    for stage, (worst_time, worst_mem, worst_growth, worst_private) in verdicts.items():
         ok_t, ok_m = worst_time <= GOAL, worst_mem <= GOAL
         # Fixed costs (Ray Train / actor start-up) shrink per post as the corpus grows, which can hide
         # a per-post cost that grows; the marginal cost between sizes does not have that bias.
@@ -363,8 +424,21 @@ def render(results: list[dict], args, loads: tuple, wall: float, reset_failures:
         lines.append(f"- **{stage}**: time per post {'met' if ok_t else 'NOT met'} (worst {worst_time:.2f}x), "
                      f"peak memory {'met' if ok_m else 'NOT met'} (worst {worst_mem:.2f}x"
                      + ("" if worst_growth is None else f"; busy workers' growth worst {worst_growth:.2f}x") + ")"
+                     + ("" if worst_private is None else
+                        f", private memory a busy worker added {'met' if worst_private <= GOAL else 'NOT met'} "
+                        f"(worst {worst_private:.2f}x)")
                      + ("; marginal ms/post " + ", ".join(f"{lo}→{hi}: {m:.2f}" for lo, hi, m in marginal)
                         if marginal else "") + ".")
+    named = [(r["posts"], stage, r["stages"][stage]["top_workers"]) for stage in verdicts for r in results
+             if r["stages"][stage].get("top_workers")]
+    if named:
+        lines += ["", "Largest busy workers per stage (process title: peak RSS / private (RssAnon) / shared "
+                  "(RssShmem: object-store pages among it) / RSS (private) at the stage start, MiB; CPU seconds in the "
+                  "stage):", ""]
+        lines += [f"- {posts} posts, {stage}: " + "; ".join(
+            f"`{w['name'] or '?'}` {w['peak_mib']:.0f} / {w['private_mib']:.0f} / "
+            f"{_mib(w.get('shared_mib'))} / {w['start_mib']:.0f} ({_mib(w.get('private_start_mib'))} private), "
+            f"{w['cpu_s']:.0f} s" for w in top) for posts, stage, top in named]
     phases = [(r["posts"], r["train_phase_s"], r["train_rows"]) for r in results if r["train_phase_s"]]
     if phases:
         lines += ["", "Train phase alone (the epoch's batches, no Ray Train start-up or validation): " + ", ".join(
@@ -404,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--posts", default="3000,10000,30000", help="comma-separated corpus sizes, smallest first")
     parser.add_argument("--config", default=str(ROOT / "jobs" / "configs" / "smoke.yaml"))
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated stages to measure (of {', '.join(STAGES)}); the ones a later "
+                             "stage needs still run, unmeasured")
     parser.add_argument("--set", action="append", default=[], help="extra config override key=value")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--rounds", type=int, default=200, help="LightGBM rounds of the tune trial")
@@ -416,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sizes = sorted(int(p) for p in args.posts.split(","))
+    args.stages = [name.strip() for name in args.stages.split(",") if name.strip()]
+    unknown = sorted(set(args.stages) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown --stages {unknown}; expected some of {list(STAGES)}")
     if args.render_json:
         return render_saved(args)
 

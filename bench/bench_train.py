@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import statistics
 import sys
@@ -41,6 +40,8 @@ import time
 from pathlib import Path
 
 logger = logging.getLogger("bench_train")
+
+SETUPS = ("plain", "plain+decode", "ray-1", "ray-2", "plain-cached", "ray-1-cached")
 
 
 def prepare_corpus(workdir: Path, posts: int, backbone: str) -> tuple[str, str]:
@@ -74,7 +75,7 @@ def steady(values: list[float]) -> float:
 
 
 def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inline: bool,
-                cached: bool = False) -> tuple[float, float]:
+                cached: bool = False) -> tuple[float, float, float]:
     """A bare PyTorch loop: same model, optimizer, schedule, batch and threads.
 
     ``decode_inline=False``: batches decoded beforehand and held in memory (network only);
@@ -127,7 +128,7 @@ def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inlin
                          load_taxonomy(data), f"{proto}/prototypes.safetensors").to(device)
     optimizer = create_optimizer(model.trainable_parameters(), "adamw", 5e-3, 1e-4)
     scheduler = create_scheduler(optimizer, len(raw_batches) // 2, len(raw_batches) * args.epochs)
-    rates, waits, step = [], [], 0
+    rates, waits, seconds, step = [], [], [], 0
     for epoch in range(args.epochs):
         stats = train_epoch(model, batches(), create_loss_fn(model), optimizer, scheduler, StepSettings(device=device),
                             global_step=step)
@@ -135,14 +136,15 @@ def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inlin
             torch.cuda.synchronize()
         step = int(stats["global_step"])
         rates.append(stats["samples"] / stats["seconds"])
+        seconds.append(stats["seconds"])
         waits.append(stats["data_wait_seconds"] / stats["seconds"])
         logger.info("plain%s epoch %d: %.1f samples/s", "-cached" if cached else "+decode" if decode_inline else "",
                     epoch, rates[-1])
-    return steady(rates), steady(waits)
+    return steady(rates), steady(waits), steady(seconds)
 
 
 def bench_ray(data: str, proto: str, workers: int, args: argparse.Namespace,
-              workdir: Path, *, cached: bool = False, facts: dict | None = None) -> tuple[float, float]:
+              workdir: Path, *, cached: bool = False, facts: dict | None = None) -> tuple[float, float, float]:
     from smpp_ray.config import ModelConfig, TrainConfig
     from smpp_ray.train import train_model
 
@@ -155,11 +157,12 @@ def bench_ray(data: str, proto: str, workers: int, args: argparse.Namespace,
                          train_config=config, tracking=None)
     rates = [h["samples_per_s"] for h in result["history"]]
     waits = [h["data_wait_fraction"] for h in result["history"]]
+    seconds = [h["train_seconds"] for h in result["history"]]
     if facts is not None and "image_features" in result:
         facts.update(result["image_features"])
     logger.info("ray %d worker(s)%s: %s samples/s per epoch", workers, " cached" if cached else "",
                 [round(r, 1) for r in rates])
-    return steady(rates), steady(waits)
+    return steady(rates), steady(waits), steady(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=0, help="logical CPUs of the local Ray (0: max(4, cores))")
     parser.add_argument("--workdir", default="bench/out/train")
     parser.add_argument("--out", default="bench/out/train.md")
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help="comma-separated setups to run (each ratio needs its baseline among them)")
     args = parser.parse_args(argv)
+    setups = [name.strip() for name in args.setups.split(",") if name.strip()]
+    if set(setups) - set(SETUPS):
+        parser.error(f"unknown --setups {sorted(set(setups) - set(SETUPS))}; expected some of {list(SETUPS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     import torch
@@ -188,42 +196,50 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(num_cpus=args.num_cpus or max(4, os.cpu_count() or 1))
     data, proto = prepare_corpus(workdir, args.posts, args.backbone)
 
-    started = time.time()
-    results: dict[str, tuple[float, float] | None] = {
-        "plain": bench_plain(data, proto, args, decode_inline=False),
-        "plain+decode": bench_plain(data, proto, args, decode_inline=True),
-    }
-    results["ray-1"] = bench_ray(data, proto, 1, args, workdir)
+    started, load_start = time.time(), os.getloadavg()
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
-    results["ray-2"] = bench_ray(data, proto, 2, args, workdir) if args.device == "cpu" or gpus >= 2 else None
-    results["plain-cached"] = bench_plain(data, proto, args, decode_inline=False, cached=True)
     encoded: dict = {}
-    results["ray-1-cached"] = bench_ray(data, proto, 1, args, workdir, cached=True, facts=encoded)
+    runs = {
+        "plain": lambda: bench_plain(data, proto, args, decode_inline=False),
+        "plain+decode": lambda: bench_plain(data, proto, args, decode_inline=True),
+        "ray-1": lambda: bench_ray(data, proto, 1, args, workdir),
+        "ray-2": lambda: bench_ray(data, proto, 2, args, workdir) if args.device == "cpu" or gpus >= 2 else None,
+        "plain-cached": lambda: bench_plain(data, proto, args, decode_inline=False, cached=True),
+        "ray-1-cached": lambda: bench_ray(data, proto, 1, args, workdir, cached=True, facts=encoded),
+    }
+    results: dict[str, tuple[float, float, float] | None] = {name: runs[name]() for name in runs if name in setups}
 
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     lines = [
         f"### Training throughput: Ray Train vs plain PyTorch ({args.backbone}, {device_name})",
         "",
-        f"{args.posts} synthetic posts (train split), batch {args.batch_size} per worker, {args.threads} torch "
+        f"{args.posts} synthetic posts (train split: 90%), batch {args.batch_size} per worker, {args.threads} torch "
         f"thread(s) per worker, {args.epochs} epochs (first dropped as warm-up), train phase only.",
         "",
-        "| setup | workers | samples/s | vs plain | vs ray-1 | time waiting for input |",
-        "|---|---|---|---|---|---|",
+        "| setup | workers | samples/s | vs plain | vs ray-1 | time waiting for input | epoch train phase (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, workers in (("plain", 1), ("plain+decode", 1), ("ray-1", 1), ("ray-2", 2),
                           ("plain-cached", 1), ("ray-1-cached", 1)):
-        if results[name] is None:
-            lines.append(f"| {name} | {workers} | n/a (needs 2 GPUs) | | | |")
+        if name not in results:
             continue
-        rate, wait = results[name]
-        vs_plain = rate / results["plain-cached" if name == "ray-1-cached" else "plain"][0]
-        vs_one = rate / results["ray-1"][0] if name == "ray-2" else math.nan
-        lines.append(f"| {name} | {workers} | {rate:.1f} | {vs_plain:.2f}x | "
-                     f"{'' if math.isnan(vs_one) else f'{vs_one:.2f}x'} | {100 * wait:.0f}% |")
-    lines += ["", "`vs plain` of ray-1-cached is against plain-cached (the same stored inputs).",
-              f"ray-1-cached encoded {sum(encoded.get('rows', {}).values())} posts once in "
-              f"{encoded.get('seconds', 0.0):.1f} s ({encoded.get('posts_per_s', 0.0):.0f} posts/s) before its epochs.",
-              "", f"Total wall time {time.time() - started:.0f} s."]
+        if results[name] is None:
+            lines.append(f"| {name} | {workers} | n/a (needs 2 GPUs) | | | | |")
+            continue
+        rate, wait, seconds = results[name]
+        baseline = results.get("plain-cached" if name == "ray-1-cached" else "plain")
+        vs_plain = f"{rate / baseline[0]:.2f}x" if baseline else "n/a"
+        vs_one = f"{rate / results['ray-1'][0]:.2f}x" if name == "ray-2" and results.get("ray-1") else ""
+        lines.append(f"| {name} | {workers} | {rate:.1f} | {vs_plain} | {vs_one} | {100 * wait:.0f}% | {seconds:.1f} |")
+    lines += ["", "`vs plain` of ray-1-cached is against plain-cached (the same stored inputs)."]
+    if "ray-1-cached" in results:
+        lines.append(f"ray-1-cached encoded {sum(encoded.get('rows', {}).values())} posts once in "
+                     f"{encoded.get('seconds', 0.0):.1f} s ({encoded.get('posts_per_s', 0.0):.0f} posts/s) "
+                     "before its epochs.")
+    load_end = os.getloadavg()
+    lines += ["", f"Total wall time {time.time() - started:.0f} s; load average (1/5/15 min) at start "
+              f"{load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f}, at end "
+              f"{load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f}."]
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from smpp_ray import storage
 from smpp_ray.config import ExtractConfig, parse_resources
+from smpp_ray.data.reads import read_parquet
 from smpp_ray.data.schema import SPLITS, Taxonomy
 from smpp_ray.features.history import HistoryPool, history_columns
 from smpp_ray.features.manifest import GROUPS, KEY_COLUMNS, FeatureColumn, write_feature_manifest
@@ -279,11 +280,10 @@ def network_feature_dataset(data_dir: str, checkpoint: CheckpointInfo, cfg: Extr
     Rows: ``pid``, ``split``, the extractor's arrays and ``worker``. Nothing runs until consumed.
     ``decode_concurrency`` caps the decode tasks running at once (None: Ray Data's default).
     """
-    import ray.data
 
     # Batch-sized blocks (a streaming split, no shuffle): Parquet reads coalesce small files into
     # one block, which would hand the whole corpus to a single actor.
-    posts = (ray.data.read_parquet(storage.join(data_dir, "posts"))
+    posts = (read_parquet(storage.join(data_dir, "posts"))
              .select_columns(["pid", "image", "title", "tags", "split"])
              .repartition(target_num_rows_per_block=cfg.batch_size))
     decoded = posts.map_batches(
@@ -514,7 +514,6 @@ def _fit_embedding_pcas(tmp_dir: str, components: int, inputs: tuple[str, ...] =
                         ) -> dict[str, PCAProjection]:
     """One PCA per output of ``inputs`` (:data:`PCA_INPUTS`), fitted on the train split's rows
     only (streamed); keyed ``image`` / ``text`` / ``fused``."""
-    import ray.data
 
     files = storage.list_parquet_files(storage.join(tmp_dir, "split=train"))
     if not files:
@@ -522,7 +521,7 @@ def _fit_embedding_pcas(tmp_dir: str, components: int, inputs: tuple[str, ...] =
                          "set extract.pca_components=0 to keep the embeddings whole")
     fs, paths = _filesystem_paths(files)
     accumulators: dict[str, PCAAccumulator] = {}
-    batches = ray.data.read_parquet(paths, filesystem=fs).select_columns(list(inputs))
+    batches = read_parquet(paths, filesystem=fs).select_columns(list(inputs))
     for batch in batches.iter_batches(batch_size=4096, batch_format="numpy"):
         for name in inputs:
             values = np.asarray(batch[name])
@@ -542,7 +541,7 @@ def _run_join_pass(tmp_dir: str, table: pa.Table, projections: dict[str, PCAProj
         if not files:
             continue
         fs, paths = _filesystem_paths(files)
-        joined = ray.data.read_parquet(paths, filesystem=fs).map_batches(
+        joined = read_parquet(paths, filesystem=fs).map_batches(
             join_network_batch, batch_format="numpy", batch_size=None,
             fn_kwargs={"tabular_ref": [tabular_ref], "projections": plain})
         joined.write_parquet(storage.join(out_dir, f"split={split}"), filename_provider=_part_files(),

@@ -18,6 +18,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from smpp_ray import storage
+from smpp_ray.data.reads import read_parquet
 from smpp_ray.data.schema import posts_path
 
 logger = logging.getLogger(__name__)
@@ -82,26 +83,6 @@ def parquet_rows(location: str) -> int:
     filesystem, path = storage.resolve(location)
     dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
     return sum(fragment.count_rows() for fragment in dataset.get_fragments())
-
-
-def read_parquet(location: str):
-    """``ray.data.read_parquet(location)`` planned with Ray Data's first-generation file datasource.
-
-    Training re-executes its datasets every epoch, and Ray 2.60's default (datasource v2: a
-    ListFiles and a footer-reading operator ahead of the read tasks) took 15-22 s to hand out the
-    first batch of every execution here, against 0.2-3 s with v1 on the same files
-    (bench/results.md): most of each epoch's input wait. The choice is fixed when the read is
-    planned, i.e. here, so it is set only for this call.
-    """
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    previous = context.use_datasource_v2
-    context.use_datasource_v2 = False
-    try:
-        return ray.data.read_parquet(location)
-    finally:
-        context.use_datasource_v2 = previous
 
 
 def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: bool, kept_ids: str = ""):
