@@ -26,7 +26,7 @@ $(VENV)/.chromium: | $(STAMP)
 	touch $@
 
 test: $(STAMP) $(VENV)/.chromium
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -85,17 +85,20 @@ def scores_dataset(data_dir: str, bundle: ScorerBundle, *, model: str, config: C
     """The lazy Ray Dataset of score rows for every post of a prepared dataset."""
     import ray.data
 
+    from smpp_ray.data.reads import parquet_rows
     from smpp_ray.data.schema import POSTS_SCHEMA
-    from smpp_ray.features.extract import decode_stage_memory, inference_pool
+    from smpp_ray.features.extract import decode_block_rows, decode_stage_memory, inference_pool
     from smpp_ray.scoring.scorer import PostScorer, checkpoint_input_spec
 
     cfg = config.extract
+    image_size = checkpoint_input_spec(bundle.checkpoint).image_size
     posts = (ray.data.read_parquet(storage.join(data_dir, "posts"), columns=POSTS_SCHEMA.names)
-             .repartition(target_num_rows_per_block=cfg.batch_size))
+             .repartition(target_num_rows_per_block=decode_block_rows(
+                 cfg.batch_size, image_size, parquet_rows(storage.join(data_dir, "posts")), cfg.max_actors)))
     # Arrow batches, converted here as extraction converts its metadata: the same pandas values.
     featurised = posts.map_batches(
         featurise_batch, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1,
-        memory=decode_stage_memory(cfg.batch_size, checkpoint_input_spec(bundle.checkpoint).image_size),
+        memory=decode_stage_memory(cfg.batch_size, image_size),
         fn_kwargs={"state_location": bundle.feature_state, "checkpoint": bundle.checkpoint})
     options, actor = inference_pool(cfg)
     return featurised.map_batches(PostScorer, fn_constructor_kwargs={"bundle": bundle, "model": model, **actor},

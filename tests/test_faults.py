@@ -43,8 +43,9 @@ def test_a_killed_extraction_actor_loses_and_duplicates_no_post(ray_session, tmp
     result = extract_features(str(dataset), str(checkpoint), str(tmp_path / "features"), extract_config=config)
 
     assert marker.exists()  # an actor did die mid-run, after its first batch had gone downstream
-    # the dead actor's first batch and its restarted replacement both wrote rows
-    assert result["actors_used"] == 2, result["workers"]
+    # Rows come from the restarted actor, and from the dead one when its first batch's output had
+    # left before it died (timing: Ray reports an actor task's output when the task returns).
+    assert 1 <= result["actors_used"] <= 2, result["workers"]
     written = pd.concat([pq.read_table(tmp_path / "features" / f"split={s}").to_pandas().assign(split=s)
                          for s in SPLITS], ignore_index=True)
     assert not written["pid"].duplicated().any()

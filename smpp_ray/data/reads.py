@@ -1,4 +1,5 @@
-"""How the library plans a Ray Data Parquet read: the one owner of the datasource choice.
+"""How the library plans a Ray Data Parquet read (the one owner of the datasource choice), and
+row counts from Parquet footers.
 
 Ray 2.60 plans ``ray.data.read_parquet`` with its datasource v2 by default: a ``ListFiles`` and a
 footer-reading operator ahead of the read tasks. Measured here (bench/results.md):
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from smpp_ray import storage
+
 
 def read_parquet(paths: str | list[str], **options: Any):
     """``ray.data.read_parquet(paths, **options)`` planned with Ray Data's v1 file datasource."""
@@ -28,3 +31,13 @@ def read_parquet(paths: str | list[str], **options: Any):
         return ray.data.read_parquet(paths, **options)
     finally:
         context.use_datasource_v2 = previous
+
+
+def parquet_rows(location: str) -> int:
+    """Rows of the Parquet files under ``location`` (any location), from their footers: no data
+    pages are read."""
+    import pyarrow.dataset as pads
+
+    filesystem, path = storage.resolve(location)
+    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+    return sum(fragment.count_rows() for fragment in dataset.get_fragments())

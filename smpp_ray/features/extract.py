@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from smpp_ray import storage
 from smpp_ray.config import ExtractConfig, parse_resources
-from smpp_ray.data.reads import read_parquet
+from smpp_ray.data.reads import parquet_rows, read_parquet
 from smpp_ray.data.schema import SPLITS, Taxonomy
 from smpp_ray.features.history import HistoryPool, history_columns
 from smpp_ray.features.manifest import GROUPS, KEY_COLUMNS, FeatureColumn, write_feature_manifest
@@ -281,11 +281,12 @@ def network_feature_dataset(data_dir: str, checkpoint: CheckpointInfo, cfg: Extr
     ``decode_concurrency`` caps the decode tasks running at once (None: Ray Data's default).
     """
 
-    # Batch-sized blocks (a streaming split, no shuffle): Parquet reads coalesce small files into
-    # one block, which would hand the whole corpus to a single actor.
+    # Blocks of a few batches (a streaming split, no shuffle): Parquet reads coalesce small files
+    # into one block, which would hand the whole corpus to a single actor.
     posts = (read_parquet(storage.join(data_dir, "posts"))
              .select_columns(["pid", "image", "title", "tags", "split"])
-             .repartition(target_num_rows_per_block=cfg.batch_size))
+             .repartition(target_num_rows_per_block=decode_block_rows(
+                 cfg.batch_size, checkpoint.image_size, parquet_rows(storage.join(data_dir, "posts")), cfg.max_actors)))
     decoded = posts.map_batches(
         decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
         memory=decode_stage_memory(cfg.batch_size, checkpoint.image_size, decode_images=not cfg.gpu_decode),
@@ -341,15 +342,43 @@ class _CrashOnceExtractor(NetworkFeatureExtractor):
 DECODE_WORKER_BASELINE_BYTES = 768 * 1024 * 1024
 
 
+#: Decoded pixels a block may hold when it carries several batches (see :func:`decode_block_rows`).
+DECODED_BLOCK_BYTES = 32 * 1024 * 1024
+#: At most this many batches per block.
+MAX_BATCHES_PER_BLOCK = 8
+#: Blocks each inference actor should get at least (Ray Data keeps up to 4 calls in flight per actor).
+BLOCKS_PER_ACTOR = 4
+
+
+def decode_block_rows(batch_size: int, image_size: int, rows: int = 0, actors: int = 1) -> int:
+    """Rows per block ahead of decoding: a whole number of batches, as many as fit
+    :data:`DECODED_BLOCK_BYTES` of decoded pixels (at least one, at most :data:`MAX_BATCHES_PER_BLOCK`),
+    and few enough that ``rows`` posts still make :data:`BLOCKS_PER_ACTOR` blocks for each of
+    ``actors`` (``rows`` 0: unknown, no such cap).
+
+    A block is Ray Data's unit of work: one decode task and one object-store put and get each.
+    With small images and a small model that per-block cost, not decoding or the model, set the
+    pace at one batch per block (bench/results.md); images of a real backbone's size keep one
+    batch per block, whose decoded pixels already fill the budget. Whole batches, so each actor
+    call gets full ones; enough blocks, so a small corpus still reaches every actor.
+    """
+    per_batch = batch_size * 3 * image_size ** 2 * 4
+    batches = min(MAX_BATCHES_PER_BLOCK, DECODED_BLOCK_BYTES // max(1, per_batch))
+    if rows > 0:
+        batches = min(batches, rows // max(1, BLOCKS_PER_ACTOR * max(1, actors) * batch_size))
+    return batch_size * max(1, batches)
+
+
 def decode_stage_memory(batch_size: int, image_size: int, *, decode_images: bool = True) -> int:
-    """Bytes a decode task reserves: the worker's baseline plus its decoded batch, input and output
+    """Bytes a decode task reserves: the worker's baseline plus its decoded block, input and output
     (only the baseline when it only tokenises: ``extract.gpu_decode``).
 
     Reserving it also keeps Ray Data from fusing decoding into the model actors, which it does for
     stages with equal resources: decoding must run in its own CPU tasks, in parallel with
     inference, so accelerators never wait.
     """
-    pixels = 2 * batch_size * 3 * image_size ** 2 * 4 if decode_images else 0
+    rows = decode_block_rows(batch_size, image_size)
+    pixels = 2 * rows * 3 * image_size ** 2 * 4 if decode_images else 0
     return DECODE_WORKER_BASELINE_BYTES + pixels
 
 

@@ -18,7 +18,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from smpp_ray import storage
-from smpp_ray.data.reads import read_parquet
+from smpp_ray.data.reads import parquet_rows, read_parquet
 from smpp_ray.data.schema import posts_path
 
 logger = logging.getLogger(__name__)
@@ -74,15 +74,6 @@ def count_rows(data_dir: str, split: str) -> int:
     except (FileNotFoundError, OSError) as err:
         raise FileNotFoundError(f"no Parquet shards for split {split!r} at {location!r}; "
                                 "run `smpp prepare` first") from err
-
-
-def parquet_rows(location: str) -> int:
-    """Rows of the Parquet files under ``location``, from their footers."""
-    import pyarrow.dataset as pads
-
-    filesystem, path = storage.resolve(location)
-    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
-    return sum(fragment.count_rows() for fragment in dataset.get_fragments())
 
 
 def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: bool, kept_ids: str = ""):

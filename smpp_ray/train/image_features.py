@@ -133,9 +133,9 @@ def build_image_features(data_dir: str, location: str, *, splits: tuple[str, ...
     """
     import ray.data
 
-    from smpp_ray.data.reads import read_parquet
+    from smpp_ray.data.reads import parquet_rows, read_parquet
     from smpp_ray.model.preprocess import BatchPreprocessor
-    from smpp_ray.train.data import INPUT_COLUMNS, PREPROCESS_BATCH_ROWS, count_rows, parquet_rows
+    from smpp_ray.train.data import INPUT_COLUMNS, PREPROCESS_BATCH_ROWS, count_rows
 
     key = features_key(data_dir, splits, model_config, seed, dtype, spec.image_size, spec.context_length)
     previous = read_manifest(location)
