@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -44,12 +46,46 @@ def features(tmp_path_factory) -> Path:
     return path
 
 
+#: The console lines (``smpp_ray.console.line``) the module's tune run printed.
+CONSOLE: list[str] = []
+
+
+class _Lines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        CONSOLE.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def tuned(ray_session, features, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     ctx = _stage(root)
-    result = tune_models(features, root / "out", tune_config=CONFIG, tracking=ctx)
+    handler, console = _Lines(), logging.getLogger("smpp_ray.console")
+    level = console.level
+    console.addHandler(handler)
+    console.setLevel(logging.INFO)  # outside the CLI nothing configures logging: INFO would be dropped
+    try:
+        result = tune_models(features, root / "out", tune_config=CONFIG, tracking=ctx)
+    finally:
+        console.removeHandler(handler)
+        console.setLevel(level)
     return result, ctx, root / "out"
+
+
+def test_trial_lines_report_each_trials_best_round_like_the_search(tuned):
+    """The "best" a person reads on the last trial line is the value the search selected."""
+    result, _, _ = tuned
+    for family in ("lightgbm", "catboost"):
+        pattern = re.compile(rf"{family} trial (\d+)/{SAMPLES} done: val_src ([0-9.-]+), best ([0-9.-]+)")
+        found = [pattern.fullmatch(line) for line in CONSOLE]
+        lines = [(int(m[1]), float(m[2]), float(m[3])) for m in found if m]
+        assert [n for n, _, _ in lines] == list(range(1, SAMPLES + 1)), CONSOLE
+        assert lines[-1][2] == max(value for _, value, _ in lines)
+        assert lines[-1][2] == pytest.approx(result["search"][family]["best_val_src"], abs=5e-5), (family, lines)
+        # each line's value is its trial's best reported round, not its last one
+        experiment = Path(result["search"][family]["experiment_path"])
+        progress = [list(csv.DictReader(f.open())) for f in sorted(experiment.glob("*/progress.csv"))]
+        best_rounds = sorted(round(max(float(r["val_src"]) for r in rows), 4) for rows in progress)
+        assert sorted(value for _, value, _ in lines) == pytest.approx(best_rounds, abs=5e-5), (family, lines)
 
 
 def _children(ctx: TrackingContext, parent: str) -> list:

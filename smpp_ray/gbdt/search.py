@@ -75,7 +75,11 @@ class _TrialLedger(Callback):
 
 
 class _TrialProgress(Callback):
-    """One console line per finished trial: ``lightgbm trial 5/8 done: val_src 0.61, best 0.64``."""
+    """One console line per finished trial: ``lightgbm trial 5/8 done: val_src 0.61, best 0.64``.
+
+    A trial's value is its best round's, the one the search selects on (:func:`_summarise`:
+    SRC maximised over trials and rounds), so the last trial line's "best" is the search's best.
+    """
 
     def __init__(self, family: str, total: int) -> None:
         self.family, self.total = family, total
@@ -92,12 +96,20 @@ class _TrialProgress(Callback):
         from smpp_ray.console import line
 
         self.done += 1
-        value = (trial.last_result or {}).get(METRIC)
+        value = _best_round_value(trial)
         if isinstance(value, (int, float)) and value == value:
             self.best = max(self.best, float(value))
         shown = f"{METRIC} {value:.4f}" if isinstance(value, (int, float)) else f"no {METRIC}"
         best = f", best {self.best:.4f}" if self.best > float("-inf") else ""
         line(f"{self.family} trial {self.done}/{self.total} {how}: {shown}{best}")
+
+
+def _best_round_value(trial: Any) -> float | None:
+    """The trial's largest reported :data:`METRIC` (Tune keeps it per trial), else its last one."""
+    best = (getattr(trial, "metric_analysis", None) or {}).get(METRIC, {}).get("max")
+    if isinstance(best, (int, float)) and best == best:
+        return float(best)
+    return (trial.last_result or {}).get(METRIC)
 
 
 class _InterruptAfter(Callback):
