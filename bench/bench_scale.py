@@ -178,16 +178,15 @@ class MemorySampler:
                 values = _status(pid)
                 if not values:
                     continue
+                command = "" if pid == self.driver or self.kind.get(pid) == "ray" else _cmdline(pid)
                 if pid not in self.kind:
-                    self.kind[pid] = "driver" if pid == self.driver else (
-                        "worker" if is_worker(_cmdline(pid)) else "ray")
+                    self.kind[pid] = "driver" if pid == self.driver else ("worker" if is_worker(command) else "ray")
                 if self.kind[pid] == "worker":
                     # A Ray worker renames itself to the task or actor it runs (``ray::ReadFiles->…``);
                     # the last non-idle name is what it did in the window.
-                    name = _cmdline(pid).split(" ", 1)[0]
+                    name = command.split(" ", 1)[0]
                     if name and name != "ray::IDLE":
                         self.name[pid] = name
-                if self.kind[pid] == "worker":
                     total += values.get("VmRSS", 0)
                     self.cpu[pid] = _cpu_seconds(pid)
                 self.peak[pid] = max(self.peak.get(pid, 0), values.get("VmHWM", 0), values.get("VmRSS", 0))

@@ -83,18 +83,15 @@ def _prepared_posts(posts: str, work: str, state, config: Config) -> tuple[str, 
 
 def scores_dataset(data_dir: str, bundle: ScorerBundle, *, model: str, config: Config):
     """The lazy Ray Dataset of score rows for every post of a prepared dataset."""
-    import ray.data
-
-    from smpp_ray.data.reads import parquet_rows
+    from smpp_ray.data.reads import read_parquet
     from smpp_ray.data.schema import POSTS_SCHEMA
-    from smpp_ray.features.extract import decode_block_rows, decode_stage_memory, inference_pool
+    from smpp_ray.features.extract import decode_stage_memory, in_decode_blocks, inference_pool
     from smpp_ray.scoring.scorer import PostScorer, checkpoint_input_spec
 
     cfg = config.extract
     image_size = checkpoint_input_spec(bundle.checkpoint).image_size
-    posts = (ray.data.read_parquet(storage.join(data_dir, "posts"), columns=POSTS_SCHEMA.names)
-             .repartition(target_num_rows_per_block=decode_block_rows(
-                 cfg.batch_size, image_size, parquet_rows(storage.join(data_dir, "posts")), cfg.max_actors)))
+    location = storage.join(data_dir, "posts")
+    posts = in_decode_blocks(read_parquet(location, columns=POSTS_SCHEMA.names), location, cfg, image_size)
     # Arrow batches, converted here as extraction converts its metadata: the same pandas values.
     featurised = posts.map_batches(
         featurise_batch, batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1,

@@ -83,7 +83,7 @@ def test_trial_lines_report_each_trials_best_round_like_the_search(tuned):
         assert lines[-1][2] == pytest.approx(result["search"][family]["best_val_src"], abs=5e-5), (family, lines)
         # each line's value is its trial's best reported round, not its last one
         experiment = Path(result["search"][family]["experiment_path"])
-        progress = [list(csv.DictReader(f.open())) for f in sorted(experiment.glob("*/progress.csv"))]
+        progress = [list(csv.DictReader(f.read_text().splitlines())) for f in sorted(experiment.glob("*/progress.csv"))]
         best_rounds = sorted(round(max(float(r["val_src"]) for r in rows), 4) for rows in progress)
         assert sorted(value for _, value, _ in lines) == pytest.approx(best_rounds, abs=5e-5), (family, lines)
 

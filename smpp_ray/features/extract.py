@@ -280,13 +280,9 @@ def network_feature_dataset(data_dir: str, checkpoint: CheckpointInfo, cfg: Extr
     Rows: ``pid``, ``split``, the extractor's arrays and ``worker``. Nothing runs until consumed.
     ``decode_concurrency`` caps the decode tasks running at once (None: Ray Data's default).
     """
-
-    # Blocks of a few batches (a streaming split, no shuffle): Parquet reads coalesce small files
-    # into one block, which would hand the whole corpus to a single actor.
-    posts = (read_parquet(storage.join(data_dir, "posts"))
-             .select_columns(["pid", "image", "title", "tags", "split"])
-             .repartition(target_num_rows_per_block=decode_block_rows(
-                 cfg.batch_size, checkpoint.image_size, parquet_rows(storage.join(data_dir, "posts")), cfg.max_actors)))
+    location = storage.join(data_dir, "posts")
+    posts = in_decode_blocks(read_parquet(location).select_columns(["pid", "image", "title", "tags", "split"]),
+                             location, cfg, checkpoint.image_size)
     decoded = posts.map_batches(
         decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
         memory=decode_stage_memory(cfg.batch_size, checkpoint.image_size, decode_images=not cfg.gpu_decode),
@@ -367,6 +363,15 @@ def decode_block_rows(batch_size: int, image_size: int, rows: int = 0, actors: i
     if rows > 0:
         batches = min(batches, rows // max(1, BLOCKS_PER_ACTOR * max(1, actors) * batch_size))
     return batch_size * max(1, batches)
+
+
+def in_decode_blocks(posts: Any, location: str, cfg: ExtractConfig, image_size: int) -> Any:
+    """``posts`` (read from ``location``) cut into :func:`decode_block_rows` blocks for the decode
+    stage and the actor pool (a streaming split, no shuffle): Parquet reads coalesce small files
+    into one block, which would hand the whole corpus to a single actor. Shared by extraction and
+    ``smpp predict``."""
+    rows = decode_block_rows(cfg.batch_size, image_size, parquet_rows(location), cfg.max_actors)
+    return posts.repartition(target_num_rows_per_block=rows)
 
 
 def decode_stage_memory(batch_size: int, image_size: int, *, decode_images: bool = True) -> int:
