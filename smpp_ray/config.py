@@ -64,8 +64,14 @@ class SynthConfig:
     """Number of users; 0 picks about one user per 12 posts."""
     first_pid: int = 10_000
     """Pids start just above this; give new posts to score a range the training corpus does not use."""
+    form: Literal["2019", "2024"] = "2019"
+    """File form: ``2019`` (every JSON file a list of string-typed records, 16-float user
+    descriptions) or ``2024`` (the SMP Challenge's 2024+ user file: a pandas column dict with
+    float counts, nulls, text descriptions; images under ``SMP_train_images/`` while the path
+    file says ``train/``; metadata one folder deeper)."""
 
     def __post_init__(self) -> None:
+        _require(self.form in ("2019", "2024"), f"synth.form must be '2019' or '2024', got {self.form!r}")
         _require(self.posts >= 0, f"synth.posts must be >= 0, got {self.posts!r}")
         _require(self.posts + self.test_posts > 0, "synth.posts + synth.test_posts must be > 0 (no posts to write)")
         _require(self.test_posts >= 0, f"synth.test_posts must be >= 0, got {self.test_posts!r}")
@@ -94,8 +100,19 @@ class DataConfig:
     mostly rejected corpus is a broken file (a row-shifted file, a wrong taxonomy), not bad rows."""
     max_image_bytes: int = 20 * 1024 * 1024
     """Images larger than this are rejected from their file size, before any byte is read."""
-    taxonomy: str = ""
-    """Location of the class list as JSON (the manifest.json ``taxonomy`` form); empty: the packaged SMPD default. A name outside it is a reject."""
+    taxonomy: str = "infer"
+    """Where the class list comes from. ``infer`` (default): the corpus's own ``taxonomy.json``
+    beside its files when it has one (``smpp synth`` writes it), else the training files' own
+    (Category, Subcategory) pairs. ``packaged``: the packaged 11/77 list of the synthetic corpus.
+    Anything else: the location of a class list as JSON (the manifest.json ``taxonomy`` form).
+    A name outside the list in use is a reject."""
+    min_class_posts: int = 3
+    """With an inferred class list, a subcategory with fewer labelled training posts than this is
+    not a class: its rows are rejects (a stray typo never becomes a class)."""
+    image_root: str = ""
+    """Folder (relative to the raw folder) the image paths are read under; empty: found by probing
+    the raw folder (the paths as written, then the paths with their first folder replaced by each
+    sub-folder, e.g. ``SMP_train_images/`` for ``train/<Uid>/<Pid>.jpg``)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
@@ -108,6 +125,8 @@ class DataConfig:
         _require(0 <= self.max_reject_fraction <= 1,
                  f"data.max_reject_fraction must be in [0, 1], got {self.max_reject_fraction!r}")
         _require(self.max_image_bytes > 0, f"data.max_image_bytes must be > 0, got {self.max_image_bytes!r}")
+        _require(self.min_class_posts >= 1, f"data.min_class_posts must be >= 1, got {self.min_class_posts!r}")
+        _require(bool(self.taxonomy.strip()), "data.taxonomy must be 'infer', 'packaged' or a file location, got ''")
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,7 @@ def run_synth(config: Config, out_dir: str, stage_run: StageRun | None = None) -
 
     def body(_: TrackingContext | None) -> dict[str, Any]:
         summary = synthesize_corpus(str(out_dir), posts=s.posts, seed=s.seed, image_size=s.image_size,
-                                    users=s.users, test_posts=s.test_posts, first_pid=s.first_pid)
+                                    users=s.users, test_posts=s.test_posts, first_pid=s.first_pid, form=s.form)
         return {"metrics": summary, "artifacts": {"raw": str(out_dir)}}
 
     return _run_stage("synth", config, out_dir, {}, stage_run, body)
@@ -319,9 +319,10 @@ def run_prepare(config: Config, raw_dir: str, out_dir: str,
                 stage_run: StageRun | None = None) -> str:
     """Validate a raw SMPD folder and write Parquet shards, rejects and the manifest."""
     raw_dir, out_dir = storage.normalize(raw_dir), storage.normalize(out_dir)
-    from smpp_ray.data.manifest import load_taxonomy_file, manifest_location
+    from smpp_ray.data.manifest import manifest_location
     from smpp_ray.data.prepare import prepare_dataset
     from smpp_ray.data.schema import rejects_path
+    from smpp_ray.data.taxonomy import chosen_taxonomy
 
     if not storage.is_dir(raw_dir):  # before Ray starts: a typo should cost no start-up
         raise FileNotFoundError(f"raw SMPD folder {raw_dir} does not exist (expected train_*.json/.txt files there)")
@@ -334,7 +335,8 @@ def run_prepare(config: Config, raw_dir: str, out_dir: str,
                                    test_fraction=d.test_fraction, max_image_side=d.max_image_side,
                                    jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard,
                                    max_reject_fraction=d.max_reject_fraction, max_image_bytes=d.max_image_bytes,
-                                   taxonomy=load_taxonomy_file(d.taxonomy) if d.taxonomy else None)
+                                   taxonomy=chosen_taxonomy(d.taxonomy), min_class_posts=d.min_class_posts,
+                                   image_root=d.image_root)
         return {"metrics": manifest.get("counts", {}),
                 "artifacts": {"manifest": manifest_location(out_dir), "posts": storage.join(out_dir, "posts"),
                               "rejects": rejects_path(out_dir)}}

@@ -222,6 +222,15 @@ def list_names(location: str) -> list[str]:
     return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
 
 
+def list_folders(location: str) -> list[str]:
+    """Sorted names of the folders directly inside a folder (empty when it does not exist)."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
 def list_parquet_files(location: str) -> list[str]:
     """Sorted Parquet files under a folder, recursively; empty when the folder is missing."""
     return list_files(location, suffix=".parquet")

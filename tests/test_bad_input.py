@@ -261,8 +261,8 @@ CASES = [
     # --- too many rejects: ValueError with the per-field summary, the rejects kept
     fails("category-file-shifted-by-one-row", edit_records(CATEGORY, lambda r: r[:ROW] + r[ROW + 1:] + [r[ROW]]),
           CATEGORY, "Pid", "90.0%", "max_reject_fraction=0.5", rejects_on_failure=POSTS - ROW),
-    fails("every-image-missing", lambda raw: shutil.rmtree(raw / "train"), IMAGES, "image", "no row is left",
-          rejects_on_failure=POSTS),
+    fails("every-image-missing", lambda raw: shutil.rmtree(raw / "train"), IMAGES, "no image listed",
+          "data.image_root"),
     fails("one-bad-label-over-max-reject-fraction-0", set_line(LABEL, "-5"), LABEL, "label",
           "max_reject_fraction=0", rejects_on_failure=1, max_reject_fraction=0.0),
 ]

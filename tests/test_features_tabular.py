@@ -21,7 +21,7 @@ from smpp_ray.features.manifest import (
     select_columns,
 )
 from smpp_ray.features.pca import PCAAccumulator, fit_pca
-from smpp_ray.features.tabular import build_tabular_features, load_post_metadata
+from smpp_ray.features.tabular import build_tabular_features, description_text_features, load_post_metadata
 
 DAY = 86400
 T0 = 1_500_000_000
@@ -76,7 +76,9 @@ def make_posts(n: int, *, seed: int = 0, users: int = 6, image_size: int = 0) ->
         "timezone_offset": [offsets[u] for u in uid],
         "timezone_id": None,
         "user_description": [list(rng.normal(size=6).astype(np.float32) + int(u[1:])) for u in uid],
-        "location_description": None,
+        "user_description_text": [f'<p>Shots by {u}</p> <a href="https://example.org/{u}">site</a>'
+                                  if u.endswith("2") else None for u in uid],
+        "location_description": [f"Town {u}" if u.endswith(("2", "3")) else None for u in uid],
         "label": rng.normal(5.0, 2.0, n),
     })
     frame.loc[frame["photo_firstdate"] < 0, "photo_firstdate"] = None
@@ -326,3 +328,15 @@ def test_feature_state_gives_new_posts_the_features_extraction_gave_them(tmp_pat
     stranger = held.iloc[:1].assign(uid="nobody-seen", pid="new-1")
     row = state.new_post_features(stranger.drop(columns=["image"]))[0].iloc[0]
     assert row["hist_count"] == 0 and np.isnan(row["hist_label_mean"])
+
+
+def test_text_descriptions_become_length_link_and_location_features() -> None:
+    meta = pd.DataFrame({"user_description_text": ['<p>Hi <b>all</b></p> see https://x.org/a', "", None, "plain words"],
+                         "location_description": ["Paris, France", None, "  ", "Lyon"]})
+    out = description_text_features(meta)
+    np.testing.assert_array_equal(out["user_desc_text_chars"].to_numpy()[[0, 3]],
+                                  [29, 11])   # "Hi  all   see https://x.org/a": tags are not text
+    np.testing.assert_array_equal(out["user_desc_text_words"].to_numpy()[[0, 3]], [4, 2])
+    np.testing.assert_array_equal(out["user_desc_has_url"].to_numpy()[[0, 3]], [1, 0])
+    assert out.loc[[1, 2], ["user_desc_text_chars", "user_desc_has_url"]].isna().all().all()   # absent, not 0
+    np.testing.assert_array_equal(out["user_location_known"].to_numpy(), [1, 0, 0, 1])

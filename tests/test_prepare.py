@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from smpp_ray.data.manifest import load_manifest, load_taxonomy
-from smpp_ray.data.prepare import assign_splits, build_taxonomy, prepare_dataset
+from smpp_ray.data.prepare import assign_splits, prepare_dataset
 from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS, Taxonomy, posts_path
 from smpp_ray.data.synth import synthesize_corpus
+from smpp_ray.data.taxonomy import chosen_taxonomy, infer_taxonomy
 from smpp_ray.data.taxonomy_names import default_taxonomy
 
 POSTS, TEST_POSTS = 240, 20
@@ -67,13 +68,31 @@ def _edit_lines(raw: Path, name: str, edit) -> None:
 
 # ----------------------------------------------------------------------------- no Ray needed
 
-def test_build_taxonomy_is_fixed_and_never_follows_the_data():
-    default = default_taxonomy()
-    assert build_taxonomy([("Animal", "Dog"), ("Food", "Coffee")]) == default
-    # Unknown names or a known name under another category change nothing: their rows are rejects.
-    assert build_taxonomy([("Food", "Coffee"), ("Space", "Rocket"), ("Food", "Dog"), ("Food", "Dog")]) == default
+def test_inferred_taxonomy_is_the_datas_own_in_a_deterministic_order():
+    pairs = [("Urban", "StreetArt")] * 3 + [("Family", "Love")] * 4 + [("Family", "Good,Morning")] * 3
+    inferred = infer_taxonomy(pairs, min_class_posts=3)
+    assert inferred.taxonomy == Taxonomy(("Family", "Urban"), ("Good,Morning", "Love", "StreetArt"), (0, 0, 1))
+    # The same rows in another order give the same ids.
+    assert infer_taxonomy(list(reversed(pairs)), min_class_posts=3).taxonomy == inferred.taxonomy
+    assert inferred.rare == {} and inferred.majority == {}
+
+
+def test_inferred_taxonomy_takes_the_majority_parent_and_drops_rare_names():
+    pairs = [("Urban", "StreetArt")] * 5 + [("Fashion", "StreetArt")] * 2 + [("Urban", "Streetart")]
+    inferred = infer_taxonomy(pairs, min_class_posts=2)
+    assert inferred.taxonomy == Taxonomy(("Urban",), ("StreetArt",), (0,))
+    assert inferred.majority == {"StreetArt": ("Urban", 5, 7)}
+    assert inferred.rare == {"Streetart": 1}   # a typo never becomes a class
+    with pytest.raises(ValueError, match="min_class_posts=9"):
+        infer_taxonomy(pairs, min_class_posts=9)
+
+
+def test_the_packaged_list_and_a_named_file_are_explicit_choices(tmp_path):
+    assert chosen_taxonomy("infer") is None
+    assert chosen_taxonomy("packaged") == default_taxonomy()
     supplied = Taxonomy(("Space", "Sea"), ("Rocket", "Moon", "Fish"), (0, 0, 1))
-    assert build_taxonomy([("Space", "Rocket"), ("Animal", "Dog")], supplied) == supplied
+    (tmp_path / "classes.json").write_text(json.dumps(supplied.to_dict()))
+    assert chosen_taxonomy(str(tmp_path / "classes.json")) == supplied
 
 
 def test_assign_splits_validates_arguments():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from smpp_ray.data.schema import POSTS_SCHEMA, Taxonomy, posts_path
+from smpp_ray.data.schema import POSTS_SCHEMA, SCHEMA_VERSION, Taxonomy, posts_path
 from smpp_ray.model.backbone import TINY_MODEL
 from smpp_ray.model.preprocess import BatchPreprocessor
 from smpp_ray.model.prototypes import (
@@ -170,7 +170,7 @@ def prepared(tmp_path_factory) -> str:
     val = posts_path(str(data), "val")
     os.makedirs(val)
     pq.write_table(posts_table(10, seed=3, start_row=1000), os.path.join(val, "part-00000.parquet"))
-    manifest = {"schema_version": 1, "taxonomy": TAXONOMY.to_dict(),
+    manifest = {"schema_version": SCHEMA_VERSION, "taxonomy": TAXONOMY.to_dict(),
                 "counts": {"per_split": {"train": 110, "val": 10, "test": 0}}}
     (data / "manifest.json").write_text(json.dumps(manifest))
     return str(data)

@@ -61,6 +61,7 @@ import pyarrow.parquet as pq
 
 from smpp_ray import console, storage
 from smpp_ray.data import smpd
+from smpp_ray.data.image_root import resolve_image_paths
 from smpp_ray.data.manifest import MANIFEST_FILE, manifest_location, write_manifest
 from smpp_ray.data.schema import (
     POSTS_SCHEMA,
@@ -68,10 +69,11 @@ from smpp_ray.data.schema import (
     SCHEMA_VERSION,
     SPLITS,
     Taxonomy,
+    imageless_path,
     posts_path,
     rejects_path,
 )
-from smpp_ray.data.taxonomy_names import default_taxonomy
+from smpp_ray.data.taxonomy import InferredTaxonomy, corpus_taxonomy, infer_taxonomy
 from smpp_ray.summary import SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
@@ -98,27 +100,36 @@ _META_SCHEMA = pa.schema([f for f in POSTS_SCHEMA if f.name != "image"] + [pa.fi
 
 # --------------------------------------------------------------------------------- taxonomy
 
-def build_taxonomy(pairs: list[tuple[str, str]], taxonomy: Taxonomy | None = None) -> Taxonomy:
-    """The taxonomy posts are classified into: ``taxonomy`` (one the user supplies) or the SMPD default.
+def resolve_taxonomy(taxonomy: Taxonomy | None, raw: str, records: list[dict], min_class_posts: int
+                     ) -> tuple[Taxonomy, str, InferredTaxonomy | None]:
+    """The class list posts are classified into, where it came from, and the inference (if any).
 
-    The data never changes it: class ids are the contract between a dataset, its checkpoints and
-    its models, and a corpus that misses or misspells a class must not renumber the others. A
-    name outside the taxonomy is a reject of its row (see :func:`_assign_class_ids`); ``pairs``,
-    the (category, subcategory) names seen, are only checked here so the log names them once.
+    ``taxonomy`` given (a file the user names, the packaged list, or a pipeline's list in
+    ``predict``) is used as it is; else the corpus's own ``taxonomy.json``; else the classes of
+    the labelled training rows (see :mod:`smpp_ray.data.taxonomy`). The data never renumbers a
+    given list: class ids are the contract between a dataset, its checkpoints and its models.
     """
-    chosen = taxonomy if taxonomy is not None else default_taxonomy()
-    categories, subcategories = set(chosen.categories), set(chosen.subcategories)
-    unknown = sorted({c for c, _ in pairs if c not in categories} | {s for _, s in pairs if s not in subcategories})
-    if unknown:
-        logger.warning("prepare: %d class name(s) are not in the %d/%d taxonomy, their rows are rejected: %s",
-                       len(unknown), chosen.num_categories, chosen.num_subcategories,
-                       ", ".join(repr(n) for n in unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
-    return chosen
+    if taxonomy is not None:
+        return taxonomy, "given", None
+    carried = corpus_taxonomy(raw)
+    if carried is not None:
+        return carried[0], f"corpus file {carried[1]}", None
+    pairs = [(r["category"], r["subcategory"]) for r in records
+             if r["category"] is not None and r["subcategory"] is not None]
+    labelled = [(r["category"], r["subcategory"]) for r in records if r["label"] is not None
+                and r[_PREFIX] == "train_" and r["category"] is not None and r["subcategory"] is not None]
+    # A folder of unlabelled test_ posts only: their own names are all there is.
+    inferred = infer_taxonomy(labelled or pairs, min_class_posts)
+    return inferred.taxonomy, "inferred from the training rows" if labelled else "inferred from the rows", inferred
 
 
 def _class_problem(category: str | None, subcategory: str | None, taxonomy: Taxonomy,
-                   cat_id: dict[str, int], sub_id: dict[str, int]) -> tuple[str, str] | None:
+                   cat_id: dict[str, int], sub_id: dict[str, int],
+                   inferred: InferredTaxonomy | None = None) -> tuple[str, str] | None:
     """(field, reason) when a row's class names do not fit the taxonomy; None when they do."""
+    if subcategory is not None and inferred is not None and subcategory in inferred.rare:
+        return "Subcategory", (f"subcategory {subcategory!r} has {inferred.rare[subcategory]} labelled training "
+                               "row(s), fewer than data.min_class_posts: not a class")
     if category is not None and category not in cat_id:
         return "Category", (f"category {category!r} is not in the taxonomy "
                             f"({taxonomy.num_categories} categories)")
@@ -129,19 +140,23 @@ def _class_problem(category: str | None, subcategory: str | None, taxonomy: Taxo
                                f"({taxonomy.num_subcategories} subcategories)")
     parent = taxonomy.categories[taxonomy.parents[sub_id[subcategory]]]
     if category is not None and category != parent:
+        if inferred is not None and subcategory in inferred.majority:
+            _, count, total = inferred.majority[subcategory]
+            return "Category", (f"category {category!r} conflicts with {parent!r}, the majority parent of "
+                                f"subcategory {subcategory!r} ({count} of its {total} training rows)")
         return "Category", (f"category {category!r} disagrees with {parent!r}, the parent of "
                             f"subcategory {subcategory!r}")
     return None
 
 
-def _assign_class_ids(records: list[dict], taxonomy: Taxonomy
+def _assign_class_ids(records: list[dict], taxonomy: Taxonomy, inferred: InferredTaxonomy | None = None
                       ) -> tuple[list[dict], list[dict], list[str]]:
     """Set category/subcategory/concept ids; rows whose names do not fit the taxonomy are rejected."""
     cat_id = {n: i for i, n in enumerate(taxonomy.categories)}
     sub_id = {n: i for i, n in enumerate(taxonomy.subcategories)}
     kept, rejects = [], []
     for r in records:
-        problem = _class_problem(r["category"], r["subcategory"], taxonomy, cat_id, sub_id)
+        problem = _class_problem(r["category"], r["subcategory"], taxonomy, cat_id, sub_id, inferred)
         if problem is not None:
             rejects.append(_reject(r, r[_CATEGORY_FILE], *problem))
         else:
@@ -301,10 +316,11 @@ def _read_images(raw_root: str, paths: list[str], max_bytes: int) -> list[bytes 
 
 
 def load_images(batch: pa.Table, *, raw_root: str, max_side: int, quality: int, collector: Any,
-                max_bytes: int = MAX_IMAGE_BYTES) -> pa.Table:
+                max_bytes: int = MAX_IMAGE_BYTES, keep_imageless: bool = False) -> pa.Table:
     """Ray Data UDF: metadata rows in, POSTS_SCHEMA rows with ``image`` out; bad images to ``collector``.
 
     ``raw_root`` is the raw folder's location; the images are read from it inside this task.
+    ``keep_imageless`` also sends the metadata of each post with a bad image to the collector.
     """
     import ray
 
@@ -323,9 +339,14 @@ def load_images(batch: pa.Table, *, raw_root: str, max_side: int, quality: int, 
             rejects.append({"source_file": batch.column(_SOURCE_COLUMN)[i].as_py(),
                             "row_index": batch.column("row_index")[i].as_py(), "pid": batch.column("pid")[i].as_py(),
                             "uid": batch.column("uid")[i].as_py(), "field": "image", "reason": str(err)})
+    mask = pa.array(keep, pa.bool_())
     if rejects:
-        ray.get(collector.add.remote(rejects))
-    kept = batch.filter(pa.array(keep, pa.bool_()))
+        imageless = None
+        if keep_imageless:
+            bad = batch.filter(pa.compute.invert(mask)).drop_columns([_SOURCE_COLUMN])
+            imageless = bad.append_column("image", pa.array([b""] * len(bad), pa.binary())).to_pylist()
+        ray.get(collector.add.remote(rejects, imageless))
+    kept = batch.filter(mask)
     columns = [pa.array(images, pa.binary()) if f.name == "image" else kept.column(f.name) for f in POSTS_SCHEMA]
     return pa.Table.from_arrays(columns, schema=POSTS_SCHEMA)
 
@@ -339,13 +360,19 @@ def _collector_class():
 
         def __init__(self) -> None:
             self._rows: dict[tuple[str, int], dict] = {}
+            self._imageless: dict[str, dict] = {}
 
-        def add(self, rows: list[dict]) -> None:
+        def add(self, rows: list[dict], imageless: list[dict] | None = None) -> None:
             for row in rows:
                 self._rows[(row["source_file"], row["row_index"])] = row
+            for post in imageless or ():
+                self._imageless[post["pid"]] = post
 
         def rows(self) -> list[dict]:
             return list(self._rows.values())
+
+        def imageless(self) -> list[dict]:
+            return list(self._imageless.values())
 
     return RejectCollector
 
@@ -394,7 +421,7 @@ def _read_raw(raw: str) -> tuple[list[smpd.FileSet], list[dict], list[dict]]:
 #: What a prepare run owns in its folder, marker first (see :func:`smpp_ray.storage.swap_in`):
 #: the stage's summary goes first (it describes the dataset being replaced) and the manifest,
 #: which makes the folder a dataset, moves in last. Anything else in the folder is left alone.
-_OUTPUT_ENTRIES = (SUMMARY_FILE, MANIFEST_FILE, "rejects", "posts")
+_OUTPUT_ENTRIES = (SUMMARY_FILE, MANIFEST_FILE, "rejects", "imageless", "posts")
 
 
 @contextmanager
@@ -439,7 +466,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def _write_split(rows: list[dict], split: str, out: str, raw: str, *, max_side: int,
-                 quality: int, max_bytes: int, rows_per_shard: int, collector: Any) -> int:
+                 quality: int, max_bytes: int, rows_per_shard: int, collector: Any, keep_imageless: bool) -> int:
     import ray.data
     from ray.data.datasource import FilenameProvider
 
@@ -458,6 +485,7 @@ def _write_split(rows: list[dict], split: str, out: str, raw: str, *, max_side: 
         dataset = ray.data.from_arrow(blocks).map_batches(
             load_images, batch_format="pyarrow", batch_size=None, num_cpus=1,
             fn_kwargs={"raw_root": raw, "max_side": max_side, "quality": quality, "collector": collector,
+                       "keep_imageless": keep_imageless,
                        "max_bytes": max_bytes})
         dataset.write_parquet(path, filesystem=fs, schema=POSTS_SCHEMA, filename_provider=PartNames(),
                               min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard,
@@ -474,6 +502,18 @@ def _write_split(rows: list[dict], split: str, out: str, raw: str, *, max_side: 
 def _storable(text: str) -> str:
     """Text Parquet can hold: a reason quoting a lone surrogate must not lose the rejects table."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _write_imageless(posts: list[dict], out: str) -> None:
+    """The posts rejected for their image alone, in raw-file order (POSTS_SCHEMA, ``image`` empty)."""
+    posts = sorted(posts, key=lambda r: (r["row_index"], r["pid"]))
+    table = pa.Table.from_pylist(posts, schema=POSTS_SCHEMA)
+    storage.write_bytes(storage.join(imageless_path(out), "part-00000.parquet"), _parquet_bytes(table))
+
+
+def _file_forms(sets: list[smpd.FileSet]) -> dict[str, str]:
+    """File name -> ``records`` or ``columns`` for every JSON file read (the manifest's ``forms``)."""
+    return {s.name(kind): form for s in sets for kind, form in sorted(s.forms.items())}
 
 
 def _write_rejects(rejects: list[dict], out: str) -> None:
@@ -536,7 +576,8 @@ def _check_not_empty(sets: list[smpd.FileSet], input_rows: int) -> None:
 def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
                     val_fraction: float = 0.1, test_fraction: float = 0.1, max_image_side: int = 256,
                     jpeg_quality: int = 90, rows_per_shard: int = 2048, max_reject_fraction: float = 0.5,
-                    max_image_bytes: int = MAX_IMAGE_BYTES, taxonomy: Taxonomy | None = None) -> dict:
+                    max_image_bytes: int = MAX_IMAGE_BYTES, taxonomy: Taxonomy | None = None,
+                    min_class_posts: int = 3, image_root: str = "", keep_imageless: bool = False) -> dict:
     """Turn a raw SMPD folder into Parquet shards + rejects + manifest; returns the manifest.
 
     ``raw_dir`` and ``out_dir`` are locations (local paths or ``s3://`` / ``gs://`` URIs).
@@ -546,8 +587,13 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
     are rejected, it raises ValueError with a per-field summary, after keeping the rejects (no
     shards, no manifest: that folder is not a dataset) in ``out_dir``, or in ``<out_dir>.failed``
     when ``out_dir`` holds a dataset. Outputs are staged and swapped in on success: a failed run
-    leaves a previous dataset in ``out_dir`` byte-identical. ``taxonomy`` (default: the SMPD 11/77)
-    fixes the class names and ids; rows naming other classes are rejects.
+    leaves a previous dataset in ``out_dir`` byte-identical. ``taxonomy`` fixes the class names and
+    ids (rows naming other classes are rejects); None takes the corpus's own (its
+    ``taxonomy.json``, else inferred from the training rows with ``min_class_posts``; see
+    :func:`resolve_taxonomy`). ``image_root`` names the folder the images are under (see
+    :func:`resolve_image_paths`; empty: found by probing). ``keep_imageless`` also writes the
+    posts rejected for their image alone to ``imageless/`` (what ``predict`` scores with its
+    fallback regressor).
     """
     raw, out = storage.normalize(raw_dir), storage.normalize(out_dir)
     _check_arguments(raw, split, val_fraction, test_fraction, max_image_side, jpeg_quality, rows_per_shard,
@@ -558,16 +604,18 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
     _check_not_empty(sets, input_rows)
     console.details(__name__).info("prepare: parsed %d rows (%d rejected) from %s in %.1fs", input_rows, len(rejects), raw,
                 time.perf_counter() - started)
-    taxonomy = build_taxonomy([(r["category"], r["subcategory"]) for r in records
-                               if r["category"] is not None and r["subcategory"] is not None], taxonomy)
-    records, class_rejects, concepts = _assign_class_ids(records, taxonomy)
+    image_roots = resolve_image_paths(raw, records, image_root)
+    taxonomy, taxonomy_source, inferred = resolve_taxonomy(taxonomy, raw, records, min_class_posts)
+    records, class_rejects, concepts = _assign_class_ids(records, taxonomy, inferred)
     rejects += class_rejects
+    facts = {"taxonomy_source": taxonomy_source, "image_roots": image_roots, "forms": _file_forms(sets)}
     with _staged_outputs(out) as staging:
         manifest = _write_dataset(staging, out, raw, sets, records, rejects, input_rows, taxonomy, concepts,
                                   split=split, val_fraction=val_fraction, test_fraction=test_fraction,
                                   max_image_side=max_image_side, jpeg_quality=jpeg_quality,
                                   rows_per_shard=rows_per_shard, max_reject_fraction=max_reject_fraction,
-                                  max_image_bytes=max_image_bytes, started=started)
+                                  max_image_bytes=max_image_bytes, started=started, facts=facts,
+                                  keep_imageless=keep_imageless)
         storage.swap_in(staging, out, _OUTPUT_ENTRIES)
     logger.info("prepare: %d rows in, %d written (%s), %d rejected, in %.1fs (%.0f rows/s) -> %s",
                 input_rows, manifest["counts"]["written"],
@@ -579,7 +627,8 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
 def _write_dataset(staging: str, out: str, raw: str, sets: list[smpd.FileSet], records: list[dict],
                    rejects: list[dict], input_rows: int, taxonomy: Taxonomy, concepts: list[str], *, split: str,
                    val_fraction: float, test_fraction: float, max_image_side: int, jpeg_quality: int,
-                   rows_per_shard: int, max_reject_fraction: float, max_image_bytes: int, started: float) -> dict:
+                   rows_per_shard: int, max_reject_fraction: float, max_image_bytes: int, started: float,
+                   facts: dict, keep_imageless: bool) -> dict:
     """Write shards, rejects and manifest into ``staging`` (``out``'s next version); returns the
     manifest. Too many rejects: the rejects go where :func:`_keep_failed_rejects` says, and ValueError."""
     failed_at = _failed_location(out)
@@ -589,8 +638,11 @@ def _write_dataset(staging: str, out: str, raw: str, sets: list[smpd.FileSet], r
         _keep_failed_rejects(staging, failed_at)
         raise ValueError(problem)
     parts, boundaries = _split_records(records, split, val_fraction, test_fraction)
-    per_split, image_rejects = _write_posts(parts, staging, raw, max_side=max_image_side, quality=jpeg_quality,
-                                            max_bytes=max_image_bytes, rows_per_shard=rows_per_shard)
+    per_split, image_rejects, imageless = _write_posts(parts, staging, raw, max_side=max_image_side,
+                                                       quality=jpeg_quality, max_bytes=max_image_bytes,
+                                                       rows_per_shard=rows_per_shard, keep_imageless=keep_imageless)
+    if keep_imageless:
+        _write_imageless(imageless, staging)
     rejects += image_rejects
     _write_rejects(rejects, staging)
     written = sum(per_split.values())
@@ -610,6 +662,7 @@ def _write_dataset(staging: str, out: str, raw: str, sets: list[smpd.FileSet], r
         "counts": {"input_rows": input_rows, "written": written, "rejected": len(rejects), "per_split": per_split,
                    "rejected_by_field": dict(sorted(Counter(r["field"] for r in rejects).items()))},
         "taxonomy": taxonomy.to_dict(),
+        **facts,
         "concepts": concepts,
         "split": {"method": split, "val_fraction": val_fraction, "test_fraction": test_fraction,
                   "boundaries": boundaries,
@@ -637,8 +690,10 @@ def _split_records(records: list[dict], split: str, val_fraction: float, test_fr
 
 
 def _write_posts(parts: dict[str, list[dict]], out: str, raw: str, *, max_side: int, quality: int,
-                 max_bytes: int, rows_per_shard: int) -> tuple[dict[str, int], list[dict]]:
-    """Write every split's shards with Ray Data; returns the rows written per split and the image rejects."""
+                 max_bytes: int, rows_per_shard: int, keep_imageless: bool = False
+                 ) -> tuple[dict[str, int], list[dict], list[dict]]:
+    """Write every split's shards with Ray Data; returns the rows written per split, the image
+    rejects and (``keep_imageless``) the metadata rows of those posts."""
     import ray.data
 
     from smpp_ray.runtime import init_ray
@@ -650,9 +705,10 @@ def _write_posts(parts: dict[str, list[dict]], out: str, raw: str, *, max_side: 
     collector = _collector_class().remote()
     try:
         per_split = {name: _write_split(parts[name], name, out, raw, max_side=max_side, quality=quality,
-                                        max_bytes=max_bytes, rows_per_shard=rows_per_shard, collector=collector)
+                                        max_bytes=max_bytes, rows_per_shard=rows_per_shard, collector=collector,
+                                        keep_imageless=keep_imageless)
                      for name in SPLITS}
-        return per_split, ray.get(collector.rows.remote())
+        return per_split, ray.get(collector.rows.remote()), ray.get(collector.imageless.remote())
     finally:
         context.execution_options.preserve_order = preserve
         ray.kill(collector)

@@ -9,6 +9,9 @@ an ``s3://`` / ``gs://`` prefix)::
     DATA/posts/split=val/part-*.parquet
     DATA/posts/split=test/part-*.parquet
     DATA/rejects/part-*.parquet         rejected raw rows: source file, row index, field, reason
+    DATA/imageless/part-*.parquet       (``keep_imageless`` only) posts rejected for their image
+                                        alone, metadata intact, ``image`` empty: what a fallback
+                                        regressor can still score
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import pyarrow as pa
 
 from smpp_ray import storage
 
-SCHEMA_VERSION = 1
+#: 2: ``user_description_text`` (the 2024+ user file's text descriptions) and ``imageless/``.
+SCHEMA_VERSION = 2
 SPLITS = ("train", "val", "test")
 
 #: One row per post. Ids are strings as in SMPD; absent values are null, never sentinel strings.
@@ -51,8 +55,9 @@ POSTS_SCHEMA = pa.schema([
     pa.field("canbuypro", pa.int8()),
     pa.field("timezone_offset", pa.float64()),               # hours east of UTC; null unknown
     pa.field("timezone_id", pa.string()),
-    pa.field("user_description", pa.list_(pa.float32())),   # the comma-separated floats, parsed
-    pa.field("location_description", pa.string()),
+    pa.field("user_description", pa.list_(pa.float32())),   # the comma-separated floats, parsed (2019-2023 form)
+    pa.field("user_description_text", pa.string()),          # the raw text (2024+ form); null when absent
+    pa.field("location_description", pa.string()),           # text only; the older float vectors are dropped
     pa.field("label", pa.float64()),                         # log-views popularity; null for test_ files
 ])
 
@@ -69,7 +74,7 @@ REJECTS_SCHEMA = pa.schema([
 
 @dataclass(frozen=True)
 class Taxonomy:
-    """Category (11) and subcategory (77) names with ids; ``parents[s]`` is the category of s."""
+    """Category and subcategory names with ids (SMPD: 11 and 77); ``parents[s]`` is the category of s."""
 
     categories: tuple[str, ...]
     subcategories: tuple[str, ...]
@@ -115,3 +120,8 @@ def posts_path(data_dir: str, split: str) -> str:
 def rejects_path(data_dir: str) -> str:
     """Location of the rejected rows' Parquet shards."""
     return storage.join(data_dir, "rejects")
+
+
+def imageless_path(data_dir: str) -> str:
+    """Location of the posts rejected only for their image (POSTS_SCHEMA, ``image`` empty)."""
+    return storage.join(data_dir, "imageless")

@@ -40,6 +40,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +120,9 @@ class FileSet:
     prefix: str
     files: dict[str, str]
     rows: dict[str, list[Any]] = field(default_factory=dict)
+    forms: dict[str, str] = field(default_factory=dict)
+    """JSON kind -> ``records`` (an array, the 2019-2023 form) or ``columns`` (a pandas column
+    dict, the user file's 2024+ form)."""
 
     @property
     def labelled(self) -> bool:
@@ -132,34 +136,85 @@ class FileSet:
         return storage.name(self.files[kind])
 
 
-def find_file_set(raw_dir: str, prefix: str) -> FileSet | None:
-    """The files of ``prefix`` in the folder ``raw_dir`` (a location); None when none of them exist.
+#: How deep below the raw folder metadata files are looked for: archives unpack one folder
+#: deeper, sometimes two (``train_allmetadata_json/train_allmetadata_json/train_text.json``).
+METADATA_SEARCH_DEPTH = 2
+#: Folders with more entries than this hold images (one folder per user), never metadata files.
+_MAX_ENTRIES_TO_DESCEND = 64
 
-    Raises ValueError naming every required file that is missing once any file of the set
-    exists. The label file is optional for ``test_``.
+
+class FolderSearch:
+    """The raw folder and the folders below it, listed lazily and once each (a listing is a
+    request on object storage), breadth first: the raw folder itself, then its sub-folders in
+    name order, then theirs."""
+
+    def __init__(self, raw_dir: str, depth: int = METADATA_SEARCH_DEPTH) -> None:
+        self.raw_dir, self.depth = raw_dir, depth
+        self._names: dict[str, set[str]] = {}
+        self.listed: list[str] = []
+
+    def names(self, folder: str) -> set[str]:
+        if folder not in self._names:
+            self._names[folder] = set(storage.list_names(folder))
+            self.listed.append(folder)
+        return self._names[folder]
+
+    def folders(self) -> Iterator[str]:
+        level = [self.raw_dir]
+        for depth in range(self.depth + 1):
+            yield from level
+            if depth == self.depth:
+                return
+            # A folder of many entries is an image folder (one folder per user): not descended.
+            level = [storage.join(f, d) for f in level if len(self.names(f)) <= _MAX_ENTRIES_TO_DESCEND
+                     for d in storage.list_folders(f)]
+
+    def find(self, candidates: list[str]) -> str | None:
+        """The location of the first of ``candidates`` (file names) in the shallowest folder."""
+        for folder in self.folders():
+            hit = next((n for n in candidates if n in self.names(folder)), None)
+            if hit is not None:
+                return storage.join(folder, hit)
+        return None
+
+
+def find_file_set(raw_dir: str, prefix: str, search: FolderSearch | None = None) -> FileSet | None:
+    """The files of ``prefix`` in the folder ``raw_dir`` (a location) or up to two folders below
+    it (each file where it is found first); None when none of them exist.
+
+    Raises ValueError naming every required file that is missing, and the folders searched, once
+    any file of the set exists. The label file is optional for ``test_``.
     """
-    # One listing rather than a probe per candidate name: a probe is a request on object storage.
-    present = {storage.name(f) for f in storage.list_files(raw_dir, recursive=False)}
+    search = search or FolderSearch(raw_dir)
+    # The raw folder's own listing first: when every file is there, nothing below is listed
+    # (an image folder of 70,000 user folders is one expensive listing on object storage).
+    top = search.names(raw_dir)
     found: dict[str, str] = {}
     missing: list[str] = []
     for kind, patterns in FILE_NAMES.items():
         names = [p.format(p=prefix) for p in patterns]
-        hit = next((n for n in names if n in present), None)
-        if hit is not None:
-            found[kind] = storage.join(raw_dir, hit)
+        hit = next((n for n in names if n in top), None)
+        location = storage.join(raw_dir, hit) if hit is not None else search.find(names)
+        if location is not None:
+            found[kind] = location
         elif not (kind == "label" and prefix == "test_"):
             missing.append(" or ".join(names))
     if not found:  # a folder may hold train_ files, test_ files or both (new posts to score)
         return None
     if missing:
-        raise ValueError(f"raw SMPD folder {str(raw_dir)!r} lacks required file(s): {'; '.join(missing)}")
+        searched = ", ".join(repr(f) for f in search.listed[:12]) + (" ..." if len(search.listed) > 12 else "")
+        raise ValueError(f"raw SMPD folder {str(raw_dir)!r} lacks required file(s): {'; '.join(missing)} "
+                         f"(searched {searched})")
     return FileSet(prefix, found)
 
 
 def load_file_set(file_set: FileSet) -> FileSet:
     """Read every file of the set; raise ValueError naming a malformed file or a length mismatch."""
     for kind, location in file_set.files.items():
-        file_set.rows[kind] = load_json_rows(location) if kind in JSON_KINDS else load_lines(location)
+        if kind in JSON_KINDS:
+            file_set.rows[kind], file_set.forms[kind] = load_json_file(location)
+        else:
+            file_set.rows[kind] = load_lines(location)
     lengths = {file_set.name(k): len(v) for k, v in file_set.rows.items()}
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{n}: {c} rows" for n, c in lengths.items())
@@ -201,7 +256,14 @@ def _loads(text: str) -> Any:
 
 
 def load_json_rows(location: str) -> list[Any]:
-    """The rows of a JSON array file; a row nested too deeply becomes an :class:`Unparsable`."""
+    """The rows of a JSON file (an array of records or a dict of columns); a row nested too deeply
+    becomes an :class:`Unparsable`."""
+    return load_json_file(location)[0]
+
+
+def load_json_file(location: str) -> tuple[list[Any], str]:
+    """The rows of a JSON file and its form: ``records`` (an array) or ``columns`` (a dict of
+    columns, what ``DataFrame.to_json()`` writes: the user file's 2024+ form)."""
     text = read_text(location)
     try:
         rows = _loads(text)
@@ -209,12 +271,40 @@ def load_json_rows(location: str) -> list[Any]:
         rows = _load_rows_one_by_one(text, location)
     except json.JSONDecodeError as err:
         raise ValueError(f"{location!r} is not valid JSON: {err}") from err
+    form = "columns" if isinstance(rows, dict) else "records"
+    if isinstance(rows, dict):
+        rows = _columns_to_records(rows, location)
     if not isinstance(rows, list):
-        raise ValueError(f"{location!r} must hold a JSON array of records, got {type(rows).__name__}")
+        raise ValueError(f"{location!r} must hold a JSON array of records or a dict of columns, "
+                         f"got {type(rows).__name__}")
     if rows and not any(isinstance(r, dict) for r in rows):
         raise ValueError(f"{location!r} must hold a JSON array of records (objects), but its rows are "
                          f"{type(rows[0]).__name__}s")
-    return rows
+    return rows, form
+
+
+def _row_order(key: Any) -> tuple[int, int | str]:
+    """Row keys of a column dict in row order: ``"10"`` after ``"9"`` (pandas writes index labels)."""
+    text = str(key)
+    return (0, int(text)) if text.isdigit() and len(text) <= _MAX_JSON_INT_DIGITS else (1, text)
+
+
+def _columns_to_records(columns: dict, location: str) -> list[dict]:
+    """The records of a pandas column dict (``DataFrame.to_json()``'s default form: ``{"Uid":
+    {"0": "27882@N8", ...}, "Pid": {"0": 194355, ...}}``), which the SMP Challenge uses for its
+    user file since 2024. Rows follow the index labels in numeric order; a label missing from one
+    column is a null there."""
+    bad = next((name for name, values in columns.items() if not isinstance(values, dict)), None)
+    if bad is not None or not columns:
+        raise ValueError(f"{location!r} must hold a JSON array of records or a dict of columns "
+                         "(column -> {row: value}); got an object "
+                         + (f"whose {str(bad)[:60]!r} is a {type(columns[bad]).__name__}" if bad is not None
+                            else "with no column"))
+    labels: dict[Any, None] = {}
+    for values in columns.values():
+        labels.update(dict.fromkeys(values))
+    order = sorted(labels, key=_row_order)
+    return [{name: values.get(label) for name, values in columns.items()} for label in order]
 
 
 def _load_rows_one_by_one(text: str, location: str) -> list[Any]:
@@ -534,7 +624,7 @@ def _parse_row(fs: FileSet, i: int) -> dict:
     src = names["additional"]
     out["ispublic"] = parse_flag(add.get("Ispublic"), src, "Ispublic")
     out["pathalias"] = parse_text(add.get("Pathalias"), src, "Pathalias", empty_as_none=True)
-    out.update(_parse_user(user, names["user"]))
+    out.update(_parse_user(user, names["user"], text_descriptions=fs.forms.get("user") == "columns"))
     out["label"] = None
     if fs.labelled:
         out["label"] = parse_float(fs.rows["label"][i].strip().strip('"'), names["label"], "label",
@@ -543,18 +633,46 @@ def _parse_row(fs: FileSet, i: int) -> dict:
     return out
 
 
-def _parse_user(user: dict, src: str) -> dict[str, Any]:
+def _parse_user(user: dict, src: str, *, text_descriptions: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out["photo_firstdate"] = _optional_date(user.get("photo_firstdate"), src, "photo_firstdate", _MIN_TIMESTAMP)
     out["photo_firstdatetaken"] = _optional_date(user.get("photo_firstdatetaken"), src, "photo_firstdatetaken",
                                                  _MIN_TAKEN)
     out["photo_count"] = parse_int(user.get("photo_count"), src, "photo_count", low=0, high=_MAX_PHOTO_COUNT)
     out["ispro"] = parse_flag(user.get("ispro"), src, "ispro")
-    out["canbuypro"] = parse_flag(user.get("canbuypro"), src, "canbuypro")
+    out["canbuypro"] = parse_flag(user.get("canbuypro"), src, "canbuypro")   # absent from the 2024+ form
     out["timezone_offset"] = parse_timezone_offset(user.get("timezone_offset"), src)
     tz_id = user.get("timezone_timezone_id", user.get("timezone_id"))
     out["timezone_id"] = parse_text(tz_id, src, "timezone_timezone_id", empty_as_none=True)
-    out["user_description"] = parse_float_list(user.get("user_description"), src, "user_description")
-    out["location_description"] = parse_text(user.get("location_description"), src, "location_description",
-                                              empty_as_none=True)
+    vector, text = parse_description(user.get("user_description"), src, "user_description",
+                                     as_text=text_descriptions)
+    out["user_description"], out["user_description_text"] = vector, text
+    out["location_description"] = _location_text(user.get("location_description"), src, text_descriptions)
     return out
+
+
+def _location_text(value: Any, source: str, as_text: bool) -> str | None:
+    """The location description as text; the older form's float vector is not a feature of ours
+    (dropped), and text found there is kept as it always was."""
+    if not as_text:
+        try:
+            parse_float_list(value, source, "location_description")
+            return None
+        except FieldError:
+            pass
+    return parse_text(value, source, "location_description", empty_as_none=True)
+
+
+def parse_description(value: Any, source: str, name: str, *, as_text: bool = False
+                      ) -> tuple[list[float] | None, str | None]:
+    """(vector, text) of a user or location description; at most one is not None.
+
+    The 2019-2023 files hold a description as comma-separated floats (399/400 of them, or a
+    JSON list); the 2024+ user file (a dict of columns, ``as_text``) holds the raw text, HTML and
+    URLs included. The file's form decides, never the value: a damaged vector is a reject, not text.
+    """
+    if _absent(value):
+        return None, None
+    if as_text:
+        return None, parse_text(value, source, name, empty_as_none=True)
+    return parse_float_list(value, source, name), None

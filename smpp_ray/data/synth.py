@@ -63,6 +63,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFilter
 
 from smpp_ray import console, storage
+from smpp_ray.data.taxonomy import CORPUS_TAXONOMY_FILE, write_corpus_taxonomy
 from smpp_ray.data.taxonomy_names import default_taxonomy
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,14 @@ _PATTERNS = ("disc", "square", "triangle", "stripes", "rings", "checker", "cross
 _WRITE_CHUNK = 256
 #: Concurrent image writes: each is a round trip on object storage.
 _WRITE_THREADS = 8
+
+#: The 2024+ form's folders: the JSON metadata one folder deeper, the images under another name
+#: than the path file's first folder (as the SMP Challenge's archives unpack).
+METADATA_FOLDER_2024 = "{split}_allmetadata_json"
+IMAGE_FOLDER_2024 = "SMP_{split}_images"
+FORMS = ("2019", "2024")
+_MACHINE_TAGS = ("uploaded:by=flickstagram", "uploaded:by=instagram", "instagram:photo={pid}",
+                 "foursquare:venue=4b{pid}", "geo:country=france")
 
 TRAIN_FILES = {
     "text": "train_text.json",
@@ -444,18 +453,22 @@ def _encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def _records(corpus: Corpus, idx: np.ndarray, folder: str) -> dict[str, list]:
-    """The SMPD records (all string-typed, as the real files have them) of the posts ``idx``."""
+def _records(corpus: Corpus, idx: np.ndarray, folder: str, form: str = "2019") -> dict[str, list]:
+    """The SMPD records of the posts ``idx``: all string-typed, as the 2019-2023 files have them;
+    in the 2024 form the user rows hold the 2024+ file's values (see :func:`_user_2024`)."""
     taxonomy = default_taxonomy()
     out: dict[str, list] = {k: [] for k in TRAIN_FILES}
     for i in idx.tolist():
         u = int(corpus.user[i])
-        uid, pid = str(corpus.uid[u]), str(corpus.pid[i])
+        uid, pid = _uid(corpus, u, form), str(corpus.pid[i])
         s = int(corpus.subcategory[i])
         sub_name = taxonomy.subcategories[s]
         ids = {"Uid": uid, "Pid": pid}
+        tags = corpus.tags[i]
+        if form == "2024" and corpus.pid[i] % 5 == 0:   # real Alltags carry machine tags
+            tags = f"{tags} {_MACHINE_TAGS[int(corpus.pid[i]) % len(_MACHINE_TAGS)].format(pid=pid)}".strip()
         out["text"].append({**ids, "Title": corpus.titles[i], "Mediatype": str(corpus.mediatype[i]),
-                            "Alltags": corpus.tags[i]})
+                            "Alltags": tags})
         out["category"].append({**ids, "Category": taxonomy.categories[taxonomy.parents[s]],
                                 "Subcategory": sub_name, "Concept": _CLASS_WORDS[sub_name][int(corpus.concept[i])]})
         if corpus.geo[i]:
@@ -467,31 +480,89 @@ def _records(corpus: Corpus, idx: np.ndarray, folder: str) -> dict[str, list]:
         out["temporalspatial"].append({**ids, "Postdate": str(int(corpus.postdate[i])), **geo})
         out["additional"].append({**ids, "Pathalias": corpus.pathalias[u], "Ispublic": "1",
                                   "Mediastatus": "ready"})
-        out["user"].append({
-            **ids, "photo_firstdate": str(int(corpus.firstdate[u])), "photo_count": str(int(corpus.photo_count[u])),
-            "ispro": str(int(corpus.ispro[u])), "canbuypro": str(int(corpus.canbuypro[u])),
-            "timezone_offset": str(_TIMEZONES[corpus.timezone[u]]),
-            "photo_firstdatetaken": str(corpus.firstdatetaken[u]),
-            "timezone_timezone_id": str(int(corpus.timezone[u]) + 1),
-            "user_description": corpus.description[u], "location_description": corpus.location[u],
-        })
+        if form == "2024":
+            out["user"].append({**ids, "Pid": int(corpus.pid[i]), **_user_2024(corpus, u)})
+        else:
+            out["user"].append({
+                **ids, "photo_firstdate": str(int(corpus.firstdate[u])),
+                "photo_count": str(int(corpus.photo_count[u])),
+                "ispro": str(int(corpus.ispro[u])), "canbuypro": str(int(corpus.canbuypro[u])),
+                "timezone_offset": str(_TIMEZONES[corpus.timezone[u]]),
+                "photo_firstdatetaken": str(corpus.firstdatetaken[u]),
+                "timezone_timezone_id": str(int(corpus.timezone[u]) + 1),
+                "user_description": corpus.description[u], "location_description": corpus.location[u],
+            })
         out["label"].append(f"{corpus.label[i]:.4f}")
         out["img_filepath"].append(f"{folder}/{uid}/{pid}.jpg")
     return out
 
 
-def _write_split(out: str, corpus: Corpus, idx: np.ndarray, prefix: str, image_size: int,
-                 seed: int) -> int:
-    folder = prefix.rstrip("_")
-    records = _records(corpus, idx, folder)
+def _uid(corpus: Corpus, user: int, form: str) -> str:
+    """The user's id; the 2024 form writes the ``@N`` suffix unpadded (``27882@N8``), as real
+    SMPD ids are."""
+    uid = str(corpus.uid[user])
+    if form != "2024":
+        return uid
+    number, suffix = uid.split("@N")
+    return f"{number}@N{int(suffix)}"
+
+
+def _user_2024(corpus: Corpus, u: int) -> dict:
+    """A user row of the 2024+ user file: float counts and flags, a datetime string for the first
+    photo taken, ``timezone_id`` (no ``canbuypro``), nulls for missing values and the descriptions
+    as raw text (HTML and URLs included)."""
+    taken = str(corpus.firstdatetaken[u])
+    words = corpus.user_words[u]
+    alias = corpus.pathalias[u]
+    description = None
+    if corpus.description[u]:
+        description = (f"<p>I shoot {words[0]} and {words[1]}.</p> More at "
+                       f'<a href="https://www.example.org/{alias if alias != "None" else words[2]}">my site</a>')
+    return {
+        "photo_firstdate": float(corpus.firstdate[u]),
+        "photo_count": float(corpus.photo_count[u]),
+        "ispro": float(corpus.ispro[u]),
+        "timezone_offset": str(_TIMEZONES[corpus.timezone[u]]),
+        "photo_firstdatetaken": None if taken == "None" else time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                           time.gmtime(int(taken))),
+        "timezone_id": str(int(corpus.timezone[u]) + 1),
+        "user_description": description,
+        "location_description": f"{words[2].capitalize()}, Earth" if corpus.location[u] else None,
+    }
+
+
+def _columns(records: list[dict]) -> dict[str, dict[str, object]]:
+    """Records as the pandas column dict ``DataFrame.to_json()`` writes (index labels "0", "1", ...)."""
+    names = list(dict.fromkeys(k for r in records for k in r))
+    return {name: {str(i): r.get(name) for i, r in enumerate(records)} for name in names}
+
+
+def _split_files(out: str, prefix: str, form: str) -> dict[str, str]:
+    """Kind -> location of a split's files (the 2024 form puts the JSON files one folder deeper)."""
+    split = prefix.rstrip("_")
+    files = {}
     for kind, name in TRAIN_FILES.items():
+        name = name.replace("train_", prefix)
+        deeper = form == "2024" and name.endswith(".json")
+        files[kind] = storage.join(out, METADATA_FOLDER_2024.format(split=split), name) if deeper \
+            else storage.join(out, name)
+    return files
+
+
+def _write_split(out: str, corpus: Corpus, idx: np.ndarray, prefix: str, image_size: int,
+                 seed: int, form: str = "2019") -> int:
+    folder = prefix.rstrip("_")
+    records = _records(corpus, idx, folder, form)
+    for kind, location in _split_files(out, prefix, form).items():
         if kind == "label" and prefix == "test_":
             continue   # test posts are unlabelled, as in the challenge
-        location = storage.join(out, name.replace("train_", prefix))
         if kind in ("label", "img_filepath"):
             storage.write_text(location, "".join(line + "\n" for line in records[kind]))
+        elif kind == "user" and form == "2024":
+            storage.write_text(location, json.dumps(_columns(records[kind]), ensure_ascii=False))
         else:
             storage.write_text(location, json.dumps(records[kind], ensure_ascii=False))
+    image_folder = IMAGE_FOLDER_2024.format(split=folder) if form == "2024" else folder
     look = class_look()
     # A stream of its own per split, so adding test posts never changes the train images.
     rng = np.random.default_rng([seed, 1 if prefix == "test_" else 0])
@@ -504,7 +575,8 @@ def _write_split(out: str, corpus: Corpus, idx: np.ndarray, prefix: str, image_s
             chunk = posts[first: first + _WRITE_CHUNK]
             images = [_encode_jpeg(render_image(look, int(corpus.subcategory[i]), float(corpus.appeal[i]),
                                                 image_size, rng)) for i, _ in chunk]
-            list(pool.map(storage.write_bytes, [storage.join(out, r) for _, r in chunk], images))
+            targets = [storage.join(out, image_folder, r.split("/", 1)[1]) for _, r in chunk]
+            list(pool.map(storage.write_bytes, targets, images))
             done = first + len(chunk)
             if done // 20_000 > first // 20_000:
                 logger.info("synth: %d/%d %s images (%.0f images/s)", done, len(idx), folder,
@@ -514,30 +586,37 @@ def _write_split(out: str, corpus: Corpus, idx: np.ndarray, prefix: str, image_s
 
 def _clear_previous(out: str) -> None:
     """Remove what an earlier synth run wrote here (only our own names), so a rerun is clean."""
-    for folder in ("train", "test"):
-        storage.remove(storage.join(out, folder))
+    for split in ("train", "test"):
+        for folder in (split, IMAGE_FOLDER_2024.format(split=split), METADATA_FOLDER_2024.format(split=split)):
+            storage.remove(storage.join(out, folder))
     for name in [*TRAIN_FILES.values(), *(n.replace("train_", "test_") for n in TRAIN_FILES.values()),
-                 "oracle.parquet"]:
+                 "oracle.parquet", CORPUS_TAXONOMY_FILE]:
         storage.remove(storage.join(out, name))
 
 
 def synthesize_corpus(out_dir: str, *, posts: int, seed: int, image_size: int = 64,
-                      users: int = 0, test_posts: int = 0, first_pid: int = 10_000) -> dict:
+                      users: int = 0, test_posts: int = 0, first_pid: int = 10_000, form: str = "2019") -> dict:
     """Write a synthetic SMPD corpus (layout and model in the module docstring) into the
     location ``out_dir`` (a local folder or an ``s3://`` / ``gs://`` prefix).
 
+    ``form`` ``2024`` writes the SMP Challenge's 2024+ file forms (see ``synth.form``). The
+    packaged class list goes beside the files as ``taxonomy.json``, the corpus's own list.
     Byte-identical for the same arguments. Returns a summary: counts, ``oracle_src`` and timing.
     """
     if not 16 <= image_size <= 1024:
         raise ValueError(f"image_size must be in [16, 1024], got {image_size!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     started = time.perf_counter()
     corpus = generate_corpus(posts, seed, users=users, test_posts=test_posts, first_pid=first_pid)
     out = storage.normalize(out_dir)
     _clear_previous(out)
-    written = _write_split(out, corpus, np.flatnonzero(~corpus.is_test), "train_", image_size, seed) if posts else 0
+    write_corpus_taxonomy(out, default_taxonomy())
+    written = _write_split(out, corpus, np.flatnonzero(~corpus.is_test), "train_", image_size, seed, form) \
+        if posts else 0
     console.details(__name__).info("synth: wrote %d train posts in %.1fs", written, time.perf_counter() - started)
     if test_posts:
-        _write_split(out, corpus, np.flatnonzero(corpus.is_test), "test_", image_size, seed)
+        _write_split(out, corpus, np.flatnonzero(corpus.is_test), "test_", image_size, seed, form)
     oracle = pa.table({
         "pid": pa.array(corpus.pid.astype(str)),
         "score": pa.array(corpus.score, pa.float64()),
@@ -549,7 +628,7 @@ def synthesize_corpus(out_dir: str, *, posts: int, seed: int, image_size: int = 
     seconds = time.perf_counter() - started
     summary = {
         "out_dir": out, "posts": posts, "test_posts": test_posts, "users": len(corpus.uid),
-        "images": posts + test_posts, "image_size": image_size, "seed": seed,
+        "images": posts + test_posts, "image_size": image_size, "seed": seed, "form": form,
         "oracle_src": round(oracle_src(corpus), 4), "seconds": round(seconds, 2),
         "posts_per_s": round((posts + test_posts) / max(seconds, 1e-9), 1),
     }

@@ -9,6 +9,7 @@ label-dependent features are the leak-free history in :mod:`smpp_ray.features.hi
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -31,8 +32,10 @@ METADATA_COLUMNS = (
     "pid", "uid", "title", "tags", "category", "subcategory", "concept", "category_id",
     "subcategory_id", "concept_id", "postdate", "latitude", "longitude", "geoaccuracy",
     "photo_firstdate", "photo_count", "ispro", "canbuypro", "timezone_offset", "user_description",
-    "label",
+    "user_description_text", "location_description", "label",
 )
+_HTML_TAG = re.compile(r"<[^>]*>")
+_URL = re.compile(r"https?://|www\.", re.IGNORECASE)
 
 
 @dataclass
@@ -152,6 +155,7 @@ def user_features(meta: pd.DataFrame, state: TabularState) -> tuple[pd.DataFrame
         # Age of the account when the post was made, not at crawl time: later posts are older accounts.
         "user_account_age_days": ((meta["postdate"].astype("float64") - first) / SECONDS_PER_DAY).to_numpy(),
     })
+    out = pd.concat([out, description_text_features(meta)], axis=1)
     components, dim = state.user_description_components, state.user_description_dim
     if components > 0:
         if dim and state.user_description_pca is not None:
@@ -162,6 +166,26 @@ def user_features(meta: pd.DataFrame, state: TabularState) -> tuple[pd.DataFrame
             out[f"user_desc_pc_{i}"] = reduced[:, i].astype(np.float64)
     columns = [FeatureColumn(name, "user") for name in out.columns]
     return out, columns
+
+
+def description_text_features(meta: pd.DataFrame) -> pd.DataFrame:
+    """What the 2024+ user file's text descriptions say without a language model: the visible
+    length (HTML tags removed), whether they link somewhere, whether a location is given. NaN
+    where the description is absent (the 2019-2023 files hold vectors instead)."""
+    empty = pd.Series([None] * len(meta), index=meta.index, dtype=object)
+    texts = meta["user_description_text"] if "user_description_text" in meta else empty
+    locations = meta["location_description"] if "location_description" in meta else empty
+    present = texts.map(lambda t: isinstance(t, str) and bool(t.strip())).to_numpy()
+    visible = texts.map(lambda t: _HTML_TAG.sub(" ", t).strip() if isinstance(t, str) else "")
+    has_url = texts.map(lambda t: bool(_URL.search(t)) if isinstance(t, str) else False).to_numpy()
+    return pd.DataFrame({
+        "user_desc_text_chars": np.where(present, visible.str.len().to_numpy(dtype=np.float64), np.nan),
+        "user_desc_text_words": np.where(present, visible.map(lambda t: len(t.split())).to_numpy(dtype=np.float64),
+                                         np.nan),
+        "user_desc_has_url": np.where(present, has_url.astype(np.float64), np.nan),
+        "user_location_known": locations.map(lambda t: isinstance(t, str) and bool(t.strip())).to_numpy(
+            dtype=np.float64),
+    })
 
 
 def _description_lengths(series: pd.Series) -> np.ndarray:
