@@ -64,14 +64,15 @@ class SynthConfig:
     """Number of users; 0 picks about one user per 12 posts."""
     first_pid: int = 10_000
     """Pids start just above this; give new posts to score a range the training corpus does not use."""
-    form: Literal["2019", "2024"] = "2019"
-    """File form: ``2019`` (every JSON file a list of string-typed records, 16-float user
-    descriptions) or ``2024`` (the SMP Challenge's 2024+ user file: a pandas column dict with
+    form: Literal["smpd2019", "smpd2024"] = "smpd2019"
+    """File form: ``smpd2019`` (every JSON file a list of string-typed records, 16-float user
+    descriptions) or ``smpd2024`` (the SMP Challenge's 2024+ user file: a pandas column dict with
     float counts, nulls, text descriptions; images under ``SMP_train_images/`` while the path
     file says ``train/``; metadata one folder deeper)."""
 
     def __post_init__(self) -> None:
-        _require(self.form in ("2019", "2024"), f"synth.form must be '2019' or '2024', got {self.form!r}")
+        _require(self.form in ("smpd2019", "smpd2024"),
+                 f"synth.form must be 'smpd2019' or 'smpd2024', got {self.form!r}")
         _require(self.posts >= 0, f"synth.posts must be >= 0, got {self.posts!r}")
         _require(self.posts + self.test_posts > 0, "synth.posts + synth.test_posts must be > 0 (no posts to write)")
         _require(self.test_posts >= 0, f"synth.test_posts must be >= 0, got {self.test_posts!r}")

@@ -86,27 +86,61 @@ def module_bucket(s3_endpoint):
     return _fresh_bucket(s3_endpoint)
 
 
+#: Subcategory names the package has never seen (the first five are real SMPD names, commas
+#: included), one per packaged subcategory: the session pipeline's corpus is classed with them.
+def unseen_subcategory_names(count: int) -> list[str]:
+    real = ["StreetArt", "Love", "Books", "Good,Morning", "Health,Fitness"]
+    return real + [f"Corpus,Class{i:02d}" for i in range(count - len(real))]
+
+
+def rename_classes(raw, names: dict[str, str]) -> None:
+    """Rename the subcategories of a raw SMPD folder's category file and drop its taxonomy.json,
+    so prepare infers the classes from the rows (as it must for the real SMPD)."""
+    import json
+
+    for name in ("train_category.json", "test_category.json"):
+        path = raw / name
+        if path.exists():
+            records = json.loads(path.read_text())
+            for record in records:
+                record["Subcategory"] = names[record["Subcategory"]]
+            path.write_text(json.dumps(records))
+    (raw / "taxonomy.json").unlink()
+
+
 @pytest.fixture(scope="session")
 def smoke_pipeline(ray_session, tmp_path_factory):
-    """One smoke pipeline (every stage, real Ray and MLflow; minutes on 2 cores) for the session:
-    the pipeline, predict, registry, Serve and CLI tests all read it. Yields (config, out, result).
+    """One smoke pipeline (real Ray and MLflow; minutes on 2 cores) for the session: the
+    pipeline, predict, registry, Serve and CLI tests all read it. Yields (config, out, result).
+
+    As a user with a corpus of their own runs it: ``--raw`` names the corpus (so the synth stage
+    does not run), whose subcategory names the package has never seen and which carries no class
+    list: every stage runs on the classes prepare infers, with the default config.
 
     ``SMPP_TEST_PIPELINE=<folder>`` reuses a smoke pipeline finished there (a development
     shortcut: the run below then skips every complete stage); CI builds a fresh one."""
     from pathlib import Path
 
     from smpp_ray.config import load_config
+    from smpp_ray.data.synth import synthesize_corpus
+    from smpp_ray.data.taxonomy_names import default_taxonomy
     from smpp_ray.pipeline import run_pipeline
 
     root = Path(__file__).resolve().parents[1]
     reuse = os.environ.get("SMPP_TEST_PIPELINE")
     out = Path(reuse) if reuse else tmp_path_factory.mktemp("pipeline")
     config = load_config(root / "jobs" / "configs" / "smoke.yaml", ["synth.test_posts=0"])
+    raw = out / "raw"
+    if not (raw / "train_category.json").exists():
+        s = config.synth
+        synthesize_corpus(str(raw), posts=s.posts, seed=s.seed, image_size=s.image_size, users=s.users)
+        packaged = default_taxonomy().subcategories
+        rename_classes(raw, dict(zip(packaged, unseen_subcategory_names(len(packaged)), strict=True)))
     # A relative --out, as `make demo` passes: Ray workers and Tune trials run in other folders.
     previous = os.getcwd()
     os.chdir(out.parent)
     try:
-        result = run_pipeline(config, out.name)
+        result = run_pipeline(config, out.name, raw_dir=f"{out.name}/raw")
     finally:
         os.chdir(previous)
     return config, out, result

@@ -155,7 +155,7 @@ _WRITE_THREADS = 8
 #: than the path file's first folder (as the SMP Challenge's archives unpack).
 METADATA_FOLDER_2024 = "{split}_allmetadata_json"
 IMAGE_FOLDER_2024 = "SMP_{split}_images"
-FORMS = ("2019", "2024")
+FORMS = ("smpd2019", "smpd2024")
 _MACHINE_TAGS = ("uploaded:by=flickstagram", "uploaded:by=instagram", "instagram:photo={pid}",
                  "foursquare:venue=4b{pid}", "geo:country=france")
 
@@ -453,9 +453,9 @@ def _encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def _records(corpus: Corpus, idx: np.ndarray, folder: str, form: str = "2019") -> dict[str, list]:
+def _records(corpus: Corpus, idx: np.ndarray, folder: str, form: str = "smpd2019") -> dict[str, list]:
     """The SMPD records of the posts ``idx``: all string-typed, as the 2019-2023 files have them;
-    in the 2024 form the user rows hold the 2024+ file's values (see :func:`_user_2024`)."""
+    in the smpd2024 form the user rows hold the 2024+ file's values (see :func:`_user_2024`)."""
     taxonomy = default_taxonomy()
     out: dict[str, list] = {k: [] for k in TRAIN_FILES}
     for i in idx.tolist():
@@ -465,7 +465,7 @@ def _records(corpus: Corpus, idx: np.ndarray, folder: str, form: str = "2019") -
         sub_name = taxonomy.subcategories[s]
         ids = {"Uid": uid, "Pid": pid}
         tags = corpus.tags[i]
-        if form == "2024" and corpus.pid[i] % 5 == 0:   # real Alltags carry machine tags
+        if form == "smpd2024" and corpus.pid[i] % 5 == 0:   # real Alltags carry machine tags
             tags = f"{tags} {_MACHINE_TAGS[int(corpus.pid[i]) % len(_MACHINE_TAGS)].format(pid=pid)}".strip()
         out["text"].append({**ids, "Title": corpus.titles[i], "Mediatype": str(corpus.mediatype[i]),
                             "Alltags": tags})
@@ -480,7 +480,7 @@ def _records(corpus: Corpus, idx: np.ndarray, folder: str, form: str = "2019") -
         out["temporalspatial"].append({**ids, "Postdate": str(int(corpus.postdate[i])), **geo})
         out["additional"].append({**ids, "Pathalias": corpus.pathalias[u], "Ispublic": "1",
                                   "Mediastatus": "ready"})
-        if form == "2024":
+        if form == "smpd2024":
             out["user"].append({**ids, "Pid": int(corpus.pid[i]), **_user_2024(corpus, u)})
         else:
             out["user"].append({
@@ -498,10 +498,10 @@ def _records(corpus: Corpus, idx: np.ndarray, folder: str, form: str = "2019") -
 
 
 def _uid(corpus: Corpus, user: int, form: str) -> str:
-    """The user's id; the 2024 form writes the ``@N`` suffix unpadded (``27882@N8``), as real
+    """The user's id; the smpd2024 form writes the ``@N`` suffix unpadded (``27882@N8``), as real
     SMPD ids are."""
     uid = str(corpus.uid[user])
-    if form != "2024":
+    if form != "smpd2024":
         return uid
     number, suffix = uid.split("@N")
     return f"{number}@N{int(suffix)}"
@@ -538,19 +538,19 @@ def _columns(records: list[dict]) -> dict[str, dict[str, object]]:
 
 
 def _split_files(out: str, prefix: str, form: str) -> dict[str, str]:
-    """Kind -> location of a split's files (the 2024 form puts the JSON files one folder deeper)."""
+    """Kind -> location of a split's files (the smpd2024 form puts the JSON files one folder deeper)."""
     split = prefix.rstrip("_")
     files = {}
     for kind, name in TRAIN_FILES.items():
         name = name.replace("train_", prefix)
-        deeper = form == "2024" and name.endswith(".json")
+        deeper = form == "smpd2024" and name.endswith(".json")
         files[kind] = storage.join(out, METADATA_FOLDER_2024.format(split=split), name) if deeper \
             else storage.join(out, name)
     return files
 
 
 def _write_split(out: str, corpus: Corpus, idx: np.ndarray, prefix: str, image_size: int,
-                 seed: int, form: str = "2019") -> int:
+                 seed: int, form: str = "smpd2019") -> int:
     folder = prefix.rstrip("_")
     records = _records(corpus, idx, folder, form)
     for kind, location in _split_files(out, prefix, form).items():
@@ -558,11 +558,11 @@ def _write_split(out: str, corpus: Corpus, idx: np.ndarray, prefix: str, image_s
             continue   # test posts are unlabelled, as in the challenge
         if kind in ("label", "img_filepath"):
             storage.write_text(location, "".join(line + "\n" for line in records[kind]))
-        elif kind == "user" and form == "2024":
+        elif kind == "user" and form == "smpd2024":
             storage.write_text(location, json.dumps(_columns(records[kind]), ensure_ascii=False))
         else:
             storage.write_text(location, json.dumps(records[kind], ensure_ascii=False))
-    image_folder = IMAGE_FOLDER_2024.format(split=folder) if form == "2024" else folder
+    image_folder = IMAGE_FOLDER_2024.format(split=folder) if form == "smpd2024" else folder
     look = class_look()
     # A stream of its own per split, so adding test posts never changes the train images.
     rng = np.random.default_rng([seed, 1 if prefix == "test_" else 0])
@@ -595,11 +595,11 @@ def _clear_previous(out: str) -> None:
 
 
 def synthesize_corpus(out_dir: str, *, posts: int, seed: int, image_size: int = 64,
-                      users: int = 0, test_posts: int = 0, first_pid: int = 10_000, form: str = "2019") -> dict:
+                      users: int = 0, test_posts: int = 0, first_pid: int = 10_000, form: str = "smpd2019") -> dict:
     """Write a synthetic SMPD corpus (layout and model in the module docstring) into the
     location ``out_dir`` (a local folder or an ``s3://`` / ``gs://`` prefix).
 
-    ``form`` ``2024`` writes the SMP Challenge's 2024+ file forms (see ``synth.form``). The
+    ``form`` ``smpd2024`` writes the SMP Challenge's 2024+ file forms (see ``synth.form``). The
     packaged class list goes beside the files as ``taxonomy.json``, the corpus's own list.
     Byte-identical for the same arguments. Returns a summary: counts, ``oracle_src`` and timing.
     """

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 #: (anchor, navigation title) of every section, in page order; the browser test checks them.
 SECTIONS = (("run-facts", "Run facts"), ("leaderboard", "Leaderboard"), ("residuals", "Residuals and calibration"),
             ("per-category", "Error per category"), ("worst-posts", "Worst-predicted posts"),
-            ("network", "Confusion of the 77-way proxy"), ("training", "Training"), ("data", "Data"))
+            ("network", "Confusion of the subcategory proxy"), ("training", "Training"), ("data", "Data"))
 
 
 def write_report(layout: dict[str, str], table: pd.DataFrame, tracking_uri: str | None = None, *,
@@ -95,7 +95,7 @@ def _training(train: dict[str, Any] | None, tune_dir: str) -> str:
         if curves:
             parts.append(img(curves, "training curves"))
         if rows:
-            parts.append(markup.table(["epoch (0-based)", "train loss", "val loss", "val top-1 (77)", "val top-1 (11)",
+            parts.append(markup.table(["epoch (0-based)", "train loss", "val loss", "val top-1 (subcategory)", "val top-1 (category)",
                                 "samples/s", "input wait share"], rows))
     else:
         parts.append("<p>No train stage summary.</p>")

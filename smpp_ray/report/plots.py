@@ -108,7 +108,7 @@ def training_curves(history: list[dict[str, Any]]) -> str | None:
         values = [h.get(key) for h in history]
         if any(v is not None for v in values):
             loss_ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=label)
-    for key, label in (("val_top1", "val top-1 (77 subcategories)"), ("val_top1_cat", "val top-1 (11 categories)")):
+    for key, label in (("val_top1", "val top-1 (subcategories)"), ("val_top1_cat", "val top-1 (categories)")):
         values = [h.get(key) for h in history]
         if any(v is not None for v in values):
             acc_ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=label)
