@@ -107,6 +107,16 @@ class DataConfig:
     (Category, Subcategory) pairs. ``packaged``: the packaged 11/77 list of the synthetic corpus.
     Anything else: the location of a class list as JSON (the manifest.json ``taxonomy`` form).
     A name outside the list in use is a reject."""
+    format: Literal["smpd", "table"] = "smpd"
+    """``smpd``: the SMP Challenge's files (seven row-aligned files, 2019-2023 or 2024+ forms).
+    ``table``: posts as rows of Parquet, JSON Lines or CSV files (one file or a folder of them,
+    local or in a bucket), read and validated by Ray Data tasks; see ``data.columns``."""
+    columns: tuple[str, ...] = ()
+    """``table`` format: ``role=column`` entries naming the corpus's columns (pid, uid, postdate,
+    image_path or image, label, category, subcategory, concept, title, tags, latitude, longitude,
+    geoaccuracy, photo_count, ispro, photo_firstdate, timezone_offset, timezone_id, pathalias,
+    ispublic, user_description, location_description, mediatype); a role whose column has its
+    own name needs no entry."""
     min_class_posts: int = 3
     """With an inferred class list, a subcategory with fewer labelled training posts than this is
     not a class: its rows are rejects (a stray typo never becomes a class)."""

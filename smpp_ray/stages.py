@@ -324,7 +324,8 @@ def run_prepare(config: Config, raw_dir: str, out_dir: str,
     from smpp_ray.data.schema import rejects_path
     from smpp_ray.data.taxonomy import chosen_taxonomy
 
-    if not storage.is_dir(raw_dir):  # before Ray starts: a typo should cost no start-up
+    if not (storage.exists(raw_dir) if config.data.format == "table" else storage.is_dir(raw_dir)):
+        # before Ray starts: a typo should cost no start-up
         raise FileNotFoundError(f"raw SMPD folder {raw_dir} does not exist (expected train_*.json/.txt files there)")
     stage_run = stage_run or default_stage_run(config)
     d = config.data
@@ -336,7 +337,7 @@ def run_prepare(config: Config, raw_dir: str, out_dir: str,
                                    jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard,
                                    max_reject_fraction=d.max_reject_fraction, max_image_bytes=d.max_image_bytes,
                                    taxonomy=chosen_taxonomy(d.taxonomy), min_class_posts=d.min_class_posts,
-                                   image_root=d.image_root)
+                                   image_root=d.image_root, data_format=d.format, columns=d.columns)
         return {"metrics": manifest.get("counts", {}),
                 "artifacts": {"manifest": manifest_location(out_dir), "posts": storage.join(out_dir, "posts"),
                               "rejects": rejects_path(out_dir)}}

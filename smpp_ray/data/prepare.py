@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -82,6 +83,8 @@ logger = logging.getLogger(__name__)
 _BLOCK_ROWS = 128
 #: Hidden column carrying the image-list file name of a row into the image tasks (for rejects).
 _SOURCE_COLUMN = "_img_source"
+#: Hidden column of a table corpus's row holding its image bytes (the ``image`` role).
+_IMAGE_BYTES = "_image_bytes"
 #: Driver-only keys of a record (not columns): its category file (for class rejects) and prefix.
 _CATEGORY_FILE = "_category_file"
 _PREFIX = "_prefix"
@@ -100,27 +103,34 @@ _META_SCHEMA = pa.schema([f for f in POSTS_SCHEMA if f.name != "image"] + [pa.fi
 
 # --------------------------------------------------------------------------------- taxonomy
 
-def resolve_taxonomy(taxonomy: Taxonomy | None, raw: str, records: list[dict], min_class_posts: int
+def resolve_taxonomy(taxonomy: Taxonomy | None, raw: str, labelled: list[tuple[str, str]],
+                     pairs: list[tuple[str, str]], min_class_posts: int
                      ) -> tuple[Taxonomy, str, InferredTaxonomy | None]:
     """The class list posts are classified into, where it came from, and the inference (if any).
 
     ``taxonomy`` given (a file the user names, the packaged list, or a pipeline's list in
     ``predict``) is used as it is; else the corpus's own ``taxonomy.json``; else the classes of
-    the labelled training rows (see :mod:`smpp_ray.data.taxonomy`). The data never renumbers a
-    given list: class ids are the contract between a dataset, its checkpoints and its models.
+    the labelled training rows ``labelled`` (see :mod:`smpp_ray.data.taxonomy`), or of all rows
+    ``pairs`` when none is labelled. The data never renumbers a given list: class ids are the
+    contract between a dataset, its checkpoints and its models.
     """
     if taxonomy is not None:
         return taxonomy, "given", None
     carried = corpus_taxonomy(raw)
     if carried is not None:
         return carried[0], f"corpus file {carried[1]}", None
+    # A folder of unlabelled test_ posts only: their own names are all there is.
+    inferred = infer_taxonomy(labelled or pairs, min_class_posts)
+    return inferred.taxonomy, "inferred from the training rows" if labelled else "inferred from the rows", inferred
+
+
+def class_pairs(records: list[dict]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(labelled training rows' pairs, every row's pairs) of (category, subcategory) names."""
     pairs = [(r["category"], r["subcategory"]) for r in records
              if r["category"] is not None and r["subcategory"] is not None]
     labelled = [(r["category"], r["subcategory"]) for r in records if r["label"] is not None
                 and r[_PREFIX] == "train_" and r["category"] is not None and r["subcategory"] is not None]
-    # A folder of unlabelled test_ posts only: their own names are all there is.
-    inferred = infer_taxonomy(labelled or pairs, min_class_posts)
-    return inferred.taxonomy, "inferred from the training rows" if labelled else "inferred from the rows", inferred
+    return labelled, pairs
 
 
 def _class_problem(category: str | None, subcategory: str | None, taxonomy: Taxonomy,
@@ -315,6 +325,24 @@ def _read_images(raw_root: str, paths: list[str], max_bytes: int) -> list[bytes 
         return list(pool.map(fetch, paths))
 
 
+def _batch_images(batch: pa.Table, raw_root: str, paths: list[str | None], max_bytes: int
+                  ) -> list[bytes | ImageError]:
+    """Each row's image: the bytes a table corpus carries (its ``_image_bytes``), else read from
+    its path under ``raw_root``."""
+    carried = batch.column(_IMAGE_BYTES).to_pylist() if _IMAGE_BYTES in batch.column_names else [None] * len(paths)
+    wanted = [i for i, data in enumerate(carried) if data is None]
+    read = iter(_read_images(raw_root, [paths[i] for i in wanted], max_bytes))
+    out: list[bytes | ImageError] = []
+    for data in carried:
+        if data is None:
+            out.append(next(read))
+        elif len(data) > max_bytes:
+            out.append(ImageError(f"image bytes ({len(data)}) are more than data.max_image_bytes={max_bytes}"))
+        else:
+            out.append(data)
+    return out
+
+
 def load_images(batch: pa.Table, *, raw_root: str, max_side: int, quality: int, collector: Any,
                 max_bytes: int = MAX_IMAGE_BYTES, keep_imageless: bool = False) -> pa.Table:
     """Ray Data UDF: metadata rows in, POSTS_SCHEMA rows with ``image`` out; bad images to ``collector``.
@@ -328,7 +356,8 @@ def load_images(batch: pa.Table, *, raw_root: str, max_side: int, quality: int, 
     images: list[bytes] = []
     keep: list[bool] = []
     rejects: list[dict] = []
-    for i, (relative, data) in enumerate(zip(paths, _read_images(raw_root, paths, max_bytes), strict=True)):
+    for i, (relative, data) in enumerate(zip(paths, _batch_images(batch, raw_root, paths, max_bytes), strict=True)):
+        relative = relative if relative is not None else f"row {batch.column('row_index')[i].as_py()}"
         try:
             if isinstance(data, ImageError):
                 raise data
@@ -343,7 +372,7 @@ def load_images(batch: pa.Table, *, raw_root: str, max_side: int, quality: int, 
     if rejects:
         imageless = None
         if keep_imageless:
-            bad = batch.filter(pa.compute.invert(mask)).drop_columns([_SOURCE_COLUMN])
+            bad = batch.filter(pc.invert(mask)).select([n for n in POSTS_SCHEMA.names if n != "image"])
             imageless = bad.append_column("image", pa.array([b""] * len(bad), pa.binary())).to_pylist()
         ray.get(collector.add.remote(rejects, imageless))
     kept = batch.filter(mask)
@@ -465,8 +494,21 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def _write_split(rows: list[dict], split: str, out: str, raw: str, *, max_side: int,
-                 quality: int, max_bytes: int, rows_per_shard: int, collector: Any, keep_imageless: bool) -> int:
+def _write_split(rows: list[dict], split: str, out: str, raw: str, **options: Any) -> int:
+    """Write one split's rows (driver records) with their images; returns the rows written."""
+    import ray.data
+
+    dataset = None
+    if rows:
+        table = pa.Table.from_pylist(rows, schema=_META_SCHEMA)
+        dataset = ray.data.from_arrow([table.slice(i, _BLOCK_ROWS) for i in range(0, len(table), _BLOCK_ROWS)])
+    return write_split_dataset(dataset, len(rows), split, out, raw, **options)
+
+
+def write_split_dataset(dataset: Any, rows: int, split: str, out: str, raw: str, *, max_side: int, quality: int,
+                        max_bytes: int, rows_per_shard: int, collector: Any, keep_imageless: bool) -> int:
+    """Read, check and re-encode the images of a split's metadata rows (a Ray Dataset, or None
+    when the split is empty) and write its shards; returns the rows written."""
     import ray.data
     from ray.data.datasource import FilenameProvider
 
@@ -479,14 +521,11 @@ def _write_split(rows: list[dict], split: str, out: str, raw: str, *, max_side: 
     folder = posts_path(out, split)
     fs, path = storage.resolve(folder)
     started = time.perf_counter()
-    if rows:
-        table = pa.Table.from_pylist(rows, schema=_META_SCHEMA)
-        blocks = [table.slice(i, _BLOCK_ROWS) for i in range(0, len(table), _BLOCK_ROWS)]
-        dataset = ray.data.from_arrow(blocks).map_batches(
+    if dataset is not None:
+        dataset = dataset.map_batches(
             load_images, batch_format="pyarrow", batch_size=None, num_cpus=1,
             fn_kwargs={"raw_root": raw, "max_side": max_side, "quality": quality, "collector": collector,
-                       "keep_imageless": keep_imageless,
-                       "max_bytes": max_bytes})
+                       "keep_imageless": keep_imageless, "max_bytes": max_bytes})
         dataset.write_parquet(path, filesystem=fs, schema=POSTS_SCHEMA, filename_provider=PartNames(),
                               min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard,
                               mode=ray.data.SaveMode.OVERWRITE)
@@ -494,8 +533,8 @@ def _write_split(rows: list[dict], split: str, out: str, raw: str, *, max_side: 
     if written == 0:   # an empty split still gets a file, so readers see the schema
         storage.write_bytes(storage.join(folder, "part-00000-0.parquet"), _parquet_bytes(POSTS_SCHEMA.empty_table()))
     seconds = time.perf_counter() - started
-    console.details(__name__).info("prepare: split=%s wrote %d of %d posts in %.1fs (%.0f rows/s)", split, written, len(rows),
-                seconds, len(rows) / max(seconds, 1e-9))
+    console.details(__name__).info("prepare: split=%s wrote %d of %d posts in %.1fs (%.0f rows/s)", split, written,
+                                   rows, seconds, rows / max(seconds, 1e-9))
     return written
 
 
@@ -524,8 +563,13 @@ def _write_rejects(rejects: list[dict], out: str) -> None:
 
 
 def _check_arguments(raw: str, split: str, val_fraction: float, test_fraction: float, max_image_side: int,
-                     jpeg_quality: int, rows_per_shard: int, max_reject_fraction: float, max_image_bytes: int) -> None:
-    if not storage.is_dir(raw):
+                     jpeg_quality: int, rows_per_shard: int, max_reject_fraction: float, max_image_bytes: int,
+                     data_format: str = "smpd") -> None:
+    if data_format not in ("smpd", "table"):
+        raise ValueError(f"unknown data format {data_format!r}; expected 'smpd' or 'table'")
+    if data_format == "table" and not storage.exists(raw):
+        raise ValueError(f"table corpus {raw!r} does not exist")
+    if data_format == "smpd" and not storage.is_dir(raw):
         raise ValueError(f"raw SMPD folder {raw!r} does not exist or is not a directory")
     if split not in ("time", "user"):
         raise ValueError(f"unknown split method {split!r}; expected 'time' or 'user'")
@@ -577,7 +621,8 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
                     val_fraction: float = 0.1, test_fraction: float = 0.1, max_image_side: int = 256,
                     jpeg_quality: int = 90, rows_per_shard: int = 2048, max_reject_fraction: float = 0.5,
                     max_image_bytes: int = MAX_IMAGE_BYTES, taxonomy: Taxonomy | None = None,
-                    min_class_posts: int = 3, image_root: str = "", keep_imageless: bool = False) -> dict:
+                    min_class_posts: int = 3, image_root: str = "", keep_imageless: bool = False,
+                    data_format: str = "smpd", columns: tuple[str, ...] = ()) -> dict:
     """Turn a raw SMPD folder into Parquet shards + rejects + manifest; returns the manifest.
 
     ``raw_dir`` and ``out_dir`` are locations (local paths or ``s3://`` / ``gs://`` URIs).
@@ -593,11 +638,23 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
     :func:`resolve_taxonomy`). ``image_root`` names the folder the images are under (see
     :func:`resolve_image_paths`; empty: found by probing). ``keep_imageless`` also writes the
     posts rejected for their image alone to ``imageless/`` (what ``predict`` scores with its
-    fallback regressor).
+    fallback regressor). ``data_format`` ``table`` reads a table corpus instead (a file or a folder
+    of Parquet / JSON Lines / CSV files, ``columns`` mapping its column names to roles; see
+    :mod:`smpp_ray.data.table_prepare`).
     """
     raw, out = storage.normalize(raw_dir), storage.normalize(out_dir)
     _check_arguments(raw, split, val_fraction, test_fraction, max_image_side, jpeg_quality, rows_per_shard,
-                     max_reject_fraction, max_image_bytes)
+                     max_reject_fraction, max_image_bytes, data_format)
+    if data_format == "table":
+        from smpp_ray.data.table_prepare import prepare_table
+
+        manifest = prepare_table(raw, out, columns=columns, split=split, val_fraction=val_fraction,
+                                 test_fraction=test_fraction, max_image_side=max_image_side, jpeg_quality=jpeg_quality,
+                                 rows_per_shard=rows_per_shard, max_reject_fraction=max_reject_fraction,
+                                 max_image_bytes=max_image_bytes, taxonomy=taxonomy, min_class_posts=min_class_posts,
+                                 keep_imageless=keep_imageless)
+        _log_done(manifest, out)
+        return manifest
     started = time.perf_counter()
     sets, records, rejects = _read_raw(raw)
     input_rows = len(records) + len(rejects)
@@ -605,7 +662,7 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
     console.details(__name__).info("prepare: parsed %d rows (%d rejected) from %s in %.1fs", input_rows, len(rejects), raw,
                 time.perf_counter() - started)
     image_roots = resolve_image_paths(raw, records, image_root)
-    taxonomy, taxonomy_source, inferred = resolve_taxonomy(taxonomy, raw, records, min_class_posts)
+    taxonomy, taxonomy_source, inferred = resolve_taxonomy(taxonomy, raw, *class_pairs(records), min_class_posts)
     records, class_rejects, concepts = _assign_class_ids(records, taxonomy, inferred)
     rejects += class_rejects
     facts = {"taxonomy_source": taxonomy_source, "image_roots": image_roots, "forms": _file_forms(sets)}
@@ -617,11 +674,15 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
                                   max_image_bytes=max_image_bytes, started=started, facts=facts,
                                   keep_imageless=keep_imageless)
         storage.swap_in(staging, out, _OUTPUT_ENTRIES)
-    logger.info("prepare: %d rows in, %d written (%s), %d rejected, in %.1fs (%.0f rows/s) -> %s",
-                input_rows, manifest["counts"]["written"],
-                ", ".join(f"{k}={v}" for k, v in manifest["counts"]["per_split"].items()),
-                manifest["counts"]["rejected"], manifest["run"]["seconds"], manifest["run"]["posts_per_s"], out)
+    _log_done(manifest, out)
     return manifest
+
+
+def _log_done(manifest: dict, out: str) -> None:
+    counts = manifest["counts"]
+    logger.info("prepare: %d rows in, %d written (%s), %d rejected, in %.1fs (%.0f rows/s) -> %s",
+                counts["input_rows"], counts["written"], ", ".join(f"{k}={v}" for k, v in counts["per_split"].items()),
+                counts["rejected"], manifest["run"]["seconds"], manifest["run"]["posts_per_s"], out)
 
 
 def _write_dataset(staging: str, out: str, raw: str, sets: list[smpd.FileSet], records: list[dict],
@@ -694,6 +755,18 @@ def _write_posts(parts: dict[str, list[dict]], out: str, raw: str, *, max_side: 
                  ) -> tuple[dict[str, int], list[dict], list[dict]]:
     """Write every split's shards with Ray Data; returns the rows written per split, the image
     rejects and (``keep_imageless``) the metadata rows of those posts."""
+    with image_collector() as collector:
+        per_split = {name: _write_split(parts[name], name, out, raw, max_side=max_side, quality=quality,
+                                        max_bytes=max_bytes, rows_per_shard=rows_per_shard, collector=collector,
+                                        keep_imageless=keep_imageless)
+                     for name in SPLITS}
+        return per_split, *collected(collector)
+
+
+@contextmanager
+def image_collector() -> Iterator[Any]:
+    """A started Ray with order-preserving Ray Data, and the actor the image tasks send their
+    rejects (and imageless posts) to; see :func:`collected`."""
     import ray.data
 
     from smpp_ray.runtime import init_ray
@@ -704,11 +777,14 @@ def _write_posts(parts: dict[str, list[dict]], out: str, raw: str, *, max_side: 
     context.execution_options.preserve_order = True   # same rows in the same files on every rerun
     collector = _collector_class().remote()
     try:
-        per_split = {name: _write_split(parts[name], name, out, raw, max_side=max_side, quality=quality,
-                                        max_bytes=max_bytes, rows_per_shard=rows_per_shard, collector=collector,
-                                        keep_imageless=keep_imageless)
-                     for name in SPLITS}
-        return per_split, ray.get(collector.rows.remote()), ray.get(collector.imageless.remote())
+        yield collector
     finally:
         context.execution_options.preserve_order = preserve
         ray.kill(collector)
+
+
+def collected(collector: Any) -> tuple[list[dict], list[dict]]:
+    """(image rejects, imageless posts) gathered by an :func:`image_collector`."""
+    import ray
+
+    return ray.get(collector.rows.remote()), ray.get(collector.imageless.remote())

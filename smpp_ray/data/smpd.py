@@ -569,7 +569,7 @@ def _check_ids(record: Any, source: str, uid: str | None, pid: str | None, refer
     return row_uid, row_pid
 
 
-def _reject_id(value: Any) -> str | None:
+def reject_id(value: Any) -> str | None:
     """An id for a reject row, or None when the raw value could not be stored or read back."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return None
@@ -595,7 +595,7 @@ def parse_row(file_set: FileSet, index: int) -> tuple[dict | None, dict | None]:
         source, field_name, reason = file_set.name("text"), "row", f"unexpected {type(err).__name__}: {err}"
     text = file_set.rows["text"][index]
     uid, pid = (text.get("Uid"), text.get("Pid")) if isinstance(text, dict) else (None, None)
-    return None, {"source_file": source, "row_index": index, "pid": _reject_id(pid), "uid": _reject_id(uid),
+    return None, {"source_file": source, "row_index": index, "pid": reject_id(pid), "uid": reject_id(uid),
                   "field": field_name, "reason": reason}
 
 

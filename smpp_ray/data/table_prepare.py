@@ -1,0 +1,236 @@
+"""``smpp prepare`` of a table corpus (``data.format: table``): Ray Data end to end.
+
+The same outputs, rejects and checks as the SMPD path (:mod:`smpp_ray.data.prepare`), but the
+driver never holds the corpus:
+
+1. Ray Data tasks read and validate the files' pieces (:mod:`smpp_ray.data.table`) into a
+   materialised dataset in the object store: every row, rejected ones marked.
+2. The driver pulls only the key columns (ids, time, label, class names, file and row) to decide
+   what needs the whole corpus at once: duplicate Pids, the class list, class rejects, the split.
+3. Per split, tasks join those decisions back by Pid, the rows are sorted by (postdate, pid), the
+   images are read (or taken from the ``image`` column), checked and re-encoded, and the shards
+   are written from the workers.
+
+``input_rows == written + rejected`` is checked before the manifest is written, and a corpus that
+is mostly rejects fails with the same per-field summary as the SMPD path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from smpp_ray import console, storage
+from smpp_ray.data import prepare as smpd_prepare
+from smpp_ray.data.manifest import write_manifest
+from smpp_ray.data.schema import SCHEMA_VERSION, SPLITS, Taxonomy
+from smpp_ray.data.table import (
+    PIECE,
+    PREFIX,
+    REJECT_FIELD,
+    REJECT_REASON,
+    SOURCE,
+    column_mapping,
+    plan_pieces,
+    table_files,
+    validate_pieces,
+)
+
+#: The columns the driver pulls: everything a corpus-wide decision needs, nothing bulky.
+KEY_COLUMNS = ("pid", "uid", "postdate", "label", "category", "subcategory", "concept", "row_index", SOURCE, PIECE,
+               PREFIX, REJECT_FIELD, REJECT_REASON)
+
+
+def prepare_table(raw: str, out: str, *, columns: tuple[str, ...], split: str, val_fraction: float,
+                  test_fraction: float, max_image_side: int, jpeg_quality: int, rows_per_shard: int,
+                  max_reject_fraction: float, max_image_bytes: int, taxonomy: Taxonomy | None,
+                  min_class_posts: int, keep_imageless: bool) -> dict:
+    """A table corpus at ``raw`` (a file or folder) -> the dataset at ``out``; returns the manifest."""
+    import ray.data
+
+    from smpp_ray.runtime import init_ray
+
+    started = time.perf_counter()
+    mapping = column_mapping(columns)
+    root, files = table_files(raw)
+    pieces = plan_pieces(files)
+    init_ray()
+    rows = ray.data.from_items([asdict(p) for p in pieces], override_num_blocks=max(1, len(pieces))).map_batches(
+        validate_pieces, batch_size=1, batch_format="numpy", num_cpus=1, fn_kwargs={"mapping": mapping}).materialize()
+    keys = pa.concat_tables(ray.get(rows.select_columns(list(KEY_COLUMNS)).to_arrow_refs())) \
+        .sort_by([(PIECE, "ascending"), ("row_index", "ascending")])
+    input_rows = keys.num_rows
+    if input_rows == 0:
+        raise ValueError(f"table corpus {raw!r} holds no rows ({len(files)} file(s)); nothing to prepare")
+    console.details(__name__).info("prepare: validated %d rows of %d table file(s) (%d pieces) in %.1fs", input_rows,
+                                   len(files), len(pieces), time.perf_counter() - started)
+    decision = _decide(keys, root, taxonomy, min_class_posts, split, val_fraction, test_fraction)
+    with smpd_prepare._staged_outputs(out) as staging:
+        manifest = _write(rows, decision, staging, out, root, input_rows, files=files, mapping=mapping,
+                          split=split, val_fraction=val_fraction, test_fraction=test_fraction,
+                          max_image_side=max_image_side, jpeg_quality=jpeg_quality, rows_per_shard=rows_per_shard,
+                          max_reject_fraction=max_reject_fraction, max_image_bytes=max_image_bytes,
+                          keep_imageless=keep_imageless, started=started)
+        storage.swap_in(staging, out, smpd_prepare._OUTPUT_ENTRIES)
+    return manifest
+
+
+def _decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_posts: int, split: str,
+            val_fraction: float, test_fraction: float) -> dict[str, Any]:
+    """Everything decided over the whole corpus, from its key columns only."""
+    frame = keys.to_pandas()
+    valid = frame[frame[REJECT_FIELD].isna()]
+    rejects = [_reject(r, r[REJECT_FIELD], r[REJECT_REASON]) for r in frame[frame[REJECT_FIELD].notna()]
+               .to_dict(orient="records")]
+    duplicated = valid["pid"].duplicated(keep="first")
+    first_at = valid[~duplicated].set_index("pid")
+    for r in valid[duplicated].to_dict(orient="records"):
+        first = first_at.loc[r["pid"]]
+        rejects.append(_reject(r, "Pid", f"duplicate Pid {r['pid']!r} (first at row {first['row_index']} of "
+                                         f"{first[SOURCE]})"))
+    valid = valid[~duplicated]
+    named = valid[valid["category"].notna() & valid["subcategory"].notna()]
+    labelled = named[named["label"].notna()]
+    taxonomy, source, inferred = smpd_prepare.resolve_taxonomy(
+        taxonomy, root, list(zip(labelled["category"], labelled["subcategory"], strict=True)),
+        list(zip(named["category"], named["subcategory"], strict=True)), min_class_posts)
+    cat_id = {n: i for i, n in enumerate(taxonomy.categories)}
+    sub_id = {n: i for i, n in enumerate(taxonomy.subcategories)}
+    keep = np.ones(len(valid), dtype=bool)
+    for i, (category, subcategory) in enumerate(zip(valid["category"], valid["subcategory"], strict=True)):
+        problem = smpd_prepare._class_problem(_none(category), _none(subcategory), taxonomy, cat_id, sub_id, inferred)
+        if problem is not None:
+            keep[i] = False
+            rejects.append(_reject(valid.iloc[i], *problem))
+    kept = valid[keep]
+    concepts = sorted({c for c in kept["concept"] if isinstance(c, str)})
+    concept_id = {n: i for i, n in enumerate(concepts)}
+    parts, boundaries = _splits(kept, split, val_fraction, test_fraction)
+    split_of = {pid: code for code, name in enumerate(SPLITS) for pid in parts[name]}   # kept Pids are unique
+    assignment = pa.table({
+        "row": pa.array(row_keys(kept[PIECE].to_numpy(), kept["row_index"].to_numpy())),
+        "split": pa.array([split_of[p] for p in kept["pid"]], pa.int8()),
+        "category_id": pa.array([cat_id.get(c, -1) if isinstance(c, str) else -1 for c in kept["category"]], pa.int32()),
+        "subcategory_id": pa.array([sub_id.get(s, -1) if isinstance(s, str) else -1 for s in kept["subcategory"]],
+                                   pa.int32()),
+        "concept_id": pa.array([concept_id.get(c, -1) if isinstance(c, str) else -1 for c in kept["concept"]],
+                               pa.int32()),
+    })
+    return {"taxonomy": taxonomy, "taxonomy_source": source, "concepts": concepts, "rejects": rejects,
+            "assignment": assignment, "boundaries": boundaries, "sizes": {n: len(parts[n]) for n in SPLITS},
+            "unlabelled": int(kept["label"].isna().sum())}
+
+
+def _none(value: Any) -> Any:
+    return value if isinstance(value, str) else None
+
+
+def _reject(row: Any, field: str, reason: str) -> dict:
+    return {"source_file": row[SOURCE], "row_index": int(row["row_index"]), "pid": _none(row["pid"]),
+            "uid": _none(row["uid"]), "field": field, "reason": reason}
+
+
+def _splits(kept: Any, split: str, val_fraction: float, test_fraction: float) -> tuple[dict[str, list[str]], dict]:
+    """Pids per split (labelled rows split by time or user; unlabelled rows are test)."""
+    labelled = kept[kept["label"].notna()]
+    light = [{"pid": p, "uid": u, "postdate": int(d)}
+             for p, u, d in zip(labelled["pid"], labelled["uid"], labelled["postdate"], strict=True)]
+    parts, boundaries = smpd_prepare.assign_splits(light, split, val_fraction, test_fraction)
+    out = {name: [r["pid"] for r in parts[name]] for name in SPLITS}
+    out["test"] += kept.loc[kept["label"].isna(), "pid"].tolist()
+    return out, boundaries
+
+
+def row_keys(pieces: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """One int64 per row of the corpus (its piece and its row in the file): what joins a decision
+    back to its row. Not the Pid: a duplicated Pid names two rows, and only the first is kept."""
+    return (pieces.astype(np.int64) << 32) | rows.astype(np.int64)
+
+
+def assign_rows(batch: pa.Table, *, assignment: pa.Table, split: int) -> pa.Table:
+    """Ray Data UDF: the batch's kept rows of split ``split`` with their class and concept ids."""
+    keys = row_keys(batch.column(PIECE).to_numpy(), batch.column("row_index").to_numpy())
+    position = pc.index_in(pa.array(keys), value_set=assignment.column("row"))
+    chosen = pc.fill_null(pc.equal(pc.take(assignment.column("split"), position), pa.scalar(split, pa.int8())), False)
+    rows = batch.filter(chosen)
+    where = position.filter(chosen)
+    for name in ("category_id", "subcategory_id", "concept_id"):
+        rows = rows.set_column(rows.schema.get_field_index(name), name, pc.take(assignment.column(name), where))
+    return rows
+
+
+def _write(rows: Any, decision: dict[str, Any], staging: str, out: str, root: str, input_rows: int, *,
+           files: list[str], mapping: dict[str, str], split: str, val_fraction: float, test_fraction: float,
+           max_image_side: int, jpeg_quality: int, rows_per_shard: int, max_reject_fraction: float,
+           max_image_bytes: int, keep_imageless: bool, started: float) -> dict:
+    rejects = decision["rejects"]
+    failed_at = smpd_prepare._failed_location(out)
+    kept = sum(decision["sizes"].values())
+    problem = smpd_prepare._reject_problem(input_rows, kept, rejects, max_reject_fraction, failed_at)
+    if problem is not None:
+        smpd_prepare._write_rejects(rejects, staging)
+        smpd_prepare._keep_failed_rejects(staging, failed_at)
+        raise ValueError(problem)
+    assignment = decision["assignment"]   # Ray Data puts fn_kwargs in the object store once
+    per_split: dict[str, int] = {}
+    with smpd_prepare.image_collector() as collector:
+        for code, name in enumerate(SPLITS):
+            size = decision["sizes"][name]
+            dataset = rows.map_batches(assign_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
+                                       fn_kwargs={"assignment": assignment, "split": code}
+                                       ).sort(["postdate", "pid"]) if size else None
+            per_split[name] = smpd_prepare.write_split_dataset(
+                dataset, size, name, staging, root, max_side=max_image_side, quality=jpeg_quality,
+                max_bytes=max_image_bytes, rows_per_shard=rows_per_shard, collector=collector,
+                keep_imageless=keep_imageless)
+        image_rejects, imageless = smpd_prepare.collected(collector)
+    if keep_imageless:
+        smpd_prepare._write_imageless(imageless, staging)
+    rejects = rejects + image_rejects
+    smpd_prepare._write_rejects(rejects, staging)
+    written = sum(per_split.values())
+    if input_rows != written + len(rejects):
+        raise RuntimeError(f"prepare lost rows: {input_rows} in, {written} written + {len(rejects)} rejected")
+    problem = smpd_prepare._reject_problem(input_rows, written, rejects, max_reject_fraction, failed_at)
+    if problem is not None:
+        smpd_prepare._keep_failed_rejects(staging, failed_at)
+        raise ValueError(problem)
+    seconds = time.perf_counter() - started
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "raw_dir": root, "format": "table",
+        "files": {"table": [storage.name(f) for f in files]}, "columns": mapping,
+        "counts": {"input_rows": input_rows, "written": written, "rejected": len(rejects), "per_split": per_split,
+                   "rejected_by_field": dict(sorted(Counter(r["field"] for r in rejects).items()))},
+        "taxonomy": decision["taxonomy"].to_dict(), "taxonomy_source": decision["taxonomy_source"],
+        "concepts": decision["concepts"],
+        "split": {"method": split, "val_fraction": val_fraction, "test_fraction": test_fraction,
+                  "boundaries": decision["boundaries"], "unlabelled_test_rows": decision["unlabelled"]},
+        "time_range": _time_range(staging),
+        "image": {"max_side": max_image_side, "jpeg_quality": jpeg_quality, "max_bytes": max_image_bytes,
+                  "max_pixels": smpd_prepare.MAX_IMAGE_PIXELS},
+        "rows_per_shard": rows_per_shard,
+        "run": {"seconds": round(seconds, 2), "posts_per_s": round(input_rows / max(seconds, 1e-9), 1)},
+    }
+    write_manifest(staging, manifest)
+    return manifest
+
+
+def _time_range(data: str) -> dict[str, int | None]:
+    """First and last postdate of the written posts, from the shards' ``postdate`` column."""
+    import pyarrow.parquet as pq
+
+    low = high = None
+    for location in storage.list_parquet_files(storage.join(data, "posts")):
+        with storage.open_input(location) as stream:
+            dates = pq.read_table(stream, columns=["postdate"]).column("postdate")
+        if len(dates):
+            bounds = pc.min_max(dates).as_py()
+            low = bounds["min"] if low is None else min(low, bounds["min"])
+            high = bounds["max"] if high is None else max(high, bounds["max"])
+    return {"start": low, "end": high}
