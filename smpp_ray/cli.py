@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset folder to write")
     p.add_argument("--split", choices=["time", "user"], help="chronological or grouped-by-user split (data.split)")
 
-    p = _add(sub, "prototypes", "build visual/textual prototypes of the 77 subcategories and 11 categories",
+    p = _add(sub, "prototypes", "build visual/textual prototypes of the subcategories and categories",
              _examples("smpp prototypes --data runs/data --out runs/prototypes --set prototypes.shots=64"))
     p.add_argument("--data", required=True, help="prepared dataset folder")
     p.add_argument("--out", required=True, help="folder for prototypes.safetensors and members.json")
@@ -126,11 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "predict", "score new posts (SMPD layout, labels optional) as a Ray Data job",
              _examples("smpp predict --pipeline runs/demo --posts new_posts/ --out scores.csv",
                        "smpp predict --model models:/smpp-scorer@champion --posts s3://b/new/ --out s3://b/scores/",
-                       "smpp predict --pipeline runs/demo --model lightgbm --posts new_posts/ --out scores.parquet"))
+                       "smpp predict --pipeline runs/demo --model lightgbm --posts new_posts/ --out scores.parquet",
+                       "smpp predict --pipeline runs/demo --posts smpd_test/ --format smp-challenge "
+                       "--out submission.csv"))
     _scorer_source(p)
     p.add_argument("--posts", required=True,
                    help="new posts: a raw SMPD folder (test_ or train_ files + images) or a prepared dataset")
     p.add_argument("--out", required=True, help="scores: a .csv or .parquet file, or a folder of Parquet parts")
+    p.add_argument("--format", dest="output_format", choices=["table", "smp-challenge"], default="table",
+                   help="table: every model's score and the predicted classes; smp-challenge: the SMP Challenge "
+                        "submission (post_id,popularity_score for every row of the test_ files, --out a .csv; "
+                        "posts the network cannot score listed in <out>.fallback.csv)")
 
     p = _add(sub, "serve", "serve scores online: a Ray Serve app with POST /predict and GET /healthz",
              _examples("smpp serve --pipeline runs/demo",
@@ -236,7 +242,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
         from smpp_ray.predict import predict_posts
 
         source, score = scorer_choice(args)
-        return predict_posts(source, args.posts, args.out, config=config, model=score)
+        return predict_posts(source, args.posts, args.out, config=config, model=score,
+                             output_format=args.output_format)
     if command == "serve":
         from smpp_ray.serve import serve_scorer
 

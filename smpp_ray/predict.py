@@ -11,6 +11,12 @@ The scorer is a finished pipeline folder, a scorer bundle folder, or a registere
 Only the saved feature state and the checkpoint are read, never the training posts, so scoring
 20 posts costs 20 posts of work. Rows in = rows scored + rows rejected, checked before returning;
 rejects (file, row, field, reason) go beside the scores as ``<out>.rejects.csv``.
+
+``output_format="smp-challenge"`` writes instead the file a SMP Challenge participant uploads
+(:mod:`smpp_ray.scoring.submission`): a score for every row of the ``test_`` files, the network's
+where it can, the fallback regressor's for a post whose image is unusable, the label prior for
+a post with another bad field (:mod:`smpp_ray.scoring.fallback`); rows in = network-scored +
+fallback-scored + prior-scored, each row once.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ logger = logging.getLogger(__name__)
 #: Sources only MLflow resolves.
 MLFLOW_SOURCES = ("models:/", "runs:/", "mlflow-artifacts:/")
 _OUTPUT_SUFFIXES = (".csv", ".parquet")
+#: ``--format``: the scores table (every model's score, classes) or an SMP Challenge submission.
+OUTPUT_FORMATS = ("table", "smp-challenge")
 
 
 def resolve_bundle(source: str, *, stage_dir: str | None, tracking_uri: str = "") -> ScorerBundle:
@@ -61,15 +69,19 @@ def resolve_bundle(source: str, *, stage_dir: str | None, tracking_uri: str = ""
     return ScorerBundle.from_pipeline(location)
 
 
-def _prepared_posts(posts: str, work: str, state, config: Config) -> tuple[str, dict]:
+def _prepared_posts(posts: str, work: str, state, config: Config, *, keep_imageless: bool = False
+                    ) -> tuple[str, dict]:
     """A prepared dataset of the new posts: ``posts`` itself when it is one, else prepare's output
-    (validated with the pipeline's taxonomy and image settings, not today's config)."""
+    (validated with the pipeline's taxonomy and image settings, not today's config).
+    ``keep_imageless`` keeps the metadata of posts whose image alone is bad (for the fallback)."""
     from smpp_ray.data.manifest import load_manifest, manifest_location
     from smpp_ray.data.prepare import prepare_dataset
     from smpp_ray.data.schema import Taxonomy
 
     if storage.is_file(manifest_location(posts)):
         return posts, load_manifest(posts)
+    if keep_imageless and config.data.format == "smpd":
+        _refuse_train_files(posts)
     logger.info("predict: validating new posts from %s", posts)
     out = storage.join(work, "new_data")
     d = config.data
@@ -77,8 +89,25 @@ def _prepared_posts(posts: str, work: str, state, config: Config) -> tuple[str, 
                                jpeg_quality=int(state.image.get("jpeg_quality", d.jpeg_quality)),
                                rows_per_shard=d.rows_per_shard, max_reject_fraction=d.max_reject_fraction,
                                max_image_bytes=int(state.image.get("max_bytes", d.max_image_bytes)),
-                               taxonomy=Taxonomy.from_dict(state.taxonomy) if state.taxonomy else None)
+                               taxonomy=Taxonomy.from_dict(state.taxonomy) if state.taxonomy else None,
+                               keep_imageless=keep_imageless, image_root=d.image_root, data_format=d.format,
+                               columns=d.columns)
     return out, manifest
+
+
+def _refuse_train_files(posts: str) -> None:
+    """A submission scores the test_ files alone: refuse a folder with train_ files before prepare
+    validates every training post (hours on the real SMPD) only to be refused afterwards."""
+    from smpp_ray.data import smpd
+
+    train = smpd.find_file_set(posts, "train_")
+    if train is not None:
+        raise ValueError(_TRAIN_FILES_REFUSED.format(posts=posts, names=", ".join(sorted(map(storage.name,
+                                                                                           train.files.values())))))
+
+
+_TRAIN_FILES_REFUSED = ("--format smp-challenge scores the challenge's test_ files; {posts!r} also holds train_ files "
+                        "({names}): give a folder with only the test_ files and their images")
 
 
 def scores_dataset(data_dir: str, bundle: ScorerBundle, *, model: str, config: Config):
@@ -145,18 +174,28 @@ def _write_scores(dataset, out: str, schema: pa.Schema) -> int:
     return rows
 
 
-def predict_posts(source: str, posts: str, out: str, *, config: Config, model: str = "blend") -> dict[str, Any]:
+def predict_posts(source: str, posts: str, out: str, *, config: Config, model: str = "blend",
+                  output_format: str = "table") -> dict[str, Any]:
     """Score every post under ``posts`` with the scorer at ``source`` into ``out``; returns a summary.
 
-    ``out`` ends in .csv or .parquet (one file) or is a folder (Parquet parts, for corpus-sized
-    runs). Every location may be local or a URI.
+    ``output_format`` ``table``: ``out`` ends in .csv or .parquet (one file) or is a folder
+    (Parquet parts, for corpus-sized runs). ``smp-challenge``: ``out`` is the submission .csv
+    (see :mod:`smpp_ray.scoring.submission`; ``posts`` must hold only ``test_`` files). Every
+    location may be local or a URI.
     """
     from smpp_ray.runtime import init_ray
-    from smpp_ray.scoring.scorer import empty_scores, load_feature_state, scores_schema
+    from smpp_ray.scoring.scorer import load_feature_state
     from smpp_ray.tracking import resolve_tracking_uri
 
     if model not in MODEL_CHOICES:
         raise ValueError(f"--model {model!r}: expected one of {', '.join(MODEL_CHOICES)}")
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"--format {output_format!r}: expected one of {', '.join(OUTPUT_FORMATS)}")
+    submission = output_format == "smp-challenge"
+    if submission:
+        from smpp_ray.scoring.submission import check_output
+
+        check_output(str(out))
     started = time.perf_counter()
     posts, out = storage.normalize(posts), storage.normalize(out)
     base = out.rsplit(".", 1)[0] if out.endswith(_OUTPUT_SUFFIXES) else out.rstrip("/")
@@ -166,7 +205,23 @@ def predict_posts(source: str, posts: str, out: str, *, config: Config, model: s
     bundle = resolve_bundle(str(source), stage_dir=work, tracking_uri=tracking_uri)
     state = load_feature_state(bundle.feature_state)
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb)
-    data_dir, manifest = _prepared_posts(posts, work, state, config)
+    data_dir, manifest = _prepared_posts(posts, work, state, config, keep_imageless=submission)
+    if submission:
+        summary = _submission(str(source), bundle, data_dir, manifest, out, model=model, config=config)
+    else:
+        summary = _score_table(str(source), bundle, data_dir, manifest, out, base, model=model, config=config)
+    storage.remove(work)  # kept on failure: prepare's rejects of a refused corpus are there
+    seconds = time.perf_counter() - started
+    logger.info("predict: scored %d of %d posts in %.1f s into %s", summary["scored"], summary["input_rows"],
+                seconds, out)
+    return {**summary, "model": model, "format": output_format, "seconds": round(seconds, 3)}
+
+
+def _score_table(source: str, bundle: ScorerBundle, data_dir: str, manifest: dict, out: str, base: str, *,
+                 model: str, config: Config) -> dict[str, Any]:
+    """The scores table of every written post; rejects beside it. Returns the summary's counts."""
+    from smpp_ray.scoring.scorer import empty_scores, scores_schema
+
     counts = manifest.get("counts", {})
     written = int(counts.get("written", sum((counts.get("per_split") or {}).values())))
     logger.info("predict: scoring %d posts with %s (%s)", written, source, model)
@@ -185,11 +240,74 @@ def predict_posts(source: str, posts: str, out: str, *, config: Config, model: s
     input_rows = int(counts.get("input_rows", written))
     if input_rows != scored + len(rejects):
         raise RuntimeError(f"predict lost posts: {input_rows} in, {scored} scored + {len(rejects)} rejected")
-    storage.remove(work)
-    seconds = time.perf_counter() - started
-    logger.info("predict: scored %d of %d posts in %.1f s into %s", scored, input_rows, seconds, out)
     return {"out": out, "rejects": rejects_file if len(rejects) else None, "input_rows": input_rows,
-            "scored": scored, "rejected": len(rejects), "model": model, "seconds": round(seconds, 3)}
+            "scored": scored, "rejected": len(rejects)}
+
+
+def _submission(source: str, bundle: ScorerBundle, data_dir: str, manifest: dict, out: str, *, model: str,
+                config: Config) -> dict[str, Any]:
+    """The SMP Challenge submission of a prepared folder of ``test_`` posts; returns the summary's counts."""
+    from smpp_ray.scoring.fallback import FallbackScorer, missing_fallback
+    from smpp_ray.scoring.submission import assemble_submission, write_submission
+
+    files = manifest.get("files") or {}
+    if "train" in files:  # a prepared dataset given as --posts
+        raise ValueError(_TRAIN_FILES_REFUSED.format(posts=manifest.get("raw_dir"),
+                                                     names=", ".join(sorted(map(str, files["train"].values())))))
+    counts = manifest.get("counts", {})
+    input_rows = int(counts["input_rows"])
+    rejects = _rejects(data_dir)
+    if bundle.fallback is None and len(rejects):  # before the network runs: it cannot make the file whole
+        raise ValueError(f"{missing_fallback(source)}. {len(rejects)} test post(s) need it, the network cannot "
+                         f"score them: " + "; ".join(f"row {r.row_index} ({r.field}: {r.reason})"
+                                                     for r in rejects.head(5).itertuples()))
+    fallback = FallbackScorer(bundle, source) if bundle.fallback is not None else None
+    posts = _post_keys(data_dir)
+    if len(posts):
+        network = _collect_scores(scores_dataset(data_dir, bundle, model=model, config=config))
+    else:
+        network = pd.DataFrame({"pid": pd.Series(dtype=str), "predicted_popularity": pd.Series(dtype=float)})
+    result = assemble_submission(posts, network, _imageless(data_dir), rejects, fallback, input_rows=input_rows,
+                                 source=source)
+    written = write_submission(result, out)
+    tally = result.counts()
+    if written["fallback_file"]:
+        logger.warning("predict: %d posts scored by the fallback regressor, %d by the prior; reasons in %s",
+                       tally["fallback_scored"], tally["prior_scored"], written["fallback_file"])
+    if input_rows != tally["scored"] + tally["fallback_scored"] + tally["prior_scored"] or \
+            len(rejects) != tally["fallback_scored"] + tally["prior_scored"]:
+        raise RuntimeError(f"predict lost posts: {input_rows} in, {tally} ({len(rejects)} rejected)")
+    return {**written, "input_rows": input_rows, **tally, "rejected": len(rejects),
+            "fallback_model": fallback.facts.family if fallback is not None else None}
+
+
+def _post_keys(data_dir: str) -> pd.DataFrame:
+    """pid and row_index of every written post (every split: a test_-only folder has only test)."""
+    from smpp_ray.data.schema import SPLITS, posts_path
+
+    files = [f for split in SPLITS for f in storage.list_parquet_files(posts_path(data_dir, split))]
+    tables = [pq.read_table(path, columns=["pid", "row_index"], filesystem=fs) for fs, path in map(storage.resolve, files)]
+    if not tables:
+        return pd.DataFrame({"pid": pd.Series(dtype=str), "row_index": pd.Series(dtype="int64")})
+    return pa.concat_tables(tables).to_pandas()
+
+
+def _collect_scores(dataset) -> pd.DataFrame:
+    """pid and predicted_popularity of every scored post, gathered on the driver (two columns a post)."""
+    parts = [batch[["pid", "predicted_popularity"]]
+             for batch in dataset.iter_batches(batch_format="pandas", batch_size=4096)]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _imageless(data_dir: str) -> pd.DataFrame:
+    """The prepared metadata of the posts rejected for their image alone (empty when none were kept)."""
+    from smpp_ray.data.schema import POSTS_SCHEMA, imageless_path
+
+    files = storage.list_parquet_files(imageless_path(data_dir))
+    if not files:
+        return POSTS_SCHEMA.empty_table().to_pandas()
+    tables = [pq.read_table(path, filesystem=fs) for fs, path in map(storage.resolve, files)]
+    return pa.concat_tables(tables).to_pandas()
 
 
 def _write_empty(frame: pd.DataFrame, out: str) -> None:

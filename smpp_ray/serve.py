@@ -4,9 +4,12 @@ Routes (HTTP on ``serve.host:serve.port``, 127.0.0.1 by default):
 
 - ``POST /predict`` with a JSON list of posts, or ``{"posts": [...]}``: each post an object of
   SMPD fields and ``image``, the JPEG base64-encoded. 200: ``{"scores": [...], "model": ...}``,
-  one score per post in order. A bad post answers 422 with ``errors`` naming each bad post's
-  index, Pid, field and reason (nothing is scored then); bad JSON 400; too many posts 413.
-- ``GET /healthz``: 200 with the scorer's families once the replica has loaded it.
+  one score per post in order, each with ``scored_by``: ``network``, or ``fallback`` (``prior``
+  for a prior-only fallback) with the ``reason`` when the post's image alone is unusable (missing,
+  not base64, corrupt, not an image) and the scorer has a fallback regressor: its metadata is
+  scored instead. Any other bad field answers 422 with ``errors`` naming each such post's index,
+  Pid, field and reason (nothing is scored then); bad JSON 400; too many posts 413.
+- ``GET /healthz``: 200 with the scorer's families and fallback once the replica has loaded it.
 
 Posts of concurrent requests are scored together (``@serve.batch``, up to
 ``serve.max_batch_size``); replicas, CPUs and GPUs per replica come from ``serve.*``. Each replica
@@ -62,7 +65,9 @@ class ScorerEndpoint:
 
         path = request.url.path.rstrip("/")
         if path.endswith("/healthz") and request.method == "GET":
-            return JSONResponse({"status": "ok", "model": self.model, "families": self.bundle.families()})
+            fallback = self.scorer.fallback
+            return JSONResponse({"status": "ok", "model": self.model, "families": self.bundle.families(),
+                                 "fallback": None if fallback is None else (fallback.facts.family or "prior")})
         if not path.endswith("/predict"):
             return JSONResponse({"error": f"no route {request.method} {request.url.path}; "
                                           "use POST /predict or GET /healthz"}, status_code=404)
@@ -73,7 +78,8 @@ class ScorerEndpoint:
 
     async def predict(self, raw: bytes) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON body) of one /predict request body."""
-        from smpp_ray.scoring.posts import parse_posts
+        from smpp_ray.scoring.fallback import SCORED_BY_NETWORK
+        from smpp_ray.scoring.posts import parse_records
 
         try:
             payload = json.loads(raw)
@@ -88,13 +94,24 @@ class ScorerEndpoint:
             return 413, {"error": f"{len(posts)} posts in one request; at most {self.max_posts} "
                                   "(serve.max_posts_per_request): send bigger jobs to `smpp predict`"}
         # Off the event loop: validation decodes every image, and other requests must keep arriving.
-        rows, rejects = await asyncio.to_thread(parse_posts, posts, max_side=self.max_side, quality=self.quality,
-                                                taxonomy=self.scorer.state.taxonomy)
-        if rejects:
+        parsed = await asyncio.to_thread(parse_records, posts, max_side=self.max_side, quality=self.quality,
+                                         taxonomy=self.scorer.state.taxonomy)
+        # Without a fallback in the scorer (older bundles) an unusable image is a bad post as before.
+        imageless = parsed.imageless if self.scorer.fallback is not None else parsed.imageless.iloc[:0]
+        rescued = set(imageless["row_index"].tolist())
+        errors = [r for r in parsed.rejects if r["row_index"] not in rescued]
+        if errors:
             return 422, {"errors": [{"index": r["row_index"], "pid": r["pid"], "field": r["field"],
-                                     "reason": r["reason"]} for r in rejects]}
-        scores = await asyncio.gather(*(self.score_rows(row) for row in rows.to_dict(orient="records")))
-        return 200, {"scores": scores, "model": self.model}
+                                     "reason": r["reason"]} for r in errors]}
+        network = await asyncio.gather(*(self.score_rows(row) for row in parsed.rows.to_dict(orient="records")))
+        by_index = {i: {**score, "scored_by": SCORED_BY_NETWORK}
+                    for i, score in zip(parsed.rows["row_index"].tolist(), network, strict=True)}
+        if len(imageless):
+            reasons = {r["row_index"]: f"{r['field']}: {r['reason']}" for r in parsed.rejects}
+            fallback = await asyncio.to_thread(self.scorer.score_imageless, imageless)
+            for i, score in zip(imageless["row_index"].tolist(), _json_rows(fallback), strict=True):
+                by_index[i] = {**score, "reason": reasons[i]}
+        return 200, {"scores": [by_index[i] for i in range(len(posts))], "model": self.model}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # sizes set per replica from serve.*
     async def score_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -103,8 +120,13 @@ class ScorerEndpoint:
 
         frame = pd.DataFrame(rows)
         scores = await asyncio.to_thread(self.scorer.score, frame)
-        return [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
-                for row in scores.to_dict(orient="records")]
+        return _json_rows(scores)
+
+
+def _json_rows(scores: Any) -> list[dict[str, Any]]:
+    """Score rows as JSON objects (NaN as null)."""
+    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+            for row in scores.to_dict(orient="records")]
 
 
 def build_app(source: str, config: Config, *, model: str = "blend", tracking_uri: str = ""):

@@ -184,7 +184,7 @@ def _keeping_previous_output(stage: str, out: str) -> Iterator[None]:
 
 
 #: Models whose summary metrics are ``{model: {test_src, ...}}``: logged as ``test_<model>_src``.
-MODEL_SECTIONS = ("lightgbm", "catboost", "blend")
+MODEL_SECTIONS = ("lightgbm", "catboost", "blend", "fallback")
 #: Summary sections that stay in summary.json and the report, not MLflow metric columns
 #: (one column per class would bury the run's real metrics).
 UNLOGGED_SECTIONS = ("counts",)

@@ -21,7 +21,11 @@ from smpp_ray.features.manifest import (
     select_columns,
 )
 from smpp_ray.features.pca import PCAAccumulator, fit_pca
-from smpp_ray.features.tabular import build_tabular_features, description_text_features, load_post_metadata
+from smpp_ray.features.tabular import (
+    build_tabular_features,
+    description_text_features,
+    load_post_metadata,
+)
 
 DAY = 86400
 T0 = 1_500_000_000

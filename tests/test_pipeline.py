@@ -70,7 +70,7 @@ def test_each_quantity_has_one_metric_name_in_every_run(pipeline_run):
     by_stage = {r.data.tags[STAGE_TAG]: r.data.metrics for r in runs if STAGE_TAG in r.data.tags}
     every = {key for r in runs for key in r.data.metrics}  # trial runs too
     assert not [k for k in every if k.startswith(("blend.", "lightgbm.", "catboost.", "final.", "counts.",
-                                                  "blend_weights."))], sorted(every)
+                                                  "blend_weights.", "fallback."))], sorted(every)
     assert not [k for k in every if k.startswith("test_src_") or k.startswith("test_mae_")], sorted(every)
     for name in ("test_blend_src", "test_lightgbm_mae"):
         values = {stage: by_stage[stage][name] for stage in ("tune", "evaluate", "pipeline")}

@@ -1,5 +1,6 @@
 """Scoring new posts with the session's smoke pipeline: `smpp predict` through the CLI, from the
-feature state alone, rejects kept, the registered scorer model, and every subcommand via cli.main.
+feature state alone, rejects kept, the SMP Challenge submission (fallback regressor and prior for
+the posts the network cannot score), the registered scorer model, and every subcommand via cli.main.
 
 Held-back posts are the pipeline's own test posts written back out as unlabelled SMPD files, so
 their scores must equal what the evaluation path gave them.
@@ -120,6 +121,132 @@ def test_predict_refuses_unclear_scorer_choices(smoke_pipeline, new_posts, tmp_p
         == EXIT_BAD_INPUT
     assert main(["predict", "--pipeline", str(tmp_path / "absent"), *common]) == EXIT_BAD_INPUT
     assert not (tmp_path / "s.csv").exists()
+    assert main(["predict", "--pipeline", str(out), "--posts", str(new_posts), "--out", str(tmp_path / "s.parquet"),
+                 "--format", "smp-challenge", "--set", "tracking.enabled=false"]) == EXIT_BAD_INPUT
+    assert "must end in .csv" in caplog.text and not (tmp_path / "s.parquet").exists()
+    # the pipeline's own raw folder holds train_ files: refused before prepare reads a post
+    assert main(["predict", "--pipeline", str(out), "--posts", str(out / "raw"), "--out", str(tmp_path / "s.csv"),
+                 "--format", "smp-challenge", "--set", "tracking.enabled=false"]) == EXIT_BAD_INPUT
+    assert "also holds train_ files (train_" in caplog.text and not (tmp_path / "s.csv").exists()
+
+
+def _break_image(posts: Path, row: int) -> None:
+    """Truncate the image of a raw row: a JPEG header and nothing to decode."""
+    image = posts / (posts / "test_img_filepath.txt").read_text().splitlines()[row]
+    image.write_bytes(image.read_bytes()[:60])
+
+
+def _set_field(posts: Path, kind: str, row: int, **values: object) -> None:
+    """Change (or with None, remove) fields of one row of a raw test_ JSON file."""
+    path = posts / f"test_{kind}.json"
+    records = json.loads(path.read_text())
+    records[row].update(values)
+    records[row] = {k: v for k, v in records[row].items() if v is not None}
+    path.write_text(json.dumps(records))
+
+
+def _fallback_by_hand(pipeline: Path, pid: str) -> float:
+    """The fallback model's score of a pipeline test post, computed here from the saved pieces:
+    the prepared post, the feature state, the fallback feature spec and model (no scoring module)."""
+    import pyarrow.parquet as pq
+
+    from smpp_ray.features.state import FeatureState
+    from smpp_ray.gbdt.data import FeatureSpec, encode
+    from smpp_ray.gbdt.registry import load_flavour
+
+    posts = pq.read_table(pipeline / "data" / "posts" / "split=test").to_pandas()
+    meta = posts[posts["pid"] == pid].drop(columns=["image"]).reset_index(drop=True)
+    features, _ = FeatureState.load(str(pipeline / "features")).new_post_features(meta)
+    facts = json.loads((pipeline / "tune" / "fallback.json").read_text())
+    spec = FeatureSpec.load(str(pipeline / "tune" / "fallback_feature_spec.json"))
+    model = load_flavour(facts["family"], str(pipeline / "tune" / "models" / "fallback"))
+    return float(model.predict(encode(features, spec))[0])
+
+
+CORRUPT_ROW, BAD_ROW = 2, 5
+
+
+@pytest.fixture(scope="module")
+def challenge_posts(new_posts, tmp_path_factory) -> Path:
+    """The held-back posts as a challenge test folder: one truncated image, one bad Postdate."""
+    posts = tmp_path_factory.mktemp("challenge") / "posts"
+    shutil.copytree(new_posts, posts)
+    _break_image(posts, CORRUPT_ROW)
+    _set_field(posts, "temporalspatial_information", BAD_ROW, Postdate="0000-00-00 00:00:00")
+    return posts
+
+
+def test_smp_challenge_submission_scores_every_test_row(smoke_pipeline, challenge_posts, evaluated, tmp_path,
+                                                        capsys):
+    """Exact header, post<Pid> in test_text.json order, one finite score per row: the network's for
+    good posts (= evaluation's blend), the fallback model's for the truncated image (= the tune
+    stage's fallback prediction = the model applied by hand), the label prior for the bad Postdate;
+    the side file names both with field and reason."""
+    _, out, _ = smoke_pipeline
+    submission = tmp_path / "submission.csv"
+    code = main(["predict", "--pipeline", str(out), "--posts", str(challenge_posts), "--out", str(submission),
+                 "--format", "smp-challenge", "--config", SMOKE, "--set", "tracking.enabled=false"])
+    assert code == EXIT_OK
+    summary = json.loads(capsys.readouterr().out)
+    pids = [str(r["Pid"]) for r in json.loads((challenge_posts / "test_text.json").read_text())]
+    assert summary["input_rows"] == len(pids) == summary["scored"] + summary["fallback_scored"] \
+        + summary["prior_scored"]
+    assert (summary["scored"], summary["fallback_scored"], summary["prior_scored"]) == (len(pids) - 2, 1, 1)
+    assert submission.read_text().splitlines()[0] == "post_id,popularity_score"
+    table = pd.read_csv(submission, dtype={"post_id": str})
+    assert list(table.columns) == ["post_id", "popularity_score"]
+    assert list(table["post_id"]) == [f"post{pid}" for pid in pids]
+    assert np.isfinite(table["popularity_score"]).all()
+    scores = dict(zip(pids, table["popularity_score"], strict=True))
+
+    good = [pid for i, pid in enumerate(pids) if i not in (CORRUPT_ROW, BAD_ROW)]
+    np.testing.assert_allclose([scores[p] for p in good], evaluated.loc[good, "pred_blend"], rtol=0, atol=1e-6)
+    corrupt, bad = pids[CORRUPT_ROW], pids[BAD_ROW]
+    tuned = pd.read_parquet(out / "tune" / "fallback_predictions.parquet").astype({"pid": str}).set_index("pid")
+    assert scores[corrupt] == pytest.approx(tuned.loc[corrupt, "pred"], abs=1e-6)
+    assert scores[corrupt] == pytest.approx(_fallback_by_hand(out, corrupt), abs=1e-9)
+    prior = json.loads((out / "tune" / "fallback.json").read_text())["prior"]
+    train = pd.read_parquet(out / "tune" / "predictions.parquet").query("split == 'train'")
+    assert scores[bad] == prior == pytest.approx(train["label"].mean(), abs=1e-12)  # smoke: refit_on train
+
+    side = pd.read_csv(tmp_path / "submission.fallback.csv", dtype={"pid": str})
+    assert list(side.columns) == ["pid", "row_index", "scored_by", "field", "reason"]
+    assert side[["pid", "row_index", "scored_by", "field"]].values.tolist() == [
+        [corrupt, CORRUPT_ROW, "fallback", "image"], [bad, BAD_ROW, "prior", "Postdate"]]
+    assert "decoded" in side["reason"][0] and "0000-00-00" in side["reason"][1]
+    assert summary["fallback_file"] == str(tmp_path / "submission.fallback.csv")
+    assert not (tmp_path / "submission.work").exists()
+
+
+def test_smp_challenge_refuses_an_incomplete_submission(smoke_pipeline, scorer_only, new_posts, tmp_path, caplog):
+    """A row without a readable Pid cannot be named: exit 2 naming the row, the side file says why,
+    no submission. A scorer without a fallback (an older tune stage) cannot score a corrupt image:
+    exit 2 naming what is missing."""
+    _, out, _ = smoke_pipeline
+    posts = tmp_path / "posts"
+    shutil.copytree(new_posts, posts)
+    _set_field(posts, "text", 0, Pid=None)
+    submission = tmp_path / "submission.csv"
+    common = ["--posts", str(posts), "--out", str(submission), "--format", "smp-challenge", "--config", SMOKE,
+              "--set", "tracking.enabled=false"]
+    assert main(["predict", "--pipeline", str(out), *common]) == EXIT_BAD_INPUT
+    assert "no readable Pid" in caplog.text and "row 0 (Pid:" in caplog.text
+    assert not submission.exists()
+    side = pd.read_csv(tmp_path / "submission.fallback.csv")
+    assert side[["row_index", "scored_by", "field"]].values.tolist() == [[0, "none", "Pid"]]
+    assert side["pid"].isna().all()
+
+    old = tmp_path / "old-scorer"
+    shutil.copytree(scorer_only, old)
+    for name in ("fallback.json", "fallback_feature_spec.json", "fallback_predictions.parquet"):
+        (old / "tune" / name).unlink()
+    shutil.rmtree(old / "tune" / "models" / "fallback")
+    _set_field(posts, "text", 0, Pid=json.loads((new_posts / "test_text.json").read_text())[0]["Pid"])
+    _break_image(posts, 1)
+    caplog.clear()
+    assert main(["predict", "--pipeline", str(old), *common]) == EXIT_BAD_INPUT
+    assert "no fallback regressor or label prior" in caplog.text and "row 1 (image:" in caplog.text
+    assert not submission.exists()
 
 
 def test_the_registered_scorer_loads_and_predicts_without_the_pipeline(smoke_pipeline, evaluated, new_posts,
@@ -149,12 +276,17 @@ def test_the_registered_scorer_loads_and_predicts_without_the_pipeline(smoke_pip
     test_posts = pq.read_table(out / "data" / "posts" / "split=test").to_pandas()
     frame = posts_to_smpd_frame(test_posts)
     frame.loc[2, "Postdate"] = "yesterday"  # one bad row: an error in its place, the others scored
+    frame.at[4, "image"] = frame.at[4, "image"][:60]  # a truncated image: the bundled fallback scores it
     scored = model.predict(frame)
     assert len(scored) == len(frame) and list(scored["pid"]) == list(frame["Pid"])
     assert "Postdate" in scored.loc[2, ERROR_COLUMN] and np.isnan(scored.loc[2, "predicted_popularity"])
-    good = scored.drop(index=2).set_index("pid")
+    assert scored.loc[4, "scored_by"] == "fallback" and scored.loc[4, "reason"].startswith("image: ")
+    fallback = pd.read_parquet(out / "tune" / "fallback_predictions.parquet").astype({"pid": str}).set_index("pid")
+    assert scored.loc[4, "predicted_popularity"] == pytest.approx(fallback.loc[frame.at[4, "Pid"], "pred"], abs=1e-6)
+    good = scored.drop(index=[2, 4]).set_index("pid")
     np.testing.assert_allclose(good["predicted_popularity"], evaluated.loc[good.index, "pred_blend"], atol=1e-6)
-    assert good[ERROR_COLUMN].isna().all()
+    assert good[ERROR_COLUMN].isna().all() and (good["scored_by"] == "network").all()
+    assert scored[ERROR_COLUMN].notna().sum() == 1
 
     code = main(["predict", "--model", "models:/smpp-scorer@champion", "--posts", str(new_posts),
                  "--out", str(tmp_path / "registry.csv"), "--config", SMOKE, "--set", f"tracking.tracking_uri={uri}"])
@@ -190,5 +322,5 @@ def test_every_stage_subcommand_through_cli_main(smoke_pipeline, tmp_path, capsy
         assert json.loads((out / folder / "summary.json").read_text()) == before[folder], f"{argv[0]} reran"
     assert main(["evaluate", "--pipeline", str(out), *common]) == EXIT_OK
     assert "blend" in capsys.readouterr().out
-    assert main(["pipeline", "--out", str(out), *common]) == EXIT_OK
+    assert main(["pipeline", "--out", str(out), "--raw", str(out / "raw"), *common]) == EXIT_OK
     assert "blend" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from scipy import stats
 from smpp_ray import metrics
 from smpp_ray.config import TuneConfig
 from smpp_ray.gbdt import SearchInterrupted, tune_models
-from smpp_ray.gbdt.data import group_folds, load_splits
+from smpp_ray.gbdt.data import FeatureSpec, group_folds, load_splits
 from smpp_ray.gbdt.registry import load_flavour, registered_source
 from smpp_ray.gbdt.synthetic import write_synthetic_features
 from smpp_ray.gbdt.tracking_callback import TRIAL_TAG
@@ -199,6 +199,38 @@ def test_metrics_json_plots_and_stage_metrics(tuned):
     stage = client(ctx.tracking_uri).get_run(ctx.run_id).data.metrics
     assert stage["test_blend_src"] == pytest.approx(document["overall"]["test"]["blend"]["src"])
     assert stage["val_catboost_mae/Food"] == pytest.approx(document["per_category"]["val"]["catboost"]["Food"]["mae"])
+
+
+def test_fallback_regressor_needs_no_image_and_its_metrics_are_its_predictions(tuned, features):
+    """The fallback is LightGBM with the search's best configuration on every group but network;
+    its reported val/test SRC and MAE equal those recomputed from its saved predictions, which the
+    saved model reproduces; its prior is the mean training label."""
+    result, ctx, out = tuned
+    facts = json.loads((out / "fallback.json").read_text())
+    assert facts["family"] == "lightgbm" and "network" not in facts["groups"]
+    assert facts["params"] == result["best_params"]["lightgbm"] and facts["rounds"] == result["best_rounds"]["lightgbm"]
+    spec = FeatureSpec.load(str(out / "fallback_feature_spec.json"))
+    assert set(spec.features) == {"user_followers", "hour_feature", "text_signal", "device"}  # no noise_* (network)
+    assert "network" not in set(spec.groups.values())
+    predictions = pd.read_parquet(out / "fallback_predictions.parquet")
+    for split in ("val", "test"):
+        rows = predictions[predictions["split"] == split]
+        assert facts[f"{split}_src"] == metrics.src(rows["label"], rows["pred"])
+        assert facts[f"{split}_mae"] == metrics.mae(rows["label"], rows["pred"])
+        assert result["metrics"]["fallback"][f"{split}_src"] == facts[f"{split}_src"]
+    _, data = load_splits(str(features), tuple(facts["groups"]))
+    model = load_flavour("lightgbm", str(out / "models" / "fallback"))
+    assert model.feature_name() == list(spec.features)
+    test_rows = predictions[predictions["split"] == "test"]
+    assert np.array_equal(data["test"].keys["pid"].to_numpy(), test_rows["pid"].to_numpy())
+    assert np.array_equal(np.asarray(model.predict(data["test"].X), dtype=np.float64), test_rows["pred"].to_numpy())
+    assert facts["prior"] == pytest.approx(data["train"].y.mean(), abs=1e-12)
+    # no image, less signal here: the network group is pure noise in this corpus, so about as good
+    assert facts["test_src"] > 0.5
+    stage = client(ctx.tracking_uri).get_run(ctx.run_id).data.metrics
+    assert stage["val_fallback_src"] == pytest.approx(facts["val_src"])
+    assert stage["test_fallback_mae"] == pytest.approx(facts["test_mae"])
+    assert result["paths"]["model_fallback"] == str(out / "models" / "fallback")
 
 
 def test_interrupted_search_resumes_to_the_requested_count(ray_session, features, tmp_path):

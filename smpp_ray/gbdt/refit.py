@@ -26,7 +26,8 @@ def refit(family: str, config: dict[str, Any], rounds: int, features_dir: str, *
 
     Returns ``model``, ``spec`` (the :class:`FeatureSpec` as a dict), ``predictions`` (pid, split,
     label, category, pred), ``importance`` (feature -> share of the total, sums to 1) and
-    ``sample`` (a few encoded val rows, the signature/input example of the logged model).
+    ``sample`` (a few encoded val rows, the signature/input example of the logged model) and
+    ``label_mean`` (the mean label of the rows it was fit on: the fallback's constant prior).
     ``selected_ids`` (``tune.fit_on_selected``) fits on the train posts sample selection kept;
     predictions still cover every post of every split.
     """
@@ -51,16 +52,18 @@ def refit(family: str, config: dict[str, Any], rounds: int, features_dir: str, *
     total = raw.sum() or 1.0
     logger.info("refit %s on %s: %d rows, %d rounds", family, "+".join(fit_on), len(y), rounds)
     return {"model": model, "spec": spec.to_dict(), "predictions": pd.concat(frames, ignore_index=True),
-            "importance": dict(zip(spec.features, (raw / total).tolist(), strict=True)), "sample": data["val"].X.head(5)}
+            "importance": dict(zip(spec.features, (raw / total).tolist(), strict=True)), "sample": data["val"].X.head(5),
+            "label_mean": float(np.mean(y))}
 
 
 def refit_remote(family: str, config: dict[str, Any], rounds: int, features_dir: str, *, fit_on: tuple[str, ...],
                  feature_groups: tuple[str, ...], cpus: float, seed: int,
-                 resources: dict[str, float] | None = None, selected_ids: str = "") -> Any:
+                 resources: dict[str, float] | None = None, selected_ids: str = "", name: str = "") -> Any:
     """Launch :func:`refit` as a Ray task holding ``cpus`` CPUs (and the trials' custom
-    ``resources``, so it runs where they may); returns its ObjectRef."""
+    ``resources``, so it runs where they may); returns its ObjectRef. ``name`` names the task
+    (default ``refit-<family>``; the fallback regressor's is ``refit-fallback``)."""
     import ray
 
-    task = ray.remote(refit).options(num_cpus=cpus, resources=resources or {}, name=f"refit-{family}")
+    task = ray.remote(refit).options(num_cpus=cpus, resources=resources or {}, name=name or f"refit-{family}")
     return task.remote(family, config, rounds, features_dir, fit_on=fit_on, feature_groups=feature_groups,
                        threads=max(1, int(cpus)), seed=seed, selected_ids=selected_ids)

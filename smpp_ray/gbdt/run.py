@@ -1,4 +1,5 @@
-"""``tune_models``: search both families, refit the best of each, blend, evaluate, log, register.
+"""``tune_models``: search both families, refit the best of each, blend, evaluate, log, register,
+and fit the fallback regressor that scores posts without a usable image (:mod:`smpp_ray.gbdt.fallback`).
 
 Output folder (any location: a local path or ``s3://...``; every file is written through
 :mod:`smpp_ray.storage`, the models from a local scratch folder)::
@@ -11,6 +12,8 @@ Output folder (any location: a local path or ``s3://...``; every file is written
     predictions.parquet        pid, split, label, category, pred_<family>..., pred_blend
     metrics.json               overall / per category / per decile metrics on val and test
     plots/*.png                pred_vs_true, mae_per_category, feature_importance, deciles
+    models/fallback/, fallback.json, fallback_feature_spec.json, fallback_predictions.parquet
+                               the fallback regressor (no network feature) and the label prior
 """
 
 from __future__ import annotations
@@ -20,17 +23,30 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from smpp_ray import console, storage, tracking
+from smpp_ray import console, metrics, storage, tracking
 from smpp_ray.config import TuneConfig, parse_resources
 from smpp_ray.features.manifest import load_feature_manifest, select_columns
 from smpp_ray.gbdt.blend import apply_weights, choose_weights
 from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec
-from smpp_ray.gbdt.evaluate import evaluate_predictions, mlflow_metrics, summary_metrics
+from smpp_ray.gbdt.evaluate import (
+    EVAL_SPLITS,
+    evaluate_predictions,
+    mlflow_metrics,
+    summary_metrics,
+)
+from smpp_ray.gbdt.fallback import (
+    IMAGE_GROUPS,
+    FallbackFacts,
+    FallbackLocations,
+    fallback_family,
+    fallback_groups,
+)
 from smpp_ray.gbdt.plots import write_plots
 from smpp_ray.gbdt.refit import refit_remote
 from smpp_ray.gbdt.registry import log_and_register, save_flavour
@@ -53,7 +69,8 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     interrupted search and overwrites the refit outputs.
 
     Returns ``metrics`` ({model: {val_src, val_mae, val_mse, test_src, test_mae, test_mse}} for
-    each family and ``blend``), ``best_params``, ``best_rounds``, ``search`` (per family: trials,
+    each family, ``blend`` and ``fallback`` (when a feature group needs no image)), ``fallback``
+    (the :class:`FallbackFacts` as a dict), ``best_params``, ``best_rounds``, ``search`` (per family: trials,
     best_val_src, experiment_path, search_run_id, seconds), ``blend_weights``,
     ``registered_models`` (empty without tracking), ``timings`` and ``paths`` (full locations).
     """
@@ -74,18 +91,22 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     search_seconds = time.perf_counter() - started
 
     refit_started = time.perf_counter()
-    honest, final = _refit_all(searches, features_dir, tune_config)
+    plan = _fallback_plan(features_dir, searches, tune_config)
+    honest, final, fallback_fits = _refit_all(searches, features_dir, tune_config, plan)
     predictions, weights = _predictions(honest, final, models)
     refit_seconds = time.perf_counter() - refit_started
 
     evaluation = evaluate_predictions(predictions, [*models, "blend"])
     spec = FeatureSpec.from_dict(final[models[0]]["spec"])
-    paths = _write_outputs(out, predictions, evaluation, final, spec, searches, weights, tune_config)
+    fallback, fallback_metrics = _fallback_outcome(plan, fallback_fits, final[models[0]]["label_mean"], tune_config)
+    paths = _write_outputs(out, predictions, evaluation, final, spec, searches, weights, tune_config,
+                           fallback={"facts": fallback, "fits": fallback_fits, "metrics": fallback_metrics})
 
     registered: dict[str, dict[str, str]] = {}
     mlflow_started = time.perf_counter()
     if tracking is not None:
-        registered = _log_to_mlflow(tracking, out, searches, evaluation, weights, paths, tune_config)
+        registered = _log_to_mlflow(tracking, out, searches, evaluation, weights, paths, tune_config,
+                                    fallback_metrics)
         scorer = _register_scorer(tracking, features_dir, out, tune_config)
         if scorer:
             registered["scorer"] = scorer
@@ -93,6 +114,9 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     mlflow_seconds = time.perf_counter() - mlflow_started + sum(s.mlflow_seconds for s in searches.values())
 
     summary = summary_metrics(evaluation)
+    if fallback_metrics:
+        summary["fallback"] = {f"{split}_{name}": fallback_metrics[split][name]
+                               for split in EVAL_SPLITS for name in ("src", "mae", "mse")}
     # The evaluate stage's results table shows these on the console.
     console.details(__name__).info("tune: %s", {m: {k: round(v, 4) for k, v in values.items()} for m, values in summary.items()})
     return {
@@ -106,6 +130,7 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
                        "peak_rss_mib": max((t["peak_rss_mib"] for t in s.trials if t.get("peak_rss_mib") is not None),
                                            default=None)} for f, s in searches.items()},
         "blend_weights": weights,
+        "fallback": fallback.to_dict(),
         "registered_models": registered,
         "timings": {"total_s": time.perf_counter() - started, "search_s": search_seconds,
                     "refit_s": refit_seconds, "mlflow_s": mlflow_seconds},
@@ -113,24 +138,88 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     }
 
 
-def _refit_all(searches: dict[str, SearchResult], features_dir: str,
-               config: TuneConfig) -> tuple[dict[str, dict], dict[str, dict]]:
+@dataclass(frozen=True)
+class _FallbackPlan:
+    """What the fallback regressor is fit with; ``family`` None: no group needs no image (prior only)."""
+
+    family: str | None
+    groups: tuple[str, ...]
+    config: dict[str, Any]
+    rounds: int
+
+
+#: The fallback's key among the refit tasks (no family is called so).
+_FALLBACK = "fallback"
+
+
+def _fallback_plan(features_dir: str, searches: dict[str, SearchResult], config: TuneConfig) -> _FallbackPlan:
+    """The best configuration of the preferred family on the groups that need no image."""
+    family = fallback_family(list(searches))
+    search = searches[family]
+    groups = fallback_groups(config.feature_groups)
+    try:
+        usable = bool(groups) and bool(select_columns(load_feature_manifest(features_dir), groups))
+    except ValueError:  # no column of these groups in the manifest
+        usable = False
+    if not usable:
+        logger.info("tune: no feature column outside the image's groups %s (groups left: %s); the fallback is "
+                    "the label prior only", list(IMAGE_GROUPS), list(groups))
+        return _FallbackPlan(None, groups, search.best_config, search.best_rounds)
+    return _FallbackPlan(family, groups, search.best_config, search.best_rounds)
+
+
+def _refit_all(searches: dict[str, SearchResult], features_dir: str, config: TuneConfig, fallback: _FallbackPlan
+               ) -> tuple[dict[str, dict], dict[str, dict], tuple[dict, dict] | None]:
     """Refits on train (val predictions for the blend weight and honest val metrics), then on
-    train+val when configured (the final models; test predictions come from them)."""
+    train+val when configured (the final models; test predictions come from them). The fallback
+    regressor is one more task of each kind, run beside the families'; its (honest, final) pair
+    comes back apart (None when there is no fallback model)."""
     import ray
 
+    jobs = {f: (f, s.best_config, s.best_rounds, config.feature_groups) for f, s in searches.items()}
+    if fallback.family is not None:
+        jobs[_FALLBACK] = (fallback.family, fallback.config, fallback.rounds, fallback.groups)
+
     def launch(fit_on: tuple[str, ...]) -> dict[str, Any]:
-        return {f: refit_remote(f, s.best_config, s.best_rounds, features_dir, fit_on=fit_on,
-                                feature_groups=config.feature_groups, cpus=config.cpus_per_trial, seed=config.seed,
-                                resources=parse_resources(config.trial_resources, "tune.trial_resources"),
-                                selected_ids=config.selected_ids if config.fit_on_selected else "")
-                for f, s in searches.items()}
+        return {name: refit_remote(family, best, rounds, features_dir, fit_on=fit_on, feature_groups=groups,
+                                   cpus=config.cpus_per_trial, seed=config.seed,
+                                   resources=parse_resources(config.trial_resources, "tune.trial_resources"),
+                                   selected_ids=config.selected_ids if config.fit_on_selected else "",
+                                   name=f"refit-{name}")
+                for name, (family, best, rounds, groups) in jobs.items()}
 
     refs = launch(("train",))
     final_refs = launch(("train", "val")) if config.refit_on == "train+val" else None
     honest = dict(zip(refs, ray.get(list(refs.values())), strict=True))
-    final = dict(zip(final_refs, ray.get(list(final_refs.values())), strict=True)) if final_refs else honest
-    return honest, final
+    final = dict(zip(final_refs, ray.get(list(final_refs.values())), strict=True)) if final_refs else dict(honest)
+    fits = (honest.pop(_FALLBACK), final.pop(_FALLBACK)) if fallback.family is not None else None
+    return honest, final, fits
+
+
+def _fallback_outcome(plan: _FallbackPlan, fits: tuple[dict, dict] | None, family_label_mean: float,
+                      config: TuneConfig) -> tuple[FallbackFacts, dict[str, dict[str, float]]]:
+    """The fallback's facts and its {split: {src, mae, mse, n}} metrics (empty without a model):
+    val from the train-only refit, as the families' val metrics are."""
+    if fits is None:
+        return FallbackFacts(None, plan.groups, float(family_label_mean), refit_on=config.refit_on), {}
+    frame = _fallback_predictions(fits)
+    values = {}
+    for split in EVAL_SPLITS:
+        rows = frame[(frame["split"] == split) & frame["label"].notna()]
+        values[split] = metrics.regression_metrics(rows["label"].to_numpy(), rows["pred"].to_numpy())
+    facts = FallbackFacts(plan.family, plan.groups, float(fits[1]["label_mean"]), plan.rounds, dict(plan.config),
+                          config.refit_on, values["val"]["src"], values["val"]["mae"], values["test"]["src"],
+                          values["test"]["mae"])
+    logger.info("tune: fallback %s on %s: val_src %.4f, val_mae %.4f, prior %.4f", plan.family, list(plan.groups),
+                values["val"]["src"], values["val"]["mae"], facts.prior)
+    return facts, values
+
+
+def _fallback_predictions(fits: tuple[dict, dict]) -> pd.DataFrame:
+    """pid, split, label, category, pred: val from the train-only refit, train/test from the final one."""
+    h, f = fits[0]["predictions"], fits[1]["predictions"]
+    return f[["pid", "split", "label", "category"]].assign(
+        pred=np.where(f["split"] == "val", h["pred"], f["pred"]))  # same rows, same order
 
 
 def _predictions(honest: dict[str, dict], final: dict[str, dict], models: list[str]) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -151,7 +240,7 @@ def _predictions(honest: dict[str, dict], final: dict[str, dict], models: list[s
 
 def _write_outputs(out: str, predictions: pd.DataFrame, evaluation: dict[str, Any], final: dict[str, dict],
                    spec: FeatureSpec, searches: dict[str, SearchResult], weights: dict[str, float],
-                   config: TuneConfig) -> dict[str, str]:
+                   config: TuneConfig, *, fallback: dict[str, Any]) -> dict[str, str]:
     """Every output file under ``out``; returns their locations (``paths`` of the result)."""
     paths = {"out_dir": out, "metrics": storage.join(out, "metrics.json"),
              "predictions": storage.join(out, "predictions.parquet"),
@@ -177,9 +266,29 @@ def _write_outputs(out: str, predictions: pd.DataFrame, evaluation: dict[str, An
         "refit_on": config.refit_on,
         "validation": config.validation,
         "importance": importance,
+        "fallback": {**fallback["facts"].to_dict(), "overall": fallback["metrics"]},
     }
+    paths.update(_write_fallback(out, fallback["facts"], fallback["fits"]))
     # json.dumps, not storage.write_json: metrics of a split without labels are NaN, kept as such.
     storage.write_text(paths["metrics"], json.dumps(document, indent=1, default=_nan_safe))
+    return paths
+
+
+def _write_fallback(out: str, facts: FallbackFacts, fits: tuple[dict, dict] | None) -> dict[str, str]:
+    """The fallback's files (:mod:`smpp_ray.gbdt.fallback`); a prior-only fallback removes an earlier model."""
+    where = FallbackLocations.of(out)
+    paths = {"fallback": where.facts}
+    if fits is None:
+        for stale in (where.model, where.feature_spec, where.predictions):
+            storage.remove(stale)
+    else:
+        final = fits[1]
+        paths["model_fallback"] = save_flavour(facts.family, final["model"], where.model, final["sample"])
+        paths["fallback_feature_spec"] = FeatureSpec.from_dict(final["spec"]).save(where.feature_spec)
+        buffer = io.BytesIO()
+        _fallback_predictions(fits).to_parquet(buffer, index=False)
+        paths["fallback_predictions"] = storage.write_bytes(where.predictions, buffer.getvalue())
+    facts.save(where.facts)  # last: a fallback.json names a complete model
     return paths
 
 
@@ -195,7 +304,7 @@ def _register_scorer(ctx: TrackingContext, features_dir: str, out: str, config: 
     import tempfile
 
     from smpp_ray.features.state import STATE_FOLDER, FeatureState, has_feature_state
-    from smpp_ray.scoring.bundle import ScorerBundle
+    from smpp_ray.scoring.bundle import FallbackPart, ScorerBundle
     from smpp_ray.scoring.pyfunc import example_posts, log_scorer
 
     state = FeatureState.load(features_dir) if has_feature_state(features_dir) else None
@@ -205,15 +314,18 @@ def _register_scorer(ctx: TrackingContext, features_dir: str, out: str, config: 
         return {}
     bundle = ScorerBundle(state.checkpoint, storage.join(features_dir, STATE_FOLDER),
                           storage.join(out, FEATURE_SPEC_FILE), storage.join(out, "blend.json"),
-                          {family: storage.join(out, "models", family) for family in config.models})
+                          {family: storage.join(out, "models", family) for family in config.models},
+                          fallback=FallbackPart.from_tune(out))
     with tempfile.TemporaryDirectory(prefix="smpp-scorer-") as scratch:
         return log_scorer(ctx.tracking_uri, ctx.run_id, bundle, name=f"{config.registered_model_prefix}-scorer",
                           alias=config.champion_alias, input_example=example_posts(state.dataset), scratch=scratch)
 
 
 def _log_to_mlflow(ctx: TrackingContext, out: str, searches: dict[str, SearchResult], evaluation: dict[str, Any],
-                   weights: dict[str, float], paths: dict[str, str], config: TuneConfig) -> dict[str, dict[str, str]]:
-    """Models to each family's search run (registered), metrics and artifacts to the stage run."""
+                   weights: dict[str, float], paths: dict[str, str], config: TuneConfig,
+                   fallback_metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
+    """Models to each family's search run (registered), metrics and artifacts to the stage run
+    (the fallback's as ``<split>_fallback_<metric>``, the families' naming)."""
     from smpp_ray.provenance import git_commit
 
     registered = {}
@@ -232,8 +344,11 @@ def _log_to_mlflow(ctx: TrackingContext, out: str, searches: dict[str, SearchRes
             tags=tags, params={**search.best_config, "rounds": search.best_rounds})
     flat = mlflow_metrics(evaluation)
     flat.update({f"blend_weight_{f}": w for f, w in weights.items()})
+    flat.update({f"{split}_fallback_{name}": values[name] for split, values in fallback_metrics.items()
+                 for name in ("src", "mae", "mse")})
     tracking.log_metrics(ctx.tracking_uri, ctx.run_id, flat)
-    for key in ("metrics", "predictions", "feature_spec", "blend"):
-        tracking.log_artifact(ctx.tracking_uri, ctx.run_id, paths[key])
+    for key in ("metrics", "predictions", "feature_spec", "blend", "fallback", "fallback_feature_spec"):
+        if key in paths:
+            tracking.log_artifact(ctx.tracking_uri, ctx.run_id, paths[key])
     tracking.log_artifact(ctx.tracking_uri, ctx.run_id, storage.join(out, "plots"), "plots")
     return registered

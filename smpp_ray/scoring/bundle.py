@@ -11,8 +11,14 @@ its own (what is logged to MLflow and registered as the ``smpp-scorer`` model)::
     feature_spec.json  the GBDT input columns and categories
     blend.json         blend weights chosen on val
     models/<family>/   MLflow lightgbm / catboost model folders
+    fallback/          optional (bundles of tune stages that fitted one): the fallback regressor
+      fallback.json      family, groups, label prior (:mod:`smpp_ray.gbdt.fallback`)
+      feature_spec.json  its input columns (no network feature)
+      model/             its MLflow model folder (absent for a prior-only fallback)
 
-This module is the one owner of that layout; :class:`smpp_ray.scoring.scorer.Scorer` loads it.
+This module is the one owner of that layout; :class:`smpp_ray.scoring.scorer.Scorer` loads it and
+:class:`smpp_ray.scoring.fallback.FallbackScorer` its fallback part. A bundle without ``fallback/``
+(written before it existed) loads with ``fallback`` None.
 """
 
 from __future__ import annotations
@@ -34,6 +40,40 @@ MODEL_CHOICES = ("blend", *FAMILIES)
 
 
 @dataclass(frozen=True)
+class FallbackPart:
+    """Locations of the fallback regressor's files: it scores posts whose image is unusable."""
+
+    facts: str
+    """``fallback.json``: family, groups, the label prior."""
+    model: str | None = None
+    """MLflow model folder; None for a prior-only fallback."""
+    feature_spec: str | None = None
+
+    @classmethod
+    def from_tune(cls, tune_dir: str) -> FallbackPart | None:
+        """The fallback of a tune folder, in place; None when its tune stage fitted none."""
+        from smpp_ray.gbdt.fallback import FallbackFacts, FallbackLocations
+
+        where = FallbackLocations.of(tune_dir)
+        if not storage.is_file(where.facts):
+            return None
+        if not FallbackFacts.load(where.facts).has_model:
+            return cls(where.facts)
+        return cls(where.facts, where.model, where.feature_spec)
+
+    def describe(self) -> dict[str, object]:
+        """What bundle.json records of it."""
+        from smpp_ray.gbdt.fallback import FallbackFacts
+
+        facts = FallbackFacts.load(self.facts)
+        return {"folder": _FALLBACK_DIR, "family": facts.family, "groups": list(facts.groups), "prior": facts.prior,
+                "model": self.model is not None}
+
+
+_FALLBACK_DIR = "fallback"
+
+
+@dataclass(frozen=True)
 class ScorerBundle:
     """Locations of the parts of a scorer (each any location: local path or URI)."""
 
@@ -45,6 +85,8 @@ class ScorerBundle:
     """family -> MLflow model folder."""
     pretrained: str | None = None
     """The backbone weights file to load in place of the one the checkpoint names (bundled copy)."""
+    fallback: FallbackPart | None = None
+    """The fallback regressor and label prior; None in bundles written before they existed."""
 
     @classmethod
     def from_pipeline(cls, pipeline_dir: str) -> ScorerBundle:
@@ -63,7 +105,8 @@ class ScorerBundle:
         families = list(storage.read_json(blend)["weights"])
         return cls(best_checkpoint(layout["train"]), storage.join(layout["features"], STATE_FOLDER),
                    storage.join(tune, FEATURE_SPEC_FILE), blend,
-                   {family: storage.join(tune, "models", family) for family in families})
+                   {family: storage.join(tune, "models", family) for family in families},
+                   fallback=FallbackPart.from_tune(tune))
 
     @classmethod
     def from_folder(cls, folder: str) -> ScorerBundle:
@@ -77,10 +120,17 @@ class ScorerBundle:
         if facts.get("format") != FORMAT or facts.get("version") != VERSION:
             raise ValueError(f"scorer bundle {folder!r} has format {facts.get('format')!r} version "
                              f"{facts.get('version')!r}; this version reads {FORMAT!r} version {VERSION}")
+        fallback = None
+        if facts.get("fallback"):
+            part = storage.join(folder, facts["fallback"]["folder"])
+            has_model = bool(facts["fallback"].get("model"))
+            fallback = FallbackPart(storage.join(part, "fallback.json"),
+                                    storage.join(part, "model") if has_model else None,
+                                    storage.join(part, "feature_spec.json") if has_model else None)
         return cls(storage.join(folder, "checkpoint"), storage.join(folder, "feature_state"),
                    storage.join(folder, "feature_spec.json"), storage.join(folder, "blend.json"),
                    {family: storage.join(folder, "models", family) for family in facts["families"]},
-                   storage.join(folder, facts["pretrained"]) if facts.get("pretrained") else None)
+                   storage.join(folder, facts["pretrained"]) if facts.get("pretrained") else None, fallback)
 
     def families(self) -> list[str]:
         return list(self.models)
@@ -97,6 +147,12 @@ class ScorerBundle:
             _copy_tree(location, storage.join(folder, "models", family))
         storage.copy_file(self.feature_spec, storage.join(folder, "feature_spec.json"))
         storage.copy_file(self.blend, storage.join(folder, "blend.json"))
+        if self.fallback is not None:
+            part = storage.join(folder, _FALLBACK_DIR)
+            storage.copy_file(self.fallback.facts, storage.join(part, "fallback.json"))
+            if self.fallback.model is not None and self.fallback.feature_spec is not None:
+                _copy_tree(self.fallback.model, storage.join(part, "model"))
+                storage.copy_file(self.fallback.feature_spec, storage.join(part, "feature_spec.json"))
         config = model_config_from_meta(read_meta(self.checkpoint), where=self.checkpoint)
         weights = self.pretrained or _weights_file(config.pretrained)
         bundled = None
@@ -107,8 +163,10 @@ class ScorerBundle:
             "format": FORMAT, "version": VERSION, "families": self.families(),
             "weights": storage.read_json(self.blend)["weights"], "backbone": config.backbone,
             "pretrained": bundled, "source_checkpoint": self.checkpoint,
+            "fallback": self.fallback.describe() if self.fallback is not None else None,
         })
-        console.details(__name__).info("wrote scorer bundle %s (%s)", folder, ", ".join(self.families()))
+        console.details(__name__).info("wrote scorer bundle %s (%s%s)", folder, ", ".join(self.families()),
+                                       ", fallback" if self.fallback is not None else "")
         return folder
 
 

@@ -7,7 +7,9 @@ A record is one post with SMPD's own field names, flat: ``Pid``, ``Uid``, ``Titl
 same base64-encoded in JSON. Every field goes through prepare's own parsers
 (:func:`smpp_ray.data.smpd.parse_row`) and its image check (:func:`smpp_ray.data.prepare.fit_image`),
 so a post scored online is validated exactly as a post of a batch run, and a bad one becomes a
-reject naming the row, field and reason.
+reject naming the row, field and reason. A post whose only problem is its image keeps its
+metadata (``image`` empty, as ``prepare(keep_imageless=True)`` writes it), so the fallback
+regressor can still score it (:func:`parse_records`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -56,8 +59,10 @@ def _reject(index: int, record: Any, field: str, reason: str) -> dict[str, Any]:
     return {"source_file": SOURCE, "row_index": index, "pid": pid, "uid": uid, "field": field, "reason": reason}
 
 
-def _parse_one(record: Any, index: int, *, max_side: int, quality: int) -> tuple[dict | None, dict | None]:
-    """One record -> (prepared row, None) or (None, reject)."""
+def _parse_one(record: Any, index: int, *, max_side: int, quality: int,
+               parents: dict[str, str]) -> tuple[dict | None, dict | None]:
+    """One record -> (prepared row, None), (None, reject), or (row with ``image`` b"", image reject)
+    when the image is the only problem."""
     from smpp_ray.data import smpd
     from smpp_ray.data.prepare import ImageError, fit_image
 
@@ -71,40 +76,62 @@ def _parse_one(record: Any, index: int, *, max_side: int, quality: int) -> tuple
     row, reject = smpd.parse_row(smpd.FileSet("test_", files, rows), 0)
     if reject is not None:
         return None, {**reject, "row_index": index}
-    try:
-        image = fit_image(_image_bytes(record.get("image")), f"post {index}", max_side, quality)
-    except (ValueError, ImageError) as err:
-        return None, _reject(index, record, "image", str(err))
-    row.update({"row_index": index, "image": image, "image_path": None,
+    parent = parents.get(row["subcategory"])
+    if parent is not None and row["category"] is not None and parent != row["category"]:
+        return None, _reject(index, record, "Category", f"category {row['category']!r} disagrees with {parent!r}, "
+                                                        f"the parent of subcategory {row['subcategory']!r}")
+    row.update({"row_index": index, "image": b"", "image_path": None,
                 "category_id": -1, "subcategory_id": -1, "concept_id": -1})
+    try:
+        row["image"] = fit_image(_image_bytes(record.get("image")), f"post {index}", max_side, quality)
+    except (ValueError, ImageError) as err:
+        return row, _reject(index, record, "image", str(err))
     return row, None
 
 
-def parse_posts(records: Sequence[Any], *, max_side: int, quality: int,
-                taxonomy: dict[str, Any] | None = None) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """Prepared rows (POSTS_SCHEMA columns) of the valid records and a reject per invalid one.
+@dataclass
+class ParsedPosts:
+    """Records sorted into what can be scored by the network, by the fallback, or not at all."""
+
+    rows: pd.DataFrame
+    """Valid posts (POSTS_SCHEMA columns), in record order."""
+    imageless: pd.DataFrame
+    """Posts whose image alone is bad: metadata intact, ``image`` b"" (each also in ``rejects``)."""
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    """One per invalid record, the imageless ones included; ``row_index`` is the record's position."""
+
+
+def parse_records(records: Sequence[Any], *, max_side: int, quality: int,
+                  taxonomy: dict[str, Any] | None = None) -> ParsedPosts:
+    """Validate every record as prepare would; ``len(records) == len(rows) + len(rejects)``.
 
     ``taxonomy`` (the manifest form) rejects a post whose Category is not the parent of its
-    Subcategory, as prepare does. ``len(records) == len(rows) + len(rejects)``.
+    Subcategory, as prepare does; that check comes before the image's, so an imageless post
+    has nothing else wrong with it.
     """
     parents = {}
     if taxonomy:
         names = {c["id"]: c["name"] for c in taxonomy["categories"]}
         parents = {s["name"]: names[s["category_id"]] for s in taxonomy["subcategories"]}
-    kept, rejects = [], []
+    kept, imageless, rejects = [], [], []
     for index, record in enumerate(records):
-        row, reject = _parse_one(record, index, max_side=max_side, quality=quality)
-        if row is not None and row["subcategory"] in parents and row["category"] is not None \
-                and parents[row["subcategory"]] != row["category"]:
-            row, reject = None, _reject(index, record, "Category",
-                                        f"category {row['category']!r} disagrees with {parents[row['subcategory']]!r}, "
-                                        f"the parent of subcategory {row['subcategory']!r}")
-        if row is None:
+        row, reject = _parse_one(record, index, max_side=max_side, quality=quality, parents=parents)
+        if reject is not None:
             rejects.append(reject)
+            if row is not None:
+                imageless.append(row)
         else:
             kept.append(row)
-    frame = pd.DataFrame(kept, columns=POSTS_SCHEMA.names)
-    return frame, rejects
+    return ParsedPosts(pd.DataFrame(kept, columns=POSTS_SCHEMA.names),
+                       pd.DataFrame(imageless, columns=POSTS_SCHEMA.names), rejects)
+
+
+def parse_posts(records: Sequence[Any], *, max_side: int, quality: int,
+                taxonomy: dict[str, Any] | None = None) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Prepared rows (POSTS_SCHEMA columns) of the valid records and a reject per invalid one
+    (see :func:`parse_records`, which also keeps the metadata of imageless posts)."""
+    parsed = parse_records(records, max_side=max_side, quality=quality, taxonomy=taxonomy)
+    return parsed.rows, parsed.rejects
 
 
 def records_from_frame(frame: pd.DataFrame) -> list[dict[str, Any]]:

@@ -4,7 +4,9 @@ The model's artifact is a scorer bundle (:mod:`smpp_ray.scoring.bundle`: checkpo
 weights when bundled, feature state, GBDT models, feature spec, blend weights). Its input is a
 table of posts, one column per SMPD field plus ``image`` (bytes); its output has one row per
 input row, in order: the scores, or NaN and ``error`` (``field: reason``) for a post that fails
-validation, so a caller never loses track of a row.
+validation, so a caller never loses track of a row. ``scored_by`` says what scored a row:
+``network``, or ``fallback`` (``prior``) for a post whose image alone is unusable, scored by the
+bundle's fallback regressor from its metadata (``reason`` says what was wrong with the image).
 
 ``mlflow.pyfunc.load_model("models:/smpp-scorer@champion").predict(frame)`` needs this package
 installed (the model's requirements name it), nothing of the pipeline folder.
@@ -29,6 +31,9 @@ BUNDLE_ARTIFACT = "bundle"
 #: Artifact path of the scorer model inside its run.
 MODEL_ARTIFACT_PATH = "scorer"
 ERROR_COLUMN = "error"
+#: What scored a row (network, fallback, prior; null for an error) and why it was not the network.
+SCORED_BY_COLUMN = "scored_by"
+REASON_COLUMN = "reason"
 
 
 def _scorer_class():
@@ -51,19 +56,29 @@ def _scorer_class():
 
 
 def score_frame(scorer: Any, frame: pd.DataFrame) -> pd.DataFrame:
-    """One output row per row of ``frame``, in order; rejected rows carry ``error``."""
-    from smpp_ray.scoring.posts import records_from_frame
+    """One output row per row of ``frame``, in order; rejected rows carry ``error``, rows the
+    fallback scored (bundles that have one) ``scored_by`` fallback and the image's ``reason``."""
+    from smpp_ray.scoring.fallback import SCORED_BY_NETWORK
+    from smpp_ray.scoring.posts import parse_records, records_from_frame
 
     image = scorer.state.image
     records = records_from_frame(frame)
-    scores, rejects = scorer.score_records(records, max_side=int(image.get("max_side", 256)),
-                                           quality=int(image.get("jpeg_quality", 90)))
-    errors = {r["row_index"]: f"{r['field']}: {r['reason']}" for r in rejects}
-    ok = [i for i in range(len(records)) if i not in errors]
-    scores = scores.reset_index(drop=True)
-    scores.index = ok
+    parsed = parse_records(records, max_side=int(image.get("max_side", 256)),
+                           quality=int(image.get("jpeg_quality", 90)), taxonomy=scorer.state.taxonomy)
+    errors = {r["row_index"]: f"{r['field']}: {r['reason']}" for r in parsed.rejects}
+    scores = scorer.score(parsed.rows).reset_index(drop=True)
+    scores.index = parsed.rows["row_index"].tolist()
+    scores[SCORED_BY_COLUMN] = SCORED_BY_NETWORK
     out = scores.reindex(range(len(records)))
+    reasons: dict[int, str] = {}
+    if getattr(scorer, "fallback", None) is not None and len(parsed.imageless):
+        fallback = scorer.score_imageless(parsed.imageless)
+        rows = parsed.imageless["row_index"].tolist()
+        for column in ("predicted_popularity", SCORED_BY_COLUMN):
+            out.loc[rows, column] = fallback[column].to_numpy()
+        reasons = {i: errors.pop(i) for i in rows}
     out["pid"] = [str(r.get("Pid")) if r.get("Pid") is not None else None for r in records]
+    out[REASON_COLUMN] = [reasons.get(i) for i in range(len(records))]
     out[ERROR_COLUMN] = [errors.get(i) for i in range(len(records))]
     return out.reset_index(drop=True)
 

@@ -48,6 +48,17 @@ def checkpoint_input_spec(checkpoint: str):
     return input_spec(config.backbone, config.context_length)
 
 
+def metadata_features(state: Any, posts: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The tabular and history feature columns (float64) of prepared posts, from the feature state.
+
+    The one place they are computed for scoring: the network path (:class:`PostFeaturiser`) and
+    the fallback regressor (:mod:`smpp_ray.scoring.fallback`) both call it, so a post without an
+    image gets the same metadata features it would have had with one.
+    """
+    features, columns = state.new_post_features(posts.drop(columns=["image"], errors="ignore"))
+    return {column.name: pd.to_numeric(features[column.name]).to_numpy(dtype=np.float64) for column in columns}
+
+
 class PostFeaturiser:
     """Prepared posts (a pandas batch of POSTS_SCHEMA columns) -> ``pid``, ``pixels``, ``tokens``
     and one column per tabular/history feature. Plain class: Ray Data maps it in CPU tasks."""
@@ -62,14 +73,11 @@ class PostFeaturiser:
 
     def __call__(self, posts: pd.DataFrame) -> dict[str, np.ndarray]:
         state = load_feature_state(self.state_location)
-        features, columns = state.new_post_features(posts.drop(columns=["image"]))
+        features = metadata_features(state, posts)
         decoded = self.preprocessor({"pid": posts["pid"].to_numpy(), "image": posts["image"].to_numpy(),
                                      "title": posts["title"].to_numpy(), "tags": posts["tags"].to_numpy()})
-        out: dict[str, np.ndarray] = {"pid": posts["pid"].astype(str).to_numpy(),
-                                      "pixels": decoded["pixels"], "tokens": decoded["tokens"]}
-        for column in columns:
-            out[column.name] = pd.to_numeric(features[column.name]).to_numpy(dtype=np.float64)
-        return out
+        return {"pid": posts["pid"].astype(str).to_numpy(), "pixels": decoded["pixels"], "tokens": decoded["tokens"],
+                **features}
 
 
 class PostScorer:
@@ -128,13 +136,17 @@ class PostScorer:
 
 
 class Scorer:
-    """Both parts in one process: prepared posts in, score rows out (the pyfunc and Serve path)."""
+    """Both parts in one process: prepared posts in, score rows out (the pyfunc and Serve path),
+    plus the bundle's fallback regressor (None in older bundles) for posts without a usable image."""
 
     def __init__(self, bundle: ScorerBundle, model: str = "blend", device: str = "cpu", num_threads: int = 0) -> None:
+        from smpp_ray.scoring.fallback import FallbackScorer
+
         self.bundle = bundle
         self.featuriser = PostFeaturiser(bundle.feature_state, bundle.checkpoint)
         self.scorer = PostScorer(bundle, model=model, device=device, num_threads=num_threads)
         self.state = load_feature_state(bundle.feature_state)
+        self.fallback = FallbackScorer(bundle) if bundle.fallback is not None else None
 
     def score(self, posts: pd.DataFrame) -> pd.DataFrame:
         if not len(posts):
@@ -148,6 +160,20 @@ class Scorer:
 
         posts, rejects = parse_posts(records, max_side=max_side, quality=quality, taxonomy=self.state.taxonomy)
         return self.score(posts), rejects
+
+    def score_imageless(self, posts: pd.DataFrame) -> pd.DataFrame:
+        """Score rows (the network's columns; classes and family scores null) of posts whose image
+        alone is unusable, by the fallback regressor, plus ``scored_by`` (``fallback``, or
+        ``prior`` for a prior-only fallback). ValueError when the bundle has none."""
+        from smpp_ray.scoring.fallback import SCORED_BY_FALLBACK, SCORED_BY_PRIOR, missing_fallback
+
+        if self.fallback is None:
+            raise ValueError(missing_fallback(self.bundle.checkpoint))
+        out = empty_scores(self.bundle).reindex(range(len(posts)))
+        out["pid"] = posts["pid"].astype(str).to_numpy()
+        out["predicted_popularity"] = self.fallback.score(posts)
+        out["scored_by"] = SCORED_BY_FALLBACK if self.fallback.has_model else SCORED_BY_PRIOR
+        return out
 
 
 def scores_schema(bundle: ScorerBundle) -> pa.Schema:
