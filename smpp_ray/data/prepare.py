@@ -415,16 +415,22 @@ def _read_raw(raw: str) -> tuple[list[smpd.FileSet], list[dict], list[dict]]:
         expected = "; ".join(" or ".join(n.format(p="train_") for n in names) for names in smpd.FILE_NAMES.values())
         raise ValueError(f"raw SMPD folder {raw!r} holds neither train_ nor test_ files; expected {expected} "
                          "(or the same with the test_ prefix)")
-    for file_set in sets:   # every set's files checked before any row is parsed
-        smpd.load_file_set(file_set)
     records: list[dict] = []
     rejects: list[dict] = []
     first_seen: dict[str, tuple[str, int]] = {}
     started = time.perf_counter()
+    # One set's raw rows at a time, each row's raw values dropped once parsed: the raw JSON is
+    # the bulk of the driver's memory (at SMPD's size its peak is then the larger of the raw rows
+    # and the parsed records, not their sum). A malformed test_ file still fails before any image
+    # is read, after the train_ rows were parsed.
     for file_set in sets:
+        smpd.load_file_set(file_set)
         text_name, img_name = file_set.name("text"), file_set.name("img_filepath")
+        raw_rows = list(file_set.rows.values())
         for i in range(file_set.num_rows):
             record, reject = smpd.parse_row(file_set, i)
+            for rows in raw_rows:
+                rows[i] = None
             if reject is not None:
                 rejects.append(reject)
                 continue
