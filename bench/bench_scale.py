@@ -280,7 +280,8 @@ def run_size(posts: int, args, config_path: str, sampler: MemorySampler, spilled
     from smpp_ray.summary import read_summary
 
     work = Path(args.workdir).resolve() / f"posts-{posts}"
-    overrides = [f"synth.posts={posts}", "tracking.enabled=false", f"ray.num_cpus={args.num_cpus}",
+    overrides = [f"synth.posts={posts}", f"synth.test_posts={round(posts * args.test_share)}",
+                 "tracking.enabled=false", f"ray.num_cpus={args.num_cpus}",
                  "train.epochs=1", "train.early_stopping_patience=0", "train.max_failures=0", *args.set]
     config = load_config(config_path, overrides)
     cached = StageRun("", "bench", enabled=False, skip_complete=True)
@@ -480,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated stages to measure (of {', '.join(STAGES)}); the ones a later "
                              "stage needs still run, unmeasured")
+    parser.add_argument("--test-share", type=float, default=0.0,
+                        help="unlabelled test_ posts per labelled post (SMPD: 180581/305613 = 0.5909)")
     parser.add_argument("--set", action="append", default=[], help="extra config override key=value")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--rounds", type=int, default=200, help="LightGBM rounds of the tune trial")
