@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
+import re
 import textwrap
 import types
 import typing
@@ -490,6 +492,10 @@ class Config:
 # Loading
 
 
+#: Field names that count a resource (CPUs, GPUs, memory, workers, actors): never negative.
+_RESOURCE = re.compile(r"cpus|gpus|memory|workers|actors|replicas")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against a field annotation, converting only lossless cases (int -> float)."""
     origin = typing.get_origin(annotation)
@@ -520,6 +526,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if annotation is float:
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}: expected a number, got {value!r}")
+        # YAML reads .inf and .nan as floats; no setting means either (a NaN passes every > check)
+        _require(math.isfinite(value), f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         _require(isinstance(value, str), f"{key}: expected a string, got {value!r}")
@@ -541,9 +549,13 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
+            # `--set train=0` must not silently reset the section to its defaults
+            _require(raw is None or isinstance(raw, dict), f"{key} is a section (a mapping of keys), got {raw!r}")
             kwargs[name] = _build(annotation, raw or {}, key)
         else:
             kwargs[name] = _coerce(raw, annotation, key)
+        if _RESOURCE.search(name) and isinstance(kwargs[name], (int, float)):
+            _require(kwargs[name] >= 0, f"{key} is an amount of a resource and must be >= 0, got {kwargs[name]!r}")
     return cls(**kwargs)
 
 

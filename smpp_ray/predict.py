@@ -145,6 +145,29 @@ def featurise_batch(batch: pa.Table, *, state_location: str, checkpoint: str) ->
     return _FEATURISERS[key](batch.to_pandas())
 
 
+def check_output_location(out: str, inputs: dict[str, str]) -> None:
+    """Refuse an ``--out`` that would destroy what predict did not write (ValueError, exit 2).
+
+    A folder output is emptied before the parts are written, so it must be empty, absent or
+    hold only Parquet parts (an earlier run's scores); and no output may be one of the inputs or
+    lie inside one (the pipeline folder, the posts folder).
+    """
+    for flag, location in inputs.items():
+        if location.startswith(MLFLOW_SOURCES):
+            continue
+        inside = storage.normalize(location).rstrip("/")
+        if out.rstrip("/") == inside or out.startswith(inside + "/"):
+            raise ValueError(f"--out {out!r} is {flag} {inside!r} or inside it; write the scores elsewhere "
+                             "(predict never writes into its inputs)")
+    if out.endswith(_OUTPUT_SUFFIXES) or not storage.is_dir(out):
+        return
+    others = [name for name in storage.list_names(out) if not name.endswith(".parquet")]
+    if others:
+        raise ValueError(f"--out {out!r} is a folder holding files predict did not write ({', '.join(others[:5])}"
+                         f"{' ...' if len(others) > 5 else ''}); a folder output is replaced whole, so give an "
+                         "empty or new folder")
+
+
 def _write_scores(dataset, out: str, schema: pa.Schema) -> int:
     """Stream the score rows into ``out`` (.csv/.parquet file, else a folder of Parquet parts)."""
     if not out.endswith(_OUTPUT_SUFFIXES):
@@ -198,6 +221,7 @@ def predict_posts(source: str, posts: str, out: str, *, config: Config, model: s
         check_output(str(out))
     started = time.perf_counter()
     posts, out = storage.normalize(posts), storage.normalize(out)
+    check_output_location(out, inputs={"--posts": posts, "the scorer": str(source)})
     base = out.rsplit(".", 1)[0] if out.endswith(_OUTPUT_SUFFIXES) else out.rstrip("/")
     work = f"{base}.work"
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri, storage.parent(out)) \

@@ -45,6 +45,14 @@ def test_yaml_then_overrides_win(tmp_path):
     ("data.split=random", "data.split"),
     ("tune.models=[xgboost]", "tune.models"),
     ("model.n_ctx=3", "model.n_ctx"),
+    ("train.lr=.inf", "train.lr: expected a finite number"),
+    ("train.lr=.nan", "train.lr: expected a finite number"),
+    ("tune.cpus_per_trial=-1", "tune.cpus_per_trial is an amount of a resource"),
+    ("ray.num_cpus=-2", "ray.num_cpus is an amount of a resource"),
+    ("train=0", "train is a section"),
+    ("synth.form=2024", "synth.form"),
+    ("data.taxonomy=", "data.taxonomy"),
+    ("data.format=csv", "data.format"),
 ])
 def test_bad_key_or_value_is_an_error_naming_it(override, named):
     with pytest.raises(ConfigError) as err:
@@ -77,3 +85,11 @@ def test_every_shipped_config_loads(path):
 def test_readme_config_reference_is_in_sync():
     text = (ROOT / "README.md").read_text()
     assert render_readme(text) == text, "run `python -m smpp_ray.docs README.md` to regenerate the block"
+
+
+def test_a_bad_setting_is_exit_2_through_the_cli(tmp_path, caplog):
+    """The CLI refuses `--set train=0` (which used to reset the section silently) before any work."""
+    from smpp_ray.cli import EXIT_BAD_INPUT, main
+
+    assert main(["synth", "--out", str(tmp_path / "raw"), "--posts", "10", "--set", "train=0"]) == EXIT_BAD_INPUT
+    assert "train is a section" in caplog.text and not (tmp_path / "raw").exists()

@@ -130,6 +130,25 @@ def test_predict_refuses_unclear_scorer_choices(smoke_pipeline, new_posts, tmp_p
     assert "also holds train_ files (train_" in caplog.text and not (tmp_path / "s.csv").exists()
 
 
+def test_predict_never_deletes_what_it_did_not_write(smoke_pipeline, new_posts, tmp_path, caplog):
+    """A folder --out is replaced whole: one holding a user's files, the pipeline folder or the
+    posts folder is refused (exit 2) before any work, and every file in it survives byte for byte."""
+    _, out, _ = smoke_pipeline
+    mine = tmp_path / "my_folder"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    watched = {p: p.read_bytes() for p in [mine / "notes.txt", out / "tune" / "blend.json",
+                                           *sorted(new_posts.glob("test_*"))]}
+    common = ["--pipeline", str(out), "--posts", str(new_posts), "--set", "tracking.enabled=false"]
+    for target, words in ((mine, "files predict did not write (notes.txt)"), (out, "is the scorer"),
+                          (out / "scores", "is the scorer"), (new_posts, "is --posts")):
+        caplog.clear()
+        assert main(["predict", *common, "--out", str(target)]) == EXIT_BAD_INPUT
+        assert words in caplog.text, caplog.text[-500:]
+    assert {p: p.read_bytes() for p in watched} == watched
+    assert not (out / "scores").exists()
+
+
 def _break_image(posts: Path, row: int) -> None:
     """Truncate the image of a raw row: a JPEG header and nothing to decode."""
     image = posts / (posts / "test_img_filepath.txt").read_text().splitlines()[row]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from smpp_ray.data.manifest import load_manifest, load_taxonomy
-from smpp_ray.data.prepare import assign_splits, prepare_dataset
+from smpp_ray.data.prepare import assign_splits, fit_image, prepare_dataset
 from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS, Taxonomy, posts_path
 from smpp_ray.data.synth import synthesize_corpus
 from smpp_ray.data.taxonomy import chosen_taxonomy, infer_taxonomy
@@ -93,6 +93,20 @@ def test_the_packaged_list_and_a_named_file_are_explicit_choices(tmp_path):
     supplied = Taxonomy(("Space", "Sea"), ("Rocket", "Moon", "Fish"), (0, 0, 1))
     (tmp_path / "classes.json").write_text(json.dumps(supplied.to_dict()))
     assert chosen_taxonomy(str(tmp_path / "classes.json")) == supplied
+
+
+def test_a_16_bit_grayscale_png_is_scaled_not_clipped():
+    """Pillow's convert("RGB") saturates 16-bit values: mid-gray 32768 would be stored as white."""
+    import numpy as np
+
+    for values, mean in ((np.full((20, 30), 32768, np.uint16), 128.0),
+                         (np.linspace(0, 65535, 600).reshape(20, 30).astype(np.uint16), 127.5)):
+        buffer = io.BytesIO()
+        Image.fromarray(values).save(buffer, format="PNG")
+        assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+        stored = np.asarray(Image.open(io.BytesIO(fit_image(buffer.getvalue(), "x.png", 64, 95))).convert("L"),
+                            dtype=np.float64)
+        assert abs(stored.mean() - mean) < 1.5 and stored.max() - stored.min() == (0 if mean == 128.0 else 255)
 
 
 def test_assign_splits_validates_arguments():

@@ -297,7 +297,7 @@ def fit_image(data: bytes, relative: str, max_side: int, quality: int, *,
                 # then costs memory and time in proportion to what is kept, not to its pixels.
                 image.draft("RGB", (max_side, max_side))
             image.load()
-            rgb = image.convert("RGB")
+            rgb = _to_rgb(image)
     except UnidentifiedImageError:
         raise ImageError(f"image {relative!r} is not a {', '.join(IMAGE_FORMATS)} image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -306,6 +306,26 @@ def fit_image(data: bytes, relative: str, max_side: int, quality: int, *,
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+#: Pillow modes of more than 8 bits per sample, and the value of their full scale.
+_WIDE_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def _to_rgb(image: Any) -> Any:
+    """RGB of any decoded image. 16-bit (and 32-bit integer or float) grayscale is scaled to 8 bits
+    rather than clipped: Pillow's ``convert("RGB")`` saturates every value above 255, so a 16-bit
+    PNG would be stored nearly white."""
+    from PIL import Image
+
+    full_scale = _WIDE_MODES.get(image.mode)
+    if full_scale is None:
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode in ("I", "F") and values.size and values.max() <= 255:
+        full_scale = 255.0   # 8-bit values stored wide (PNG mode I with small values)
+    gray = np.clip(np.rint(values / full_scale * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
 
 
 def _read_images(raw_root: str, paths: list[str], max_bytes: int) -> list[bytes | ImageError]:
