@@ -16,7 +16,7 @@ import pytest
 from smpp_ray import stages, storage
 from smpp_ray.config import load_config
 from smpp_ray.data import synth
-from smpp_ray.data.synth import synthesize_corpus
+from smpp_ray.data.synth import SYNTH_MARKER, synthesize_corpus
 from smpp_ray.stages import StageRun
 from smpp_ray.summary import SUMMARY_FILE, read_summary, summary_location, write_summary
 
@@ -197,6 +197,7 @@ def test_an_output_set_aside_by_a_killed_run_is_what_a_failed_rerun_restores(tmp
     stages.run_synth(config, out, NO_TRACKING)
     before = _tree(out)
     storage.set_aside(out)   # what a run killed mid-way leaves: the output beside, a partial folder
+    storage.write_text(storage.join(out, SYNTH_MARKER), "")   # synth's first write: the folder is its own
     storage.write_text(storage.join(out, "train_text.json"), "[")
     _watch_synth(monkeypatch, [], fail=True)
     with pytest.raises(RuntimeError, match="on purpose"):

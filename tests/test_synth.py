@@ -149,3 +149,16 @@ def test_appeal_is_visible_in_pixels():
     appeal = rng.normal(size=60)
     contrast = [render_image(look, 3, float(a), 32, rng).astype(float).std() for a in appeal]
     assert spearmanr(appeal, contrast).statistic > 0.5
+
+
+def test_synth_never_deletes_a_folder_it_did_not_write(tmp_path, caplog):
+    """`smpp synth --out MYDIR` where MYDIR holds a user's train/ photos: exit 2, the photos intact."""
+    from smpp_ray.cli import EXIT_BAD_INPUT, main
+
+    mine = tmp_path / "MYDIR"
+    (mine / "train").mkdir(parents=True)
+    (mine / "train" / "holiday.jpg").write_bytes(b"my photo")
+    assert main(["synth", "--out", str(mine), "--posts", "10", "--set", "tracking.enabled=false"]) == EXIT_BAD_INPUT
+    assert "synth did not write" in caplog.text
+    assert (mine / "train" / "holiday.jpg").read_bytes() == b"my photo"
+    assert sorted(p.name for p in mine.rglob("*")) == ["holiday.jpg", "train"]

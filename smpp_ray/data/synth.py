@@ -151,6 +151,8 @@ _WRITE_CHUNK = 256
 #: Concurrent image writes: each is a round trip on object storage.
 _WRITE_THREADS = 8
 
+#: Written first into a corpus folder: what tells a rerun that the folder's files are synth's own.
+SYNTH_MARKER = ".smpp-synth"
 #: The 2024+ form's folders: the JSON metadata one folder deeper, the images under another name
 #: than the path file's first folder (as the SMP Challenge's archives unpack).
 METADATA_FOLDER_2024 = "{split}_allmetadata_json"
@@ -585,7 +587,18 @@ def _write_split(out: str, corpus: Corpus, idx: np.ndarray, prefix: str, image_s
 
 
 def _clear_previous(out: str) -> None:
-    """Remove what an earlier synth run wrote here (only our own names), so a rerun is clean."""
+    """Remove what an earlier synth run wrote here (only our own names), so a rerun is clean.
+
+    Only from a corpus synth wrote (its marker, written first, or its ``oracle.parquet``, written
+    last, is there, so a run killed half way is still ours): a folder holding a
+    ``train/`` or SMPD files of someone else's is refused (ValueError) and left as it is."""
+    present = set(storage.list_names(out))
+    ours = {"train", "test", *(IMAGE_FOLDER_2024.format(split=x) for x in ("train", "test")),
+            *(METADATA_FOLDER_2024.format(split=x) for x in ("train", "test")), *TRAIN_FILES.values(),
+            *(n.replace("train_", "test_") for n in TRAIN_FILES.values())}
+    if present & ours and not present & {"oracle.parquet", SYNTH_MARKER}:
+        raise ValueError(f"synth --out {out!r} holds {', '.join(sorted(present & ours)[:4])} that synth did not "
+                         f"write (no {SYNTH_MARKER} or oracle.parquet beside them); give an empty or new folder")
     for split in ("train", "test"):
         for folder in (split, IMAGE_FOLDER_2024.format(split=split), METADATA_FOLDER_2024.format(split=split)):
             storage.remove(storage.join(out, folder))
@@ -611,6 +624,7 @@ def synthesize_corpus(out_dir: str, *, posts: int, seed: int, image_size: int = 
     corpus = generate_corpus(posts, seed, users=users, test_posts=test_posts, first_pid=first_pid)
     out = storage.normalize(out_dir)
     _clear_previous(out)
+    storage.write_text(storage.join(out, SYNTH_MARKER), "written by smpp synth\n")
     write_corpus_taxonomy(out, default_taxonomy())
     written = _write_split(out, corpus, np.flatnonzero(~corpus.is_test), "train_", image_size, seed, form) \
         if posts else 0
