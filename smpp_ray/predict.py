@@ -327,9 +327,14 @@ def _imageless(data_dir: str) -> pd.DataFrame:
     """The prepared metadata of the posts rejected for their image alone (empty when none were kept)."""
     from smpp_ray.data.schema import POSTS_SCHEMA, imageless_path
 
-    files = storage.list_parquet_files(imageless_path(data_dir))
+    return _read_parquet_folder(imageless_path(data_dir), POSTS_SCHEMA)
+
+
+def _read_parquet_folder(location: str, schema: pa.Schema) -> pd.DataFrame:
+    """Every Parquet part of a folder as one frame; the schema's empty frame when there is none."""
+    files = storage.list_parquet_files(location)
     if not files:
-        return POSTS_SCHEMA.empty_table().to_pandas()
+        return schema.empty_table().to_pandas()
     tables = [pq.read_table(path, filesystem=fs) for fs, path in map(storage.resolve, files)]
     return pa.concat_tables(tables).to_pandas()
 
@@ -347,8 +352,4 @@ def _write_empty(frame: pd.DataFrame, out: str) -> None:
 def _rejects(data_dir: str) -> pd.DataFrame:
     from smpp_ray.data.schema import REJECTS_SCHEMA, rejects_path
 
-    files = storage.list_parquet_files(rejects_path(data_dir))
-    if not files:
-        return REJECTS_SCHEMA.empty_table().to_pandas()
-    tables = [pq.read_table(path, filesystem=fs) for fs, path in map(storage.resolve, files)]
-    return pa.concat_tables(tables).to_pandas()
+    return _read_parquet_folder(rejects_path(data_dir), REJECTS_SCHEMA)

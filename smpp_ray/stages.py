@@ -326,7 +326,9 @@ def run_prepare(config: Config, raw_dir: str, out_dir: str,
 
     if not (storage.exists(raw_dir) if config.data.format == "table" else storage.is_dir(raw_dir)):
         # before Ray starts: a typo should cost no start-up
-        raise FileNotFoundError(f"raw SMPD folder {raw_dir} does not exist (expected train_*.json/.txt files there)")
+        expected = "a table file or a folder of them" if config.data.format == "table" else \
+            "a folder of train_*.json/.txt files"
+        raise FileNotFoundError(f"raw corpus {raw_dir} does not exist (expected {expected})")
     stage_run = stage_run or default_stage_run(config)
     d = config.data
     _ensure_ray(config)

@@ -100,10 +100,7 @@ def write_smpd_2024(raw: Path, posts: list[dict] | None = None) -> list[dict]:
         "location_description": {str(i): "Paris, France" if i % 3 else None for i in range(len(posts))},
     }
     (raw / META_2024 / "train_user_data.json").write_text(json.dumps(user))
-    for i, p in enumerate(posts):
-        image = raw / "SMP_train_images" / p["uid"] / f"{p['pid']}.jpg"
-        image.parent.mkdir(parents=True, exist_ok=True)
-        image.write_bytes(_jpeg(i))
+    _write_images(raw / "SMP_train_images", posts)
     return posts
 
 
@@ -117,11 +114,16 @@ def write_smpd_2019(raw: Path) -> list[dict]:
               "timezone_timezone_id": "12", "user_description": ",".join(f"{(i + k) / 10:.6f}" for k in range(6)),
               "location_description": ",".join(f"{k / 7:.4f}" for k in range(8))} for i, p in enumerate(posts)]
     (raw / "train_user_data.json").write_text(json.dumps(users))
+    _write_images(raw / "train", posts)
+    return posts
+
+
+def _write_images(folder: Path, posts: list[dict]) -> None:
+    """``<folder>/<Uid>/<Pid>.jpg`` for every post."""
     for i, p in enumerate(posts):
-        image = raw / "train" / p["uid"] / f"{p['pid']}.jpg"
+        image = folder / p["uid"] / f"{p['pid']}.jpg"
         image.parent.mkdir(parents=True, exist_ok=True)
         image.write_bytes(_jpeg(i))
-    return posts
 
 
 def _written(data: Path) -> list[dict]:

@@ -22,12 +22,12 @@ import logging
 from collections.abc import Callable
 
 from smpp_ray import storage
+from smpp_ray.data.schema import PREFIX_COLUMN, SOURCE_COLUMN
 
 logger = logging.getLogger(__name__)
 
 #: Paths probed per file set (the first ones with a valid path).
 PROBES = 8
-_PREFIX, _SOURCE = "_prefix", "_img_source"   # prepare's driver-only keys of a record
 
 Rule = tuple[str, Callable[[str], str]]
 
@@ -61,14 +61,14 @@ def resolve_image_paths(raw: str, records: list[dict], image_root: str = "") -> 
     chosen: dict[str, str] = {}
     by_prefix: dict[str, list[dict]] = {}
     for record in records:
-        by_prefix.setdefault(record[_PREFIX], []).append(record)
+        by_prefix.setdefault(record[PREFIX_COLUMN], []).append(record)
     rules = None
     for prefix, rows in by_prefix.items():
         if image_root:
             rule: Rule = (f"data.image_root={image_root}", _replace_first(image_root.strip("/")))
         else:
             rules = rules if rules is not None else candidate_rules(raw)
-            rule = _best_rule(raw, rows[0][_SOURCE], [r["image_path"] for r in rows[:PROBES]], rules)
+            rule = _best_rule(raw, rows[0][SOURCE_COLUMN], [r["image_path"] for r in rows[:PROBES]], rules)
         for record in rows:
             record["image_path"] = rule[1](record["image_path"])
         chosen[prefix] = rule[0]

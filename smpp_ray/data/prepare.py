@@ -65,9 +65,12 @@ from smpp_ray.data import smpd
 from smpp_ray.data.image_root import resolve_image_paths
 from smpp_ray.data.manifest import MANIFEST_FILE, manifest_location, write_manifest
 from smpp_ray.data.schema import (
+    IMAGE_BYTES_COLUMN,
     POSTS_SCHEMA,
+    PREFIX_COLUMN,
     REJECTS_SCHEMA,
     SCHEMA_VERSION,
+    SOURCE_COLUMN,
     SPLITS,
     Taxonomy,
     imageless_path,
@@ -82,23 +85,19 @@ logger = logging.getLogger(__name__)
 #: Rows per Ray Data block of metadata: small enough that a 2-core machine gets parallel tasks.
 _BLOCK_ROWS = 128
 #: Hidden column carrying the image-list file name of a row into the image tasks (for rejects).
-_SOURCE_COLUMN = "_img_source"
-#: Hidden column of a table corpus's row holding its image bytes (the ``image`` role).
-_IMAGE_BYTES = "_image_bytes"
 #: Driver-only keys of a record (not columns): its category file (for class rejects) and prefix.
 _CATEGORY_FILE = "_category_file"
-_PREFIX = "_prefix"
 #: Concurrent image reads per task from object storage, where each read is a round trip.
 _FETCH_THREADS = 16
 #: Log parsing progress every this many rows (the real corpus has ~300k).
 _LOG_EVERY = 50_000
 #: Default of ``data.max_image_bytes``: a 20 MiB photo is already far above what SMPD holds.
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAXIMAGE_BYTES_COLUMN = 20 * 1024 * 1024
 #: Images above 40 megapixels are rejected before decoding (Pillow's own limit is ~89 MP).
 MAX_IMAGE_PIXELS = 40_000_000
 #: The only decoders Pillow may try (EPS would run Ghostscript; others are rarely maintained).
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-_META_SCHEMA = pa.schema([f for f in POSTS_SCHEMA if f.name != "image"] + [pa.field(_SOURCE_COLUMN, pa.string())])
+_META_SCHEMA = pa.schema([f for f in POSTS_SCHEMA if f.name != "image"] + [pa.field(SOURCE_COLUMN, pa.string())])
 
 
 # --------------------------------------------------------------------------------- taxonomy
@@ -129,7 +128,7 @@ def class_pairs(records: list[dict]) -> tuple[list[tuple[str, str]], list[tuple[
     pairs = [(r["category"], r["subcategory"]) for r in records
              if r["category"] is not None and r["subcategory"] is not None]
     labelled = [(r["category"], r["subcategory"]) for r in records if r["label"] is not None
-                and r[_PREFIX] == "train_" and r["category"] is not None and r["subcategory"] is not None]
+                and r[PREFIX_COLUMN] == "train_" and r["category"] is not None and r["subcategory"] is not None]
     return labelled, pairs
 
 
@@ -226,7 +225,7 @@ class ImageError(Exception):
 
 
 def read_image(fs: pafs.FileSystem, root: str, relative: str, real_root: str | None = None,
-               max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+               max_bytes: int = MAXIMAGE_BYTES_COLUMN) -> bytes:
     """The raw bytes of ``root/relative`` on ``fs``; ImageError when missing, unreadable or too big.
 
     ``real_root`` (local folders only: the real path of ``root``) rejects a symlink that
@@ -349,7 +348,7 @@ def _batch_images(batch: pa.Table, raw_root: str, paths: list[str | None], max_b
                   ) -> list[bytes | ImageError]:
     """Each row's image: the bytes a table corpus carries (its ``_image_bytes``), else read from
     its path under ``raw_root``."""
-    carried = batch.column(_IMAGE_BYTES).to_pylist() if _IMAGE_BYTES in batch.column_names else [None] * len(paths)
+    carried = batch.column(IMAGE_BYTES_COLUMN).to_pylist() if IMAGE_BYTES_COLUMN in batch.column_names else [None] * len(paths)
     wanted = [i for i, data in enumerate(carried) if data is None]
     read = iter(_read_images(raw_root, [paths[i] for i in wanted], max_bytes))
     out: list[bytes | ImageError] = []
@@ -364,7 +363,7 @@ def _batch_images(batch: pa.Table, raw_root: str, paths: list[str | None], max_b
 
 
 def load_images(batch: pa.Table, *, raw_root: str, max_side: int, quality: int, collector: Any,
-                max_bytes: int = MAX_IMAGE_BYTES, keep_imageless: bool = False) -> pa.Table:
+                max_bytes: int = MAXIMAGE_BYTES_COLUMN, keep_imageless: bool = False) -> pa.Table:
     """Ray Data UDF: metadata rows in, POSTS_SCHEMA rows with ``image`` out; bad images to ``collector``.
 
     ``raw_root`` is the raw folder's location; the images are read from it inside this task.
@@ -385,7 +384,7 @@ def load_images(batch: pa.Table, *, raw_root: str, max_side: int, quality: int, 
             keep.append(True)
         except ImageError as err:
             keep.append(False)
-            rejects.append({"source_file": batch.column(_SOURCE_COLUMN)[i].as_py(),
+            rejects.append({"source_file": batch.column(SOURCE_COLUMN)[i].as_py(),
                             "row_index": batch.column("row_index")[i].as_py(), "pid": batch.column("pid")[i].as_py(),
                             "uid": batch.column("uid")[i].as_py(), "field": "image", "reason": str(err)})
     mask = pa.array(keep, pa.bool_())
@@ -430,7 +429,8 @@ def _collector_class():
 
 def _read_raw(raw: str) -> tuple[list[smpd.FileSet], list[dict], list[dict]]:
     """Parse every row of every file set; returns the sets, the post records and the rejects."""
-    sets = [s for s in (smpd.find_file_set(raw, p) for p in smpd.PREFIXES) if s is not None]
+    search = smpd.FolderSearch(raw)   # one listing per folder for both prefixes
+    sets = [s for s in (smpd.find_file_set(raw, p, search) for p in smpd.PREFIXES) if s is not None]
     if not sets:
         expected = "; ".join(" or ".join(n.format(p="train_") for n in names) for names in smpd.FILE_NAMES.values())
         raise ValueError(f"raw SMPD folder {raw!r} holds neither train_ nor test_ files; expected {expected} "
@@ -462,9 +462,9 @@ def _read_raw(raw: str) -> tuple[list[smpd.FileSet], list[dict], list[dict]]:
             first_seen[record["pid"]] = (text_name, i)
             if record["user_description"] is not None:
                 record["user_description"] = np.asarray(record["user_description"], np.float32)
-            record[_SOURCE_COLUMN] = img_name
+            record[SOURCE_COLUMN] = img_name
             record[_CATEGORY_FILE] = file_set.name("category")
-            record[_PREFIX] = file_set.prefix
+            record[PREFIX_COLUMN] = file_set.prefix
             if len(records) % _LOG_EVERY == 0 and records:
                 logger.info("prepare: parsed %d rows (%.0f rows/s)", len(records) + len(rejects),
                             (len(records) + len(rejects)) / max(time.perf_counter() - started, 1e-9))
@@ -646,7 +646,7 @@ def _check_not_empty(sets: list[smpd.FileSet], input_rows: int) -> None:
 def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
                     val_fraction: float = 0.1, test_fraction: float = 0.1, max_image_side: int = 256,
                     jpeg_quality: int = 90, rows_per_shard: int = 2048, max_reject_fraction: float = 0.5,
-                    max_image_bytes: int = MAX_IMAGE_BYTES, taxonomy: Taxonomy | None = None,
+                    max_image_bytes: int = MAXIMAGE_BYTES_COLUMN, taxonomy: Taxonomy | None = None,
                     min_class_posts: int = 3, image_root: str = "", keep_imageless: bool = False,
                     data_format: str = "smpd", columns: tuple[str, ...] = ()) -> dict:
     """Turn a raw SMPD folder into Parquet shards + rejects + manifest; returns the manifest.
@@ -740,7 +740,7 @@ def _write_dataset(staging: str, out: str, raw: str, sets: list[smpd.FileSet], r
         _keep_failed_rejects(staging, failed_at)
         raise ValueError(problem)
     bad_images = {(r["source_file"], r["row_index"]) for r in image_rejects}
-    dates = [r["postdate"] for r in records if (r[_SOURCE_COLUMN], r["row_index"]) not in bad_images]
+    dates = [r["postdate"] for r in records if (r[SOURCE_COLUMN], r["row_index"]) not in bad_images]
     seconds = time.perf_counter() - started
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -768,9 +768,9 @@ def _split_records(records: list[dict], split: str, val_fraction: float, test_fr
                    ) -> tuple[dict[str, list[dict]], dict]:
     """Rows per split, each in (postdate, pid) order, and the split boundaries."""
     # Only labelled train_ posts are split; test_ posts (the challenge's test set) are all test.
-    labelled = [r for r in records if r["label"] is not None and r[_PREFIX] == "train_"]
+    labelled = [r for r in records if r["label"] is not None and r[PREFIX_COLUMN] == "train_"]
     parts, boundaries = assign_splits(labelled, split, val_fraction, test_fraction)
-    parts["test"] = parts["test"] + [r for r in records if r["label"] is None or r[_PREFIX] != "train_"]
+    parts["test"] = parts["test"] + [r for r in records if r["label"] is None or r[PREFIX_COLUMN] != "train_"]
     for name in SPLITS:
         parts[name].sort(key=lambda r: (r["postdate"], r["pid"]))
     return parts, boundaries

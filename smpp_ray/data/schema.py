@@ -61,6 +61,11 @@ POSTS_SCHEMA = pa.schema([
     pa.field("label", pa.float64()),                         # log-views popularity; null for test_ files
 ])
 
+#: Columns a row carries between prepare's readers and its image tasks, never written: the file
+#: the row came from (named in its image rejects), the prefix it stands for (``train_`` labelled,
+#: ``test_`` not) and the image bytes a table corpus carries in a column of its own.
+SOURCE_COLUMN, PREFIX_COLUMN, IMAGE_BYTES_COLUMN = "_img_source", "_prefix", "_image_bytes"
+
 #: One row per rejected raw row; ``counts in = rows written + rows rejected``.
 REJECTS_SCHEMA = pa.schema([
     pa.field("source_file", pa.string(), nullable=False),

@@ -73,7 +73,7 @@ _MIN_TAKEN = -5364662400
 #: SMPD's size) while rejecting sign errors such as -5.
 LABEL_RANGE = (-4.0, 30.0)
 #: No Flickr account holds a billion photos; a bigger count is corrupt (and overflows int64 later).
-_MAX_PHOTO_COUNT = 1_000_000_000
+MAX_PHOTO_COUNT = 1_000_000_000
 #: float32 is what user_description is stored as; a bigger magnitude would become inf.
 _FLOAT32_MAX = 3.4e38
 #: SMPD ids are short tokens (``"59@N75"``, ``"775"``); a longer one is corrupt, not an id.
@@ -151,6 +151,7 @@ class FolderSearch:
     def __init__(self, raw_dir: str, depth: int = METADATA_SEARCH_DEPTH) -> None:
         self.raw_dir, self.depth = raw_dir, depth
         self._names: dict[str, set[str]] = {}
+        self._subfolders: dict[str, list[str]] = {}
         self.listed: list[str] = []
 
     def names(self, folder: str) -> set[str]:
@@ -166,8 +167,12 @@ class FolderSearch:
             if depth == self.depth:
                 return
             # A folder of many entries is an image folder (one folder per user): not descended.
-            level = [storage.join(f, d) for f in level if len(self.names(f)) <= _MAX_ENTRIES_TO_DESCEND
-                     for d in storage.list_folders(f)]
+            level = [sub for f in level if len(self.names(f)) <= _MAX_ENTRIES_TO_DESCEND for sub in self._below(f)]
+
+    def _below(self, folder: str) -> list[str]:
+        if folder not in self._subfolders:
+            self._subfolders[folder] = [storage.join(folder, d) for d in storage.list_folders(folder)]
+        return self._subfolders[folder]
 
     def find(self, candidates: list[str]) -> str | None:
         """The location of the first of ``candidates`` (file names) in the shallowest folder."""
@@ -185,16 +190,14 @@ def find_file_set(raw_dir: str, prefix: str, search: FolderSearch | None = None)
     Raises ValueError naming every required file that is missing, and the folders searched, once
     any file of the set exists. The label file is optional for ``test_``.
     """
+    # Breadth first, the raw folder's own listing first: when every file is there, nothing below
+    # is listed (an image folder of 70,000 user folders is one expensive listing on object storage).
     search = search or FolderSearch(raw_dir)
-    # The raw folder's own listing first: when every file is there, nothing below is listed
-    # (an image folder of 70,000 user folders is one expensive listing on object storage).
-    top = search.names(raw_dir)
     found: dict[str, str] = {}
     missing: list[str] = []
     for kind, patterns in FILE_NAMES.items():
         names = [p.format(p=prefix) for p in patterns]
-        hit = next((n for n in names if n in top), None)
-        location = storage.join(raw_dir, hit) if hit is not None else search.find(names)
+        location = search.find(names)
         if location is not None:
             found[kind] = location
         elif not (kind == "label" and prefix == "test_"):
@@ -227,7 +230,11 @@ def load_file_set(file_set: FileSet) -> FileSet:
 
 def read_text(location: str) -> str:
     """A file's text: UTF-8 with or without a BOM; ValueError naming the file otherwise."""
-    data = storage.read_bytes(location)
+    return decode_text(storage.read_bytes(location), location)
+
+
+def decode_text(data: bytes, location: str) -> str:
+    """The text of a file's bytes (UTF-8, a BOM allowed); ValueError naming ``location`` otherwise."""
     sample = data[:4096]
     if sample.startswith((b"\xff\xfe", b"\xfe\xff")) or sample.count(0) > _NUL_SHARE * len(sample):
         raise ValueError(f"{location!r} looks like UTF-16 or UTF-32 text; SMPD files must be UTF-8")
@@ -253,12 +260,6 @@ def _json_int(digits: str) -> int | str:
 
 def _loads(text: str) -> Any:
     return json.loads(text, parse_int=_json_int)
-
-
-def load_json_rows(location: str) -> list[Any]:
-    """The rows of a JSON file (an array of records or a dict of columns); a row nested too deeply
-    becomes an :class:`Unparsable`."""
-    return load_json_file(location)[0]
 
 
 def load_json_file(location: str) -> tuple[list[Any], str]:
@@ -638,7 +639,7 @@ def _parse_user(user: dict, src: str, *, text_descriptions: bool = False) -> dic
     out["photo_firstdate"] = _optional_date(user.get("photo_firstdate"), src, "photo_firstdate", _MIN_TIMESTAMP)
     out["photo_firstdatetaken"] = _optional_date(user.get("photo_firstdatetaken"), src, "photo_firstdatetaken",
                                                  _MIN_TAKEN)
-    out["photo_count"] = parse_int(user.get("photo_count"), src, "photo_count", low=0, high=_MAX_PHOTO_COUNT)
+    out["photo_count"] = parse_int(user.get("photo_count"), src, "photo_count", low=0, high=MAX_PHOTO_COUNT)
     out["ispro"] = parse_flag(user.get("ispro"), src, "ispro")
     out["canbuypro"] = parse_flag(user.get("canbuypro"), src, "canbuypro")   # absent from the 2024+ form
     out["timezone_offset"] = parse_timezone_offset(user.get("timezone_offset"), src)

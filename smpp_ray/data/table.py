@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from smpp_ray import storage
 from smpp_ray.data import smpd
-from smpp_ray.data.schema import POSTS_SCHEMA
+from smpp_ray.data.schema import IMAGE_BYTES_COLUMN, POSTS_SCHEMA, PREFIX_COLUMN, SOURCE_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ REQUIRED = ("pid", "uid", "postdate")
 #: Hidden columns of a validated row: its file, its piece (for file order), the raw image bytes
 #: (the ``image`` role), the prefix it stands for (``train_`` labelled, ``test_`` not) and why
 #: it was rejected (null for a valid row).
-SOURCE, PIECE, IMAGE_BYTES, PREFIX = "_img_source", "_piece", "_image_bytes", "_prefix"
+SOURCE, IMAGE_BYTES, PREFIX = SOURCE_COLUMN, IMAGE_BYTES_COLUMN, PREFIX_COLUMN
+PIECE = "_piece"
 REJECT_FIELD, REJECT_REASON = "_reject_field", "_reject_reason"
 ROW_SCHEMA = pa.schema([f for f in POSTS_SCHEMA if f.name != "image"] + [
     pa.field(SOURCE, pa.string()), pa.field(PIECE, pa.int64()), pa.field(IMAGE_BYTES, pa.binary()),
@@ -122,14 +123,15 @@ def read_piece(piece: Piece) -> list[Any]:
     if piece.kind == "parquet":
         with storage.open_input(piece.location) as stream:
             return pq.ParquetFile(stream).read_row_group(piece.row_group).to_pylist()
-    data = storage.read_bytes(piece.location)
+    data = storage.read_bytes(piece.location)   # read once; CSV and JSON Lines parse from these bytes
     if piece.kind == "csv":
         # Every column as text: the parsers decide what a value is, as for SMPD's string-typed JSON.
+        header = pacsv.open_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(encoding="utf8")).schema.names
         columns = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(encoding="utf8"),
-                                 convert_options=pacsv.ConvertOptions(auto_dict_encode=False, strings_can_be_null=True,
-                                                                      column_types=_all_text(data)))
+                                 convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
+                                                                      column_types=dict.fromkeys(header, pa.string())))
         return columns.to_pylist()
-    lines = smpd.read_text(piece.location).split("\n")
+    lines = smpd.decode_text(data, piece.location).split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     rows: list[Any] = []
@@ -142,11 +144,6 @@ def read_piece(piece: Piece) -> list[Any]:
         except (json.JSONDecodeError, RecursionError) as err:
             rows.append(smpd.Unparsable(f"line is not valid JSON: {err}"))
     return rows
-
-
-def _all_text(data: bytes) -> dict[str, pa.DataType]:
-    header = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(encoding="utf8", block_size=1 << 16))
-    return dict.fromkeys(header.column_names, pa.string())
 
 
 def validate_row(raw_row: Any, mapping: dict[str, str], source: str) -> dict[str, Any]:
@@ -186,7 +183,7 @@ def validate_row(raw_row: Any, mapping: dict[str, str], source: str) -> dict[str
 
 def _user_fields(row: dict, mapping: dict[str, str], source: str) -> dict[str, Any]:
     return {
-        "photo_count": smpd.parse_int(row["photo_count"], source, mapping["photo_count"], low=0, high=1_000_000_000),
+        "photo_count": smpd.parse_int(row["photo_count"], source, mapping["photo_count"], low=0, high=smpd.MAX_PHOTO_COUNT),
         "ispro": smpd.parse_flag(row["ispro"], source, mapping["ispro"]),
         "ispublic": smpd.parse_flag(row["ispublic"], source, mapping["ispublic"]),
         "canbuypro": None,

@@ -123,6 +123,7 @@ def _decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_post
                                pa.int32()),
     })
     return {"taxonomy": taxonomy, "taxonomy_source": source, "concepts": concepts, "rejects": rejects,
+            "kept": kept[[SOURCE, "row_index", "postdate"]],
             "assignment": assignment, "boundaries": boundaries, "sizes": {n: len(parts[n]) for n in SPLITS},
             "unlabelled": int(kept["label"].isna().sum())}
 
@@ -211,7 +212,7 @@ def _write(rows: Any, decision: dict[str, Any], staging: str, out: str, root: st
         "concepts": decision["concepts"],
         "split": {"method": split, "val_fraction": val_fraction, "test_fraction": test_fraction,
                   "boundaries": decision["boundaries"], "unlabelled_test_rows": decision["unlabelled"]},
-        "time_range": _time_range(staging),
+        "time_range": _time_range(decision["kept"], image_rejects),
         "image": {"max_side": max_image_side, "jpeg_quality": jpeg_quality, "max_bytes": max_image_bytes,
                   "max_pixels": smpd_prepare.MAX_IMAGE_PIXELS},
         "rows_per_shard": rows_per_shard,
@@ -221,16 +222,9 @@ def _write(rows: Any, decision: dict[str, Any], staging: str, out: str, root: st
     return manifest
 
 
-def _time_range(data: str) -> dict[str, int | None]:
-    """First and last postdate of the written posts, from the shards' ``postdate`` column."""
-    import pyarrow.parquet as pq
-
-    low = high = None
-    for location in storage.list_parquet_files(storage.join(data, "posts")):
-        with storage.open_input(location) as stream:
-            dates = pq.read_table(stream, columns=["postdate"]).column("postdate")
-        if len(dates):
-            bounds = pc.min_max(dates).as_py()
-            low = bounds["min"] if low is None else min(low, bounds["min"])
-            high = bounds["max"] if high is None else max(high, bounds["max"])
-    return {"start": low, "end": high}
+def _time_range(kept: Any, image_rejects: list[dict]) -> dict[str, int | None]:
+    """First and last postdate of the posts written: the kept rows less those whose image failed."""
+    bad = {(r["source_file"], r["row_index"]) for r in image_rejects}
+    dates = [int(d) for f, i, d in zip(kept[SOURCE], kept["row_index"], kept["postdate"], strict=True)
+             if (f, int(i)) not in bad]
+    return {"start": min(dates), "end": max(dates)} if dates else {"start": None, "end": None}

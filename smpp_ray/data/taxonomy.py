@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from smpp_ray import storage
+from smpp_ray.data.manifest import load_taxonomy_file
 from smpp_ray.data.schema import Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,6 @@ def corpus_taxonomy(raw_dir: str) -> tuple[Taxonomy, str] | None:
     location = storage.join(raw_dir, CORPUS_TAXONOMY_FILE)
     if not storage.is_file(location):
         return None
-    from smpp_ray.data.manifest import load_taxonomy_file
-
     return load_taxonomy_file(location), location
 
 
@@ -104,6 +103,4 @@ def chosen_taxonomy(choice: str) -> Taxonomy | None:
         from smpp_ray.data.taxonomy_names import default_taxonomy
 
         return default_taxonomy()
-    from smpp_ray.data.manifest import load_taxonomy_file
-
     return load_taxonomy_file(choice)
