@@ -217,7 +217,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
 
     command = args.command
     # A single stage whose output is already complete for this config and inputs returns at once.
-    run = (stages.default_stage_run(config, root=_store_root(args), skip_complete=not args.force)
+    run = (stages.default_stage_run(config, root=_store_root(args), skip_complete=not args.force, fresh=args.force)
            if command in STAGE_COMMANDS and command != "evaluate" else None)
     if command == "synth":
         return stages.run_synth(config, args.out, run)
@@ -234,7 +234,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
     if command == "evaluate":
         from smpp_ray.evaluate import load_results, print_results
 
-        stage_run = stages.default_stage_run(config, root=args.pipeline, skip_complete=not args.force)
+        stage_run = stages.default_stage_run(config, root=args.pipeline, skip_complete=not args.force,
+                                             fresh=args.force)
         report_dir = stages.run_evaluate(config, args.pipeline, stage_run)
         print_results(load_results(report_dir, stage_run.tracking_uri or None))
         return report_dir

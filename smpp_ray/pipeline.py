@@ -99,7 +99,8 @@ def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[st
     with tracked_run(tracking_uri, config.tracking.experiment, "pipeline", params=flatten_config(config),
                      tags={STAGE_TAG: "pipeline", OUT_TAG: out_dir},
                      enabled=config.tracking.enabled, reattach=True) as parent_id:
-        stage_run = stages.StageRun(tracking_uri, config.tracking.experiment, config.tracking.enabled, parent_id)
+        stage_run = stages.StageRun(tracking_uri, config.tracking.experiment, config.tracking.enabled, parent_id,
+                                    fresh=force)
         plan = {
             "synth": (lambda: stages.run_synth(config, layout["raw"], stage_run), {}),
             "prepare": (lambda: stages.run_prepare(config, raw, layout["data"], stage_run), {"raw": raw}),

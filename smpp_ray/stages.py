@@ -22,6 +22,13 @@ A failed run never leaves a previous complete output half-replaced. What is atom
   final files (models, predictions, plots) are rewritten in place, so after a failed tune rerun
   the folder is incomplete (no summary) and the next run completes it.
 
+Resuming is decided here, once for both in-place stages: their resumable state carries a record
+(:data:`RESUME_RECORD`) of the inputs' contents and the config it was made from. A rerun resumes
+it only when both are the same, up to :data:`RUN_CONTROL_KEYS` (how the run goes, not what it
+computes: more epochs, more retries, other placement). Otherwise, or with ``--force``, the state
+is discarded and the stage starts afresh; state outside the stage's folder (``train.storage_path``)
+is someone's run elsewhere, so a mismatch there is refused unless ``--force`` is given.
+
 On object storage the swaps and moves are copy-then-delete (see :mod:`smpp_ray.storage`): the
 same order of steps, not one atomic step, so a run that dies mid-swap leaves the folder without
 its summary (not complete) rather than a mix that claims to be.
@@ -99,6 +106,23 @@ STAGE_WRITES: dict[str, str] = {
 REATTACHED_STAGES = frozenset({"tune"})
 
 
+#: Config keys of the in-place stages that say how a run goes, not what it computes: a rerun that
+#: changes only these resumes the stopped run. Everything else in the stage's sections, and every
+#: input's contents, must match for a resume (see :func:`_claim_resumable_state`).
+RUN_CONTROL_KEYS: dict[str, frozenset[str]] = {
+    "train": frozenset({"train.epochs", "train.max_failures", "train.fail_at_epoch", "train.storage_path",
+                        "train.name", "train.checkpoints_to_keep", "train.early_stopping_patience",
+                        "train.prefetch_batches", "train.num_workers", "train.cpus_per_worker",
+                        "train.worker_resources", "train.use_gpu"}),
+    "tune": frozenset({"tune.max_concurrent_trials", "tune.trial_resources", "tune.cpus_per_trial",
+                       "tune.time_budget_s", "tune.interrupt_after_trials", "tune.registered_model_prefix",
+                       "tune.champion_alias"}),
+}
+
+#: The file inside an in-place stage's resumable state that records what the state was made from.
+RESUME_RECORD = "smpp_resume_record.json"
+
+
 @dataclass(frozen=True)
 class StageRun:
     """Where a stage reports: tracking store/experiment and the parent (pipeline) run, if any."""
@@ -110,16 +134,18 @@ class StageRun:
     skip_complete: bool = False
     """Return at once when the output is already complete for the same config and inputs (the
     single-stage CLI; the pipeline decides that itself)."""
+    fresh: bool = False
+    """Discard an in-place stage's resumable state and start it afresh (``--force``)."""
 
 
 def default_stage_run(config: Config, parent_run_id: str | None = None, root: str = ".",
-                      skip_complete: bool = False) -> StageRun:
+                      skip_complete: bool = False, fresh: bool = False) -> StageRun:
     """Where a single stage reports: the configured store, $MLFLOW_TRACKING_URI, else SQLite in
     ``root`` (only a store is resolved when tracking is on: an s3:// stage needs a server)."""
     if not config.tracking.enabled:
-        return StageRun("", config.tracking.experiment, False, parent_run_id, skip_complete)
+        return StageRun("", config.tracking.experiment, False, parent_run_id, skip_complete, fresh)
     uri = resolve_tracking_uri(config.tracking.tracking_uri, root)
-    return StageRun(uri, config.tracking.experiment, config.tracking.enabled, parent_run_id, skip_complete)
+    return StageRun(uri, config.tracking.experiment, config.tracking.enabled, parent_run_id, skip_complete, fresh)
 
 
 def input_contents(inputs: dict[str, str]) -> dict[str, str]:
@@ -141,6 +167,64 @@ def stage_fingerprint(stage: str, config: Config, inputs: dict[str, str],
     contents = contents if contents is not None else input_contents(inputs)
     blob = json.dumps({"stage": stage, "config": relevant, "inputs": contents}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resumable_state(stage: str, config: Config, out: str) -> str | None:
+    """Where an in-place stage keeps the state a rerun resumes from; None for other stages."""
+    if stage == "train":
+        from smpp_ray.train.trainer import run_location
+
+        return run_location(out, config.train)
+    if stage == "tune":
+        from smpp_ray.gbdt.run import search_location
+
+        return search_location(out)
+    return None
+
+
+def resume_record(stage: str, config: Config, contents: dict[str, str]) -> dict[str, Any]:
+    """What an in-place stage's resumable state is made from: its inputs' contents and its config
+    sections' values, less :data:`RUN_CONTROL_KEYS`."""
+    sections = {section: config_to_dict(config)[section] for section in STAGE_SECTIONS[stage]}
+    control = RUN_CONTROL_KEYS.get(stage, frozenset())
+    values = {k: v for k, v in flatten_config_dict(sections).items() if k not in control}
+    return json_safe({"stage": stage, "inputs": dict(sorted(contents.items())), "config": values})
+
+
+def _record_changes(recorded: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """What differs between the record a state carries and this run's, in words."""
+    if recorded is None:
+        return ["it carries no record of its inputs (made by an older smpp_ray, or a run that never began)"]
+    changes = [f"input {name!r} changed" for name in sorted(set(recorded.get("inputs", {})) | set(current["inputs"]))
+               if recorded.get("inputs", {}).get(name) != current["inputs"].get(name)]
+    before, now = recorded.get("config", {}), current["config"]
+    changes += [f"{key} was {before.get(key)!r}, now {now.get(key)!r}" for key in sorted(set(before) | set(now))
+                if before.get(key) != now.get(key)]
+    return changes
+
+
+def _claim_resumable_state(stage: str, config: Config, out: str, contents: dict[str, str], fresh: bool) -> None:
+    """Keep an in-place stage's resumable state only when it was made from these inputs and this
+    config; otherwise discard it (or refuse, for state outside the stage's folder) and record this
+    run's inputs in the state before anything resumes from it."""
+    state = resumable_state(stage, config, out)
+    if state is None:
+        return
+    current = resume_record(stage, config, contents)
+    record = storage.join(state, RESUME_RECORD)
+    if storage.is_dir(state) and storage.list_names(state):
+        recorded = storage.read_json(record) if storage.is_file(record) else None
+        changes = ["--force asks for a fresh run"] if fresh else _record_changes(recorded, current)
+        if changes:
+            why = "; ".join(changes)
+            inside = storage.normalize(state).startswith(storage.normalize(out).rstrip("/") + "/")
+            if not inside and not fresh:
+                raise ValueError(f"{stage}: the run in {state} was not made from these inputs and config ({why}); "
+                                 "resuming would mix them: pass --force to discard it, or choose another "
+                                 f"{'train.name' if stage == 'train' else 'output folder'}")
+            logger.info("%s: not resuming the run in %s (%s); starting afresh", stage, state, why)
+            storage.remove(state)
+    storage.write_text(record, json.dumps(current, indent=1, sort_keys=True))
 
 
 def is_complete(stage: str, config: Config, inputs: dict[str, str], out_dir: str) -> bool:
@@ -237,10 +321,13 @@ def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
     started = time.time()
     # The pipeline's "[n/7] stage -> out" line already says it on the console.
     console.details(__name__).info("stage %s: starting (out=%s)", stage, out)
+    # Listed once: each input's files are listed for resuming, the dataset inputs and the summary
+    contents = input_contents(inputs)
     try:
         with stop_signals_end_runs(), _keeping_previous_output(stage, out):
             storage.make_dir(out)
-            _run_tracked(stage, config, out, inputs, stage_run, body, started)
+            _claim_resumable_state(stage, config, out, contents, stage_run.fresh)
+            _run_tracked(stage, config, out, inputs, contents, stage_run, body, started)
     except StopRequested as stop:
         logger.error("stage %s: stopped by %s after %.1f s; its MLflow runs are KILLED; rerun the same "
                      "command to %s", stage, stop.signal_name, time.time() - started,
@@ -254,16 +341,15 @@ def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
 DATASET_INPUTS = ("raw", "data", "features", "selected_ids")
 
 
-def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], stage_run: StageRun,
-                 body: Callable[[TrackingContext | None], dict[str, Any]], started: float) -> None:
+def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], contents: dict[str, str],
+                 stage_run: StageRun, body: Callable[[TrackingContext | None], dict[str, Any]],
+                 started: float) -> None:
     sections = {s: config_to_dict(config)[s] for s in STAGE_SECTIONS[stage]}
     with tracked_run(stage_run.tracking_uri, stage_run.experiment, stage,
                      parent_run_id=stage_run.parent_run_id, params=flatten_config_dict(sections),
                      tags={STAGE_TAG: stage, OUT_TAG: out}, enabled=stage_run.enabled,
                      reattach=stage in REATTACHED_STAGES) as run_id:
         context = TrackingContext(stage_run.tracking_uri, stage_run.experiment, run_id) if run_id else None
-        # Listed once: each input's files are listed for the dataset inputs and the summary both
-        contents = input_contents(inputs)
         if run_id:
             read = {f"smpd-{name}": (location, contents[name]) for name, location in inputs.items()
                     if name in DATASET_INPUTS and location}

@@ -208,17 +208,83 @@ def test_an_output_set_aside_by_a_killed_run_is_what_a_failed_rerun_restores(tmp
 def test_an_in_place_stage_keeps_its_resumable_state_and_removes_its_summary_first(tmp_path, config):
     out = str(tmp_path / "train")
     checkpoint = storage.join(out, "ray_results", "smpp-train", "checkpoint_000000", "trainable.pt")
-    storage.write_bytes(checkpoint, b"weights")
     write_summary(out, {"stage": "train", "status": "complete", "fingerprint": "old"})
     seen = []
 
     def body(_):
         seen.append(storage.exists(summary_location(out)))
+        storage.write_bytes(checkpoint, b"weights")   # what Ray Train leaves before a worker dies
         raise RuntimeError("worker died")
 
     with pytest.raises(RuntimeError, match="worker died"):
         stages._run_stage("train", config, out, {}, NO_TRACKING, body)
     assert seen == [False] and not storage.exists(summary_location(out))
     assert storage.read_bytes(checkpoint) == b"weights"   # what the next run resumes from
-    stages._run_stage("train", config, out, {}, NO_TRACKING, lambda _: {"metrics": {"epochs_run": 1}})
+    # More epochs and another failure budget say how the run goes, not what it computes: it resumes
+    more = load_config(None, ["tracking.enabled=false", "data.max_image_side=16", "train.epochs=9",
+                              "train.max_failures=5"])
+    stages._run_stage("train", more, out, {}, NO_TRACKING, lambda _: {"metrics": {"epochs_run": 1}})
     assert read_summary(out)["status"] == "complete" and storage.read_bytes(checkpoint) == b"weights"
+
+
+def _interrupted_train_run(out: str, data: str, config) -> str:
+    """An in-place train folder as a stopped run leaves it: a checkpoint, no summary."""
+    checkpoint = storage.join(stages.resumable_state("train", config, out), "checkpoint_000000", "trainable.pt")
+
+    def body(_):
+        storage.write_bytes(checkpoint, b"weights of the first run")
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        stages._run_stage("train", config, out, {"data": data}, NO_TRACKING, body)
+    return checkpoint
+
+
+@pytest.mark.parametrize("change", ["data", "config", "force"])
+def test_a_changed_input_or_config_or_force_starts_an_in_place_stage_afresh(tmp_path, config, change, caplog):
+    """The stale-run case: a finished or stopped run on other inputs is never handed back."""
+    data, out = tmp_path / "data", str(tmp_path / "train")
+    data.mkdir()
+    (data / "posts.parquet").write_bytes(b"first dataset")
+    checkpoint = _interrupted_train_run(out, str(data), config)
+    rerun_config, fresh = config, False
+    if change == "data":
+        (data / "posts.parquet").write_bytes(b"another dataset, 96 posts")
+    elif change == "config":
+        rerun_config = load_config(None, ["tracking.enabled=false", "data.max_image_side=16", "train.lr=0.05"])
+    else:
+        fresh = True
+    seen = []
+
+    def body(_):
+        seen.append(storage.exists(checkpoint))
+        return {"metrics": {"epochs_run": 1}}
+
+    run = StageRun("", "atomic", enabled=False, fresh=fresh)
+    with caplog.at_level("INFO", logger="smpp_ray.stages"):
+        stages._run_stage("train", rerun_config, out, {"data": str(data)}, run, body)
+    assert seen == [False]   # the library found nothing to resume
+    why = {"data": "input 'data' changed", "config": "train.lr was 0.002, now 0.05",
+           "force": "--force asks for a fresh run"}[change]
+    assert f"({why}); starting afresh" in caplog.text
+    record = storage.read_json(storage.join(stages.resumable_state("train", config, out), stages.RESUME_RECORD))
+    assert record["config"]["train.lr"] == rerun_config.train.lr   # the state now belongs to this run
+
+
+def test_a_run_elsewhere_made_from_other_inputs_is_refused_not_deleted(ray_session, tmp_path, config, capsys):
+    """train.storage_path outside the stage's folder holds someone's run: a mismatch is exit 2
+    naming what changed, and its files stay."""
+    from smpp_ray.cli import main
+
+    data, elsewhere = tmp_path / "data", tmp_path / "shared_runs"
+    data.mkdir()
+    (data / "posts.parquet").write_bytes(b"first dataset")
+    shared = load_config(None, ["tracking.enabled=false", f"train.storage_path={elsewhere}"])
+    checkpoint = _interrupted_train_run(str(tmp_path / "first"), str(data), shared)
+    code = main(["train", "--data", str(data), "--prototypes", str(tmp_path / "none"), "--out", str(tmp_path / "second"),
+                 "--set", "tracking.enabled=false", "--set", f"train.storage_path={elsewhere}",
+                 "--set", "train.batch_size=7"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size was 32, now 7" in err and "input 'prototypes' changed" in err and "--force" in err
+    assert storage.read_bytes(checkpoint) == b"weights of the first run"

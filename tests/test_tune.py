@@ -285,3 +285,29 @@ def test_group_folds_keep_users_apart():
 def test_unknown_feature_group_fails_before_any_trial(features, tmp_path):
     with pytest.raises(ValueError, match="unknown feature group 'audio'"):
         tune_models(features, tmp_path, tune_config=TuneConfig(feature_groups=("audio",)), tracking=None)
+
+
+def test_a_tune_rerun_on_changed_features_searches_afresh(ray_session, tmp_path, capsys):
+    """The stale-search case through the CLI: the search folder of a finished run on other
+    features is not restored; the rerun's trials and metrics are the new features'."""
+    from smpp_ray.cli import main
+
+    features, out = tmp_path / "features", tmp_path / "tune"
+    write_synthetic_features(features, rows=600, seed=1)
+    argv = ["tune", "--features", str(features), "--out", str(out), "--set", "tracking.enabled=false",
+            "--set", "tune.models=[lightgbm]", "--set", "tune.num_samples=2", "--set", "tune.max_rounds=10",
+            "--set", "tune.grace_rounds=10", "--set", "tune.report_every=5"]
+    assert main(argv) == 0
+    first = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    shutil.rmtree(features)
+    write_synthetic_features(features, rows=900, seed=2)   # the same folder, other posts
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    second = json.loads((out / "summary.json").read_text())
+    search = json.loads((out / "search_lightgbm.json").read_text())
+    assert search["restored"] is False and len(search["trials"]) == 2
+    assert "input 'features' changed" in printed.err
+    assert second["fingerprint"] != first["fingerprint"]
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert len(predictions) == 900   # scored on the new features, every post once

@@ -56,6 +56,11 @@ from smpp_ray.tracking import TrackingContext
 logger = logging.getLogger(__name__)
 
 
+def search_location(out_dir: str) -> str:
+    """Where the tune stage's Ray Tune experiments live (one folder per model family)."""
+    return storage.join(storage.normalize(out_dir), "ray_results")
+
+
 def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, tune_config: TuneConfig,
                 tracking: TrackingContext | None = None) -> dict[str, Any]:
     """Search, refit, blend and evaluate; see the module docstring for what lands in ``out_dir``.
@@ -84,7 +89,7 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
 
     searches: dict[str, SearchResult] = {}
     for family in models:
-        searches[family] = run_search(family, features_dir, storage.join(out, "ray_results"), tune_config=tune_config,
+        searches[family] = run_search(family, features_dir, search_location(out), tune_config=tune_config,
                                       tracking_ctx=tracking)
         storage.write_text(storage.join(out, f"search_{family}.json"),
                            json.dumps(searches[family].to_dict(), indent=1, default=str))

@@ -93,8 +93,8 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
     data_dir = storage.normalize(data_dir)
     taxonomy = load_taxonomy(data_dir)
     prototypes_path = _prototypes_file(prototypes_dir, model_config)
-    storage_path = storage.normalize(train_config.storage_path or storage.join(out_dir, RAY_RESULTS_DIR))
-    run_path = storage.join(storage_path, train_config.name)
+    storage_path = _storage_path(out_dir, train_config)
+    run_path = run_location(out_dir, train_config)
 
     previous = _previous_run(run_path, model_config)
     if previous is not None and _finished(previous, train_config):
@@ -152,6 +152,15 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
     if image_features is not None:
         finished["image_features"] = image_features
     return finished
+
+
+def run_location(out_dir: str, train_config: TrainConfig) -> str:
+    """Where the run's Ray Train state lives: ``<train.storage_path or out_dir/ray_results>/<train.name>``."""
+    return storage.join(_storage_path(out_dir, train_config), train_config.name)
+
+
+def _storage_path(out_dir: str, train_config: TrainConfig) -> str:
+    return storage.normalize(train_config.storage_path or storage.join(out_dir, RAY_RESULTS_DIR))
 
 
 def _encode_images_once(data_dir: str, run_path: str, spec: Any, model_config: ModelConfig, taxonomy: Taxonomy,
