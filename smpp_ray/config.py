@@ -378,11 +378,17 @@ class TuneConfig:
     grace_rounds: int = 50
     """ASHA grace period in boosting rounds."""
     report_every: int = 10
-    """Trials report val_src/val_mae to Tune (and MLflow) every this many rounds (and at the last); long trials report at most ~200 times."""
+    """Trials report val_src/val_mae/val_score to Tune (and MLflow) every this many rounds (and at the last); long trials report at most ~200 times."""
     validation: Literal["time", "group"] = "time"
     """``time``: the time-ordered val split; ``group``: GroupKFold by user over train+val."""
     folds: int = 3
     """Folds of the grouped validation."""
+    objective: Literal["src", "mae", "src+mae"] = "src+mae"
+    """What the search, the best round, the best trial and the blend weights maximise on val: SRC, the MAE skill (1 - MAE / MAE of the training median), or their mean (the challenge ranks by both)."""
+    min_rounds: int = 0
+    """The best round of a trial is chosen among rounds >= this (0: any); guards a small val split against an early, noisy pick."""
+    calibrate: bool = True
+    """Map each model's and the blend's score to the label scale with a strictly increasing (rank-preserving) fit on val: SRC unchanged, MAE lower."""
     refit_on: Literal["train", "train+val"] = "train"
     """Data the best configuration is refit on."""
     fit_on_selected: bool = False
@@ -416,6 +422,10 @@ class TuneConfig:
         _require(self.max_rounds >= 1 and 1 <= self.grace_rounds <= self.max_rounds,
                  f"tune.grace_rounds ({self.grace_rounds}) must be in [1, tune.max_rounds ({self.max_rounds})]")
         _require(self.folds >= 2, f"tune.folds must be >= 2, got {self.folds!r}")
+        _require(self.objective in ("src", "mae", "src+mae"),
+                 f"unknown tune.objective {self.objective!r}; expected src, mae or src+mae")
+        _require(0 <= self.min_rounds <= self.max_rounds,
+                 f"tune.min_rounds ({self.min_rounds}) must be in [0, tune.max_rounds ({self.max_rounds})]")
 
 
 @dataclass(frozen=True)

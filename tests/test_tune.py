@@ -74,18 +74,23 @@ def tuned(ray_session, features, tmp_path_factory):
 def test_trial_lines_report_each_trials_best_round_like_the_search(tuned):
     """The "best" a person reads on the last trial line is the value the search selected."""
     result, _, _ = tuned
+    number = r"([0-9.-]+)"
     for family in ("lightgbm", "catboost"):
-        pattern = re.compile(rf"{family} trial (\d+)/{SAMPLES} done: val_src ([0-9.-]+), best ([0-9.-]+)")
+        pattern = re.compile(rf"{family} trial (\d+)/{SAMPLES} done: val_score {number} \(src {number}, mae {number}\), "
+                             rf"best {number}")
         found = [pattern.fullmatch(line) for line in CONSOLE]
-        lines = [(int(m[1]), float(m[2]), float(m[3])) for m in found if m]
-        assert [n for n, _, _ in lines] == list(range(1, SAMPLES + 1)), CONSOLE
-        assert lines[-1][2] == max(value for _, value, _ in lines)
-        assert lines[-1][2] == pytest.approx(result["search"][family]["best_val_src"], abs=5e-5), (family, lines)
-        # each line's value is its trial's best reported round, not its last one
-        experiment = Path(result["search"][family]["experiment_path"])
+        lines = [(int(m[1]), float(m[2]), float(m[3]), float(m[4]), float(m[5])) for m in found if m]
+        assert [line[0] for line in lines] == list(range(1, SAMPLES + 1)), CONSOLE
+        assert lines[-1][4] == max(line[1] for line in lines)
+        search = result["search"][family]
+        assert lines[-1][4] == pytest.approx(search["best_val_score"], abs=5e-5), (family, lines)
+        # each line's values are its trial's selected round (by val_score), not its last one
+        experiment = Path(search["experiment_path"])
         progress = [list(csv.DictReader(f.read_text().splitlines())) for f in sorted(experiment.glob("*/progress.csv"))]
-        best_rounds = sorted(round(max(float(r["val_src"]) for r in rows), 4) for rows in progress)
-        assert sorted(value for _, value, _ in lines) == pytest.approx(best_rounds, abs=5e-5), (family, lines)
+        chosen = [max(rows, key=lambda r: (float(r["val_score"]), -int(r["rounds"]))) for rows in progress]
+        shown = np.array(sorted((line[1], line[2], line[3]) for line in lines))
+        selected = np.array(sorted((float(r["val_score"]), float(r["val_src"]), float(r["val_mae"])) for r in chosen))
+        np.testing.assert_allclose(shown, selected, atol=5e-5)
 
 
 def _children(ctx: TrackingContext, parent: str) -> list:
@@ -110,12 +115,15 @@ def test_reported_metric_equals_spearman_of_saved_predictions(tuned):
         reported = {int(r["rounds"]): float(r["val_src"]) for r in rows}
         assert sorted(reported) == [1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 37, 40][:len(reported)]
         rounds = result["best_rounds"][family]
-        assert reported[rounds] == max(reported.values())
-        recomputed = stats.spearmanr(val["label"], val[f"pred_{family}"]).statistic
-        assert reported[rounds] == pytest.approx(recomputed, abs=1e-9)
+        scores = {int(r["rounds"]): float(r["val_score"]) for r in rows}
+        assert scores[rounds] == max(scores.values())   # the round tune.objective (src+mae) selects
+        # Calibration keeps the order of the scores: the calibrated prediction has the raw one's SRC
+        for column in (f"raw_{family}", f"pred_{family}"):
+            recomputed = stats.spearmanr(val["label"], val[column]).statistic
+            assert reported[rounds] == pytest.approx(recomputed, abs=1e-9), column
         mae_reported = float(next(r["val_mae"] for r in rows if int(r["rounds"]) == rounds))
         # CatBoost accumulates its MAE in single precision; SRC (ranks) matches exactly above.
-        assert mae_reported == pytest.approx(metrics.mae(val["label"], val[f"pred_{family}"]), rel=1e-5)
+        assert mae_reported == pytest.approx(metrics.mae(val["label"], val[f"raw_{family}"]), rel=1e-5)
 
 
 def test_every_trial_is_a_child_run_of_its_search_run(tuned):
@@ -149,7 +157,7 @@ def test_registered_models_reload_and_predict_identically(tuned, features):
         model = load_flavour(family, registered_source(ctx.tracking_uri, f"test-{family}"))
         reloaded = np.asarray(model.predict(data["test"].X), dtype=np.float64)
         assert np.array_equal(data["test"].keys["pid"].to_numpy(), test_rows["pid"].to_numpy())
-        assert np.array_equal(reloaded, test_rows[f"pred_{family}"].to_numpy())
+        assert np.array_equal(reloaded, test_rows[f"raw_{family}"].to_numpy())   # the booster, before calibration
         # The registry explains itself: a description, tagged versions, a READY logged model
         c = client(ctx.tracking_uri)
         assert family in c.get_registered_model(f"test-{family}").description
@@ -190,9 +198,17 @@ def test_metrics_json_plots_and_stage_metrics(tuned):
     weights = result["blend_weights"]
     assert sum(weights.values()) == pytest.approx(1.0)
     predictions = pd.read_parquet(out / "predictions.parquet")
-    assert list(predictions.columns) == ["pid", "split", "label", "category", "pred_lightgbm", "pred_catboost", "pred_blend"]
-    expected = weights["lightgbm"] * predictions["pred_lightgbm"] + weights["catboost"] * predictions["pred_catboost"]
-    assert np.allclose(predictions["pred_blend"], expected)
+    assert list(predictions.columns) == ["pid", "split", "label", "category", "raw_lightgbm", "raw_catboost",
+                                         "raw_blend", "pred_lightgbm", "pred_catboost", "pred_blend"]
+    expected = weights["lightgbm"] * predictions["raw_lightgbm"] + weights["catboost"] * predictions["raw_catboost"]
+    assert np.allclose(predictions["raw_blend"], expected)
+    # The calibrated blend keeps the raw blend's order on every split and brings test MAE down
+    for split in ("val", "test"):
+        rows = predictions[predictions["split"] == split]
+        assert metrics.src(rows["label"], rows["pred_blend"]) == pytest.approx(
+            metrics.src(rows["label"], rows["raw_blend"]), abs=1e-12)
+    assert document["overall"]["test"]["blend"]["mae"] <= document["uncalibrated"]["test"]["blend"]["mae"] * 1.02
+    assert result["metrics"]["uncalibrated"]["blend"]["test_mae"] == document["uncalibrated"]["test"]["blend"]["mae"]
     for name in ("pred_vs_true", "mae_per_category", "feature_importance", "deciles"):
         png = Path(result["paths"][f"plot_{name}"])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -261,7 +277,7 @@ def test_failing_trials_are_failed_child_runs(ray_session, features, tmp_path):
     ctx = _stage(tmp_path)
     config = TuneConfig(models=("lightgbm",), num_samples=2, max_rounds=5, grace_rounds=5, report_every=1,
                         max_concurrent_trials=2)
-    with pytest.raises(RuntimeError, match="no lightgbm trial .* reported val_src"):
+    with pytest.raises(RuntimeError, match="no lightgbm trial .* reported val_score"):
         tune_models(broken, tmp_path / "out", tune_config=config, tracking=ctx)
     (search_run,) = _children(ctx, ctx.run_id)
     assert search_run.info.status == "FAILED"

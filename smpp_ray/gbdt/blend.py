@@ -1,32 +1,89 @@
-"""Blending the families: a convex weight chosen on the validation split."""
+"""Blending the families: a convex weight chosen on the validation split by ``tune.objective``,
+and the rank-preserving calibrators (:mod:`smpp_ray.gbdt.calibration`) of each family's score
+and of the blend, fitted on the same split."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
-from smpp_ray import metrics
+from smpp_ray import metrics, storage
+from smpp_ray.gbdt.calibration import MonotoneCalibrator
+from smpp_ray.gbdt.objective import Objective
 
 
-def choose_weights(y: np.ndarray, preds: dict[str, np.ndarray], step: float = 0.05) -> dict[str, float]:
-    """Weights (summing to 1) that maximise SRC of the blend on ``y``; ties go to the lower MAE.
+@dataclass(frozen=True)
+class Blend:
+    """The blend's weights over the families' raw scores and the calibrator of each model's score
+    (``calibrators[family]`` and ``calibrators["blend"]``; identity when calibration is off)."""
 
-    One family gets weight 1. Two families search ``w * first + (1 - w) * second`` over a grid
-    of ``step``; predictions are on the label scale, so the blend stays on it (MAE is meaningful).
+    weights: dict[str, float]
+    calibrators: dict[str, MonotoneCalibrator]
+
+    def raw(self, raw_scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The weighted sum of the families' raw scores."""
+        return apply_weights(raw_scores, self.weights)
+
+    def score(self, model: str, raw_scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The calibrated score of ``model`` (a family or ``blend``) from the families' raw scores."""
+        raw = self.raw(raw_scores) if model == "blend" else np.asarray(raw_scores[model], dtype=np.float64)
+        return self.calibrators.get(model, MonotoneCalibrator())(raw)
+
+
+#: The tune output's file this module owns: ``weights``, ``calibration`` (model -> calibrator),
+#: ``objective``, ``chosen_on``, ``rounds``, ``refit_on``.
+BLEND_FILE = "blend.json"
+
+
+def write_blend(location: str, blend: Blend, *, objective: str, rounds: dict[str, int], refit_on: str) -> str:
+    calibration = {model: c.to_dict() for model, c in blend.calibrators.items() if not c.is_identity}
+    return storage.write_json(location, {"weights": blend.weights, "calibration": calibration, "objective": objective,
+                                         "chosen_on": "val", "rounds": rounds, "refit_on": refit_on}, indent=1)
+
+
+def read_blend(location: str) -> Blend:
+    """The blend :func:`write_blend` wrote (a blend.json without ``calibration``: identity maps)."""
+    values: dict[str, Any] = storage.read_json(location)
+    calibration = values.get("calibration") or {}
+    try:
+        calibrators = {model: MonotoneCalibrator.from_dict(c) for model, c in calibration.items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{location}: a calibrator is damaged ({err})") from err
+    return Blend({f: float(w) for f, w in values["weights"].items()}, calibrators)
+
+
+def choose_blend(y: np.ndarray, raw_scores: dict[str, np.ndarray], objective: Objective, *, calibrate: bool,
+                 step: float = 0.05) -> Blend:
+    """Weights (summing to 1) that maximise ``objective`` of the calibrated blend on ``y``; ties go
+    to the lower MAE.
+
+    One family gets weight 1. Two search ``w * first + (1 - w) * second`` over a grid of ``step``,
+    each candidate calibrated as it would be, so the weight is chosen for the score users get.
     """
-    names = list(preds)
-    if len(names) == 1:
-        return {names[0]: 1.0}
-    if len(names) != 2:
+    names = list(raw_scores)
+    if len(names) not in (1, 2):
         raise ValueError(f"blending supports one or two families, got {names!r}")
-    first, second = (np.asarray(preds[n], dtype=np.float64) for n in names)
-    best: tuple[float, float, float] | None = None
+    y = np.asarray(y, dtype=np.float64)
+
+    def fit(scores: np.ndarray) -> MonotoneCalibrator:
+        return MonotoneCalibrator.fit(scores, y) if calibrate else MonotoneCalibrator()
+
+    calibrators = {name: fit(np.asarray(raw_scores[name], dtype=np.float64)) for name in names}
+    if len(names) == 1:
+        return Blend({names[0]: 1.0}, {**calibrators, "blend": calibrators[names[0]]})
+    first, second = (np.asarray(raw_scores[n], dtype=np.float64) for n in names)
+    best: tuple[float, float, float, MonotoneCalibrator] | None = None
     for w in np.round(np.arange(0.0, 1.0 + 1e-9, step), 6):
         blended = w * first + (1 - w) * second
-        key = (metrics.src(y, blended), -metrics.mae(y, blended))
+        calibrator = fit(blended)
+        scored = calibrator(blended)
+        key = (objective.of(y, scored), -metrics.mae(y, scored))
         if best is None or key > best[:2]:
-            best = (*key, float(w))
+            best = (*key, float(w), calibrator)
     assert best is not None
-    return {names[0]: best[2], names[1]: round(1.0 - best[2], 6)}
+    return Blend({names[0]: best[2], names[1]: round(1.0 - best[2], 6)}, {**calibrators, "blend": best[3]})
 
 
 def apply_weights(preds: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:

@@ -8,8 +8,9 @@ Output folder (any location: a local path or ``s3://...``; every file is written
     search_<family>.json       every trial: config, status, best val_src and its round
     models/<family>/           MLflow model folder of the final model (lightgbm / catboost flavour)
     feature_spec.json          feature list, groups and categorical vocabularies of the models
-    blend.json                 blend weights (chosen on val) and the rounds of each family
-    predictions.parquet        pid, split, label, category, pred_<family>..., pred_blend
+    blend.json                 blend weights and calibrators (chosen on val), objective, rounds
+    predictions.parquet        pid, split, label, category, pred_<model> (calibrated: what scorers
+                               return) and raw_<model> (before calibration) per family and blend
     metrics.json               overall / per category / per decile metrics on val and test
     plots/*.png                pred_vs_true, mae_per_category, feature_importance, deciles
     models/fallback/, fallback.json, fallback_feature_spec.json, fallback_predictions.parquet
@@ -32,7 +33,7 @@ import pandas as pd
 from smpp_ray import console, metrics, storage, tracking
 from smpp_ray.config import TuneConfig, parse_resources
 from smpp_ray.features.manifest import load_feature_manifest, select_columns
-from smpp_ray.gbdt.blend import apply_weights, choose_weights
+from smpp_ray.gbdt.blend import Blend, choose_blend, write_blend
 from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec
 from smpp_ray.gbdt.evaluate import (
     EVAL_SPLITS,
@@ -40,6 +41,7 @@ from smpp_ray.gbdt.evaluate import (
     mlflow_metrics,
     summary_metrics,
 )
+from smpp_ray.gbdt.objective import Objective
 from smpp_ray.gbdt.fallback import (
     IMAGE_GROUPS,
     FallbackFacts,
@@ -98,14 +100,16 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     refit_started = time.perf_counter()
     plan = _fallback_plan(features_dir, searches, tune_config)
     honest, final, fallback_fits = _refit_all(searches, features_dir, tune_config, plan)
-    predictions, weights = _predictions(honest, final, models)
+    predictions, blend = _predictions(honest, final, models, tune_config)
+    weights = blend.weights
     refit_seconds = time.perf_counter() - refit_started
 
     evaluation = evaluate_predictions(predictions, [*models, "blend"])
+    uncalibrated = _uncalibrated(predictions, [*models, "blend"])
     spec = FeatureSpec.from_dict(final[models[0]]["spec"])
     fallback, fallback_metrics = _fallback_outcome(plan, fallback_fits, final[models[0]]["label_mean"], tune_config)
-    paths = _write_outputs(out, predictions, evaluation, final, spec, searches, weights, tune_config,
-                           fallback={"facts": fallback, "fits": fallback_fits, "metrics": fallback_metrics})
+    paths = _write_outputs(out, predictions, evaluation, final, spec, searches, blend, tune_config,
+                           uncalibrated=uncalibrated, fallback={"facts": fallback, "fits": fallback_fits, "metrics": fallback_metrics})
 
     registered: dict[str, dict[str, str]] = {}
     mlflow_started = time.perf_counter()
@@ -118,17 +122,20 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
             paths["scorer_model"] = scorer["uri"]
     mlflow_seconds = time.perf_counter() - mlflow_started + sum(s.mlflow_seconds for s in searches.values())
 
-    summary = summary_metrics(evaluation)
+    summary: dict[str, Any] = summary_metrics(evaluation)
     if fallback_metrics:
         summary["fallback"] = {f"{split}_{name}": fallback_metrics[split][name]
                                for split in EVAL_SPLITS for name in ("src", "mae", "mse")}
     # The evaluate stage's results table shows these on the console.
     console.details(__name__).info("tune: %s", {m: {k: round(v, 4) for k, v in values.items()} for m, values in summary.items()})
+    if tune_config.calibrate:  # before/after: val after calibration is in-sample, test is honest
+        summary["uncalibrated"] = summary_metrics({"overall": uncalibrated})
     return {
         "metrics": summary,
         "best_params": {f: s.best_config for f, s in searches.items()},
         "best_rounds": {f: s.best_rounds for f, s in searches.items()},
-        "search": {f: {"trials": len(s.trials), "best_val_src": s.best_val_src, "best_trial_id": s.best_trial_id,
+        "search": {f: {"trials": len(s.trials), "best_val_src": s.best_val_src, "best_val_mae": s.best_val_mae,
+                       "best_val_score": s.best_val_score, "best_trial_id": s.best_trial_id,
                        "experiment_path": s.experiment_path, "search_run_id": s.search_run_id,
                        "restored": s.restored, "seconds": s.wall_seconds,
                        # the largest trial process's peak: what max_concurrent_trials multiplies
@@ -227,25 +234,40 @@ def _fallback_predictions(fits: tuple[dict, dict]) -> pd.DataFrame:
         pred=np.where(f["split"] == "val", h["pred"], f["pred"]))  # same rows, same order
 
 
-def _predictions(honest: dict[str, dict], final: dict[str, dict], models: list[str]) -> tuple[pd.DataFrame, dict[str, float]]:
-    """One row per post: val predictions from the train-only refit, train/test from the final model."""
+def _predictions(honest: dict[str, dict], final: dict[str, dict], models: list[str], config: TuneConfig
+                 ) -> tuple[pd.DataFrame, Blend]:
+    """One row per post: val predictions from the train-only refit, train/test from the final
+    model, as ``raw_<model>``; the blend and the calibrators are chosen on val and give
+    ``pred_<model>``, the scores users get."""
     frame = None
     for family in models:
         h, f = honest[family]["predictions"], final[family]["predictions"]
         pred = np.where(f["split"] == "val", h["pred"], f["pred"])  # same rows, same order
-        column = f[["pid", "split", "label", "category"]].assign(**{f"pred_{family}": pred})
+        column = f[["pid", "split", "label", "category"]].assign(**{f"raw_{family}": pred})
         frame = column if frame is None else frame.merge(column, on=["pid", "split", "label", "category"], how="inner",
                                                          validate="one_to_one")
     assert frame is not None
-    val = frame[frame["split"] == "val"]
-    weights = choose_weights(val["label"].to_numpy(), {m: val[f"pred_{m}"].to_numpy() for m in models})
-    frame["pred_blend"] = apply_weights({m: frame[f"pred_{m}"].to_numpy() for m in models}, weights)
-    return frame, weights
+    val, train = frame[frame["split"] == "val"], frame[frame["split"] == "train"]
+    objective = Objective.for_labels(config.objective, train["label"].dropna().to_numpy(),
+                                     val["label"].to_numpy())
+    blend = choose_blend(val["label"].to_numpy(), {m: val[f"raw_{m}"].to_numpy() for m in models}, objective,
+                         calibrate=config.calibrate)
+    raw = {m: frame[f"raw_{m}"].to_numpy() for m in models}
+    frame["raw_blend"] = blend.raw(raw)
+    for model in [*models, "blend"]:
+        frame[f"pred_{model}"] = blend.score(model, raw)
+    return frame, blend
+
+
+def _uncalibrated(predictions: pd.DataFrame, models: list[str]) -> dict[str, Any]:
+    """``{split: {model: {src, mae, mse, n}}}`` of the raw scores (what calibration changed)."""
+    raw = predictions.drop(columns=[f"pred_{m}" for m in models]).rename(columns={f"raw_{m}": f"pred_{m}" for m in models})
+    return evaluate_predictions(raw, models)["overall"]
 
 
 def _write_outputs(out: str, predictions: pd.DataFrame, evaluation: dict[str, Any], final: dict[str, dict],
-                   spec: FeatureSpec, searches: dict[str, SearchResult], weights: dict[str, float],
-                   config: TuneConfig, *, fallback: dict[str, Any]) -> dict[str, str]:
+                   spec: FeatureSpec, searches: dict[str, SearchResult], blend: Blend,
+                   config: TuneConfig, *, uncalibrated: dict[str, Any], fallback: dict[str, Any]) -> dict[str, str]:
     """Every output file under ``out``; returns their locations (``paths`` of the result)."""
     paths = {"out_dir": out, "metrics": storage.join(out, "metrics.json"),
              "predictions": storage.join(out, "predictions.parquet"),
@@ -254,9 +276,8 @@ def _write_outputs(out: str, predictions: pd.DataFrame, evaluation: dict[str, An
     predictions.to_parquet(buffer, index=False)
     storage.write_bytes(paths["predictions"], buffer.getvalue())
     spec.save(paths["feature_spec"])
-    storage.write_json(paths["blend"], {"weights": weights, "chosen_on": "val",
-                                        "rounds": {f: s.best_rounds for f, s in searches.items()},
-                                        "refit_on": config.refit_on}, indent=1)
+    write_blend(paths["blend"], blend, objective=config.objective,
+                rounds={f: s.best_rounds for f, s in searches.items()}, refit_on=config.refit_on)
     for family, refit in final.items():
         paths[f"model_{family}"] = save_flavour(family, refit["model"], storage.join(out, "models", family),
                                                 refit["sample"])
@@ -265,9 +286,13 @@ def _write_outputs(out: str, predictions: pd.DataFrame, evaluation: dict[str, An
     paths.update({f"plot_{k}": v for k, v in plots.items()})
     document = {
         **evaluation,
-        "blend": {"weights": weights, "chosen_on": "val"},
+        "blend": {"weights": blend.weights, "chosen_on": "val", "objective": config.objective},
+        "calibrated": config.calibrate,
+        # Val after calibration is in-sample (the calibrators were fitted on val); test is honest.
+        "uncalibrated": uncalibrated,
         "best": {f: {"params": s.best_config, "rounds": s.best_rounds, "search_val_src": s.best_val_src,
-                     "search_val_mae": s.best_val_mae, "trials": len(s.trials)} for f, s in searches.items()},
+                     "search_val_mae": s.best_val_mae, "search_val_score": s.best_val_score,
+                     "trials": len(s.trials)} for f, s in searches.items()},
         "refit_on": config.refit_on,
         "validation": config.validation,
         "importance": importance,

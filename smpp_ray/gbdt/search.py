@@ -2,7 +2,8 @@
 
 ``run_search`` builds (or, when its experiment folder already exists, restores) a
 ``ray.tune.Tuner``: a seeded Optuna or random search over :mod:`smpp_ray.gbdt.spaces`, ASHA on
-``val_src`` per boosting round, ``max_concurrent_trials`` and CPUs per trial from the config.
+``val_score`` (``tune.objective`` of val SRC and MAE, :mod:`smpp_ray.gbdt.objective`) per
+boosting round, ``max_concurrent_trials`` and CPUs per trial from the config.
 A search cut short (Ctrl+C, ``ray job stop``) raises :class:`SearchInterrupted`; calling again
 with the same output folder restores it with ``Tuner.restore``: finished trials are kept, cut
 trials restart under their own trial id, and only the missing trials are sampled.
@@ -28,6 +29,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from smpp_ray import storage, tracking
 from smpp_ray.config import TuneConfig, parse_resources
+from smpp_ray.gbdt.objective import SCORE, best_round
 from smpp_ray.gbdt.spaces import search_space
 from smpp_ray.gbdt.tracking_callback import FAMILY_TAG, SEARCH_TAG, MlflowTrialCallback
 from smpp_ray.gbdt.trainables import TrialSetup, run_trial
@@ -35,7 +37,7 @@ from smpp_ray.tracking import TrackingContext
 
 logger = logging.getLogger(__name__)
 
-METRIC = "val_src"
+METRIC = SCORE
 
 
 class SearchInterrupted(RuntimeError):
@@ -51,6 +53,7 @@ class SearchResult:
     best_rounds: int
     best_val_src: float
     best_val_mae: float
+    best_val_score: float
     best_trial_id: str
     trials: list[dict[str, Any]]
     experiment_path: str
@@ -75,16 +78,23 @@ class _TrialLedger(Callback):
 
 
 class _TrialProgress(Callback):
-    """One console line per finished trial: ``lightgbm trial 5/8 done: val_src 0.61, best 0.64``.
+    """One console line per finished trial:
+    ``lightgbm trial 5/8 done: val_score 0.61 (src 0.70, mae 0.91), best 0.64``.
 
-    A trial's value is its best round's, the one the search selects on (:func:`_summarise`:
-    SRC maximised over trials and rounds), so the last trial line's "best" is the search's best.
+    A trial's values are its selected round's (:func:`smpp_ray.gbdt.objective.best_round`, the
+    one :func:`_summarise` selects), so the last trial line's "best" is the search's best.
     """
 
-    def __init__(self, family: str, total: int) -> None:
-        self.family, self.total = family, total
+    def __init__(self, family: str, total: int, min_rounds: int) -> None:
+        self.family, self.total, self.min_rounds = family, total, min_rounds
         self.done = 0
         self.best = float("-inf")
+        self.reports: dict[str, list[dict[str, float]]] = {}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if METRIC in result:
+            self.reports.setdefault(trial.trial_id, []).append(
+                {k: float(result[k]) for k in ("rounds", "val_src", "val_mae", METRIC) if k in result})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trial, "done")
@@ -96,20 +106,15 @@ class _TrialProgress(Callback):
         from smpp_ray.console import line
 
         self.done += 1
-        value = _best_round_value(trial)
-        if isinstance(value, (int, float)) and value == value:
-            self.best = max(self.best, float(value))
-        shown = f"{METRIC} {value:.4f}" if isinstance(value, (int, float)) else f"no {METRIC}"
+        chosen = best_round(self.reports.pop(trial.trial_id, []), self.min_rounds)
+        if chosen is None:
+            shown = f"no {METRIC}"
+        else:
+            self.best = max(self.best, chosen[METRIC])
+            shown = (f"{METRIC} {chosen[METRIC]:.4f} (src {chosen.get('val_src', float('nan')):.4f}, "
+                     f"mae {chosen.get('val_mae', float('nan')):.4f})")
         best = f", best {self.best:.4f}" if self.best > float("-inf") else ""
         line(f"{self.family} trial {self.done}/{self.total} {how}: {shown}{best}")
-
-
-def _best_round_value(trial: Any) -> float | None:
-    """The trial's largest reported :data:`METRIC` (Tune keeps it per trial), else its last one."""
-    best = (getattr(trial, "metric_analysis", None) or {}).get(METRIC, {}).get("max")
-    if isinstance(best, (int, float)) and best == best:
-        return float(best)
-    return (trial.last_result or {}).get(METRIC)
 
 
 class _InterruptAfter(Callback):
@@ -179,7 +184,8 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                        validation=tune_config.validation, folds=tune_config.folds, max_rounds=tune_config.max_rounds,
                        threads=max(1, int(tune_config.cpus_per_trial)), seed=tune_config.seed,
                        report_every=effective_report_every(tune_config),
-                       selected_ids=tune_config.selected_ids if tune_config.fit_on_selected else "")
+                       selected_ids=tune_config.selected_ids if tune_config.fit_on_selected else "",
+                       objective=tune_config.objective)
     resources = {"cpu": tune_config.cpus_per_trial, **parse_resources(tune_config.trial_resources, "tune.trial_resources")}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
     space = search_space(family)
@@ -189,7 +195,8 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
     # progress.csv / result.json are the per-round record the best round is read back from (also
     # after a restore); they are named explicitly because TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1
     # (set in tests and quiet deployments) drops Tune's automatic loggers.
-    callbacks: list[Callback] = [ledger, _TrialProgress(family, tune_config.num_samples), CSVLoggerCallback(),
+    callbacks: list[Callback] = [ledger, _TrialProgress(family, tune_config.num_samples, tune_config.min_rounds),
+                                 CSVLoggerCallback(),
                                  JsonLoggerCallback()]
     mlflow_cb = None
     if tracking_ctx is not None:
@@ -197,9 +204,10 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
         tracking.log_params(tracking_ctx.tracking_uri, search_run_id,
                             {"family": family, "num_samples": tune_config.num_samples, "search_alg": tune_config.search_alg,
                              "max_rounds": tune_config.max_rounds, "grace_rounds": tune_config.grace_rounds,
-                             "validation": tune_config.validation, "seed": tune_config.seed})
+                             "validation": tune_config.validation, "seed": tune_config.seed,
+                             "objective": tune_config.objective, "min_rounds": tune_config.min_rounds})
         mlflow_cb = MlflowTrialCallback(tracking_ctx.tracking_uri, tracking_ctx.experiment, search_run_id,
-                                        family=family, search_path=experiment_path)
+                                        family=family, search_path=experiment_path, min_rounds=tune_config.min_rounds)
         callbacks.append(mlflow_cb)
     if tune_config.interrupt_after_trials:
         callbacks.append(_InterruptAfter(tune_config.interrupt_after_trials))
@@ -230,7 +238,8 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
         grid = _fit_stopping_gracefully(tuner)
         wall = time.perf_counter() - started
         _check_complete(family, ledger.statuses, wall, tune_config, experiment_path)
-        result = _summarise(family, grid, ledger.statuses, experiment_path, search_run_id, wall, restored)
+        result = _summarise(family, grid, ledger.statuses, experiment_path, search_run_id, wall, restored,
+                            tune_config.min_rounds)
     except BaseException as err:
         if search_run_id and tracking_ctx is not None:
             status = "KILLED" if isinstance(err, SearchInterrupted) else tracking.ended_status(err)
@@ -243,7 +252,7 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                             {f"best.{k}": v for k, v in result.best_config.items()} | {"best.rounds": result.best_rounds})
         tracking.log_metrics(tracking_ctx.tracking_uri, search_run_id,
                              {"best_val_src": result.best_val_src, "best_val_mae": result.best_val_mae,
-                              "trials": len(result.trials), "search_seconds": wall})
+                              "best_val_score": result.best_val_score, "trials": len(result.trials), "search_seconds": wall})
         tracking.end_run(tracking_ctx.tracking_uri, search_run_id, "FINISHED")
     return result
 
@@ -294,8 +303,9 @@ def _check_complete(family: str, statuses: dict[str, str], wall: float, config: 
 
 
 def _summarise(family: str, grid: Any, statuses: dict[str, str], experiment_path: str,
-               search_run_id: str | None, wall: float, restored: bool) -> SearchResult:
-    """Best round of the best trial: SRC is maximised over trials *and* rounds (early stopping on val)."""
+               search_run_id: str | None, wall: float, restored: bool, min_rounds: int = 0) -> SearchResult:
+    """Best round of the best trial: :data:`METRIC` is maximised over trials *and* rounds (rounds
+    >= ``min_rounds`` where a trial reached them; early stopping on val)."""
     trials: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     for result in grid:
@@ -303,22 +313,27 @@ def _summarise(family: str, grid: Any, statuses: dict[str, str], experiment_path
         trial_id = (result.metrics or {}).get("trial_id") or str(result.path).rstrip("/").rpartition("/")[2]
         entry: dict[str, Any] = {"trial_id": trial_id, "config": result.config, "status": statuses.get(trial_id, "UNKNOWN"),
                                  "error": str(result.error) if result.error else None}
-        if frame is not None and METRIC in frame and frame[METRIC].notna().any():
-            row = frame.loc[frame[METRIC].idxmax()]
-            entry.update(best_val_src=float(row[METRIC]), best_val_mae=float(row["val_mae"]),
-                         best_round=int(row["rounds"]), rounds_run=int(frame["rounds"].max()),
+        chosen = None
+        if frame is not None and METRIC in frame:
+            chosen = best_round(frame[["rounds", "val_src", "val_mae", METRIC]].to_dict("records"), min_rounds)
+        if chosen is not None:
+            entry.update(best_val_score=float(chosen[METRIC]), best_val_src=float(chosen["val_src"]),
+                         best_val_mae=float(chosen["val_mae"]), best_round=int(chosen["rounds"]),
+                         rounds_run=int(frame["rounds"].max()),
                          peak_rss_mib=float(frame["peak_rss_mib"].max()) if "peak_rss_mib" in frame else None)
-            if result.error is None and (best is None or entry["best_val_src"] > best["best_val_src"]):
+            if result.error is None and (best is None or entry["best_val_score"] > best["best_val_score"]):
                 best = entry
         trials.append(entry)
     if best is None:
         errors = [t["error"] for t in trials if t["error"]]
         raise RuntimeError(f"no {family} trial in {experiment_path} reported {METRIC}; first error: "
                            f"{errors[0] if errors else 'none'}")
-    logger.info("%s search: %d trials, best %s=%.4f at round %d (%s)", family, len(trials), METRIC,
-                best["best_val_src"], best["best_round"], json.dumps(best["config"], default=str))
+    logger.info("%s search: %d trials, best %s=%.4f (src %.4f, mae %.4f) at round %d (%s)", family, len(trials),
+                METRIC, best["best_val_score"], best["best_val_src"], best["best_val_mae"], best["best_round"],
+                json.dumps(best["config"], default=str))
     return SearchResult(family=family, best_config=dict(best["config"]), best_rounds=best["best_round"],
                         best_val_src=best["best_val_src"], best_val_mae=best["best_val_mae"],
+                        best_val_score=best["best_val_score"],
                         best_trial_id=best["trial_id"], trials=trials, experiment_path=experiment_path,
                         search_run_id=search_run_id, wall_seconds=wall, statuses=statuses,
                         restored=restored)

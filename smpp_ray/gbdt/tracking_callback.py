@@ -2,8 +2,8 @@
 
 Ray's stock ``MLflowLoggerCallback`` creates flat runs. Here each trial is a child run (tag
 ``mlflow.parentRunId``) of the model family's search run, with the trial's hyperparameters as
-params, ``val_src`` / ``val_mae`` per reported boosting round (step = rounds) as metric history, and status FINISHED or
-FAILED. Metrics are buffered and written with ``log_batch`` every ``flush_every`` rounds, so
+params, ``val_src`` / ``val_mae`` / ``val_score`` per reported boosting round (step = rounds) as metric
+history, the selected round's values (``best_*``), and status FINISHED or FAILED. Metrics are buffered and written with ``log_batch`` every ``flush_every`` rounds, so
 MLflow costs a handful of calls per trial rather than one per round.
 
 Resumed searches: a trial is looked up by its Tune trial id and experiment folder (tags) before
@@ -23,6 +23,7 @@ from ray.tune import Callback
 
 from smpp_ray import tracking
 from smpp_ray.config import flatten_config_dict
+from smpp_ray.gbdt.objective import SCORE, best_round
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,8 @@ class MlflowTrialCallback(Callback):
     """Log each Tune trial as a child MLflow run of ``parent_run_id``."""
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, *, family: str,
-                 search_path: str, metric_keys: tuple[str, ...] = ("val_src", "val_mae"),
-                 flush_every: int = 100) -> None:
+                 search_path: str, metric_keys: tuple[str, ...] = ("val_src", "val_mae", SCORE),
+                 flush_every: int = 100, min_rounds: int = 0) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -44,9 +45,10 @@ class MlflowTrialCallback(Callback):
         self.search_path = search_path
         self.metric_keys = metric_keys
         self.flush_every = flush_every
+        self.min_rounds = min_rounds
         self.run_ids: dict[str, str] = {}
         self._pending: dict[str, list[Any]] = {}
-        self._best: dict[str, tuple[float, int]] = {}
+        self._reports: dict[str, list[dict[str, float]]] = {}
         self.seconds = 0.0
         """Wall time spent in MLflow calls (the benchmark reports it as a share of the stage)."""
 
@@ -65,7 +67,7 @@ class MlflowTrialCallback(Callback):
             tracking.log_params(self.tracking_uri, run_id, {"family": self.family, **flatten_config_dict(trial.config)})
         self.run_ids[trial.trial_id] = run_id
         self._pending[trial.trial_id] = []
-        self._best.pop(trial.trial_id, None)
+        self._reports[trial.trial_id] = []
         self.seconds += time.perf_counter() - started
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -80,9 +82,9 @@ class MlflowTrialCallback(Callback):
             value = result.get(key)
             if value is not None and math.isfinite(float(value)):
                 pending.append(Metric(key, float(value), now, step))
-        value = result.get("val_src")
-        if value is not None and math.isfinite(float(value)) and value > self._best.get(trial.trial_id, (-math.inf, 0))[0]:
-            self._best[trial.trial_id] = (float(value), step)
+        if SCORE in result:
+            self._reports.setdefault(trial.trial_id, []).append(
+                {"rounds": step, **{k: float(result[k]) for k in ("val_src", "val_mae", SCORE) if k in result}})
         if len(pending) >= self.flush_every * len(self.metric_keys):
             self._flush(trial.trial_id)
 
@@ -107,9 +109,11 @@ class MlflowTrialCallback(Callback):
         self._flush(trial_id)
         started = time.perf_counter()
         run_id = self.run_ids[trial_id]
-        if trial_id in self._best:
-            value, step = self._best[trial_id]
-            tracking.log_metrics(self.tracking_uri, run_id, {"best_val_src": value, "best_round": step})
+        best = best_round(self._reports.pop(trial_id, []), self.min_rounds)
+        if best is not None:  # the round the search selects (smpp_ray.gbdt.search._summarise)
+            tracking.log_metrics(self.tracking_uri, run_id,
+                                 {"best_val_score": best[SCORE], "best_val_src": best.get("val_src", math.nan),
+                                  "best_val_mae": best.get("val_mae", math.nan), "best_round": best["rounds"]})
         tags: dict[str, Any] = {"smpp.rounds": (trial.last_result or {}).get("rounds", 0)}
         if status == "FAILED":
             tags["smpp.error"] = _error_text(trial)
@@ -121,6 +125,7 @@ class MlflowTrialCallback(Callback):
         started = time.perf_counter()
         tracking.end_run(self.tracking_uri, self.run_ids.pop(trial_id), status)
         self._pending.pop(trial_id, None)
+        self._reports.pop(trial_id, None)
         self.seconds += time.perf_counter() - started
 
     def _flush(self, trial_id: str) -> None:

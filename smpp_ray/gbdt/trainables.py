@@ -8,8 +8,9 @@ reads its own data from the features Parquet (the trainable receives a location,
 Per-iteration reports feed ASHA: LightGBM through Ray's
 ``ray.tune.integration.lightgbm.TuneReportCheckpointCallback`` (a LightGBM ``feval`` computes
 SRC each round), CatBoost through :class:`TuneReportCatBoostCallback` with a Python eval
-metric that computes SRC. Both report ``val_src``, ``val_mae`` and ``rounds`` (the number of
-trees the values belong to; ASHA's time attribute) on rounds 1, 1 + k, 1 + 2k, ... and the
+metric that computes SRC. Both report ``val_src``, ``val_mae``, ``val_score`` (the
+``tune.objective`` of the two, :mod:`smpp_ray.gbdt.objective`: what the search maximises) and
+``rounds`` (the number of trees the values belong to; ASHA's time attribute) on rounds 1, 1 + k, 1 + 2k, ... and the
 last, k = ``report_every``: a report is a round trip to the driver, which would dominate
 rounds that take milliseconds. Every report also carries ``peak_rss_mib``, the trial process's
 peak resident memory since the trial started (:func:`peak_rss_mib`), so a trial's last report
@@ -29,6 +30,7 @@ import pandas as pd
 
 from smpp_ray import metrics
 from smpp_ray.gbdt.data import group_folds, load_splits
+from smpp_ray.gbdt.objective import SCORE, Objective
 from smpp_ray.gbdt.spaces import fixed_params
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class TrialSetup:
     report_every: int = 1
     selected_ids: str = ""
     """The train stage's kept-ids file when ``tune.fit_on_selected`` (empty: all of train)."""
+    objective: str = "src+mae"
+    """``tune.objective``: what ``val_score`` is."""
 
 
 def reset_peak_rss() -> bool:
@@ -85,7 +89,12 @@ def is_report_round(rounds: int, every: int, total: int) -> bool:
     return (rounds - 1) % every == 0 or rounds == total
 
 
-def lightgbm_report_callback(metric_names: dict[str, str], every: int) -> Any:
+def with_score(values: dict[str, float], objective: Objective) -> dict[str, float]:
+    """A report's values plus ``val_score``, the objective of its ``val_src`` and ``val_mae``."""
+    return {**values, SCORE: objective.score(values["val_src"], values["val_mae"])}
+
+
+def lightgbm_report_callback(metric_names: dict[str, str], every: int, objective: Objective) -> Any:
     """Ray's LightGBM Tune callback, reporting on :func:`is_report_round` rounds with ``rounds``."""
     from ray.tune.integration.lightgbm import TuneReportCheckpointCallback
 
@@ -93,7 +102,7 @@ def lightgbm_report_callback(metric_names: dict[str, str], every: int) -> Any:
         def __call__(self, env: Any) -> None:
             rounds = env.iteration + 1
             if is_report_round(rounds, every, env.end_iteration):
-                report = self._get_report_dict(self._get_eval_result(env))
+                report = with_score(self._get_report_dict(self._get_eval_result(env)), objective)
                 self._report_metrics({**report, "rounds": rounds, PEAK_RSS: peak_rss_mib()})
 
     return _EveryRounds(metrics=metric_names, frequency=0, checkpoint_at_end=False)
@@ -132,8 +141,9 @@ class TuneReportCatBoostCallback:
     """CatBoost ``after_iteration`` callback: report validation metrics to Tune when CatBoost
     computed them (every ``metric_period`` rounds and the last), with ``rounds``."""
 
-    def __init__(self, metric_names: dict[str, str], report: Any = None) -> None:
+    def __init__(self, metric_names: dict[str, str], objective: Objective, report: Any = None) -> None:
         self.metric_names = metric_names
+        self.objective = objective
         self._report = report
         self._seen = 0
 
@@ -143,7 +153,7 @@ class TuneReportCatBoostCallback:
         if len(first) > self._seen:  # a new evaluation landed this round
             self._seen = len(first)
             values = {key: float(validation[name][-1]) for key, name in self.metric_names.items()}
-            (self._report or _tune_report)({**values, "rounds": int(info.iteration)})
+            (self._report or _tune_report)({**with_score(values, self.objective), "rounds": int(info.iteration)})
         return True
 
 
@@ -156,9 +166,9 @@ def _tune_report(values: dict[str, float]) -> None:
 class _RecordCatBoostCallback(TuneReportCatBoostCallback):
     """Keep the reports instead of sending them (grouped validation averages folds afterwards)."""
 
-    def __init__(self, metric_names: dict[str, str]) -> None:
+    def __init__(self, metric_names: dict[str, str], objective: Objective) -> None:
         self.rounds: list[dict[str, float]] = []
-        super().__init__(metric_names, report=self.rounds.append)
+        super().__init__(metric_names, objective, report=self.rounds.append)
 
 
 def fit_model(family: str, params: dict[str, Any], rounds: int, X: pd.DataFrame, y: np.ndarray,
@@ -218,10 +228,12 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
 def _time_validation(setup: TrialSetup, params: dict[str, Any], categorical: Sequence[str],
                      data: dict[str, Any]) -> None:
+    objective = Objective.for_labels(setup.objective, data["train"].y, data["val"].y)
     if setup.family == "lightgbm":
-        callback: Any = lightgbm_report_callback({"val_src": "val-src", "val_mae": "val-l1"}, setup.report_every)
+        callback: Any = lightgbm_report_callback({"val_src": "val-src", "val_mae": "val-l1"}, setup.report_every,
+                                                 objective)
     else:
-        callback = TuneReportCatBoostCallback(_catboost_metric_names())
+        callback = TuneReportCatBoostCallback(_catboost_metric_names(), objective)
     fit_model(setup.family, params, setup.max_rounds, data["train"].X, data["train"].y, categorical,
               valid=(data["val"].X, data["val"].y), callbacks=[callback], report_every=setup.report_every)
 
@@ -233,11 +245,13 @@ def _group_validation(setup: TrialSetup, params: dict[str, Any], categorical: Se
     y = np.concatenate([data["train"].y, data["val"].y])
     uids = np.concatenate([data["train"].keys["uid"].to_numpy(), data["val"].keys["uid"].to_numpy()])
     folds = group_folds(uids, setup.folds)
+    # One MAE scale for every fold's mean: the median of all labels against all of them
+    objective = Objective.for_labels(setup.objective, y, y)
     if setup.family == "lightgbm":
         import lightgbm as lgb
 
         callback = lightgbm_report_callback({"val_src": "valid-src-mean", "val_mae": "valid-l1-mean"},
-                                            setup.report_every)
+                                            setup.report_every, objective)
         lgb.cv(params, lgb.Dataset(X, y, categorical_feature=list(categorical), free_raw_data=False),
                num_boost_round=setup.max_rounds, folds=folds, feval=_lightgbm_src, callbacks=[callback])
         return
@@ -245,9 +259,10 @@ def _group_validation(setup: TrialSetup, params: dict[str, Any], categorical: Se
     # then replay the per-round fold means to Tune (ASHA still ranks trials, saving less time).
     curves = []
     for train_idx, val_idx in folds:
-        recorder = _RecordCatBoostCallback(_catboost_metric_names())
+        recorder = _RecordCatBoostCallback(_catboost_metric_names(), objective)
         fit_model("catboost", params, setup.max_rounds, X.iloc[train_idx], y[train_idx], categorical,
                   valid=(X.iloc[val_idx], y[val_idx]), callbacks=[recorder], report_every=setup.report_every)
         curves.append(recorder.rounds)
     for reports in zip(*curves, strict=True):
-        _tune_report({key: float(np.mean([r[key] for r in reports])) for key in REPORTED} | {"rounds": reports[0]["rounds"]})
+        means = {key: float(np.mean([r[key] for r in reports])) for key in REPORTED}
+        _tune_report(with_score(means, objective) | {"rounds": reports[0]["rounds"]})

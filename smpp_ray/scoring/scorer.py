@@ -96,11 +96,12 @@ class PostScorer:
 
         if model not in MODEL_CHOICES:
             raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODEL_CHOICES)}")
-        weights = _bundle_weights(bundle)
+        from smpp_ray.gbdt.blend import read_blend
+
         if model != "blend" and model not in bundle.models:
             raise ValueError(f"model {model!r} is not in this scorer (it has {', '.join(bundle.models)})")
         self.model = model
-        self.weights = weights if model == "blend" else {model: 1.0}
+        self.blend = read_blend(bundle.blend)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.network = NetworkFeatureExtractor(bundle.checkpoint, device=device, num_threads=num_threads,
@@ -122,16 +123,16 @@ class PostScorer:
         tabular = {k: v for k, v in batch.items() if k not in ("pid", "pixels", "tokens")}
         frame = pd.DataFrame({**tabular, **network})
         X = encode(frame, self.spec)
-        scores = {family: np.asarray(model.predict(X), dtype=np.float64) for family, model in self.families.items()}
-        chosen = sum(w * scores[f] for f, w in self.weights.items())
+        raw = {family: np.asarray(model.predict(X), dtype=np.float64) for family, model in self.families.items()}
         out = pd.DataFrame({
             "pid": np.asarray(batch["pid"]).astype(str),
-            "predicted_popularity": np.asarray(chosen, dtype=np.float64),
+            # the calibrated score of the chosen model, as the tune stage's pred_<model> columns
+            "predicted_popularity": self.blend.score(self.model, raw),
             "predicted_subcategory": [_name(self.subcategories, i) for i in network["net_pred_subcategory"]],
             "predicted_category": [_name(self.categories, i) for i in network["net_pred_category"]],
         })
-        for family, values in scores.items():
-            out[f"pred_{family}"] = values
+        for family in raw:
+            out[f"pred_{family}"] = self.blend.score(family, raw)
         return out
 
 
@@ -185,12 +186,6 @@ def scores_schema(bundle: ScorerBundle) -> pa.Schema:
 
 def empty_scores(bundle: ScorerBundle) -> pd.DataFrame:
     return scores_schema(bundle).empty_table().to_pandas()
-
-
-def _bundle_weights(bundle: ScorerBundle) -> dict[str, float]:
-    from smpp_ray import storage
-
-    return {f: float(w) for f, w in storage.read_json(bundle.blend)["weights"].items()}
 
 
 def _name(names: list[str], index: Any) -> str | None:

@@ -1,0 +1,76 @@
+"""What the search, the best round, the best trial and the blend weights optimise on validation.
+
+The SMP Challenge ranks a team by its rank on SRC plus its rank on MAE. A rank needs the other
+teams, so the search optimises a scalar proxy that weights the two equally on comparable scales:
+
+- ``src``: Spearman's rank correlation (higher is better);
+- ``mae``: the MAE skill, ``1 - MAE / MAE_0``, where ``MAE_0`` is the validation MAE of
+  predicting the training labels' median for every post (0: no better than the constant, 1:
+  perfect);
+- ``src+mae`` (default): the mean of the two. A round whose predictions barely leave the mean
+  ranks well by SRC but has an MAE skill near 0, so it no longer wins.
+
+Every value is "higher is better", so Tune's metric (``val_score``), ASHA and the search
+algorithm take it as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from smpp_ray import metrics
+
+OBJECTIVES = ("src", "mae", "src+mae")
+ObjectiveName = Literal["src", "mae", "src+mae"]
+
+#: The value trials report and the search maximises.
+SCORE = "val_score"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """``name`` and the constant predictor's validation MAE that scales the MAE skill."""
+
+    name: str
+    mae_baseline: float
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"unknown tune.objective {self.name!r}; expected one of {', '.join(OBJECTIVES)}")
+
+    @classmethod
+    def for_labels(cls, name: str, train_labels: np.ndarray, val_labels: np.ndarray) -> Objective:
+        """The objective with ``MAE_0`` of the training median on ``val_labels``."""
+        train_labels = np.asarray(train_labels, dtype=np.float64)
+        val_labels = np.asarray(val_labels, dtype=np.float64)
+        baseline = metrics.mae(val_labels, np.full_like(val_labels, np.median(train_labels)))
+        return cls(name, float(baseline) if baseline > 0 else 1.0)
+
+    def mae_skill(self, mae: float) -> float:
+        return 1.0 - mae / self.mae_baseline
+
+    def score(self, src: float, mae: float) -> float:
+        """The scalar to maximise; NaN when a metric it needs is NaN."""
+        if self.name == "src":
+            return float(src)
+        if self.name == "mae":
+            return self.mae_skill(mae)
+        return 0.5 * (float(src) + self.mae_skill(mae))
+
+    def of(self, labels: np.ndarray, predictions: np.ndarray) -> float:
+        """The objective of ``predictions`` against ``labels``."""
+        return self.score(metrics.src(labels, predictions), metrics.mae(labels, predictions))
+
+
+def best_round(reports: list[dict[str, float]], min_rounds: int = 0) -> dict[str, float] | None:
+    """The report with the highest finite ``val_score`` among rounds >= ``min_rounds`` (among all
+    rounds when no report reached it: a trial ASHA stopped early still has a best round); ties go
+    to the earlier round (fewer trees). None when no report has a finite score."""
+    scored = [r for r in reports if np.isfinite(r.get(SCORE, np.nan))]
+    eligible = [r for r in scored if r["rounds"] >= min_rounds] or scored
+    if not eligible:
+        return None
+    return max(eligible, key=lambda r: (r[SCORE], -r["rounds"]))
