@@ -327,7 +327,7 @@ def run_size(posts: int, args, config_path: str, sampler: MemorySampler, spilled
     result["image_features"] = train_summary["metrics"].get("image_features")
     if not {"extract", "tune trial"} & set(args.stages):
         return result
-    features = stage("extract", lambda: run_extract(config, data, train_summary["artifacts"]["best_checkpoint"],
+    features = stage("extract", lambda: run_extract(config, data, train,
                                                     str(work / "features"), fresh))
     if "tune trial" in args.stages:
         result["trial"] = measure("tune trial", lambda: tune_trial(features, args.rounds))

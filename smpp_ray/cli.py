@@ -254,8 +254,9 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
         import yaml
 
         from smpp_ray.config import config_to_dict
+        from smpp_ray.redact import redact_uri
 
-        console.out(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        console.out(redact_uri(yaml.safe_dump(config_to_dict(config), sort_keys=False)))
         return None
     if command == "pipeline":
         from smpp_ray.evaluate import print_results

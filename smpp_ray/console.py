@@ -11,6 +11,11 @@ and keeps on the console only:
 
 ``-v`` (``verbose``) keeps everything on the console as before. Tests and library users that never
 call :func:`capture` see plain logging; :func:`line` then just logs.
+
+Both destinations pass through :func:`smpp_ray.redact.redact_uri`: a tracking URI with a password
+(``http://user:PASSWORD@mlflow``) never reaches the console or the log, whether a record's message,
+its traceback, or a library's print carries it. The log file is created 0600 (owner only): what
+runs in native code (the fd-level redirection) cannot be filtered.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import sys
 import time
 from collections.abc import Iterator
 from typing import IO
+
+from smpp_ray.redact import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +85,21 @@ class _ConsoleFormatter(logging.Formatter):
         text = record.getMessage()
         if record.levelno >= logging.WARNING:
             text = f"{record.levelname.lower()}: {text}"
-        return f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {text}"
+        return redact_uri(f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {text}")
+
+
+class _LogFormatter(logging.Formatter):
+    """The log file's lines, tracebacks included, with credentials in URIs redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_uri(super().format(record))
+
+
+def _open_private(path: str) -> IO[str]:
+    """Append to ``path``, created (or narrowed to) 0600: it may hold locations and errors."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return open(fd, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
 
 
 class _Router(io.TextIOBase):
@@ -91,6 +112,8 @@ class _Router(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
+        length = len(text)
+        text = redact_uri(text)  # libraries print locations too (MLflow's "View run ... at")
         self.log.write(text)
         self._pending += text
         while "\n" in self._pending:
@@ -99,7 +122,7 @@ class _Router(io.TextIOBase):
             if at >= 0:
                 self.console.write(current[at + len(MARK):] + "\n")
                 self.console.flush()
-        return len(text)
+        return length
 
     def flush(self) -> None:
         self.log.flush()
@@ -114,7 +137,7 @@ class _Capture:
         self.log_path = log_path
         self.console = console  # progress: standard error
         self.result = result    # the command's result: standard output
-        self.log = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+        self.log = _open_private(log_path)
         self.file_handler: logging.StreamHandler | None = None
         self.routers: list[_Router] = []
         self.redirected_fds: list[int] = []
@@ -149,7 +172,7 @@ def capture(log_path: str, *, verbose: bool = False) -> Iterator[str]:
     root = logging.getLogger()
     project = logging.getLogger("smpp_ray")
     file_handler = logging.StreamHandler(state.log)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_handler.setFormatter(_LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console_handler = logging.StreamHandler(console)
     console_handler.setFormatter(_ConsoleFormatter())
     saved = {"stdout": sys.stdout, "stderr": sys.stderr, "root_level": root.level,
@@ -227,7 +250,7 @@ def stage_log(stage: str) -> Iterator[str | None]:
         yield None
         return
     path = stage_log_path(state.log_path, stage)
-    log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    log = _open_private(path)
     previous = state.switch_log(log)
     # The project's own records stay in the command's log as well, so it reads as the run's story.
     project_lines = logging.StreamHandler(previous)

@@ -25,7 +25,7 @@ from smpp_ray.gbdt.data import (
     select_columns,
 )
 from smpp_ray.metrics import regression_metrics
-from smpp_ray.summary import require_summary
+from smpp_ray.summary import artifact_location, require_summary
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def load_results(report_dir: str, tracking_uri: str | None = None) -> dict[str, 
     summary = require_summary(report_dir, "evaluate")
     table = pd.DataFrame(summary["metrics"]["table"])
     table[["src", "mae", "mse"]] = table[["src", "mae", "mse"]].astype(float)  # null (NaN) came back as None
-    return {"table": table, "report": summary["artifacts"]["report"],
+    return {"table": table, "report": artifact_location(report_dir, summary["artifacts"]["report"]),
             "final_metrics": summary["metrics"]["final"], "tracking_uri": tracking_uri}
 
 

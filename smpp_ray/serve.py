@@ -83,8 +83,8 @@ class ScorerEndpoint:
 
         try:
             payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-            return 400, {"error": f"body is not JSON: {err}"}
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, an int past 4,300 digits
+            return 400, {"error": f"body is not JSON this endpoint can read: {err}"}
         posts = payload.get("posts") if isinstance(payload, dict) else payload
         if not isinstance(posts, list):
             return 400, {"error": 'send a JSON list of posts, or {"posts": [...]}'}

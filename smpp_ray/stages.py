@@ -53,7 +53,9 @@ from smpp_ray.summary import (
     SUMMARY_FILE,
     is_complete_summary,
     json_safe,
+    artifact_location,
     read_summary,
+    relative_artifacts,
     remove_summary,
     write_summary,
 )
@@ -369,7 +371,7 @@ def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], c
             "inputs": inputs,
             "config": sections,
             "metrics": metrics,
-            "artifacts": result.get("artifacts", {}),
+            "artifacts": relative_artifacts(out, result.get("artifacts", {})),
             "mlflow_run_id": run_id,
             "fingerprint": stage_fingerprint(stage, config, inputs, contents),
             "seconds": round(time.time() - started, 2),
@@ -468,7 +470,10 @@ def run_train(config: Config, data_dir: str, prototypes_dir: str, out_dir: str,
                              train_config=config.train, tracking=tracking)
         best = result.get("best_checkpoint")
         metrics = {k: v for k, v in result.items() if k != "best_checkpoint"}
-        return {"metrics": metrics, "artifacts": {"best_checkpoint": best}}
+        artifacts = {"best_checkpoint": best}
+        if (result.get("selection") or {}).get("kept_ids"):
+            artifacts["kept_ids"] = result["selection"]["kept_ids"]
+        return {"metrics": metrics, "artifacts": artifacts}
 
     return _run_stage("train", config, out_dir, {"data": str(data_dir), "prototypes": str(prototypes_dir)},
                       stage_run, body)
@@ -502,7 +507,8 @@ def selected_ids_config(config: Config, train_dir: str | None) -> Config:
     if not tune.fit_on_selected or tune.selected_ids:
         return config
     summary = read_summary(train_dir) if train_dir else None
-    kept = ((summary or {}).get("metrics", {}).get("selection") or {}).get("kept_ids")
+    kept = (summary or {}).get("artifacts", {}).get("kept_ids")
+    kept = artifact_location(train_dir, kept) if kept and train_dir else None
     if not kept:
         where = f"the train stage in {train_dir}" if train_dir else "no train stage given"
         raise ValueError(f"tune.fit_on_selected: {where} recorded no dataset-level sample selection "

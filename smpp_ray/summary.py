@@ -3,6 +3,10 @@
 Every stage writes it last, into its output location, so a location with a readable summary
 whose ``status`` is ``complete`` holds a whole artifact; a torn or missing one means "not done".
 A run that changes its folder removes it first (see :data:`smpp_ray.stages.STAGE_WRITES`).
+
+Artifacts inside the stage's folder are recorded relative to it (``ray_results/smpp-train/
+checkpoint_000003``), so a pipeline folder copied or moved elsewhere (another disk, a bucket)
+still names its own files; :func:`artifact_location` turns a recorded value back into a location.
 """
 
 from __future__ import annotations
@@ -18,6 +22,25 @@ SUMMARY_FILE = "summary.json"
 
 def summary_location(stage_dir: str) -> str:
     return storage.join(stage_dir, SUMMARY_FILE)
+
+
+def relative_artifacts(stage_dir: str, artifacts: dict[str, Any]) -> dict[str, Any]:
+    """``artifacts`` with every location inside ``stage_dir`` made relative to it."""
+    base = storage.normalize(stage_dir).rstrip("/") + "/"
+    out: dict[str, Any] = {}
+    for key, value in artifacts.items():
+        if isinstance(value, str) and value:
+            location = storage.normalize(value)
+            value = location[len(base):] if location.startswith(base) else value
+        out[key] = value
+    return out
+
+
+def artifact_location(stage_dir: str, value: str) -> str:
+    """A recorded artifact's location: relative values are inside ``stage_dir``."""
+    if storage.is_uri(value) or value.startswith(("/", "file://")):
+        return storage.normalize(value)
+    return storage.join(stage_dir, value)
 
 
 def read_summary(stage_dir: str) -> dict[str, Any] | None:

@@ -153,3 +153,23 @@ def test_a_pipeline_writes_one_log_per_stage_and_keeps_its_own_for_the_story(ray
     assert "stage prepare: done" in prepare
     assert f"stage prepare: library output in {logs / 'prepare.log'}" in story
     assert "[2/2] prepare" in console_text
+
+
+SECRET_URI = "http://alice:s3cret-pw@127.0.0.1:9"
+
+
+def test_a_password_in_a_uri_never_reaches_the_console_the_log_or_config_show(tmp_path, capsys):
+    """The error path (a location naming credentials) and `config show` print the URI redacted;
+    the log file holds no password either and is readable by its owner only."""
+    out = tmp_path / "run" / "data"
+    code = main(["prepare", "--raw", f"{SECRET_URI}/raw", "--out", str(out), "--set", "tracking.enabled=false"])
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "http://***@127.0.0.1:9/raw" in err and "s3cret-pw" not in err
+    log = tmp_path / "run" / "logs" / "prepare.log"
+    assert "http://***@127.0.0.1:9/raw" in log.read_text() and "s3cret-pw" not in log.read_text()
+    assert log.stat().st_mode & 0o777 == 0o600
+
+    assert main(["config", "show", "--set", f"tracking.tracking_uri={SECRET_URI}"]) == 0
+    shown = capsys.readouterr().out
+    assert "tracking_uri: http://***@127.0.0.1:9" in shown and "s3cret-pw" not in shown

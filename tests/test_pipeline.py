@@ -44,7 +44,21 @@ def test_every_stage_writes_a_complete_summary(pipeline_run):
     prepare = json.loads((out / "data" / "summary.json").read_text())["metrics"]
     assert prepare["input_rows"] == prepare["written"] + prepare["rejected"]
     train = json.loads((out / "train" / "summary.json").read_text())
-    assert Path(train["artifacts"]["best_checkpoint"], "trainable.pt").is_file()
+    best = train["artifacts"]["best_checkpoint"]   # relative: the pipeline folder can move
+    assert best.startswith("ray_results/") and (out / "train" / best / "trainable.pt").is_file()
+
+
+def test_a_moved_train_folder_names_its_own_checkpoint(pipeline_run, tmp_path):
+    """Artifact references are relative: a copy scores with the copy's network, not the original's."""
+    import shutil
+
+    from smpp_ray.train.checkpoint import resolve_checkpoint
+
+    _, out, _ = pipeline_run
+    moved = tmp_path / "elsewhere" / "train"
+    shutil.copytree(out / "train", moved, ignore=shutil.ignore_patterns("image_features"))
+    found = resolve_checkpoint(str(moved))
+    assert found.startswith(str(moved) + "/ray_results/") and Path(found, "trainable.pt").is_file()
 
 
 def test_mlflow_holds_parent_run_with_one_child_per_stage(pipeline_run):

@@ -108,6 +108,8 @@ def test_concurrent_single_post_requests_are_all_answered(endpoint, test_posts):
 @pytest.mark.parametrize(("change", "status", "field"), [
     ({"Postdate": "0000-00-00 00:00:00"}, 422, "Postdate"),
     ({"Pid": None}, 422, "Pid"),
+    ({"Pid": int("9" * 100)}, 422, "Pid"),   # an id too long to keep, not a 500
+    ({"Subcategory": "NotAClassOfThisScorer"}, 422, "Subcategory"),   # predict rejects it too
     ("a subcategory under another category", 422, "Category"),
 ])
 def test_a_bad_post_is_a_4xx_naming_the_field(endpoint, test_posts, smoke_pipeline, change, status, field):
@@ -165,6 +167,9 @@ def test_a_bad_field_beside_a_bad_image_is_still_422_naming_only_the_field(endpo
 
 def test_malformed_requests_are_4xx(endpoint):
     assert requests.post(f"{endpoint}/predict", data=b"{not json", timeout=30).status_code == 400
+    # Python refuses to read an integer of more than 4,300 digits: still the client's error
+    huge = b'[{"Pid": ' + b"9" * 5000 + b"}]"
+    assert requests.post(f"{endpoint}/predict", data=huge, timeout=30).status_code == 400
     assert requests.post(f"{endpoint}/predict", json={"posts": "x"}, timeout=30).status_code == 400
     assert requests.post(f"{endpoint}/predict", json=[], timeout=30).status_code == 400
     assert requests.post(f"{endpoint}/predict", json=[{}] * 300, timeout=30).status_code == 413

@@ -132,7 +132,7 @@ def class_pairs(records: list[dict]) -> tuple[list[tuple[str, str]], list[tuple[
     return labelled, pairs
 
 
-def _class_problem(category: str | None, subcategory: str | None, taxonomy: Taxonomy,
+def class_problem(category: str | None, subcategory: str | None, taxonomy: Taxonomy,
                    cat_id: dict[str, int], sub_id: dict[str, int],
                    inferred: InferredTaxonomy | None = None) -> tuple[str, str] | None:
     """(field, reason) when a row's class names do not fit the taxonomy; None when they do."""
@@ -165,7 +165,7 @@ def _assign_class_ids(records: list[dict], taxonomy: Taxonomy, inferred: Inferre
     sub_id = {n: i for i, n in enumerate(taxonomy.subcategories)}
     kept, rejects = [], []
     for r in records:
-        problem = _class_problem(r["category"], r["subcategory"], taxonomy, cat_id, sub_id, inferred)
+        problem = class_problem(r["category"], r["subcategory"], taxonomy, cat_id, sub_id, inferred)
         if problem is not None:
             rejects.append(_reject(r, r[_CATEGORY_FILE], *problem))
         else:

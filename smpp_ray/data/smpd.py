@@ -392,6 +392,8 @@ def parse_id(value: Any, source: str, name: str) -> str:
         if not value.is_integer():
             raise FieldError(source, name, f"{name} {value!r} is not an id")
         value = int(value)
+    if isinstance(value, int) and value.bit_length() > 4 * _MAX_ID_CHARS:  # > 64 digits: str() may refuse
+        raise FieldError(source, name, f"{name} is an integer of more than {_MAX_ID_CHARS} digits: too long for an id")
     text = _check_unicode(str(value).strip(), source, name)
     if len(text) > _MAX_ID_CHARS:
         raise FieldError(source, name, f"{name} {_show(text)} is too long for an id (at most {_MAX_ID_CHARS})")
@@ -574,6 +576,8 @@ def reject_id(value: Any) -> str | None:
     """An id for a reject row, or None when the raw value could not be stored or read back."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return None
+    if isinstance(value, int) and value.bit_length() > 4 * _MAX_ID_CHARS:
+        return None  # longer than any id kept (and str() refuses past 4,300 digits)
     text = str(value)
     try:
         text.encode("utf-8")

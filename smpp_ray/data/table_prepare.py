@@ -104,7 +104,7 @@ def _decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_post
     sub_id = {n: i for i, n in enumerate(taxonomy.subcategories)}
     keep = np.ones(len(valid), dtype=bool)
     for i, (category, subcategory) in enumerate(zip(valid["category"], valid["subcategory"], strict=True)):
-        problem = smpd_prepare._class_problem(_none(category), _none(subcategory), taxonomy, cat_id, sub_id, inferred)
+        problem = smpd_prepare.class_problem(_none(category), _none(subcategory), taxonomy, cat_id, sub_id, inferred)
         if problem is not None:
             keep[i] = False
             rejects.append(_reject(valid.iloc[i], *problem))

@@ -52,15 +52,16 @@ def _image_bytes(value: Any) -> bytes:
 
 
 def _reject(index: int, record: Any, field: str, reason: str) -> dict[str, Any]:
+    from smpp_ray.data.smpd import reject_id
+
     pid = uid = None
     if isinstance(record, dict):
-        pid = None if record.get("Pid") is None else str(record.get("Pid"))
-        uid = None if record.get("Uid") is None else str(record.get("Uid"))
+        pid, uid = reject_id(record.get("Pid")), reject_id(record.get("Uid"))
     return {"source_file": SOURCE, "row_index": index, "pid": pid, "uid": uid, "field": field, "reason": reason}
 
 
 def _parse_one(record: Any, index: int, *, max_side: int, quality: int,
-               parents: dict[str, str]) -> tuple[dict | None, dict | None]:
+               classes: _Classes | None) -> tuple[dict | None, dict | None]:
     """One record -> (prepared row, None), (None, reject), or (row with ``image`` b"", image reject)
     when the image is the only problem."""
     from smpp_ray.data import smpd
@@ -76,10 +77,9 @@ def _parse_one(record: Any, index: int, *, max_side: int, quality: int,
     row, reject = smpd.parse_row(smpd.FileSet("test_", files, rows), 0)
     if reject is not None:
         return None, {**reject, "row_index": index}
-    parent = parents.get(row["subcategory"])
-    if parent is not None and row["category"] is not None and parent != row["category"]:
-        return None, _reject(index, record, "Category", f"category {row['category']!r} disagrees with {parent!r}, "
-                                                        f"the parent of subcategory {row['subcategory']!r}")
+    problem = classes.problem(row["category"], row["subcategory"]) if classes is not None else None
+    if problem is not None:
+        return None, _reject(index, record, *problem)
     row.update({"row_index": index, "image": b"", "image_path": None,
                 "category_id": -1, "subcategory_id": -1, "concept_id": -1})
     try:
@@ -87,6 +87,28 @@ def _parse_one(record: Any, index: int, *, max_side: int, quality: int,
     except (ValueError, ImageError) as err:
         return row, _reject(index, record, "image", str(err))
     return row, None
+
+
+@dataclass(frozen=True)
+class _Classes:
+    """The scorer's taxonomy, checked as prepare checks a row (:func:`smpp_ray.data.prepare.class_problem`)."""
+
+    taxonomy: Any
+    category_ids: dict[str, int]
+    subcategory_ids: dict[str, int]
+
+    @classmethod
+    def of(cls, taxonomy: dict[str, Any]) -> _Classes:
+        from smpp_ray.data.schema import Taxonomy
+
+        parsed = Taxonomy.from_dict(taxonomy)
+        return cls(parsed, {n: i for i, n in enumerate(parsed.categories)},
+                   {n: i for i, n in enumerate(parsed.subcategories)})
+
+    def problem(self, category: str | None, subcategory: str | None) -> tuple[str, str] | None:
+        from smpp_ray.data.prepare import class_problem
+
+        return class_problem(category, subcategory, self.taxonomy, self.category_ids, self.subcategory_ids)
 
 
 @dataclass
@@ -105,17 +127,14 @@ def parse_records(records: Sequence[Any], *, max_side: int, quality: int,
                   taxonomy: dict[str, Any] | None = None) -> ParsedPosts:
     """Validate every record as prepare would; ``len(records) == len(rows) + len(rejects)``.
 
-    ``taxonomy`` (the manifest form) rejects a post whose Category is not the parent of its
-    Subcategory, as prepare does; that check comes before the image's, so an imageless post
-    has nothing else wrong with it.
+    ``taxonomy`` (the manifest form) rejects a post whose Category or Subcategory is not one of
+    its classes, or whose Category is not the parent of its Subcategory, as prepare does; that
+    check comes before the image's, so an imageless post has nothing else wrong with it.
     """
-    parents = {}
-    if taxonomy:
-        names = {c["id"]: c["name"] for c in taxonomy["categories"]}
-        parents = {s["name"]: names[s["category_id"]] for s in taxonomy["subcategories"]}
+    classes = _Classes.of(taxonomy) if taxonomy else None
     kept, imageless, rejects = [], [], []
     for index, record in enumerate(records):
-        row, reject = _parse_one(record, index, max_side=max_side, quality=quality, parents=parents)
+        row, reject = _parse_one(record, index, max_side=max_side, quality=quality, classes=classes)
         if reject is not None:
             rejects.append(reject)
             if row is not None:

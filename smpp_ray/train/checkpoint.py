@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from smpp_ray import console, storage
 from smpp_ray.config import ModelConfig
 from smpp_ray.data.schema import Taxonomy
-from smpp_ray.summary import SUMMARY_FILE, read_summary
+from smpp_ray.summary import SUMMARY_FILE, artifact_location, read_summary
 
 if TYPE_CHECKING:
     import torch
@@ -181,7 +181,7 @@ def best_checkpoint(train_dir: str) -> str:
     if not summary or summary.get("status") != "complete" or not best:
         raise ValueError(f"{storage.normalize(train_dir)!r} holds no finished train stage ({SUMMARY_FILE} with "
                          "best_checkpoint); run `smpp train` first or pass the checkpoint folder itself")
-    return storage.normalize(best)
+    return artifact_location(train_dir, best)
 
 
 def resolve_checkpoint(location: str | os.PathLike[str] | None) -> str | None:
