@@ -507,7 +507,9 @@ def selected_ids_config(config: Config, train_dir: str | None) -> Config:
     if not tune.fit_on_selected or tune.selected_ids:
         return config
     summary = read_summary(train_dir) if train_dir else None
-    kept = (summary or {}).get("artifacts", {}).get("kept_ids")
+    # artifacts.kept_ids (relative to the train folder); older summaries held metrics.selection's
+    kept = ((summary or {}).get("artifacts", {}).get("kept_ids")
+            or ((summary or {}).get("metrics", {}).get("selection") or {}).get("kept_ids"))
     kept = artifact_location(train_dir, kept) if kept and train_dir else None
     if not kept:
         where = f"the train stage in {train_dir}" if train_dir else "no train stage given"

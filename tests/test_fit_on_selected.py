@@ -81,5 +81,11 @@ def test_a_pipeline_takes_the_kept_ids_from_its_train_stage(tmp_path):
                         "metrics": {"selection": {"kept_ids": "s3://b/run/selection/kept_ids.parquet"}}})
     assert selected_ids_config(config, str(tmp_path / "train")).tune.selected_ids == \
         "s3://b/run/selection/kept_ids.parquet"
+    # A summary of this version names it as an artifact, relative to the train folder
+    storage.write_json(str(tmp_path / "train" / "summary.json"),
+                       {"stage": "train", "status": "complete",
+                        "artifacts": {"kept_ids": "ray_results/smpp-train/selection/kept_ids.parquet"}})
+    assert selected_ids_config(config, str(tmp_path / "train")).tune.selected_ids == \
+        str(tmp_path / "train" / "ray_results" / "smpp-train" / "selection" / "kept_ids.parquet")
     off = Config()
     assert selected_ids_config(off, str(tmp_path / "train")) is off

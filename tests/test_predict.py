@@ -51,10 +51,14 @@ def evaluated(smoke_pipeline):
 
 @pytest.fixture(scope="module")
 def scorer_only(smoke_pipeline, tmp_path_factory):
-    """A copy of the pipeline without its posts (raw/ and data/ gone): what predict may need."""
+    """A copy of the pipeline without its posts (raw/ and data/ gone) and without the run states
+    (ray_results/) but the best checkpoint: what predict may need. The summary names the checkpoint
+    relative to the train folder, so the copy scores with its own copy of the network."""
     _, out, _ = smoke_pipeline
     copy = tmp_path_factory.mktemp("scorer-only") / "pipeline"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("raw", "data", "ray_results", "mlruns.db", "mlartifacts"))
+    best = json.loads((out / "train" / "summary.json").read_text())["artifacts"]["best_checkpoint"]
+    shutil.copytree(out / "train" / best, copy / "train" / best)
     return copy
 
 
