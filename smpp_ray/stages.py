@@ -49,6 +49,7 @@ from typing import Any
 from smpp_ray import console, storage
 from smpp_ray.config import Config, config_to_dict, flatten_config_dict
 from smpp_ray.layout import STAGE_FOLDERS, pipeline_layout
+from smpp_ray.locking import output_lock
 from smpp_ray.summary import (
     SUMMARY_FILE,
     is_complete_summary,
@@ -229,6 +230,21 @@ def _claim_resumable_state(stage: str, config: Config, out: str, contents: dict[
     storage.write_text(record, json.dumps(current, indent=1, sort_keys=True))
 
 
+def _end_abandoned_runs(stage: str, out: str, stage_run: StageRun) -> None:
+    """Mark KILLED the runs of this stage and folder still RUNNING: with the folder's lock held, no
+    live command owns them, so a run killed outright (``kill -9``, a lost node) left them. A
+    resumable stage's rerun then reopens the newest (:func:`smpp_ray.tracking.find_reattachable_run`)."""
+    if not stage_run.enabled or not stage_run.tracking_uri or storage.is_uri(out):
+        return  # an object-store folder has no lock: a RUNNING run there may be alive
+    from smpp_ray.tracking import end_run, find_runs
+
+    for run_id in find_runs(stage_run.tracking_uri, stage_run.experiment, {STAGE_TAG: stage, OUT_TAG: out},
+                            status="RUNNING"):
+        logger.info("stage %s: MLflow run %s was left RUNNING by a command that died; marking it KILLED",
+                    stage, run_id)
+        end_run(stage_run.tracking_uri, run_id, "KILLED")
+
+
 def is_complete(stage: str, config: Config, inputs: dict[str, str], out_dir: str) -> bool:
     summary = read_summary(out_dir)
     return is_complete_summary(summary) and summary.get("fingerprint") == stage_fingerprint(stage, config, inputs)
@@ -326,9 +342,10 @@ def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
     # Listed once: each input's files are listed for resuming, the dataset inputs and the summary
     contents = input_contents(inputs)
     try:
-        with stop_signals_end_runs(), _keeping_previous_output(stage, out):
+        with output_lock(out), stop_signals_end_runs(), _keeping_previous_output(stage, out):
             storage.make_dir(out)
             _claim_resumable_state(stage, config, out, contents, stage_run.fresh)
+            _end_abandoned_runs(stage, out, stage_run)
             _run_tracked(stage, config, out, inputs, contents, stage_run, body, started)
     except StopRequested as stop:
         logger.error("stage %s: stopped by %s after %.1f s; its MLflow runs are KILLED; rerun the same "

@@ -13,18 +13,24 @@ object-store PUT is atomic by itself. A stage is complete when its ``summary.jso
 that file is always written last (see :mod:`smpp_ray.stages`).
 
 Whole outputs are swapped, not overwritten: a run writes into :func:`staging_location` (a hidden
-folder beside its target) and :func:`swap_in` moves the finished entries into the target.
-Locally each entry moves with one ``rename``; on object storage, which has no rename, the swap
-is copy-then-delete (a server-side copy of each object, then the staging objects are deleted).
-Neither is one atomic step for the whole folder, so the swap orders its work by marker: the
-entry that says "complete" (``summary.json``, a manifest) is removed first and moved in last,
-and a reader who checks the marker never takes a half-swapped folder for a whole one. A run
-that fails before its swap leaves the target untouched; one that dies during it leaves the
-target without its marker (not complete), never as a mix that claims to be.
+folder beside its target, or inside it when the target is a mount point, so the swap never
+copies across filesystems) and :func:`swap_in` makes the finished entries the target's.
+
+Locally, when the target holds only entries the output owns, the two folders are exchanged in
+one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``): a process killed at any moment, ``kill
+-9`` included, leaves the whole old output or the whole new one. Otherwise (other entries in the
+target, no ``renameat2``) each entry moves with one ``rename`` and a failed move puts the old
+entries back. On object storage, which has no rename, the swap is copy-then-delete (a
+server-side copy of each object, then the staging objects are deleted). Those two paths are not
+one atomic step for the whole folder, so they order their work by marker: the entry that says
+"complete" (``summary.json``, a manifest) is removed first and moved in last, and a reader who
+checks the marker never takes a half-swapped folder for a whole one.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
@@ -297,15 +303,50 @@ def _siblings(target: str, mark: str) -> list[str]:
     return [join(base, n) for n in list_names(base) if n.startswith(prefix)]
 
 
+#: A staging folder inside a target that is a mount point (see :func:`staging_location`).
+INNER_STAGING = ".smpp-staging-"
+
+
+def _is_mount_point(loc: str) -> bool:
+    return not is_uri(loc) and os.path.isdir(loc) and os.path.ismount(loc)
+
+
 def staging_location(target: str) -> str:
-    """A fresh location beside ``target`` (``<parent>/.<name>.staging-<id>``) to write its next
-    version into before :func:`swap_in`. Staging folders left by killed runs are removed first:
-    two runs writing one target at once are not supported (their swaps would interleave)."""
-    for stale in _siblings(target, STAGING_MARK):
-        logger.info("removing %s, left by an earlier run that did not finish", stale)
-        remove(stale)
+    """A fresh location to write ``target``'s next version into before :func:`swap_in`: beside it
+    (``<parent>/.<name>.staging-<id>``), or inside it (``<target>/.smpp-staging-<id>``) when the
+    target is a mount point, whose parent is another filesystem. Staging folders left by killed
+    runs are removed first (one writer per target: :mod:`smpp_ray.locking`)."""
     loc = normalize(target)
+    stale = _siblings(target, STAGING_MARK)
+    if is_dir(loc):
+        stale += [join(loc, n) for n in list_names(loc) if n.startswith(INNER_STAGING)]
+    for folder in stale:
+        logger.info("removing %s, left by an earlier run that did not finish", folder)
+        remove(folder)
+    if _is_mount_point(loc):
+        return join(loc, f"{INNER_STAGING}{uuid.uuid4().hex[:8]}")
     return join(parent(loc), f".{name(loc)}{STAGING_MARK}{uuid.uuid4().hex[:8]}")
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(first: str, second: str) -> bool:
+    """Swap two local folders in one atomic step (``renameat2`` with ``RENAME_EXCHANGE``, Linux
+    >= 3.15, glibc >= 2.28); False, with nothing changed, where the system or filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EXDEV, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), first)
 
 
 def _move(source: str, target: str) -> None:
@@ -332,9 +373,16 @@ def swap_in(staging: str, target: str, names: Sequence[str]) -> str:
     ``names`` are every entry the output owns, marker first: each is removed from ``target``
     in that order (so an entry the new output lacks never survives from the old one), then the
     staged ones move in in reverse order (the marker last). Entries of ``target`` not named are
-    left alone. Locally the old entries are renamed into the staging folder and deleted with it;
-    on object storage they are deleted and the new ones copied (see the module docstring)."""
+    left alone. Locally, when both folders hold owned entries only, they are exchanged in one
+    atomic step (:func:`exchange`) and the old one deleted; otherwise the old entries are renamed
+    into the staging folder and deleted with it (put back when a move in fails). On object
+    storage they are deleted and the new ones copied (see the module docstring)."""
     staged, out = normalize(staging), make_dir(target)
+    owned = set(names)
+    if (not is_uri(out) and set(list_names(out)) <= owned and set(list_names(staged)) <= owned
+            and exchange(staged, out)):
+        remove(staged)   # now the previous output
+        return out
     trash = join(staged, ".replaced")
     for entry in names:
         if exists(join(out, entry)):
@@ -342,9 +390,21 @@ def swap_in(staging: str, target: str, names: Sequence[str]) -> str:
                 remove(join(out, entry))
             else:
                 _move(join(out, entry), join(trash, entry))
-    for entry in reversed(names):
-        if exists(join(staged, entry)):
-            _move(join(staged, entry), join(out, entry))
+    moved: list[str] = []
+    try:
+        for entry in reversed(names):
+            if exists(join(staged, entry)):
+                _move(join(staged, entry), join(out, entry))
+                moved.append(entry)
+    except BaseException:
+        if not is_uri(out):   # put the previous output back as it was
+            logger.warning("swapping %s into %s failed: putting the previous entries back", staged, out)
+            for entry in moved:
+                remove(join(out, entry))
+            for entry in names:
+                if exists(join(trash, entry)):
+                    _move(join(trash, entry), join(out, entry))
+        raise
     remove(staged)
     return out
 

@@ -377,12 +377,15 @@ class TrackingContext:
     run_id: str
 
 
-def find_runs(tracking_uri: str, experiment: str, tags: Mapping[str, Any]) -> list[str]:
-    """Ids of the runs of ``experiment`` carrying every tag in ``tags`` (oldest first)."""
+def find_runs(tracking_uri: str, experiment: str, tags: Mapping[str, Any], *, status: str = "") -> list[str]:
+    """Ids of the runs of ``experiment`` carrying every tag in ``tags`` (oldest first), only those
+    in ``status`` (e.g. ``RUNNING``) when given."""
     found = client(tracking_uri).get_experiment_by_name(experiment)
     if found is None:
         return []
     query = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items())
+    if status:
+        query += f" and attributes.status = {_quote(status)}"
     runs = client(tracking_uri).search_runs([found.experiment_id], filter_string=query,
                                             order_by=["attributes.start_time ASC"], max_results=1000)
     return [run.info.run_id for run in runs]

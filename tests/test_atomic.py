@@ -288,3 +288,119 @@ def test_a_run_elsewhere_made_from_other_inputs_is_refused_not_deleted(ray_sessi
     err = capsys.readouterr().err
     assert "train.batch_size was 32, now 7" in err and "input 'prototypes' changed" in err and "--force" in err
     assert storage.read_bytes(checkpoint) == b"weights of the first run"
+
+
+# ----------------------------------------------------------------------------- one writer, atomic swap
+
+_KILLING_SWAP = r"""
+import os, signal, sys
+from smpp_ray import storage
+
+step, staging, target = sys.argv[1:4]
+real_exchange, real_remove = storage.exchange, storage.remove
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def exchange(first, second):
+    if step == "before the exchange":
+        die()
+    done = real_exchange(first, second)
+    if step == "after the exchange":
+        die()
+    return done
+
+def remove(location):
+    if step == "while deleting the old output":
+        real_remove(os.path.join(location, "posts"))   # half of the old output gone
+        die()
+    real_remove(location)
+
+storage.exchange, storage.remove = exchange, remove
+storage.swap_in(staging, target, ["summary.json", "manifest.json", "posts"])
+"""
+
+
+@pytest.mark.parametrize("step", ["before the exchange", "after the exchange", "while deleting the old output"])
+def test_a_swap_killed_at_any_step_leaves_the_whole_old_or_the_whole_new_output(tmp_path, step):
+    """kill -9 runs no cleanup: the switch itself must be one atomic step (RENAME_EXCHANGE)."""
+    import subprocess
+    import sys
+
+    target, staging = tmp_path / "data", tmp_path / ".data.staging-1"
+    old = {"manifest.json": b'{"rows": 3}', "summary.json": b'{"status": "complete"}', "posts/part-0.parquet": b"old"}
+    new = {"manifest.json": b'{"rows": 5}', "posts/part-0.parquet": b"new", "posts/part-1.parquet": b"new too"}
+    for folder, files in ((target, old), (staging, new)):
+        for relative, data in files.items():
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            (folder / relative).write_bytes(data)
+    run = subprocess.run([sys.executable, "-c", _KILLING_SWAP, step, str(staging), str(target)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == -9, run.stderr
+    expected = old if step == "before the exchange" else new
+    assert _tree(str(target)) == expected
+
+
+def test_a_second_writer_of_the_same_output_exits_2_while_the_first_runs(tmp_path, capsys):
+    """The lock is the kernel's: held by a live process, dropped when it dies (kill -9 included)."""
+    import subprocess
+    import sys
+
+    from smpp_ray.cli import main
+
+    out = tmp_path / "data"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom smpp_ray.locking import output_lock\n"
+                               f"with output_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = main(["synth", "--out", str(out), "--posts", "20", "--set", "tracking.enabled=false"])
+        assert code == 2
+        assert f"is being written by another smpp command (pid {holder.pid}" in capsys.readouterr().err
+        assert not out.exists() or not any(out.iterdir())   # nothing written by the refused command
+    finally:
+        holder.kill()
+        holder.wait(30)
+    # The holder died without unlocking: the next writer runs
+    assert main(["synth", "--out", str(out), "--posts", "20", "--test-posts", "4", "--set", "tracking.enabled=false"]) == 0
+
+
+def test_a_rerun_marks_the_runs_a_killed_command_left_running_killed(tmp_path, capsys):
+    from smpp_ray import tracking
+    from smpp_ray.cli import main
+
+    out, uri = tmp_path / "raw", f"sqlite:///{tmp_path / 'mlruns.db'}"
+    abandoned = tracking.create_run(uri, "smpp", "synth", tags={tracking.STAGE_TAG: "synth", tracking.OUT_TAG: str(out)})
+    elsewhere = tracking.create_run(uri, "smpp", "synth", tags={tracking.STAGE_TAG: "synth",
+                                                                tracking.OUT_TAG: str(tmp_path / "other")})
+    assert main(["synth", "--out", str(out), "--posts", "20", "--test-posts", "4",
+                 "--set", f"tracking.tracking_uri={uri}"]) == 0
+    client = tracking.client(uri)
+    assert client.get_run(abandoned).info.status == "KILLED"
+    assert client.get_run(elsewhere).info.status == "RUNNING"   # another folder's run is not this one's
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_a_prepare_rerun_that_fills_a_mounted_out_keeps_the_previous_dataset(ray_session, config, tmp_path):
+    """--out is a mount point: staging goes inside it (same filesystem), so the disk filling up
+    fails the run before the swap, and the previous dataset stays byte-identical."""
+    import subprocess
+
+    small, big, data = str(tmp_path / "small"), str(tmp_path / "big"), tmp_path / "data"
+    synthesize_corpus(small, **CORPUS)
+    synthesize_corpus(big, **{**CORPUS, "posts": 400, "image_size": 64})
+    data.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(data)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        stages.run_prepare(config, small, str(data), NO_TRACKING)
+        before = _tree(str(data))
+        with pytest.raises(Exception) as failed:   # ENOSPC, surfaced by the Ray Data write or our own
+            stages.run_prepare(load_config(None, ["tracking.enabled=false", "data.max_image_side=64"]), big,
+                               str(data), NO_TRACKING)
+        assert "No space left" in str(failed.value) or "ENOSPC" in str(failed.value) or "space" in str(failed.value)
+        assert _tree(str(data)) == before
+        assert [n for n in os.listdir(data) if n.startswith(storage.INNER_STAGING)] == []
+    finally:
+        subprocess.run(["umount", str(data)], check=False)
