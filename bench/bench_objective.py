@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,10 +34,11 @@ from smpp_ray.runtime import init_ray  # noqa: E402
 
 logger = logging.getLogger("bench_objective")
 
+#: arm -> (its folder, its settings)
 ARMS = {
-    "src (before)": ["tune.objective=src", "tune.calibrate=false"],
-    "src+mae": ["tune.objective=src+mae", "tune.calibrate=false"],
-    "src+mae, calibrated (default)": ["tune.objective=src+mae", "tune.calibrate=true"],
+    "src (before)": ("tune-src", ["tune.objective=src", "tune.calibrate=false"]),
+    "src+mae": ("tune-src-mae", ["tune.objective=src+mae", "tune.calibrate=false"]),
+    "src+mae, calibrated (default)": ("tune-src-mae-calibrated", ["tune.objective=src+mae", "tune.calibrate=true"]),
 }
 MODELS = ("lightgbm", "catboost", "blend")
 
@@ -70,21 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     network_seconds = time.perf_counter() - started
 
     rows, results = [], {}
-    for arm, overrides in ARMS.items():
+    for arm, (folder, overrides) in ARMS.items():
         arm_config = load_config("jobs/configs/demo.yaml", [*common, *overrides])
+        shutil.rmtree(work / folder, ignore_errors=True)   # a fresh search, never a restored one
         began = time.perf_counter()
-        result = tune_models(str(work / "features"), str(work / f"tune-{arm.split()[0].replace('+', '_')}"
-                                                         f"{'-cal' if 'calibrated' in arm else ''}"),
-                             tune_config=arm_config.tune, tracking=None)
+        result = tune_models(str(work / "features"), str(work / folder), tune_config=arm_config.tune, tracking=None)
         seconds = time.perf_counter() - began
         metrics = result["metrics"]
         results[arm] = {"metrics": metrics, "weights": result["blend_weights"],
                         "best_rounds": result["best_rounds"], "seconds": seconds}
         ok, text = _check(metrics)
         cells = " | ".join(f"{metrics[m]['test_src']:.4f} / {metrics[m]['test_mae']:.4f}" for m in MODELS)
+        kept = [m for m, check in (result.get("calibration_check") or {}).items() if check.get("kept")]
+        if "calibrated" in arm:
+            weights_note = f"; calibrated: {', '.join(kept) or 'none (no held-out gain)'}"
+        else:
+            weights_note = ""
         weights = ", ".join(f"{k} {v:.2f}" for k, v in result["blend_weights"].items())
         rounds = ", ".join(f"{k} {v}" for k, v in result["best_rounds"].items())
-        rows.append(f"| {arm} | {cells} | {weights} | {rounds} | {'yes' if ok else 'no'}: {text} |")
+        rows.append(f"| {arm} | {cells} | {weights}{weights_note} | {rounds} | {'yes' if ok else 'no'}: {text} |")
     manifest = json.loads((work / "data" / "manifest.json").read_text())
     counts = manifest.get("counts") or manifest.get("rows_by_split") or {}
     lines = [

@@ -460,6 +460,27 @@ def fingerprint(location: str) -> str:
     return hashlib.sha256(json.dumps(entries, default=str).encode()).hexdigest()[:20]
 
 
+def file_digest(path: str) -> str:
+    """SHA-256 of a local file, streamed (what an artifact's recorded digest is checked against)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+#: Parquet written with a CRC per data page (``write_page_checksum``) and read with the check on:
+#: flipped bytes in a page fail the read instead of turning into values (e.g. ~4e22).
+PARQUET_CHECKSUM_WRITE = {"write_page_checksum": True}
+
+
+def parquet_scan_options() -> Any:
+    """``pyarrow.dataset`` scan options that verify the pages' CRCs."""
+    import pyarrow.dataset as pads
+
+    return pads.ParquetFragmentScanOptions(page_checksum_verification=True)
+
+
 def cache_root() -> str:
     """This node's cache of fetched objects: ``$SMPP_CACHE_DIR`` or ``~/.cache/smpp_ray``."""
     return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "smpp_ray")

@@ -10,7 +10,7 @@ import pytest
 
 from smpp_ray import metrics
 from smpp_ray.gbdt.blend import choose_blend, read_blend, write_blend
-from smpp_ray.gbdt.calibration import MAX_KNOTS, MonotoneCalibrator
+from smpp_ray.gbdt.calibration import MAX_KNOTS, MonotoneCalibrator, fit_if_it_helps
 from smpp_ray.gbdt.objective import SCORE, Objective, best_round
 
 
@@ -105,6 +105,23 @@ def test_the_blend_weight_follows_the_objective():
     assert by_src.weights["lightgbm"] > by_both.weights["lightgbm"]
     blended = {name: b.score("blend", preds) for name, b in (("src", by_src), ("both", by_both))}
     assert metrics.mae(label, blended["both"]) < metrics.mae(label, blended["src"])
-    # With calibration the blend is put on the scale whatever the weight: MAE lower still
+    # Calibration is chosen after the weight (not in-sample per candidate) and only where it helps
     calibrated = choose_blend(label, preds, Objective.for_labels("src+mae", train, label), calibrate=True)
-    assert metrics.mae(label, calibrated.score("blend", preds)) < metrics.mae(label, blended["both"])
+    assert calibrated.weights == by_both.weights
+    assert set(calibrated.checks) == {"lightgbm", "catboost", "blend"}
+    assert calibrated.checks["lightgbm"]["kept"]   # the shrunk ranker is put on the scale
+    assert metrics.mae(label, calibrated.score("lightgbm", preds)) < 0.5 * metrics.mae(label, ranker)
+    assert metrics.mae(label, calibrated.score("blend", preds)) <= metrics.mae(label, blended["both"])
+
+
+def test_a_calibrator_is_kept_only_where_it_lowers_held_out_mae():
+    rng = np.random.default_rng(4)
+    on_scale = rng.normal(6.0, 2.0, 150)   # a small split, a score already calibrated: E[label | score] = score
+    label = on_scale + rng.normal(0, 1.0, 150)
+    calibrator, facts = fit_if_it_helps(on_scale, label)
+    assert not facts["kept"] and calibrator.is_identity
+    assert facts["cv_mae_calibrated"] >= facts["cv_mae_raw"]
+    shifted = 0.3 * on_scale + 1.0   # the same order, off the scale
+    calibrator, facts = fit_if_it_helps(shifted, label)
+    assert facts["kept"] and not calibrator.is_identity and facts["cv_mae_calibrated"] < facts["cv_mae_raw"]
+    assert len(calibrator.x) <= 150 // 20   # each knot pools >= MIN_POSTS_PER_KNOT posts

@@ -181,3 +181,23 @@ def test_results_end_with_the_mlflow_runs_page_of_the_experiment(pipeline_run, c
     text = capsys.readouterr().out
     assert "MLflow UI: mlflow ui --backend-store-uri sqlite:" in text
     assert f"then open http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning" in text
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(pipeline_run, tmp_path):
+    """4 KB flipped in the weights: loading fails on the digest meta.json records, instead of
+    extracting features with silently changed weights."""
+    import shutil
+
+    from smpp_ray.train.checkpoint import TRAINABLE_FILE, load_model_from_checkpoint, resolve_checkpoint
+
+    _, out, _ = pipeline_run
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(resolve_checkpoint(str(out / "train")), copy)
+    load_model_from_checkpoint(str(copy))   # intact: loads
+    weights = copy / TRAINABLE_FILE
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(b ^ 0x5A for b in data[middle:middle + 4096])
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{weights} does not match the digest"):
+        load_model_from_checkpoint(str(copy))

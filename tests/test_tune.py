@@ -327,3 +327,29 @@ def test_a_tune_rerun_on_changed_features_searches_afresh(ray_session, tmp_path,
     assert second["fingerprint"] != first["fingerprint"]
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert len(predictions) == 900   # scored on the new features, every post once
+
+
+def _flip_a_data_page(part: Path) -> None:
+    """16 bytes inside the first column chunk's data page: Parquet without checksums reads them
+    as values (a cell of ~4e22), with them the read fails."""
+    import pyarrow.parquet as pq
+
+    offset = pq.ParquetFile(part).metadata.row_group(0).column(3).data_page_offset + 24
+    data = bytearray(part.read_bytes())
+    data[offset:offset + 16] = bytes(b ^ 0xFF for b in data[offset:offset + 16])
+    part.write_bytes(bytes(data))
+
+
+def test_damaged_features_are_exit_2_naming_the_file_before_any_trial(features, tmp_path, capsys):
+    from smpp_ray.cli import main
+
+    damaged = tmp_path / "features"
+    shutil.copytree(features, damaged)
+    part = sorted((damaged / "split=val").glob("*.parquet"))[0]
+    _flip_a_data_page(part)
+    code = main(["tune", "--features", str(damaged), "--out", str(tmp_path / "tune"), "--set", "tracking.enabled=false",
+                 "--set", "tune.models=[lightgbm]", "--set", "tune.num_samples=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{part}:" in err and "damaged" in err
+    assert not (tmp_path / "tune" / "ray_results" / "lightgbm").exists()   # refused before any trial

@@ -554,7 +554,7 @@ def write_split_dataset(dataset: Any, rows: int, split: str, out: str, raw: str,
                        "keep_imageless": keep_imageless, "max_bytes": max_bytes})
         dataset.write_parquet(path, filesystem=fs, schema=POSTS_SCHEMA, filename_provider=PartNames(),
                               min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard,
-                              mode=ray.data.SaveMode.OVERWRITE)
+                              mode=ray.data.SaveMode.OVERWRITE, **storage.PARQUET_CHECKSUM_WRITE)
     written = _count_rows(folder)
     if written == 0:   # an empty split still gets a file, so readers see the schema
         storage.write_bytes(storage.join(folder, "part-00000-0.parquet"), _parquet_bytes(POSTS_SCHEMA.empty_table()))

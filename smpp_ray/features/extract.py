@@ -579,7 +579,7 @@ def _run_join_pass(tmp_dir: str, table: pa.Table, projections: dict[str, PCAProj
             join_network_batch, batch_format="numpy", batch_size=None,
             fn_kwargs={"tabular_ref": [tabular_ref], "projections": plain})
         joined.write_parquet(storage.join(out_dir, f"split={split}"), filename_provider=_part_files(),
-                             min_rows_per_file=ROWS_PER_FILE)
+                             min_rows_per_file=ROWS_PER_FILE, **storage.PARQUET_CHECKSUM_WRITE)
 
 
 _TABULAR: dict[str, pa.Table] = {}
@@ -640,7 +640,7 @@ def _write_tabular_only(table: pa.Table, out_dir: str) -> None:
         part = table.filter(pc.equal(table.column("split"), split)).drop_columns(["split"])
         for i, start in enumerate(range(0, part.num_rows, ROWS_PER_FILE)):
             pq.write_table(part.slice(start, ROWS_PER_FILE), f"{root}/split={split}/part-{i:05d}.parquet",
-                           filesystem=fs)
+                           filesystem=fs, **storage.PARQUET_CHECKSUM_WRITE)
 
 
 def _check_outputs(out_dir: str, table: pa.Table) -> dict[str, int]:
@@ -671,7 +671,8 @@ def _ensure_every_split_has_a_file(out_dir: str) -> pa.Schema:
     schema = pq.read_schema(file_path, filesystem=file_fs)
     for split, split_files in files.items():
         if not split_files:
-            pq.write_table(schema.empty_table(), f"{root}/split={split}/part-00000.parquet", filesystem=fs)
+            pq.write_table(schema.empty_table(), f"{root}/split={split}/part-00000.parquet", filesystem=fs,
+                           **storage.PARQUET_CHECKSUM_WRITE)
     missing = [k for k in KEY_COLUMNS if k not in schema.names]
     if missing:
         raise RuntimeError(f"feature files under {out_dir!r} lack key columns {missing}")

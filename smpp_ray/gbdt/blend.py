@@ -1,16 +1,17 @@
 """Blending the families: a convex weight chosen on the validation split by ``tune.objective``,
 and the rank-preserving calibrators (:mod:`smpp_ray.gbdt.calibration`) of each family's score
-and of the blend, fitted on the same split."""
+and of the blend, fitted on the same split where they lower its held-out MAE."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from smpp_ray import metrics, storage
-from smpp_ray.gbdt.calibration import MonotoneCalibrator
+from smpp_ray.summary import json_safe
+from smpp_ray.gbdt.calibration import MonotoneCalibrator, fit_if_it_helps
 from smpp_ray.gbdt.objective import Objective
 
 
@@ -21,6 +22,8 @@ class Blend:
 
     weights: dict[str, float]
     calibrators: dict[str, MonotoneCalibrator]
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per model, the held-out check that decided its calibrator (``fit_if_it_helps``'s figures)."""
 
     def raw(self, raw_scores: dict[str, np.ndarray]) -> np.ndarray:
         """The weighted sum of the families' raw scores."""
@@ -39,7 +42,8 @@ BLEND_FILE = "blend.json"
 
 def write_blend(location: str, blend: Blend, *, objective: str, rounds: dict[str, int], refit_on: str) -> str:
     calibration = {model: c.to_dict() for model, c in blend.calibrators.items() if not c.is_identity}
-    return storage.write_json(location, {"weights": blend.weights, "calibration": calibration, "objective": objective,
+    return storage.write_json(location, {"weights": blend.weights, "calibration": calibration,
+                                         "calibration_check": json_safe(blend.checks), "objective": objective,
                                          "chosen_on": "val", "rounds": rounds, "refit_on": refit_on}, indent=1)
 
 
@@ -56,34 +60,35 @@ def read_blend(location: str) -> Blend:
 
 def choose_blend(y: np.ndarray, raw_scores: dict[str, np.ndarray], objective: Objective, *, calibrate: bool,
                  step: float = 0.05) -> Blend:
-    """Weights (summing to 1) that maximise ``objective`` of the calibrated blend on ``y``; ties go
-    to the lower MAE.
+    """Weights (summing to 1) that maximise ``objective`` of the blend on ``y`` (ties: the lower
+    MAE), then, with ``calibrate``, each model's and the blend's calibrator where it helps.
 
-    One family gets weight 1. Two search ``w * first + (1 - w) * second`` over a grid of ``step``,
-    each candidate calibrated as it would be, so the weight is chosen for the score users get.
+    One family gets weight 1. Two search ``w * first + (1 - w) * second`` over a grid of ``step``.
+    The weight is chosen on the raw scores: a calibrator fitted on the same split would score
+    every candidate in-sample.
     """
     names = list(raw_scores)
     if len(names) not in (1, 2):
         raise ValueError(f"blending supports one or two families, got {names!r}")
     y = np.asarray(y, dtype=np.float64)
-
-    def fit(scores: np.ndarray) -> MonotoneCalibrator:
-        return MonotoneCalibrator.fit(scores, y) if calibrate else MonotoneCalibrator()
-
-    calibrators = {name: fit(np.asarray(raw_scores[name], dtype=np.float64)) for name in names}
-    if len(names) == 1:
-        return Blend({names[0]: 1.0}, {**calibrators, "blend": calibrators[names[0]]})
-    first, second = (np.asarray(raw_scores[n], dtype=np.float64) for n in names)
-    best: tuple[float, float, float, MonotoneCalibrator] | None = None
-    for w in np.round(np.arange(0.0, 1.0 + 1e-9, step), 6):
-        blended = w * first + (1 - w) * second
-        calibrator = fit(blended)
-        scored = calibrator(blended)
-        key = (objective.of(y, scored), -metrics.mae(y, scored))
-        if best is None or key > best[:2]:
-            best = (*key, float(w), calibrator)
-    assert best is not None
-    return Blend({names[0]: best[2], names[1]: round(1.0 - best[2], 6)}, {**calibrators, "blend": best[3]})
+    raw = {name: np.asarray(raw_scores[name], dtype=np.float64) for name in names}
+    weights = {names[0]: 1.0}
+    if len(names) == 2:
+        best: tuple[float, float, float] | None = None
+        for w in np.round(np.arange(0.0, 1.0 + 1e-9, step), 6):
+            blended = w * raw[names[0]] + (1 - w) * raw[names[1]]
+            key = (objective.of(y, blended), -metrics.mae(y, blended))
+            if best is None or key > best[:2]:
+                best = (*key, float(w))
+        assert best is not None
+        weights = {names[0]: best[2], names[1]: round(1.0 - best[2], 6)}
+    scores = {**raw, "blend": apply_weights(raw, weights)}
+    calibrators: dict[str, MonotoneCalibrator] = {}
+    checks: dict[str, dict[str, Any]] = {}
+    if calibrate:
+        for model, values in scores.items():
+            calibrators[model], checks[model] = fit_if_it_helps(values, y)
+    return Blend(weights, calibrators, checks)
 
 
 def apply_weights(preds: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:

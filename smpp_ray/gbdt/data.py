@@ -90,6 +90,35 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {value!r} of type {type(value).__name__} to JSON")
 
 
+def verify_features(features_dir: str) -> int:
+    """Read every features file once with its page checksums verified (streamed, nothing kept), so
+    damage is exit 2 naming the file before any trial starts; returns the files checked."""
+    import pyarrow.parquet as pq
+
+    checked = 0
+    for split in SPLITS:
+        for location in storage.list_parquet_files(storage.join(features_dir, f"split={split}")):
+            fs, path = storage.resolve(location)
+            try:
+                with fs.open_input_file(path) as handle:
+                    for _ in pq.ParquetFile(handle, page_checksum_verification=True).iter_batches(batch_size=65536):
+                        pass
+            except OSError as err:
+                raise ValueError(f"{location}: {err}; the features are damaged: rerun `smpp extract --force`") from err
+            checked += 1
+    return checked
+
+
+def _damaged_file(dataset: Any, projection: Any) -> str | None:
+    """The first file of ``dataset`` whose read fails its page checksums."""
+    for fragment in dataset.get_fragments():
+        try:
+            fragment.to_table(columns=projection, fragment_scan_options=storage.parquet_scan_options())
+        except OSError:
+            return fragment.path
+    return None
+
+
 def read_split(features_dir: str, split: str, columns: list[str] | None = None, *,
                float32: Iterable[str] = ()) -> pd.DataFrame:
     """One split as pandas, in time order (postdate, then pid) so row order never depends on files.
@@ -115,7 +144,11 @@ def read_split(features_dir: str, split: str, columns: list[str] | None = None, 
         projection = {name: ds.field(name).cast(pa.float32())
                       if name in narrow and name in schema.names and pa.types.is_float64(schema.field(name).type)
                       else ds.field(name) for name in (columns if columns is not None else schema.names)}
-    table = dataset.to_table(columns=projection)
+    try:
+        table = dataset.to_table(columns=projection, fragment_scan_options=storage.parquet_scan_options())
+    except OSError as err:   # a page whose CRC does not match: name the file, never read the values
+        raise ValueError(f"{_damaged_file(dataset, projection) or location}: {err}; the features are damaged: "
+                         "rerun `smpp extract --force`") from err
     if "postdate" in table.column_names and "pid" in table.column_names:
         # Arrow's sort is stable and puts nulls last, as pandas' stable sort did.
         table = table.sort_by([("postdate", "ascending"), ("pid", "ascending")])

@@ -34,7 +34,7 @@ from smpp_ray import console, metrics, storage, tracking
 from smpp_ray.config import TuneConfig, parse_resources
 from smpp_ray.features.manifest import load_feature_manifest, select_columns
 from smpp_ray.gbdt.blend import Blend, choose_blend, write_blend
-from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec
+from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec, verify_features
 from smpp_ray.gbdt.evaluate import (
     EVAL_SPLITS,
     evaluate_predictions,
@@ -85,6 +85,7 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     features_dir = storage.normalize(features_dir)
     out = storage.normalize(out_dir)
     select_columns(load_feature_manifest(features_dir), tune_config.feature_groups)  # fail before any trial
+    verify_features(features_dir)
     if tune_config.fit_on_selected and not tune_config.selected_ids:
         raise ValueError("tune.fit_on_selected needs tune.selected_ids (the train stage's selection/kept_ids.parquet)")
     models = list(tune_config.models)
@@ -142,6 +143,7 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
                        "peak_rss_mib": max((t["peak_rss_mib"] for t in s.trials if t.get("peak_rss_mib") is not None),
                                            default=None)} for f, s in searches.items()},
         "blend_weights": weights,
+        "calibration_check": blend.checks,
         "fallback": fallback.to_dict(),
         "registered_models": registered,
         "timings": {"total_s": time.perf_counter() - started, "search_s": search_seconds,

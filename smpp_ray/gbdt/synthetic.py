@@ -58,6 +58,6 @@ def write_synthetic_features(out_dir: str | os.PathLike[str], *, rows: int = 300
         chunk = frame.iloc[start:stop]
         for shard, rows_idx in enumerate(np.array_split(np.arange(len(chunk)), shards)):
             buffer = io.BytesIO()
-            chunk.iloc[rows_idx].to_parquet(buffer, index=False)
+            chunk.iloc[rows_idx].to_parquet(buffer, index=False, write_page_checksum=True)
             storage.write_bytes(storage.join(out, f"split={split}", f"part-{shard:05d}.parquet"), buffer.getvalue())
     return write_feature_manifest(out, columns)

@@ -85,6 +85,8 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, optimizer:
         "prototypes_path": prototypes_path,
         "metrics": metrics,
         "state": state,
+        # Checked on load: a flipped byte in the weights fails loudly instead of scoring with them
+        "digests": {TRAINABLE_FILE: storage.file_digest(str(directory / TRAINABLE_FILE))},
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
     return directory
@@ -104,6 +106,17 @@ def read_meta(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"checkpoint {storage.normalize(os.fspath(checkpoint))!r} has format_version "
                          f"{version!r}; this code reads version {CHECKPOINT_FORMAT_VERSION}")
     return meta
+
+
+def verified_file(checkpoint: str, name: str, meta: dict[str, Any]) -> str:
+    """This node's copy of the checkpoint's file ``name``, checked against the digest ``meta.json``
+    records for it (checkpoints written before digests are taken as they are)."""
+    local = storage.local_copy(storage.join(checkpoint, name))
+    expected = (meta.get("digests") or {}).get(name)
+    if expected and storage.file_digest(local) != expected:
+        raise ValueError(f"{storage.join(checkpoint, name)} does not match the digest {META_FILE} records for it: "
+                         "the file is damaged or was replaced; restore it or rerun `smpp train`")
+    return local
 
 
 def model_config_from_meta(meta: dict[str, Any], where: str = "checkpoint") -> ModelConfig:
@@ -226,8 +239,7 @@ def load_model_from_checkpoint(checkpoint: str | os.PathLike[str], device: str |
         config = dataclasses.replace(config, pretrained=pretrained)
     taxonomy = Taxonomy.from_dict(meta["taxonomy"])
     model = create_model(config, taxonomy, prototypes_in_checkpoint(location, meta))
-    state = torch.load(storage.local_copy(storage.join(location, TRAINABLE_FILE)), map_location="cpu",
-                       weights_only=True)
+    state = torch.load(verified_file(location, TRAINABLE_FILE, meta), map_location="cpu", weights_only=True)
     model.load_trainable_state_dict(state)
     model.to(device)
     model.eval()
