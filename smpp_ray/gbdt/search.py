@@ -315,12 +315,14 @@ def _summarise(family: str, grid: Any, statuses: dict[str, str], experiment_path
                                  "error": str(result.error) if result.error else None}
         chosen = None
         if frame is not None and METRIC in frame:
+            # A trial whose trees never split predicts a constant: SRC and so val_score are NaN
+            # in every round, and it has no best round (but it did run its rounds)
+            entry.update(rounds_run=int(frame["rounds"].max()),
+                         peak_rss_mib=float(frame["peak_rss_mib"].max()) if "peak_rss_mib" in frame else None)
             chosen = best_round(frame[["rounds", "val_src", "val_mae", METRIC]].to_dict("records"), min_rounds)
         if chosen is not None:
             entry.update(best_val_score=float(chosen[METRIC]), best_val_src=float(chosen["val_src"]),
-                         best_val_mae=float(chosen["val_mae"]), best_round=int(chosen["rounds"]),
-                         rounds_run=int(frame["rounds"].max()),
-                         peak_rss_mib=float(frame["peak_rss_mib"].max()) if "peak_rss_mib" in frame else None)
+                         best_val_mae=float(chosen["val_mae"]), best_round=int(chosen["rounds"]))
             if result.error is None and (best is None or entry["best_val_score"] > best["best_val_score"]):
                 best = entry
         trials.append(entry)
