@@ -379,6 +379,8 @@ class TuneConfig:
     """ASHA grace period in boosting rounds."""
     report_every: int = 10
     """Trials report val_src/val_mae/val_score to Tune (and MLflow) every this many rounds (and at the last); long trials report at most ~200 times."""
+    shared_data: bool = True
+    """Read and encode train/val once on the driver and share them with every trial through Ray's object store (one read-only copy per node, no private copy per trial); false: each trial reads the features itself."""
     validation: Literal["time", "group"] = "time"
     """``time``: the time-ordered val split; ``group``: GroupKFold by user over train+val."""
     folds: int = 3

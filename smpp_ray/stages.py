@@ -551,7 +551,8 @@ def run_tune(config: Config, features_dir: str, out_dir: str,
     def body(tracking: TrackingContext | None) -> dict[str, Any]:
         result = tune_models(str(features_dir), str(out_dir), tune_config=config.tune, tracking=tracking)
         metrics = {**result["metrics"], "blend_weights": result["blend_weights"],
-                   "peak_rss_mib": {family: search["peak_rss_mib"] for family, search in result["search"].items()}}
+                   "peak_rss_mib": {family: search["peak_rss_mib"] for family, search in result["search"].items()},
+                   "private_mib": {family: search["private_mib"] for family, search in result["search"].items()}}
         return {"metrics": metrics, "artifacts": result["paths"]}
 
     inputs = {"features": str(features_dir)}

@@ -106,3 +106,46 @@ def test_trial_peak_rss_counts_from_the_trial_start(features, monkeypatch):
                        max_rounds=5, threads=1, seed=0, report_every=1)
     reports = _trial_reports(monkeypatch, _configs("lightgbm")[0], setup, np.float32)
     assert 0 < reports[-1][PEAK_RSS] < held - 256, (reports[-1][PEAK_RSS], held)
+
+
+@pytest.mark.parametrize("family", ["lightgbm", "catboost"])
+def test_a_trial_on_the_shared_matrices_reports_what_a_trial_reading_the_files_reports(family, features, monkeypatch):
+    """tune.shared_data changes where the data lives, not what a trial computes."""
+    import ray.tune
+
+    from smpp_ray.gbdt.shared import load_matrices
+
+    setup = TrialSetup(family=family, features_dir=str(features), feature_groups=(), validation="time", folds=3,
+                       max_rounds=12, threads=1, seed=0, report_every=3)
+    config = _configs(family)[1]
+    runs = {}
+    for arm, data in (("own", None), ("shared", load_matrices(str(features), ()))):
+        reports: list[dict] = []
+        monkeypatch.setattr(ray.tune, "report", lambda values, **_: reports.append(dict(values)))
+        run_trial(config, setup, data)
+        runs[arm] = [(r["rounds"], r["val_src"], r["val_mae"], r["val_score"]) for r in reports]
+    assert len(runs["own"]) == len(runs["shared"]) == 5   # rounds 1, 4, 7, 10, 12
+    # the same matrix, the same trees: LightGBM exactly; CatBoost sums its MAE in float32
+    np.testing.assert_allclose(np.array(runs["shared"]), np.array(runs["own"]), rtol=0,
+                               atol=1e-12 if family == "lightgbm" else 1e-5)
+
+
+def test_trials_on_a_node_map_one_read_only_copy_of_the_matrices(ray_session, features):
+    """Two gets on one node return views of the same object-store buffer: no private copy, and
+    not writable (a trial cannot change another's data)."""
+    import ray
+
+    from smpp_ray.gbdt.shared import get_matrices, load_matrices
+
+    ref = ray.put(load_matrices(str(features), ()))
+
+    @ray.remote(num_cpus=0.1)
+    def probe(refs: list) -> dict:   # a list: Ray passes the ref itself, as with_parameters does
+        first = get_matrices(refs[0])[1]["train"]
+        second = get_matrices(refs[0])[1]["train"]
+        return {"same_buffer": bool(np.shares_memory(first.X, second.X)), "writeable": first.X.flags.writeable,
+                "owns_data": first.X.flags.owndata, "shape": first.X.shape}
+
+    seen = ray.get(probe.remote([ref]))
+    assert seen["same_buffer"] and not seen["writeable"] and not seen["owns_data"]
+    assert seen["shape"][0] > 0

@@ -139,9 +139,12 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
                        "best_val_score": s.best_val_score, "best_trial_id": s.best_trial_id,
                        "experiment_path": s.experiment_path, "search_run_id": s.search_run_id,
                        "restored": s.restored, "seconds": s.wall_seconds,
-                       # the largest trial process's peak: what max_concurrent_trials multiplies
+                       # the largest trial process's peak (shared pages included) and its
+                       # private memory: what max_concurrent_trials multiplies on a node
                        "peak_rss_mib": max((t["peak_rss_mib"] for t in s.trials if t.get("peak_rss_mib") is not None),
-                                           default=None)} for f, s in searches.items()},
+                                           default=None),
+                       "private_mib": max((t["private_mib"] for t in s.trials if t.get("private_mib") is not None),
+                                          default=None)} for f, s in searches.items()},
         "blend_weights": weights,
         "calibration_check": blend.checks,
         "fallback": fallback.to_dict(),

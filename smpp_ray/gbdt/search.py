@@ -30,6 +30,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from smpp_ray import storage, tracking
 from smpp_ray.config import TuneConfig, parse_resources
 from smpp_ray.gbdt.objective import SCORE, best_round
+from smpp_ray.gbdt.shared import load_matrices
 from smpp_ray.gbdt.spaces import search_space
 from smpp_ray.gbdt.tracking_callback import FAMILY_TAG, SEARCH_TAG, MlflowTrialCallback
 from smpp_ray.gbdt.trainables import TrialSetup, run_trial
@@ -187,7 +188,14 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                        selected_ids=tune_config.selected_ids if tune_config.fit_on_selected else "",
                        objective=tune_config.objective)
     resources = {"cpu": tune_config.cpus_per_trial, **parse_resources(tune_config.trial_resources, "tune.trial_resources")}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
+    shared: dict[str, Any] = {}
+    if tune_config.shared_data:
+        # Read and encoded once here; with_parameters puts the arrays in the object store, and
+        # every trial on a node maps the same read-only copy (smpp_ray.gbdt.shared)
+        shared["data"] = load_matrices(setup.features_dir, setup.feature_groups, validation=setup.validation,
+                                       selected_ids=setup.selected_ids)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup, **shared), resources)
+    shared.clear()   # the object store holds the arrays now; the driver keeps no copy
     space = search_space(family)
 
     search_run_id = None
@@ -318,7 +326,8 @@ def _summarise(family: str, grid: Any, statuses: dict[str, str], experiment_path
             # A trial whose trees never split predicts a constant: SRC and so val_score are NaN
             # in every round, and it has no best round (but it did run its rounds)
             entry.update(rounds_run=int(frame["rounds"].max()),
-                         peak_rss_mib=float(frame["peak_rss_mib"].max()) if "peak_rss_mib" in frame else None)
+                         peak_rss_mib=float(frame["peak_rss_mib"].max()) if "peak_rss_mib" in frame else None,
+                         private_mib=float(frame["private_mib"].max()) if "private_mib" in frame else None)
             chosen = best_round(frame[["rounds", "val_src", "val_mae", METRIC]].to_dict("records"), min_rounds)
         if chosen is not None:
             entry.update(best_val_score=float(chosen[METRIC]), best_val_src=float(chosen["val_src"]),

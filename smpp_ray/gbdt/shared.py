@@ -5,8 +5,8 @@ trials on a node, each holds its own frame, and the read alone peaks at several 
 (Arrow table, pandas blocks, LightGBM's float32 copy). At SMPD size (305k rows x ~330 float32
 columns, ~0.4 GB) a node of 24 concurrent trials needs tens of GB for identical data.
 
-Here the driver reads and encodes the splits once (:func:`put_matrices`) and puts them in Ray's
-object store as plain NumPy arrays: one float32 C-ordered matrix per split (categorical codes as
+Here the driver reads and encodes the splits once (:func:`load_matrices`) and
+``tune.with_parameters`` puts them in Ray's object store as plain NumPy arrays: one float32 C-ordered matrix per split (categorical codes as
 float32: exact for any vocabulary below 2**24), the labels and the key columns. Ray moves the
 object to each node that runs a trial once; every trial there gets zero-copy, read-only views of
 the same shared-memory buffer (:func:`get_matrices`). LightGBM builds its Dataset straight from
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from smpp_ray.gbdt.data import SPLITS, FeatureSpec, SplitData, load_splits
+from smpp_ray.gbdt.data import FeatureSpec, SplitData, load_splits
 
 
 @dataclass(frozen=True)
@@ -46,31 +46,32 @@ class SharedMatrix:
         return pd.DataFrame(columns)
 
 
-def to_payload(spec: FeatureSpec, data: dict[str, SplitData]) -> dict[str, Any]:
-    """Encoded splits as plain arrays (what the object store shares zero-copy)."""
-    splits = {}
-    for split, part in data.items():
-        matrix = np.ascontiguousarray(part.X.to_numpy(dtype=np.float32))
-        splits[split] = {"X": matrix, "y": np.ascontiguousarray(part.y, dtype=np.float64),
-                         "uid": part.keys["uid"].to_numpy(dtype=str)}
-    return {"spec": spec.to_dict(), "splits": splits}
+def to_payload(spec: FeatureSpec, data: dict[str, SplitData], validation: str = "time") -> dict[str, Any]:
+    """Encoded splits as plain arrays (what the object store shares zero-copy): ``train`` and
+    ``val`` for time validation, their concatenation ``train+val`` for grouped validation (its
+    folds index into one matrix)."""
+    def arrays(parts: list[SplitData]) -> dict[str, np.ndarray]:
+        return {"X": np.ascontiguousarray(np.concatenate([p.X.to_numpy(dtype=np.float32) for p in parts])),
+                "y": np.ascontiguousarray(np.concatenate([p.y for p in parts]), dtype=np.float64),
+                "uid": np.concatenate([p.keys["uid"].to_numpy(dtype=str) for p in parts])}
+
+    if validation == "group":
+        return {"spec": spec.to_dict(), "splits": {"train+val": arrays([data["train"], data["val"]])}}
+    return {"spec": spec.to_dict(), "splits": {split: arrays([data[split]]) for split in ("train", "val")}}
 
 
-def put_matrices(features_dir: str, feature_groups: tuple[str, ...], *, selected_ids: str = "",
-                 splits: tuple[str, ...] = ("train", "val")) -> Any:
-    """Read and encode ``splits`` once, on the driver, and put them in the object store; returns
-    the ObjectRef the trials get them through. The driver's own copy is dropped on return."""
-    import ray
-
-    spec, data = load_splits(features_dir, feature_groups, splits=splits, selected_ids=selected_ids)
-    payload = to_payload(spec, {s: data[s] for s in splits if s in SPLITS})
-    del data
-    return ray.put(payload)
+def load_matrices(features_dir: str, feature_groups: tuple[str, ...], *, validation: str = "time",
+                  selected_ids: str = "") -> dict[str, Any]:
+    """Read and encode train and val once (here: the driver) as the trials' shared payload; the
+    encoded frames are dropped on return, the arrays are what ``tune.with_parameters`` puts in
+    the object store."""
+    spec, data = load_splits(features_dir, feature_groups, splits=("train", "val"), selected_ids=selected_ids)
+    return to_payload(spec, data, validation)
 
 
 def get_matrices(ref_or_payload: Any) -> tuple[FeatureSpec, dict[str, SharedMatrix]]:
-    """The spec and the shared splits of :func:`put_matrices`' object (an ObjectRef, or the object
-    itself as ``tune.with_parameters`` hands it over): views into the node's shared memory."""
+    """The spec and the shared splits of :func:`load_matrices`' payload (an ObjectRef, or the
+    object itself as ``tune.with_parameters`` hands it over): views into the node's shared memory."""
     payload = ref_or_payload
     if not isinstance(payload, dict):
         import ray

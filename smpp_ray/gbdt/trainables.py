@@ -36,8 +36,15 @@ from smpp_ray.gbdt.spaces import fixed_params
 logger = logging.getLogger(__name__)
 
 REPORTED = ("val_src", "val_mae")
-#: The memory metric in every trial report: peak RSS of the trial's process, MiB.
+#: The memory metrics in every trial report: peak RSS of the trial's process and its private
+#: memory now (USS: what it holds that no other process shares), MiB.
 PEAK_RSS = "peak_rss_mib"
+PRIVATE = "private_mib"
+
+
+def _memory() -> dict[str, float]:
+    private = private_mib()
+    return {PEAK_RSS: peak_rss_mib(), **({PRIVATE: private} if private is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,18 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+def private_mib() -> float | None:
+    """Memory only this process holds (USS: private clean + dirty pages, MiB), from
+    ``/proc/self/smaps_rollup``; pages shared with other processes (the object store's
+    matrices, libraries) are not counted. None where the file does not exist."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            kib = sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean:", "Private_Dirty:")))
+    except OSError:
+        return None
+    return kib / 1024
+
+
 def is_report_round(rounds: int, every: int, total: int) -> bool:
     """Rounds 1, 1 + every, ... and the last: the rounds CatBoost's ``metric_period`` evaluates."""
     return (rounds - 1) % every == 0 or rounds == total
@@ -103,7 +122,7 @@ def lightgbm_report_callback(metric_names: dict[str, str], every: int, objective
             rounds = env.iteration + 1
             if is_report_round(rounds, every, env.end_iteration):
                 report = with_score(self._get_report_dict(self._get_eval_result(env)), objective)
-                self._report_metrics({**report, "rounds": rounds, PEAK_RSS: peak_rss_mib()})
+                self._report_metrics({**report, "rounds": rounds, **_memory()})
 
     return _EveryRounds(metrics=metric_names, frequency=0, checkpoint_at_end=False)
 
@@ -160,7 +179,7 @@ class TuneReportCatBoostCallback:
 def _tune_report(values: dict[str, float]) -> None:
     from ray import tune
 
-    tune.report({**values, PEAK_RSS: peak_rss_mib()})
+    tune.report({**values, **_memory()})
 
 
 class _RecordCatBoostCallback(TuneReportCatBoostCallback):
@@ -171,17 +190,22 @@ class _RecordCatBoostCallback(TuneReportCatBoostCallback):
         super().__init__(metric_names, objective, report=self.rounds.append)
 
 
-def fit_model(family: str, params: dict[str, Any], rounds: int, X: pd.DataFrame, y: np.ndarray,
-              categorical: Sequence[str], *, valid: tuple[pd.DataFrame, np.ndarray] | None = None,
-              callbacks: Sequence[Any] = (), report_every: int = 1) -> Any:
-    """Train ``rounds`` boosting rounds of ``family`` (a ``lightgbm.Booster`` or ``CatBoostRegressor``)."""
+def fit_model(family: str, params: dict[str, Any], rounds: int, X: pd.DataFrame | np.ndarray, y: np.ndarray,
+              categorical: Sequence[str], *, valid: tuple[pd.DataFrame | np.ndarray, np.ndarray] | None = None,
+              callbacks: Sequence[Any] = (), report_every: int = 1, feature_names: Sequence[str] = ()) -> Any:
+    """Train ``rounds`` boosting rounds of ``family`` (a ``lightgbm.Booster`` or ``CatBoostRegressor``).
+
+    LightGBM also takes ``X`` as a float32 matrix whose columns are ``feature_names`` (the shared
+    matrices of :mod:`smpp_ray.gbdt.shared`): it reads it in place, with no private copy."""
     if family == "lightgbm":
         import lightgbm as lgb
 
-        train_set = lgb.Dataset(X, y, categorical_feature=list(categorical), free_raw_data=False)
+        names: Any = list(feature_names) if feature_names else "auto"
+        train_set = lgb.Dataset(X, y, categorical_feature=list(categorical), free_raw_data=False,
+                                feature_name=names)
         kwargs: dict[str, Any] = {}
         if valid is not None:
-            kwargs = {"valid_sets": [lgb.Dataset(valid[0], valid[1], reference=train_set)],
+            kwargs = {"valid_sets": [lgb.Dataset(valid[0], valid[1], reference=train_set, feature_name=names)],
                       "valid_names": ["val"], "feval": _lightgbm_src}
         return lgb.train(params, train_set, num_boost_round=rounds, callbacks=list(callbacks), **kwargs)
     if family == "catboost":
@@ -212,18 +236,52 @@ def _catboost_metric_names() -> dict[str, str]:
     return {"val_src": CatBoostSRC.__name__, "val_mae": "MAE"}
 
 
-def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """The Tune trainable: one hyperparameter configuration, reported every boosting round."""
+def run_trial(config: dict[str, Any], setup: TrialSetup, data: Any = None) -> None:
+    """The Tune trainable: one hyperparameter configuration, reported every boosting round.
+
+    ``data``: the node-shared matrices (:mod:`smpp_ray.gbdt.shared`, ``tune.shared_data``); None
+    reads the features Parquet in this trial."""
     reset_peak_rss()
-    spec, data = load_splits(setup.features_dir, setup.feature_groups, splits=("train", "val"),
-                             selected_ids=setup.selected_ids)
     params = {**fixed_params(setup.family, seed=setup.seed, threads=setup.threads), **config}
-    if setup.validation == "time":
-        _time_validation(setup, params, spec.categorical, data)
-    elif setup.validation == "group":
-        _group_validation(setup, params, spec.categorical, data)
-    else:
+    if setup.validation not in ("time", "group"):
         raise ValueError(f"unknown validation {setup.validation!r}; expected time or group")
+    if data is not None:
+        _shared_validation(setup, params, data)
+        return
+    spec, splits = load_splits(setup.features_dir, setup.feature_groups, splits=("train", "val"),
+                               selected_ids=setup.selected_ids)
+    if setup.validation == "time":
+        _time_validation(setup, params, spec.categorical, splits)
+    else:
+        _group_validation(setup, params, spec.categorical, splits)
+
+
+def _shared_validation(setup: TrialSetup, params: dict[str, Any], data: Any) -> None:
+    """Time or grouped validation on the node's shared matrices: LightGBM reads them in place,
+    CatBoost from private frames (it needs integer categoricals)."""
+    from smpp_ray.gbdt.shared import get_matrices
+
+    spec, shared = get_matrices(data)
+    categorical = list(spec.categorical)
+
+    def inputs(part: Any) -> Any:
+        return part.X if setup.family == "lightgbm" else part.frame(spec)
+
+    if setup.validation == "time":
+        train, val = shared["train"], shared["val"]
+        objective = Objective.for_labels(setup.objective, train.y, val.y)
+        if setup.family == "lightgbm":
+            callback: Any = lightgbm_report_callback({"val_src": "val-src", "val_mae": "val-l1"},
+                                                     setup.report_every, objective)
+        else:
+            callback = TuneReportCatBoostCallback(_catboost_metric_names(), objective)
+        fit_model(setup.family, params, setup.max_rounds, inputs(train), train.y, categorical,
+                  valid=(inputs(val), val.y), callbacks=[callback], report_every=setup.report_every,
+                  feature_names=spec.features)
+        return
+    both = shared["train+val"]
+    _cross_validate(setup, params, categorical, inputs(both), both.y, group_folds(both.uid, setup.folds),
+                    spec.features)
 
 
 def _time_validation(setup: TrialSetup, params: dict[str, Any], categorical: Sequence[str],
@@ -244,7 +302,11 @@ def _group_validation(setup: TrialSetup, params: dict[str, Any], categorical: Se
     X = pd.concat([data["train"].X, data["val"].X], ignore_index=True)
     y = np.concatenate([data["train"].y, data["val"].y])
     uids = np.concatenate([data["train"].keys["uid"].to_numpy(), data["val"].keys["uid"].to_numpy()])
-    folds = group_folds(uids, setup.folds)
+    _cross_validate(setup, params, categorical, X, y, group_folds(uids, setup.folds))
+
+
+def _cross_validate(setup: TrialSetup, params: dict[str, Any], categorical: Sequence[str], X: Any,
+                    y: np.ndarray, folds: list, feature_names: Sequence[str] = ()) -> None:
     # One MAE scale for every fold's mean: the median of all labels against all of them
     objective = Objective.for_labels(setup.objective, y, y)
     if setup.family == "lightgbm":
@@ -252,7 +314,9 @@ def _group_validation(setup: TrialSetup, params: dict[str, Any], categorical: Se
 
         callback = lightgbm_report_callback({"val_src": "valid-src-mean", "val_mae": "valid-l1-mean"},
                                             setup.report_every, objective)
-        lgb.cv(params, lgb.Dataset(X, y, categorical_feature=list(categorical), free_raw_data=False),
+        names: Any = list(feature_names) if feature_names else "auto"
+        lgb.cv(params, lgb.Dataset(X, y, categorical_feature=list(categorical), free_raw_data=False,
+                                   feature_name=names),
                num_boost_round=setup.max_rounds, folds=folds, feval=_lightgbm_src, callbacks=[callback])
         return
     # CatBoost has no per-round cross-validation callback: fit the folds one after another,

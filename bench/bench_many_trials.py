@@ -1,0 +1,136 @@
+"""Thousands of trials: what the search costs per trial when trials are short, Optuna's TPE (the
+default) against random search, side by side on the same features.
+
+Each arm runs ``--trials`` LightGBM trials of 5 rounds on a small synthetic feature set (so the
+trial itself is ~0.1 s and the machinery shows), ``max_concurrent_trials`` 2, every trial an
+MLflow child run in a SQLite store. Reported per arm: wall time, trials/s, Tune overhead
+(1 - sum of trial time / (concurrency x wall)), the search algorithm's own time per trial
+(``suggest`` + ``on_trial_complete``, first vs last 10% of the trials: does it grow?), MLflow
+time and store size, and the driver's peak RSS.
+
+    python bench/bench_many_trials.py --trials 1000 --out bench/out/many_trials.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+import numpy as np  # noqa: E402
+
+from smpp_ray.config import TuneConfig  # noqa: E402
+from smpp_ray.gbdt import search as search_module  # noqa: E402
+from smpp_ray.gbdt.synthetic import write_synthetic_features  # noqa: E402
+from smpp_ray.tracking import TrackingContext, create_run, end_run  # noqa: E402
+
+
+class _Timed:
+    """Times a searcher's suggest / on_trial_complete calls (the search algorithm's own cost)."""
+
+    def __init__(self) -> None:
+        self.per_trial: list[float] = []
+
+    def wrap(self, searcher):
+        suggest, complete = searcher.suggest, searcher.on_trial_complete
+
+        def timed_suggest(trial_id):
+            started = time.perf_counter()
+            try:
+                return suggest(trial_id)
+            finally:
+                self.per_trial.append(time.perf_counter() - started)
+
+        def timed_complete(trial_id, result=None, error=False):
+            started = time.perf_counter()
+            try:
+                return complete(trial_id, result=result, error=error)
+            finally:
+                if self.per_trial:
+                    self.per_trial[-1] += time.perf_counter() - started
+
+        searcher.suggest, searcher.on_trial_complete = timed_suggest, timed_complete
+        return searcher
+
+
+def run_arm(features: str, work: Path, trials: int, search_alg: str) -> dict:
+    timer = _Timed()
+    original = search_module._search_alg
+    search_module._search_alg = lambda config: timer.wrap(original(config))
+    uri = f"sqlite:///{work / f'mlruns-{search_alg}.db'}"
+    stage = create_run(uri, "many-trials", f"tune-{search_alg}")
+    config = TuneConfig(models=("lightgbm",), num_samples=trials, max_concurrent_trials=2, cpus_per_trial=1.0,
+                        max_rounds=5, grace_rounds=5, report_every=5, search_alg=search_alg, seed=0,
+                        shared_data=True)
+    started = time.perf_counter()
+    try:
+        result = search_module.run_search("lightgbm", features, str(work / f"ray_results-{search_alg}"),
+                                          tune_config=config, tracking_ctx=TrackingContext(uri, "many-trials", stage))
+    finally:
+        search_module._search_alg = original
+    wall = time.perf_counter() - started
+    end_run(uri, stage, "FINISHED")
+    trial_seconds = 0.0
+    for progress in Path(result.experiment_path).glob("*/result.json"):
+        lines = progress.read_text().strip().splitlines()
+        if lines:
+            trial_seconds += float(json.loads(lines[-1]).get("time_total_s", 0.0))
+    tenth = max(1, len(timer.per_trial) // 10)
+    return {"trials": len(result.trials), "wall_s": wall, "trials_per_s": len(result.trials) / wall,
+            "overhead": 1 - trial_seconds / (2 * wall), "search_alg_ms_first": 1000 * float(np.mean(timer.per_trial[:tenth])),
+            "search_alg_ms_last": 1000 * float(np.mean(timer.per_trial[-tenth:])),
+            "mlflow_s": result.mlflow_seconds, "store_mib": (work / f"mlruns-{search_alg}.db").stat().st_size / 2**20,
+            "best_val_score": result.best_val_score}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument("--arms", nargs="+", default=["optuna", "random"])
+    parser.add_argument("--out", default="bench/out/many_trials.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("smpp_ray").setLevel(logging.WARNING)
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-many-trials-") as scratch:
+        work = Path(scratch)
+        features = str(work / "features")
+        write_synthetic_features(features, rows=2000, seed=0)
+        for search_alg in args.arms:
+            results[search_alg] = run_arm(features, work, args.trials, search_alg)
+            results[search_alg]["driver_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            logging.warning("%s: %s", search_alg, results[search_alg])
+    ray.shutdown()
+    rows = [f"| {alg} | {r['trials']} | {r['wall_s']:.0f} | {r['trials_per_s']:.2f} | {100 * r['overhead']:.0f}% | "
+            f"{r['search_alg_ms_first']:.1f} -> {r['search_alg_ms_last']:.1f} | {r['mlflow_s']:.0f} s "
+            f"({100 * r['mlflow_s'] / r['wall_s']:.0f}%) | {r['store_mib']:.1f} | {r['driver_peak_rss_mib']:.0f} |"
+            for alg, r in results.items()]
+    lines = [
+        f"## {args.trials} short trials per search (`bench/bench_many_trials.py`, LightGBM 5 rounds, 2 concurrent, 2 cores)",
+        "",
+        "| search | trials | wall s | trials/s | Tune overhead | search algorithm ms/trial, first -> last 10% | "
+        "MLflow (share of wall) | store MiB | driver peak RSS MiB (cumulative) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
