@@ -7,6 +7,7 @@ with a known signal feeds most tests; the resume test runs its own interrupted s
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import re
@@ -275,8 +276,12 @@ def test_failing_trials_are_failed_child_runs(ray_session, features, tmp_path):
     for part in (broken / "split=val").glob("*.parquet"):
         pd.read_parquet(part).drop(columns=["noise_0"]).to_parquet(part, index=False)
     ctx = _stage(tmp_path)
+    # shared_data off: each trial reads the features itself and fails (with shared data the
+    # driver's one read fails first, before any trial)
     config = TuneConfig(models=("lightgbm",), num_samples=2, max_rounds=5, grace_rounds=5, report_every=1,
-                        max_concurrent_trials=2)
+                        max_concurrent_trials=2, shared_data=False)
+    with pytest.raises(ValueError, match="noise_0"):
+        tune_models(broken, tmp_path / "shared", tune_config=dataclasses.replace(config, shared_data=True))
     with pytest.raises(RuntimeError, match="no lightgbm trial .* reported val_score"):
         tune_models(broken, tmp_path / "out", tune_config=config, tracking=ctx)
     (search_run,) = _children(ctx, ctx.run_id)

@@ -206,6 +206,7 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
     callbacks: list[Callback] = [ledger, _TrialProgress(family, tune_config.num_samples, tune_config.min_rounds),
                                  CSVLoggerCallback(),
                                  JsonLoggerCallback()]
+    restored = tune.Tuner.can_restore(fs_experiment, storage_filesystem=fs)
     mlflow_cb = None
     if tracking_ctx is not None:
         search_run_id = _search_run(tracking_ctx, family, experiment_path)
@@ -215,12 +216,12 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                              "validation": tune_config.validation, "seed": tune_config.seed,
                              "objective": tune_config.objective, "min_rounds": tune_config.min_rounds})
         mlflow_cb = MlflowTrialCallback(tracking_ctx.tracking_uri, tracking_ctx.experiment, search_run_id,
-                                        family=family, search_path=experiment_path, min_rounds=tune_config.min_rounds)
+                                        family=family, search_path=experiment_path, min_rounds=tune_config.min_rounds,
+                                        resumed=restored)
         callbacks.append(mlflow_cb)
     if tune_config.interrupt_after_trials:
         callbacks.append(_InterruptAfter(tune_config.interrupt_after_trials))
 
-    restored = tune.Tuner.can_restore(fs_experiment, storage_filesystem=fs)
     if restored:
         logger.info("restoring the %s search from %s", family, experiment_path)
         tuner = tune.Tuner.restore(fs_experiment, trainable, param_space=space, resume_unfinished=True,
