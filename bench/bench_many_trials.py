@@ -32,7 +32,6 @@ from smpp_ray.gbdt import search as search_module  # noqa: E402
 from smpp_ray.gbdt.synthetic import write_synthetic_features  # noqa: E402
 from smpp_ray.tracking import TrackingContext, create_run, end_run  # noqa: E402
 
-
 #: Seconds the search algorithm spent per trial (suggest + completion), in order.
 SEARCH_SECONDS: list[float] = []
 

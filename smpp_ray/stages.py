@@ -52,9 +52,9 @@ from smpp_ray.layout import STAGE_FOLDERS, pipeline_layout
 from smpp_ray.locking import output_lock
 from smpp_ray.summary import (
     SUMMARY_FILE,
+    artifact_location,
     is_complete_summary,
     json_safe,
-    artifact_location,
     read_summary,
     relative_artifacts,
     remove_summary,

@@ -188,7 +188,11 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(pipeline_run, tmp_path)
     extracting features with silently changed weights."""
     import shutil
 
-    from smpp_ray.train.checkpoint import TRAINABLE_FILE, load_model_from_checkpoint, resolve_checkpoint
+    from smpp_ray.train.checkpoint import (
+        TRAINABLE_FILE,
+        load_model_from_checkpoint,
+        resolve_checkpoint,
+    )
 
     _, out, _ = pipeline_run
     copy = tmp_path / "checkpoint"

@@ -121,7 +121,7 @@ def test_a_trial_on_the_shared_matrices_reports_what_a_trial_reading_the_files_r
     runs = {}
     for arm, data in (("own", None), ("shared", load_matrices(str(features), ()))):
         reports: list[dict] = []
-        monkeypatch.setattr(ray.tune, "report", lambda values, **_: reports.append(dict(values)))
+        monkeypatch.setattr(ray.tune, "report", lambda values, _into=reports, **_: _into.append(dict(values)))
         run_trial(config, setup, data)
         runs[arm] = [(r["rounds"], r["val_src"], r["val_mae"], r["val_score"]) for r in reports]
     assert len(runs["own"]) == len(runs["shared"]) == 5   # rounds 1, 4, 7, 10, 12

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from smpp_ray import metrics, storage
-from smpp_ray.summary import json_safe
 from smpp_ray.gbdt.calibration import MonotoneCalibrator, fit_if_it_helps
 from smpp_ray.gbdt.objective import Objective
+from smpp_ray.summary import json_safe
 
 
 @dataclass(frozen=True)

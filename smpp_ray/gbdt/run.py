@@ -41,7 +41,6 @@ from smpp_ray.gbdt.evaluate import (
     mlflow_metrics,
     summary_metrics,
 )
-from smpp_ray.gbdt.objective import Objective
 from smpp_ray.gbdt.fallback import (
     IMAGE_GROUPS,
     FallbackFacts,
@@ -49,6 +48,7 @@ from smpp_ray.gbdt.fallback import (
     fallback_family,
     fallback_groups,
 )
+from smpp_ray.gbdt.objective import Objective
 from smpp_ray.gbdt.plots import write_plots
 from smpp_ray.gbdt.refit import refit_remote
 from smpp_ray.gbdt.registry import log_and_register, save_flavour
