@@ -128,7 +128,9 @@ class DataConfig:
     sub-folder, e.g. ``SMP_train_images/`` for ``train/<Uid>/<Pid>.jpg``)."""
 
     def __post_init__(self) -> None:
-        _require(0 <= self.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        _require(0 < self.val_fraction < 1,
+                 f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}: training picks its best epoch, "
+                 "and tune its rounds, trials, blend and calibration, on the val split")
         _require(0 <= self.test_fraction < 1, f"data.test_fraction must be in [0, 1), got {self.test_fraction!r}")
         _require(self.val_fraction + self.test_fraction < 1,
                  f"data.val_fraction + data.test_fraction must be < 1, got {self.val_fraction + self.test_fraction!r}")

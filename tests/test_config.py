@@ -53,6 +53,9 @@ def test_yaml_then_overrides_win(tmp_path):
     ("synth.form=2024", "synth.form"),
     ("data.taxonomy=", "data.taxonomy"),
     ("data.format=csv", "data.format"),
+    ("data.val_fraction=0", "data.val_fraction must be in (0, 1)"),   # train and tune choose on val
+    ("tune.objective=rmse", "tune.objective"),
+    ("tune.min_rounds=-1", "tune.min_rounds"),
 ])
 def test_bad_key_or_value_is_an_error_naming_it(override, named):
     with pytest.raises(ConfigError) as err:

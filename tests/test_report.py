@@ -125,6 +125,24 @@ def test_data_summary_counts_rejects_by_reason(tmp_path):
     assert "<td>label</td><td>not a number</td><td>3</td>" in page
     assert "<td>image</td><td>unreadable JPEG</td><td>1</td>" in page
     assert "2015-11-03" in page and "2017-02-28" in page and "1446574947" not in page
+    # data.test_fraction=0 and no unlabelled posts: an empty split, its bounds null in the manifest
+    manifest["split"]["boundaries"]["test"] = None
+    manifest["counts"]["per_split"]["test"] = 0
+    assert "2015-11-03" in data_section(str(tmp_path), manifest)
+
+
+def test_a_booster_scores_an_empty_split_as_no_rows():
+    """data.test_fraction=0: the refit predicts the empty test split (the boosters refuse it)."""
+    import lightgbm as lgb
+    import numpy as np
+    import pandas as pd
+
+    from smpp_ray.gbdt.trainables import predict
+
+    X = pd.DataFrame({"a": np.arange(50, dtype=np.float32), "b": np.ones(50, dtype=np.float32)})
+    booster = lgb.train({"verbosity": -1, "min_data_in_leaf": 5}, lgb.Dataset(X, np.arange(50.0)), num_boost_round=3)
+    assert predict(booster, X.iloc[:0]).shape == (0,)
+    assert predict(booster, X.iloc[:2]).shape == (2,)
 
 
 def test_mlflow_links_point_at_the_server_without_its_credentials(monkeypatch):

@@ -228,7 +228,10 @@ def fit_model(family: str, params: dict[str, Any], rounds: int, X: pd.DataFrame 
 
 
 def predict(model: Any, X: pd.DataFrame) -> np.ndarray:
-    """Predictions of a fitted model as float64."""
+    """Predictions of a fitted model as float64 (none for no rows: an empty split, e.g.
+    ``data.test_fraction=0`` without unlabelled test posts; the boosters refuse an empty matrix)."""
+    if len(X) == 0:
+        return np.empty(0, dtype=np.float64)
     return np.asarray(model.predict(X), dtype=np.float64)
 
 

@@ -40,8 +40,9 @@ def data_section(data_dir: str, manifest: dict[str, Any]) -> str:
     split = manifest.get("split", {})
     bounds = split.get("boundaries", {})
     per_split = counts.get("per_split", {})
-    rows = [[name, fmt(per_split.get(name)), day(bounds.get(name, {}).get("start")),
-             day(bounds.get(name, {}).get("end"))] for name in SPLITS]
+    # an empty split (data.test_fraction=0) has no time bounds: null in the manifest
+    rows = [[name, fmt(per_split.get(name)), day((bounds.get(name) or {}).get("start")),
+             day((bounds.get(name) or {}).get("end"))] for name in SPLITS]
     span = manifest.get("time_range", {})
     rows.append(["all", fmt(counts.get("written")), day(span.get("start")), day(span.get("end"))])
     method = split.get("method", "?")
