@@ -29,8 +29,7 @@ class OutputBusy(ValueError):
 
 
 def lock_location(out: str) -> str:
-    location = storage.normalize(out)
-    return os.path.join(os.path.dirname(location.rstrip("/")), f"{LOCK_PREFIX}{os.path.basename(location.rstrip('/'))}")
+    return storage.join(storage.parent(out), f"{LOCK_PREFIX}{storage.name(out)}")
 
 
 @contextlib.contextmanager

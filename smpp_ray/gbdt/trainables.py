@@ -272,15 +272,7 @@ def _shared_validation(setup: TrialSetup, params: dict[str, Any], data: Any) -> 
 
     if setup.validation == "time":
         train, val = shared["train"], shared["val"]
-        objective = Objective.for_labels(setup.objective, train.y, val.y)
-        if setup.family == "lightgbm":
-            callback: Any = lightgbm_report_callback({"val_src": "val-src", "val_mae": "val-l1"},
-                                                     setup.report_every, objective)
-        else:
-            callback = TuneReportCatBoostCallback(_catboost_metric_names(), objective)
-        fit_model(setup.family, params, setup.max_rounds, inputs(train), train.y, categorical,
-                  valid=(inputs(val), val.y), callbacks=[callback], report_every=setup.report_every,
-                  feature_names=spec.features)
+        _fit_on_val(setup, params, categorical, (inputs(train), train.y), (inputs(val), val.y), spec.features)
         return
     both = shared["train+val"]
     _cross_validate(setup, params, categorical, inputs(both), both.y, group_folds(both.uid, setup.folds),
@@ -289,14 +281,20 @@ def _shared_validation(setup: TrialSetup, params: dict[str, Any], data: Any) -> 
 
 def _time_validation(setup: TrialSetup, params: dict[str, Any], categorical: Sequence[str],
                      data: dict[str, Any]) -> None:
-    objective = Objective.for_labels(setup.objective, data["train"].y, data["val"].y)
+    _fit_on_val(setup, params, categorical, (data["train"].X, data["train"].y), (data["val"].X, data["val"].y))
+
+
+def _fit_on_val(setup: TrialSetup, params: dict[str, Any], categorical: Sequence[str], train: tuple[Any, np.ndarray],
+                val: tuple[Any, np.ndarray], feature_names: Sequence[str] = ()) -> None:
+    """Fit on ``train`` (X, y), reporting the time-ordered val split's metrics to Tune."""
+    objective = Objective.for_labels(setup.objective, train[1], val[1])
     if setup.family == "lightgbm":
         callback: Any = lightgbm_report_callback({"val_src": "val-src", "val_mae": "val-l1"}, setup.report_every,
                                                  objective)
     else:
         callback = TuneReportCatBoostCallback(_catboost_metric_names(), objective)
-    fit_model(setup.family, params, setup.max_rounds, data["train"].X, data["train"].y, categorical,
-              valid=(data["val"].X, data["val"].y), callbacks=[callback], report_every=setup.report_every)
+    fit_model(setup.family, params, setup.max_rounds, train[0], train[1], categorical, valid=val,
+              callbacks=[callback], report_every=setup.report_every, feature_names=feature_names)
 
 
 def _group_validation(setup: TrialSetup, params: dict[str, Any], categorical: Sequence[str],
