@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +33,39 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_memory_mb: int =
     kwargs: dict = {"num_cpus": cpus, "include_dashboard": False}
     if object_store_memory_mb:
         kwargs["object_store_memory"] = object_store_memory_mb * 1024 * 1024
-    logger.info("starting a local Ray with %d logical CPUs", cpus)
-    ray.init(**kwargs)
+    logger.info("starting a local Ray with %d logical CPUs on 127.0.0.1", cpus)
+    with _loopback_only():
+        ray.init(**kwargs)
     _quiet_ray_data_progress()
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Keep a local Ray's services on 127.0.0.1 while it starts.
+
+    Ray binds a node's servers (GCS, raylet, object manager, agents, every worker's gRPC server)
+    to loopback only when the node's IP is exactly 127.0.0.1, and on Linux it replaces 127.0.0.1
+    with the host's routable address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``. A local Ray
+    serves this one process, so nothing of it should listen on the network. The variable reaches
+    the processes Ray starts (they inherit it, and every worker inherits the raylet's); the
+    driver read it when it imported Ray, so its module constant is set for the start too. Both
+    are restored afterwards: a later ``ray start`` from this process must be able to join
+    a real cluster.
+    """
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
 def _check_working_dir(before: str) -> None:

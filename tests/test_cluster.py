@@ -578,6 +578,29 @@ def test_every_cluster_service_listens_on_loopback_only(local_cluster: LocalClus
         assert f"127.0.0.1:{state[port_name]}" in listening, port_name
 
 
+def test_local_ray_listens_on_loopback_only(ray_session):
+    """The local Ray a command starts (here the session's, through ``init_ray``) serves this
+    process only: after a task ran (so workers exist), no process it started listens beyond
+    loopback, and the driver's environment is left as it was (a later ``ray start`` may join a
+    real cluster)."""
+    import psutil
+
+    @ray_session.remote(num_cpus=0)
+    def node_ip() -> str:
+        return ray_session.util.get_node_ip_address()
+
+    assert ray_session.get(node_ip.remote()) == "127.0.0.1"
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    started = {p.pid for p in psutil.Process().children(recursive=True)}
+    listening = _listening_sockets(started)
+    names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pids_ in listening.values() for pid in pids_
+             if Path(f"/proc/{pid}/comm").exists()}
+    assert any(name in ("gcs_server", "raylet") for name in names.values()), names  # Ray's own were seen
+    exposed = {address: sorted(names.get(p, str(p)) for p in holders) for address, holders in listening.items()
+               if address.rsplit(":", 1)[0] not in ("127.0.0.1", "::1")}
+    assert exposed == {}, f"listening beyond loopback: {exposed}"
+
+
 def _secrets(cluster: LocalCluster) -> dict[str, str]:
     return {"ray token": Path(cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip(),
             "mlflow password": cluster.env["MLFLOW_TRACKING_PASSWORD"],
