@@ -161,20 +161,36 @@ def check_output_location(out: str, inputs: dict[str, str]) -> None:
                              "(predict never writes into its inputs)")
     if out.endswith(_OUTPUT_SUFFIXES) or not storage.is_dir(out):
         return
-    others = [name for name in storage.list_names(out) if not name.endswith(".parquet")]
+    names = storage.list_names(out)
+    others = [name for name in names if not name.endswith(".parquet") and name not in _staging_names(names)]
     if others:
         raise ValueError(f"--out {out!r} is a folder holding files predict did not write ({', '.join(others[:5])}"
                          f"{' ...' if len(others) > 5 else ''}); a folder output is replaced whole, so give an "
                          "empty or new folder")
 
 
+def _staging_names(names: list[str]) -> set[str]:
+    """Staging folders an interrupted run left inside a mount-point ``--out`` (removed on the next)."""
+    return {name for name in names if name.startswith(storage.INNER_STAGING)}
+
+
+def _replace_parts(staged: str, out: str) -> None:
+    """Make the parts in ``staged`` the folder ``out``'s whole content (the previous parts go)."""
+    previous = storage.list_names(out) if storage.is_dir(out) else []
+    storage.swap_in(staged, out, sorted({*previous, *storage.list_names(staged)} - _staging_names(previous)))
+
+
 def _write_scores(dataset, out: str, schema: pa.Schema) -> int:
     """Stream the score rows into ``out`` (.csv/.parquet file, else a folder of Parquet parts)."""
     if not out.endswith(_OUTPUT_SUFFIXES):
-        storage.reset_dir(out)
-        dataset.write_parquet(out)
-        return sum(pq.ParquetFile(path, filesystem=fs).metadata.num_rows
-                   for fs, path in map(storage.resolve, storage.list_parquet_files(out)))
+        # The parts go into a fresh folder that replaces the previous scores only once complete
+        # (locally in one atomic exchange): a run killed while scoring leaves the old scores whole.
+        staged = storage.staging_location(out)
+        dataset.write_parquet(staged)
+        rows = sum(pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+                   for fs, path in map(storage.resolve, storage.list_parquet_files(staged)))
+        _replace_parts(staged, out)
+        return rows
     rows = 0
     with tempfile.TemporaryDirectory(prefix="smpp-predict-") as scratch:
         local = os.path.join(scratch, storage.name(out))
@@ -345,8 +361,12 @@ def _write_empty(frame: pd.DataFrame, out: str) -> None:
     else:
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
-        target = out if out.endswith(".parquet") else storage.join(out, "part-00000.parquet")
-        storage.write_bytes(target, sink.getvalue().to_pybytes())
+        if out.endswith(".parquet"):
+            storage.write_bytes(out, sink.getvalue().to_pybytes())
+            return
+        staged = storage.staging_location(out)
+        storage.write_bytes(storage.join(staged, "part-00000.parquet"), sink.getvalue().to_pybytes())
+        _replace_parts(staged, out)
 
 
 def _rejects(data_dir: str) -> pd.DataFrame:

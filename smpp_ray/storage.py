@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -89,6 +90,32 @@ def parent(location: str) -> str:
     base = normalize(location)
     head, _, _ = base.rstrip("/").rpartition("/")
     return head if not is_uri(base) or "://" in head else base
+
+
+def relative_within(root: str, base: str, location: str) -> str:
+    """``location`` relative to ``base`` (``../train/x``) when both lie inside ``root``, else
+    ``location`` itself: references between folders of one tree survive moving or copying the
+    tree, and a reference outside it keeps pointing where it did."""
+    top = normalize(root).rstrip("/") + "/"
+    here, there = normalize(base), normalize(location)
+    if not (here + "/").startswith(top) or not there.startswith(top):
+        return location
+    # Both as absolute paths under the root ("/" + the rest): relpath never consults the cwd.
+    return posixpath.relpath("/" + there[len(top):], "/" + (here + "/")[len(top):])
+
+
+def resolve_reference(base: str, value: str) -> str:
+    """A recorded location: absolute paths and URIs as they are, relative ones (``..`` included,
+    as :func:`relative_within` writes them) from ``base``."""
+    if is_uri(value) or value.startswith(("/", "file://")):
+        return normalize(value)
+    home = normalize(base)
+    if not is_uri(home):
+        return os.path.normpath(os.path.join(home, value))
+    scheme, _, rest = home.partition("://")
+    bucket, _, key = rest.partition("/")
+    inside = posixpath.normpath(posixpath.join("/" + key, value))
+    return f"{scheme}://{bucket}{inside}".rstrip("/")
 
 
 def name(location: str) -> str:
@@ -440,24 +467,45 @@ def put_back(aside: str, target: str) -> str:
     return normalize(target)
 
 
-def fingerprint(location: str) -> str:
-    """What identifies the contents of a file or folder: relative name, size and mtime of each file.
+#: Files whose bytes a fingerprint hashes (metadata, labels, text tables, summaries): there a size
+#: and an mtime can lie (an edit that keeps the size within an object store's one-second mtimes, a
+#: copy with ``cp -p`` or ``rsync -t`` of another version). Images, Parquet and other bulk files
+#: are identified by size and mtime: a prepared SMPD is ~24 GB of Parquet that every downstream
+#: stage would re-hash on each run (their pages carry CRCs, and every stage folder this tool writes
+#: has a new ``summary.json``, which is hashed).
+FINGERPRINT_CONTENT_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".tsv", ".yaml", ".yml")
+#: A file above this size is identified by size and mtime whatever its suffix.
+FINGERPRINT_CONTENT_MAX_BYTES = 512 << 20
 
-    Not the path: a file edited in place changes it, a folder moved with its mtimes kept does
-    not. A missing location has the fingerprint of an empty folder. Object stores report mtimes
-    to the second, so an edit that keeps a file's size within the same second goes unseen there.
+
+def fingerprint(location: str) -> str:
+    """What identifies the contents of a file or folder: the relative name and size of each file,
+    with the SHA-256 of its bytes for metadata and table files (:data:`FINGERPRINT_CONTENT_SUFFIXES`)
+    and the mtime for the rest.
+
+    Not the path: a file edited in place changes it, a folder moved or copied does not. A missing
+    location has the fingerprint of an empty folder.
     """
     fs, path = resolve(location)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        entries = [("", info.size, info.mtime_ns)]
+        files = [info]
     elif info.type == pafs.FileType.Directory:
-        entries = sorted((i.path[len(path):].lstrip("/"), i.size, i.mtime_ns)
-                         for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                         if i.type == pafs.FileType.File)
+        files = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
     else:
-        entries = []
+        files = []
+    entries = sorted((i.path[len(path):].lstrip("/"), i.size, _content_or_mtime(fs, i)) for i in files)
     return hashlib.sha256(json.dumps(entries, default=str).encode()).hexdigest()[:20]
+
+
+def _content_or_mtime(fs: pafs.FileSystem, info: pafs.FileInfo) -> str:
+    if info.path.lower().endswith(FINGERPRINT_CONTENT_SUFFIXES) and (info.size or 0) <= FINGERPRINT_CONTENT_MAX_BYTES:
+        digest = hashlib.sha256()
+        with fs.open_input_stream(info.path) as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        return "sha256:" + digest.hexdigest()
+    return f"mtime:{info.mtime_ns}"
 
 
 def file_digest(path: str) -> str:

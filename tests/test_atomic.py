@@ -142,6 +142,23 @@ def test_a_same_size_edit_with_a_new_mtime_changes_the_fingerprint(tmp_path):
     assert storage.fingerprint(str(raw)) != before
 
 
+def test_a_same_size_edit_that_keeps_the_mtime_changes_the_fingerprint(tmp_path):
+    """Where a size and an mtime lie (``cp -p``/``rsync -t`` of another version, an object store's
+    one-second mtimes), the metadata files' bytes still tell: they are hashed. An image edited
+    that way is not (by design: images are identified by size and mtime)."""
+    raw = tmp_path / "raw"
+    synthesize_corpus(str(raw), **CORPUS)
+    label = raw / LABEL
+    stat = label.stat()
+    before = storage.fingerprint(str(raw))
+    label.write_text(label.read_text()[::-1])   # same size
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns))   # and the old mtime
+    assert storage.fingerprint(str(raw)) != before
+    touched = storage.fingerprint(str(raw))
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))   # touched: same bytes
+    assert storage.fingerprint(str(raw)) == touched
+
+
 def test_the_fingerprint_follows_contents_not_paths(tmp_path, config):
     raw = tmp_path / "raw"
     synthesize_corpus(str(raw), **CORPUS)

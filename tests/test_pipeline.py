@@ -61,6 +61,30 @@ def test_a_moved_train_folder_names_its_own_checkpoint(pipeline_run, tmp_path):
     assert found.startswith(str(moved) + "/ray_results/") and Path(found, "trainable.pt").is_file()
 
 
+def test_a_moved_feature_state_names_its_own_checkpoint_and_dataset(pipeline_run, tmp_path):
+    """The feature state (what the tune stage registers the scorer from) records the pipeline's
+    checkpoint and dataset relative to the features folder: a copied pipeline's state names the
+    copy's, and a reference outside the pipeline stays absolute."""
+    import shutil
+
+    from smpp_ray.features.state import STATE_FOLDER, FeatureState
+
+    _, out, _ = pipeline_run
+    recorded = json.loads((out / "features" / STATE_FOLDER / "state.json").read_text())
+    assert recorded["checkpoint"].startswith("../train/ray_results/") and recorded["dataset"] == "../data"
+    copy = tmp_path / "copy"
+    (copy / "train").mkdir(parents=True)
+    shutil.copytree(out / "features" / STATE_FOLDER, copy / "features" / STATE_FOLDER)
+    state = FeatureState.load(str(copy / "features"))
+    assert state.checkpoint == str(copy / "train" / recorded["checkpoint"].removeprefix("../train/"))
+    assert state.dataset == str(copy / "data")
+    original = FeatureState.load(str(out / "features"))
+    assert Path(original.checkpoint, "trainable.pt").is_file() and original.dataset == str(out / "data")
+    original.checkpoint = str(tmp_path / "outside" / "ckpt")
+    original.save(str(copy / "features"))
+    assert FeatureState.load(str(copy / "features")).checkpoint == str(tmp_path / "outside" / "ckpt")
+
+
 def test_mlflow_holds_parent_run_with_one_child_per_stage(pipeline_run):
     config, _, result = pipeline_run
     runs = _runs(result["tracking_uri"], config.tracking.experiment)

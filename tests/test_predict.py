@@ -153,6 +153,66 @@ def test_predict_never_deletes_what_it_did_not_write(smoke_pipeline, new_posts, 
     assert not (out / "scores").exists()
 
 
+@pytest.mark.parametrize("part", ["tune/models/catboost/model.cb", "features/feature_state/arrays.npz",
+                                  "tune/blend.json"])
+def test_a_damaged_scorer_part_is_refused_naming_the_file(scorer_only, new_posts, tmp_path, part, caplog):
+    """Every part a scorer reads carries a digest written with it: a model file with flipped
+    bytes, a damaged feature-state array, or a blend weight edited by hand (still valid JSON) is
+    exit 2 naming the file, before any post is scored; the intact copy scores."""
+    copy = tmp_path / "pipeline"
+    shutil.copytree(scorer_only, copy)
+    damaged = copy / part
+    if damaged.suffix == ".json":
+        blend = json.loads(damaged.read_text())
+        family = next(iter(blend["weights"]))
+        blend["weights"][family] = round(1.0 - blend["weights"][family], 6)
+        damaged.write_text(json.dumps(blend))
+    else:
+        data = bytearray(damaged.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(b ^ 0x5A for b in data[middle:middle + 64])
+        damaged.write_bytes(bytes(data))
+    scores = tmp_path / "scores.csv"
+    assert main(["predict", "--pipeline", str(copy), "--posts", str(new_posts), "--out", str(scores),
+                 "--config", SMOKE, "--set", "tracking.enabled=false"]) == EXIT_BAD_INPUT
+    assert f"{damaged} does not match the digest smpp_digests.json records" in caplog.text, caplog.text[-800:]
+    assert not scores.exists()
+
+
+def test_a_folder_output_is_replaced_only_once_complete(ray_session, tmp_path):
+    """Scores written as Parquet parts go to a fresh folder first: a run that fails while
+    scoring leaves the previous scores whole (byte for byte), and a finished one leaves only its
+    own parts (none of the previous run's survives, even one the new run does not rewrite)."""
+    import pyarrow as pa
+
+    from smpp_ray.predict import _write_scores
+
+    out = tmp_path / "scores"
+    out.mkdir()
+    previous = {name: f"previous {name}".encode() for name in ("part-a.parquet", "part-zz.parquet")}
+    for name, content in previous.items():
+        (out / name).write_bytes(content)
+    schema = pa.schema([("pid", pa.string()), ("predicted_popularity", pa.float64())])
+
+    def scores(batch: pd.DataFrame, fail_from: int) -> pd.DataFrame:
+        if int(batch["id"].max()) >= fail_from:
+            raise RuntimeError("scoring failed midway")
+        return pd.DataFrame({"pid": batch["id"].astype(str), "predicted_popularity": batch["id"] / 10.0})
+
+    def dataset(fail_from: int):
+        return ray_session.data.range(400, override_num_blocks=8).map_batches(
+            scores, batch_format="pandas", batch_size=50, fn_kwargs={"fail_from": fail_from})
+
+    with pytest.raises(Exception, match="scoring failed midway"):
+        _write_scores(dataset(fail_from=300), str(out), schema)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
+    assert _write_scores(dataset(fail_from=10**6), str(out), schema) == 400
+    written = pd.read_parquet(out)
+    assert sorted(written["pid"].astype(int)) == list(range(400))
+    assert not set(previous) & {p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("scores",)]  # no staging folder left
+
+
 def _break_image(posts: Path, row: int) -> None:
     """Truncate the image of a raw row: a JPEG header and nothing to decode."""
     image = posts / (posts / "test_img_filepath.txt").read_text().splitlines()[row]

@@ -84,3 +84,16 @@ def test_uri_joins_keep_the_scheme():
     assert storage.normalize("gs://bucket/run/") == "gs://bucket/run"
     assert storage.is_uri("s3://b") and not storage.is_uri("/tmp/x") and not storage.is_uri("file:///x")
     assert storage.join("relative", "x") == os.path.abspath("relative/x")
+
+
+@pytest.mark.parametrize(("root", "base", "location", "recorded", "resolved"), [
+    ("/p", "/p/features", "/p/train/ray_results/c1", "../train/ray_results/c1", "/p/train/ray_results/c1"),
+    ("/p/tune", "/p/tune", "/p/tune/models/fallback/f.json", "models/fallback/f.json", "/p/tune/models/fallback/f.json"),
+    ("/p", "/p/features", "/elsewhere/ckpt", "/elsewhere/ckpt", "/elsewhere/ckpt"),
+    ("/p", "/p/features", "/pp/train", "/pp/train", "/pp/train"),   # a name that only starts like the root
+    ("s3://b/p", "s3://b/p/features", "s3://b/p/train/c", "../train/c", "s3://b/p/train/c"),
+    ("s3://b/p", "s3://b/p/features", "s3://other/p/train", "s3://other/p/train", "s3://other/p/train"),
+])
+def test_references_inside_a_tree_are_relative_and_resolve_back(root, base, location, recorded, resolved):
+    assert storage.relative_within(root, base, location) == recorded
+    assert storage.resolve_reference(base, recorded) == resolved

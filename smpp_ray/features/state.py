@@ -11,6 +11,7 @@ the format::
       arrays.npz       the PCA projections (embeddings and user description)
       tags.parquet     the training tag vocabulary with counts (tag, count)
       history.parquet  the training posts a user history is made of (uid, t, label)
+      smpp_digests.json the SHA-256 of each file above, checked on load (:mod:`smpp_ray.digests`)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from smpp_ray import storage
+from smpp_ray import digests, storage
 from smpp_ray.features.history import HistoryPool, history_columns
 from smpp_ray.features.manifest import FeatureColumn
 from smpp_ray.features.pca import PCAProjection
@@ -116,10 +117,13 @@ class FeatureState:
             "user_description_pca": self.tabular.user_description_pca is not None,
             "embedding_pcas": sorted(self.embedding_pcas),
             "taxonomy": self.taxonomy, "concepts": self.concepts,
-            "backbone": self.backbone, "checkpoint": self.checkpoint, "image": self.image,
-            "dataset": self.dataset,
+            # The checkpoint and dataset of a pipeline are the features folder's siblings: recorded
+            # relative to it, so a moved or copied pipeline registers its own checkpoint.
+            "backbone": self.backbone, "checkpoint": _reference(features_dir, self.checkpoint),
+            "image": self.image, "dataset": _reference(features_dir, self.dataset),
             "counts": {"tags": len(tags), "history_posts": len(self.history.t)},
         })
+        digests.write_manifest(folder)
         return folder
 
     @classmethod
@@ -133,6 +137,7 @@ class FeatureState:
                 raise ValueError(f"no feature state at {location!r}: expected {STATE_FOLDER}/{_JSON} written by "
                                  "`smpp extract` (rerun extract with this version to write it)")
         local = storage.local_copy(location)
+        digests.verify_manifest(local, shown=location)
         facts = storage.read_json(f"{local}/{_JSON}")
         if facts.get("format") != FORMAT or facts.get("version") != VERSION:
             raise ValueError(f"feature state {location!r} has format {facts.get('format')!r} version "
@@ -145,10 +150,22 @@ class FeatureState:
                                dict(zip(tags.column("tag").to_pylist(), tags.column("count").to_pylist(), strict=True)),
                                int(facts["user_description_components"]), int(facts["user_description_dim"]),
                                user_pca)
+        features_dir = storage.parent(location)
         return cls(tabular, HistoryPool.from_table(pq.read_table(f"{local}/{_HISTORY}")),
                    {name: _projection(arrays, name) for name in facts["embedding_pcas"]},
-                   facts["taxonomy"], list(facts["concepts"]), facts.get("backbone"), facts.get("checkpoint"),
-                   dict(facts.get("image") or {}), facts.get("dataset"))
+                   facts["taxonomy"], list(facts["concepts"]), facts.get("backbone"),
+                   _resolved(features_dir, facts.get("checkpoint")), dict(facts.get("image") or {}),
+                   _resolved(features_dir, facts.get("dataset")))
+
+
+def _reference(features_dir: str, location: str | None) -> str | None:
+    if not location:
+        return location
+    return storage.relative_within(storage.parent(features_dir), features_dir, location)
+
+
+def _resolved(features_dir: str, value: str | None) -> str | None:
+    return storage.resolve_reference(features_dir, value) if value else value
 
 
 def _projection(arrays: dict[str, np.ndarray], prefix: str) -> PCAProjection:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from smpp_ray import storage, tracking
+from smpp_ray import digests, storage, tracking
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def save_flavour(family: str, model: Any, location: str, sample: pd.DataFrame) -
             import mlflow.catboost
 
             mlflow.catboost.save_model(model, local, signature=signature)
+        digests.write_manifest(local)
         return storage.upload_dir(local, location)
 
 
@@ -64,9 +65,11 @@ def model_folder(location: str) -> str:
 
 def load_flavour(family: str, location: str) -> Any:
     """Load a model saved by :func:`save_flavour` in its own flavour, from any location (local,
-    ``file://``, ``s3://``, ...) or an MLflow artifact URI."""
+    ``file://``, ``s3://``, ...; its files checked against their digests) or an MLflow artifact URI."""
     _check_family(family)
     source = model_folder(location)
+    if not str(location).startswith(MLFLOW_SCHEMES):
+        digests.verify_manifest(source, shown=location)
     if family == "lightgbm":
         import mlflow.lightgbm
 

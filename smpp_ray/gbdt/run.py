@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from smpp_ray import console, metrics, storage, tracking
+from smpp_ray import console, digests, metrics, storage, tracking
 from smpp_ray.config import TuneConfig, parse_resources
 from smpp_ray.features.manifest import load_feature_manifest, select_columns
 from smpp_ray.gbdt.blend import Blend, choose_blend, write_blend
@@ -306,6 +306,10 @@ def _write_outputs(out: str, predictions: pd.DataFrame, evaluation: dict[str, An
     paths.update(_write_fallback(out, fallback["facts"], fallback["fits"]))
     # json.dumps, not storage.write_json: metrics of a split without labels are NaN, kept as such.
     storage.write_text(paths["metrics"], json.dumps(document, indent=1, default=_nan_safe))
+    # What a scorer reads from this folder besides the models (which carry their own manifests).
+    digests.write_manifest(out, [storage.relative_within(out, out, paths[key])
+                                 for key in ("blend", "feature_spec", "fallback", "fallback_feature_spec")
+                                 if key in paths])
     return paths
 
 

@@ -27,7 +27,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from smpp_ray import console, storage
+from smpp_ray import console, digests, storage
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +101,15 @@ class ScorerBundle:
         for folder, stage in (("features", "extract"), ("tune", "tune")):
             require_summary(layout[folder], stage)
         tune = layout["tune"]
+        digests.verify_manifest(tune)
         blend = storage.join(tune, "blend.json")
         families = list(storage.read_json(blend)["weights"])
-        return cls(best_checkpoint(layout["train"]), storage.join(layout["features"], STATE_FOLDER),
-                   storage.join(tune, FEATURE_SPEC_FILE), blend,
-                   {family: storage.join(tune, "models", family) for family in families},
-                   fallback=FallbackPart.from_tune(tune))
+        bundle = cls(best_checkpoint(layout["train"]), storage.join(layout["features"], STATE_FOLDER),
+                     storage.join(tune, FEATURE_SPEC_FILE), blend,
+                     {family: storage.join(tune, "models", family) for family in families},
+                     fallback=FallbackPart.from_tune(tune))
+        bundle.verify_parts()
+        return bundle
 
     @classmethod
     def from_folder(cls, folder: str) -> ScorerBundle:
@@ -116,6 +119,7 @@ class ScorerBundle:
         if not storage.is_file(location):
             raise ValueError(f"{folder!r} is not a scorer bundle: {BUNDLE_FILE} missing (give a pipeline folder "
                              "with --pipeline, or a registered model models:/<name>@<alias>)")
+        digests.verify_manifest(folder)
         facts = storage.read_json(location)
         if facts.get("format") != FORMAT or facts.get("version") != VERSION:
             raise ValueError(f"scorer bundle {folder!r} has format {facts.get('format')!r} version "
@@ -131,6 +135,19 @@ class ScorerBundle:
                    storage.join(folder, "feature_spec.json"), storage.join(folder, "blend.json"),
                    {family: storage.join(folder, "models", family) for family in facts["families"]},
                    storage.join(folder, facts["pretrained"]) if facts.get("pretrained") else None, fallback)
+
+    def verify_parts(self) -> None:
+        """Check every part against the digests written with it, on this process, before any
+        work is sent to Ray (a damaged part is a ValueError naming the file: exit 2, not a
+        failed actor). A bundle folder is checked whole by :meth:`from_folder`."""
+        from smpp_ray.gbdt.registry import model_folder
+        from smpp_ray.train.checkpoint import TRAINABLE_FILE, read_meta, verified_file
+
+        verified_file(self.checkpoint, TRAINABLE_FILE, read_meta(self.checkpoint))
+        models = [*self.models.values(), *([self.fallback.model] if self.fallback and self.fallback.model else [])]
+        digests.verify_manifest(storage.local_copy(self.feature_state), shown=self.feature_state)
+        for location in models:
+            digests.verify_manifest(model_folder(location), shown=location)
 
     def families(self) -> list[str]:
         return list(self.models)
@@ -165,6 +182,7 @@ class ScorerBundle:
             "pretrained": bundled, "source_checkpoint": self.checkpoint,
             "fallback": self.fallback.describe() if self.fallback is not None else None,
         })
+        digests.write_manifest(folder)   # last: it covers every file above
         console.details(__name__).info("wrote scorer bundle %s (%s%s)", folder, ", ".join(self.families()),
                                        ", fallback" if self.fallback is not None else "")
         return folder
