@@ -389,6 +389,8 @@ class TuneConfig:
     """Folds of the grouped validation."""
     objective: Literal["src", "mae", "src+mae"] = "src+mae"
     """What the search, the best round, the best trial and the blend weights maximise on val: SRC, the MAE skill (1 - MAE / MAE of the training median), or their mean (the challenge ranks by both)."""
+    min_val_posts: int = 20
+    """Fewest val (and train) posts the search runs on; checked after prepare and before any trial (a choice made on fewer is noise)."""
     min_rounds: int = 0
     """The best round of a trial is chosen among rounds >= this (0: any); guards a small val split against an early, noisy pick."""
     calibrate: bool = True
@@ -428,6 +430,7 @@ class TuneConfig:
         _require(self.folds >= 2, f"tune.folds must be >= 2, got {self.folds!r}")
         _require(self.objective in ("src", "mae", "src+mae"),
                  f"unknown tune.objective {self.objective!r}; expected src, mae or src+mae")
+        _require(self.min_val_posts >= 2, f"tune.min_val_posts must be >= 2, got {self.min_val_posts!r}")
         _require(0 <= self.min_rounds <= self.max_rounds,
                  f"tune.min_rounds ({self.min_rounds}) must be in [0, tune.max_rounds ({self.max_rounds})]")
 

@@ -128,11 +128,15 @@ def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[st
             if not force and stages.is_complete(stage, stage_config, inputs, folder):
                 logger.info("[%d/%d] %s: complete for these inputs and config, skipped", number,
                             len(selected), stage)
+                if stage == "prepare" and "tune" in selected:
+                    _check_corpus_size(config, layout["data"])
                 continue
             logger.info("[%d/%d] %s -> %s", number, len(selected), stage, folder)
             current["stage"] = stage
             with console.stage_log(stage):
                 run()
+            if stage == "prepare" and "tune" in selected:
+                _check_corpus_size(config, layout["data"])
         current["stage"] = ""
         result: dict[str, Any] = {}
         if "evaluate" in selected:
@@ -147,3 +151,13 @@ def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[st
     result["tracking_uri"] = tracking_uri
     result["out_dir"] = out_dir
     return result
+
+
+def _check_corpus_size(config: Config, data_dir: str) -> None:
+    """Right after prepare, before prototypes, training and extraction spend their time: splits
+    too small for the search are refused now, not when the tune stage meets them."""
+    from smpp_ray.data.manifest import load_manifest
+    from smpp_ray.gbdt.data import check_split_sizes
+
+    per_split = load_manifest(data_dir).get("counts", {}).get("per_split", {})
+    check_split_sizes(per_split, config.tune.min_val_posts, f"the prepared corpus {data_dir}")

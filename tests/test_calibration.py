@@ -90,6 +90,19 @@ def test_mae_skill_is_scaled_by_the_training_median():
     assert Objective("src+mae", 1.0).score(0.8, 0.5) == pytest.approx(0.65)
 
 
+def test_a_round_with_constant_predictions_is_scored_as_no_rank_skill():
+    """A tree that has not split yet predicts one value: SRC is undefined (reported NaN), the
+    objective counts it as 0 so the round stays comparable (a small val split once left every
+    trial unscored and the stage failed)."""
+    labels = np.array([1.0, 2.0, 3.0, 4.0])
+    constant = np.full(4, 2.5)
+    objective = Objective.for_labels("src+mae", labels, labels)
+    assert np.isnan(metrics.src(labels, constant))
+    assert objective.of(labels, constant) == pytest.approx(0.5 * objective.mae_skill(1.0))
+    assert Objective("src", 1.0).of(labels, constant) == 0.0
+    assert np.isnan(Objective("src+mae", 1.0).score(0.5, float("nan")))   # no labels: still unscored
+
+
 def test_the_blend_weight_follows_the_objective():
     """One family ranks a bit better but is off the scale; with calibration off, src picks it,
     src+mae moves weight to the family on the label scale."""

@@ -158,6 +158,19 @@ def test_a_pipeline_writes_one_log_per_stage_and_keeps_its_own_for_the_story(ray
 SECRET_URI = "http://alice:s3cret-pw@127.0.0.1:9"
 
 
+def test_a_corpus_too_small_for_the_search_is_refused_right_after_prepare(ray_session, tmp_path, capsys):
+    """120 posts give a 12-post val split: the pipeline stops with exit 2 and the numbers right
+    after prepare, before prototypes, training and extraction spend their minutes; the stages
+    before the check keep their outputs (a larger val fraction reuses nothing it should not)."""
+    out = tmp_path / "run"
+    code = main(["pipeline", "--config", "jobs/configs/smoke.yaml", "--out", str(out), "--set", "synth.posts=120",
+                 "--set", "synth.test_posts=0", "--set", "tracking.enabled=false"])
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "train holds 96 posts and val 12" in err and "tune.min_val_posts=20" in err, err[-1500:]
+    assert (out / "data" / "summary.json").is_file() and not (out / "prototypes").exists()
+
+
 def test_a_password_in_a_uri_never_reaches_the_console_the_log_or_config_show(tmp_path, capsys):
     """The error path (a location naming credentials) and `config show` print the URI redacted;
     the log file holds no password either and is readable by its owner only."""

@@ -7,6 +7,8 @@ were when Ray started, so the session's ``ray_session`` starts after the ``s3_en
 
 from __future__ import annotations
 
+import os
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -112,3 +114,34 @@ def test_prepare_from_s3_to_s3_matches_a_local_prepare(ray_with_s3, s3_bucket, t
     assert load_taxonomy(data) == load_taxonomy(local_data)
     remote_val, local_val = _read_table(posts_path(data, "val")), _read_table(posts_path(local_data, "val"))
     assert remote_val.equals(local_val)   # same bytes per image, not only the same pids
+
+
+def test_a_second_writer_of_the_same_bucket_output_exits_2_while_the_first_runs(s3_bucket, monkeypatch, capsys):
+    """Object stores have no lock: the writer holds a lease object beside the folder. A live
+    holder's lease refuses a second writer (exit 2 naming host and pid, nothing written); a killed
+    holder's lease, no longer renewed, is taken over once it expires; a finished writer removes its own."""
+    import subprocess
+    import sys
+
+    from smpp_ray import locking, storage
+    from smpp_ray.cli import main
+
+    out = f"{s3_bucket}/raw"
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom smpp_ray.locking import output_lock\n"
+                               f"with output_lock({out!r}):\n    print('held', flush=True)\n    time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["synth", "--out", out, "--posts", "20", "--set", "tracking.enabled=false"]) == 2
+        assert f"is being written by another smpp command (host {os.uname().nodename}, pid {holder.pid}" \
+            in capsys.readouterr().err
+        assert not storage.list_files(out)   # nothing written by the refused command
+    finally:
+        holder.kill()
+        holder.wait(30)
+    lease = locking.lock_location(out)
+    assert storage.is_file(lease)   # killed: nothing removed it
+    monkeypatch.setattr(locking, "LEASE_SECONDS", 0.0)   # expired now, instead of in two minutes
+    assert main(["synth", "--out", out, "--posts", "20", "--test-posts", "4", "--set", "tracking.enabled=false"]) == 0
+    assert "taking over the lease" in capsys.readouterr().err
+    assert storage.list_files(out) and not storage.is_file(lease)

@@ -90,23 +90,34 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {value!r} of type {type(value).__name__} to JSON")
 
 
-def verify_features(features_dir: str) -> int:
+def verify_features(features_dir: str) -> dict[str, int]:
     """Read every features file once with its page checksums verified (streamed, nothing kept), so
-    damage is exit 2 naming the file before any trial starts; returns the files checked."""
+    damage is exit 2 naming the file before any trial starts; returns the rows of each split."""
     import pyarrow.parquet as pq
 
-    checked = 0
+    rows = dict.fromkeys(SPLITS, 0)
     for split in SPLITS:
         for location in storage.list_parquet_files(storage.join(features_dir, f"split={split}")):
             fs, path = storage.resolve(location)
             try:
                 with fs.open_input_file(path) as handle:
-                    for _ in pq.ParquetFile(handle, page_checksum_verification=True).iter_batches(batch_size=65536):
-                        pass
+                    for batch in pq.ParquetFile(handle, page_checksum_verification=True).iter_batches(batch_size=65536):
+                        rows[split] += batch.num_rows
             except OSError as err:
                 raise ValueError(f"{location}: {err}; the features are damaged: rerun `smpp extract --force`") from err
-            checked += 1
-    return checked
+    return rows
+
+
+def check_split_sizes(rows: dict[str, int], min_val_posts: int, where: str) -> None:
+    """Refuse (ValueError, exit 2) splits too small for the search: the best round, the best trial,
+    the blend weights and the calibration are all chosen on val, and on a handful of posts that
+    choice is noise (a 120-post corpus gives 12). ``where`` names what holds the splits."""
+    val, train = int(rows.get("val", 0)), int(rows.get("train", 0))
+    if val < min_val_posts or train < min_val_posts:
+        raise ValueError(f"{where}: train holds {train} posts and val {val}; the search chooses its rounds, trials, "
+                         f"blend weights and calibration on val and needs at least tune.min_val_posts="
+                         f"{min_val_posts} in each. Give more posts or a larger data.val_fraction "
+                         "(or lower tune.min_val_posts knowingly)")
 
 
 def _damaged_file(dataset: Any, projection: Any) -> str | None:

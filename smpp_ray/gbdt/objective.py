@@ -53,12 +53,17 @@ class Objective:
         return 1.0 - mae / self.mae_baseline
 
     def score(self, src: float, mae: float) -> float:
-        """The scalar to maximise; NaN when a metric it needs is NaN."""
+        """The scalar to maximise; NaN when the MAE it needs is NaN.
+
+        An undefined SRC counts as 0, no rank skill: it is undefined when the predictions are
+        constant (a model whose trees have not split yet, early rounds on a small split), and such
+        a round must still be comparable with the others rather than leave a trial unscored."""
+        rank = float(src) if np.isfinite(src) else 0.0
         if self.name == "src":
-            return float(src)
+            return rank
         if self.name == "mae":
             return self.mae_skill(mae)
-        return 0.5 * (float(src) + self.mae_skill(mae))
+        return 0.5 * (rank + self.mae_skill(mae))
 
     def of(self, labels: np.ndarray, predictions: np.ndarray) -> float:
         """The objective of ``predictions`` against ``labels``."""

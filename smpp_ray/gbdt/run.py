@@ -34,7 +34,7 @@ from smpp_ray import console, digests, metrics, storage, tracking
 from smpp_ray.config import TuneConfig, parse_resources
 from smpp_ray.features.manifest import load_feature_manifest, select_columns
 from smpp_ray.gbdt.blend import Blend, choose_blend, write_blend
-from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec, verify_features
+from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec, check_split_sizes, verify_features
 from smpp_ray.gbdt.evaluate import (
     EVAL_SPLITS,
     evaluate_predictions,
@@ -85,7 +85,7 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     features_dir = storage.normalize(features_dir)
     out = storage.normalize(out_dir)
     select_columns(load_feature_manifest(features_dir), tune_config.feature_groups)  # fail before any trial
-    verify_features(features_dir)
+    check_split_sizes(verify_features(features_dir), tune_config.min_val_posts, f"features {features_dir}")
     if tune_config.fit_on_selected and not tune_config.selected_ids:
         raise ValueError("tune.fit_on_selected needs tune.selected_ids (the train stage's selection/kept_ids.parquet)")
     models = list(tune_config.models)
