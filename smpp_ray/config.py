@@ -383,6 +383,10 @@ class TuneConfig:
     """Trials report val_src/val_mae/val_score to Tune (and MLflow) every this many rounds (and at the last); long trials report at most ~200 times."""
     shared_data: bool = True
     """Read and encode train/val once on the driver and share them with every trial through Ray's object store (one read-only copy per node, no private copy per trial); false: each trial reads the features itself."""
+    engine: Literal["local", "ray_train"] = "local"
+    """How a LightGBM trial and refit fit: ``local``, in one process on one node; ``ray_train``, data-parallel across ``tune.train_workers`` Ray Train workers reading Ray Data shards (feature sets beyond one node's memory; CatBoost still fits on one node)."""
+    train_workers: int = 2
+    """Ray Train workers per LightGBM fit with ``tune.engine: ray_train`` (each holds ``tune.cpus_per_trial`` CPUs)."""
     validation: Literal["time", "group"] = "time"
     """``time``: the time-ordered val split; ``group``: GroupKFold by user over train+val."""
     folds: int = 3
@@ -430,6 +434,12 @@ class TuneConfig:
         _require(self.folds >= 2, f"tune.folds must be >= 2, got {self.folds!r}")
         _require(self.objective in ("src", "mae", "src+mae"),
                  f"unknown tune.objective {self.objective!r}; expected src, mae or src+mae")
+        _require(self.engine in ("local", "ray_train"),
+                 f"unknown tune.engine {self.engine!r}; expected local or ray_train")
+        _require(self.train_workers >= 1, f"tune.train_workers must be >= 1, got {self.train_workers!r}")
+        _require(self.engine == "local" or (self.validation == "time" and not self.fit_on_selected),
+                 "tune.engine ray_train supports tune.validation time only, without tune.fit_on_selected "
+                 f"(got validation {self.validation!r}, fit_on_selected {self.fit_on_selected!r})")
         _require(self.min_val_posts >= 2, f"tune.min_val_posts must be >= 2, got {self.min_val_posts!r}")
         _require(0 <= self.min_rounds <= self.max_rounds,
                  f"tune.min_rounds ({self.min_rounds}) must be in [0, tune.max_rounds ({self.max_rounds})]")

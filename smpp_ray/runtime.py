@@ -26,7 +26,11 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_memory_mb: int =
     if address:
         logger.info("joining Ray cluster at %s", address)
         cwd = os.getcwd()
-        ray.init(address=address, log_to_driver=True)
+        # A loopback address is a cluster on this host whose nodes keep 127.0.0.1 as their IP:
+        # joining it must not turn the address into the host's (where nothing listens).
+        joining = _loopback_only() if _is_loopback(address) else contextlib.nullcontext()
+        with joining:
+            ray.init(address=address, log_to_driver=True)
         _check_working_dir(cwd)
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
@@ -36,7 +40,13 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_memory_mb: int =
     logger.info("starting a local Ray with %d logical CPUs on 127.0.0.1", cpus)
     with _loopback_only():
         ray.init(**kwargs)
-    _quiet_ray_data_progress()
+    quiet_ray_data_progress()
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether a Ray address (``host:port``, ``ray://host:port``) names this host's loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 @contextlib.contextmanager
@@ -90,7 +100,7 @@ def _check_working_dir(before: str) -> None:
                        "on one host must not share a --temp-dir (start each with its own)")
 
 
-def _quiet_ray_data_progress() -> None:
+def quiet_ray_data_progress() -> None:
     """Ray Data's per-operator progress bars flood non-interactive logs; keep one summary line."""
     import ray.data
 

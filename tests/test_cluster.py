@@ -206,11 +206,11 @@ def test_up_starts_two_nodes_mlflow_and_token_auth(local_cluster: LocalCluster):
 
     # The job API refuses a request without the token and answers one with it.
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(f"{local_cluster.dashboard}/api/jobs/", timeout=10)
+        urllib.request.urlopen(f"{local_cluster.dashboard}/api/jobs/", timeout=60)
     assert refused.value.code in (401, 403)
     request = urllib.request.Request(f"{local_cluster.dashboard}/api/v0/nodes",
                                      headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=60) as response:
         nodes = [n for n in json.load(response)["data"]["result"]["result"] if n["state"] == "ALIVE"]
     assert len(nodes) == 2
     assert sorted(n["is_head_node"] for n in nodes) == [False, True]
@@ -221,20 +221,20 @@ def test_up_starts_two_nodes_mlflow_and_token_auth(local_cluster: LocalCluster):
     assert [n["node_ip"] for n in nodes] == ["127.0.0.1", "127.0.0.1"]
 
     # MLflow: health is open, the API wants the basic-auth credentials of the state folder.
-    with urllib.request.urlopen(f"{local_cluster.tracking_uri}/health", timeout=10) as response:
+    with urllib.request.urlopen(f"{local_cluster.tracking_uri}/health", timeout=60) as response:
         assert response.status == 200
     search = f"{local_cluster.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
     with pytest.raises(urllib.error.HTTPError) as anonymous:
-        urllib.request.urlopen(search, timeout=10)
+        urllib.request.urlopen(search, timeout=60)
     assert anonymous.value.code == 401
     wrong = base64.b64encode(f"{env['MLFLOW_TRACKING_USERNAME']}:wrong".encode()).decode()
     with pytest.raises(urllib.error.HTTPError) as bad_password:
         urllib.request.urlopen(urllib.request.Request(search, headers={"Authorization": f"Basic {wrong}"}),
-                               timeout=10)
+                               timeout=60)
     assert bad_password.value.code == 401
     right = base64.b64encode(f"{env['MLFLOW_TRACKING_USERNAME']}:{env['MLFLOW_TRACKING_PASSWORD']}".encode())
     with urllib.request.urlopen(urllib.request.Request(search, headers={"Authorization": f"Basic {right.decode()}"}),
-                                timeout=10) as response:
+                                timeout=60) as response:
         assert response.status == 200
     assert len(env["MLFLOW_TRACKING_PASSWORD"]) >= 24
     for secret_file in ("env", "mlflow/basic_auth.ini"):
@@ -339,7 +339,7 @@ def _alive_nodes(cluster: LocalCluster) -> dict[str, dict]:
     token = Path(cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     request = urllib.request.Request(f"{cluster.dashboard}/api/v0/nodes",
                                      headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=60) as response:
         nodes = json.load(response)["data"]["result"]["result"]
     return {n["node_id"]: n for n in nodes if n["state"] == "ALIVE"}
 

@@ -321,7 +321,8 @@ def test_smp_challenge_refuses_an_incomplete_submission(smoke_pipeline, scorer_o
 
     old = tmp_path / "old-scorer"
     shutil.copytree(scorer_only, old)
-    for name in ("fallback.json", "fallback_feature_spec.json", "fallback_predictions.parquet"):
+    # An older tune stage wrote neither the fallback nor the digest manifest
+    for name in ("fallback.json", "fallback_feature_spec.json", "fallback_predictions.parquet", "smpp_digests.json"):
         (old / "tune" / name).unlink()
     shutil.rmtree(old / "tune" / "models" / "fallback")
     _set_field(posts, "text", 0, Pid=json.loads((new_posts / "test_text.json").read_text())[0]["Pid"])

@@ -35,6 +35,7 @@ from smpp_ray.config import TuneConfig, parse_resources
 from smpp_ray.features.manifest import load_feature_manifest, select_columns
 from smpp_ray.gbdt.blend import Blend, choose_blend, write_blend
 from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec, check_split_sizes, verify_features
+from smpp_ray.gbdt.distributed import refit_data_parallel
 from smpp_ray.gbdt.evaluate import (
     EVAL_SPLITS,
     evaluate_predictions,
@@ -52,7 +53,7 @@ from smpp_ray.gbdt.objective import Objective
 from smpp_ray.gbdt.plots import write_plots
 from smpp_ray.gbdt.refit import refit_remote
 from smpp_ray.gbdt.registry import log_and_register, save_flavour
-from smpp_ray.gbdt.search import SearchResult, run_search
+from smpp_ray.gbdt.search import SearchResult, run_search, train_runs_location
 from smpp_ray.tracking import TrackingContext
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
 
     refit_started = time.perf_counter()
     plan = _fallback_plan(features_dir, searches, tune_config)
-    honest, final, fallback_fits = _refit_all(searches, features_dir, tune_config, plan)
+    honest, final, fallback_fits = _refit_all(searches, features_dir, tune_config, plan, search_location(out))
     predictions, blend = _predictions(honest, final, models, tune_config)
     weights = blend.weights
     refit_seconds = time.perf_counter() - refit_started
@@ -185,8 +186,8 @@ def _fallback_plan(features_dir: str, searches: dict[str, SearchResult], config:
     return _FallbackPlan(family, groups, search.best_config, search.best_rounds)
 
 
-def _refit_all(searches: dict[str, SearchResult], features_dir: str, config: TuneConfig, fallback: _FallbackPlan
-               ) -> tuple[dict[str, dict], dict[str, dict], tuple[dict, dict] | None]:
+def _refit_all(searches: dict[str, SearchResult], features_dir: str, config: TuneConfig, fallback: _FallbackPlan,
+               searches_dir: str) -> tuple[dict[str, dict], dict[str, dict], tuple[dict, dict] | None]:
     """Refits on train (val predictions for the blend weight and honest val metrics), then on
     train+val when configured (the final models; test predictions come from them). The fallback
     regressor is one more task of each kind, run beside the families'; its (honest, final) pair
@@ -197,18 +198,33 @@ def _refit_all(searches: dict[str, SearchResult], features_dir: str, config: Tun
     if fallback.family is not None:
         jobs[_FALLBACK] = (fallback.family, fallback.config, fallback.rounds, fallback.groups)
 
+    def data_parallel(family: str) -> bool:
+        return config.engine == "ray_train" and family == "lightgbm"
+
     def launch(fit_on: tuple[str, ...]) -> dict[str, Any]:
         return {name: refit_remote(family, best, rounds, features_dir, fit_on=fit_on, feature_groups=groups,
                                    cpus=config.cpus_per_trial, seed=config.seed,
                                    resources=parse_resources(config.trial_resources, "tune.trial_resources"),
                                    selected_ids=config.selected_ids if config.fit_on_selected else "",
                                    name=f"refit-{name}")
-                for name, (family, best, rounds, groups) in jobs.items()}
+                for name, (family, best, rounds, groups) in jobs.items() if not data_parallel(family)}
+
+    def fit_across_workers(fit_on: tuple[str, ...]) -> dict[str, dict]:
+        # One at a time, from here: each fit's workers and Ray Data reads take CPUs across the
+        # cluster, and two side by side can leave the reads none (a stalled split).
+        return {name: refit_data_parallel(best, rounds, features_dir, fit_on=fit_on, feature_groups=groups,
+                                          workers=config.train_workers, cpus_per_worker=config.cpus_per_trial,
+                                          seed=config.seed, storage_path=train_runs_location(searches_dir),
+                                          name=f"refit-{name}-{'+'.join(fit_on)}")
+                for name, (family, best, rounds, groups) in jobs.items() if data_parallel(family)}
 
     refs = launch(("train",))
     final_refs = launch(("train", "val")) if config.refit_on == "train+val" else None
-    honest = dict(zip(refs, ray.get(list(refs.values())), strict=True))
-    final = dict(zip(final_refs, ray.get(list(final_refs.values())), strict=True)) if final_refs else dict(honest)
+    honest_parallel = fit_across_workers(("train",))
+    final_parallel = fit_across_workers(("train", "val")) if config.refit_on == "train+val" else honest_parallel
+    honest = {**dict(zip(refs, ray.get(list(refs.values())), strict=True)), **honest_parallel}
+    final = ({**dict(zip(final_refs, ray.get(list(final_refs.values())), strict=True)), **final_parallel}
+             if final_refs is not None else dict(honest))
     fits = (honest.pop(_FALLBACK), final.pop(_FALLBACK)) if fallback.family is not None else None
     return honest, final, fits
 

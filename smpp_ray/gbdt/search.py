@@ -189,13 +189,17 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                        objective=tune_config.objective)
     resources = {"cpu": tune_config.cpus_per_trial, **parse_resources(tune_config.trial_resources, "tune.trial_resources")}
     shared: dict[str, Any] = {}
-    if tune_config.shared_data:
-        # Read and encoded once here; with_parameters puts the arrays in the object store, and
-        # every trial on a node maps the same read-only copy (smpp_ray.gbdt.shared)
-        shared["data"] = load_matrices(setup.features_dir, setup.feature_groups, validation=setup.validation,
-                                       selected_ids=setup.selected_ids)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup, **shared), resources)
-    shared.clear()   # the object store holds the arrays now; the driver keeps no copy
+    data_parallel = tune_config.engine == "ray_train" and family == "lightgbm"
+    if data_parallel:
+        trainable = _data_parallel_trainable(setup, tune_config, storage_dir, resources)
+    else:
+        if tune_config.shared_data:
+            # Read and encoded once here; with_parameters puts the arrays in the object store, and
+            # every trial on a node maps the same read-only copy (smpp_ray.gbdt.shared)
+            shared["data"] = load_matrices(setup.features_dir, setup.feature_groups, validation=setup.validation,
+                                           selected_ids=setup.selected_ids)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup, **shared), resources)
+        shared.clear()   # the object store holds the arrays now; the driver keeps no copy
     space = search_space(family)
 
     search_run_id = None
@@ -239,7 +243,9 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                 time_budget_s=tune_config.time_budget_s or None,
                 # Trials of a family share resources: reusing their actors saves a worker start-up
                 # (seconds on a busy node) per trial, the bulk of Tune's overhead for short trials.
-                reuse_actors=True),
+                # Not a data-parallel trial's: its function trainable cannot be reset after a Ray
+                # Train run (and a start-up is small beside that run's).
+                reuse_actors=not data_parallel),
             run_config=tune.RunConfig(name=family, storage_path=fs_root, storage_filesystem=fs, callbacks=callbacks,
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
     started = time.perf_counter()
@@ -264,6 +270,40 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                               "best_val_score": result.best_val_score, "trials": len(result.trials), "search_seconds": wall})
         tracking.end_run(tracking_ctx.tracking_uri, search_run_id, "FINISHED")
     return result
+
+
+#: What a data-parallel trial itself holds: it only drives its Ray Train run, whose workers hold
+#: the CPUs (a whole CPU per trial would leave a node's CPUs to trials that do no work).
+DRIVER_CPUS = 0.01
+
+
+def _data_parallel_trainable(setup: TrialSetup, tune_config: TuneConfig, storage_dir: str,
+                             resources: dict[str, float]) -> Any:
+    """The trainable of ``tune.engine: ray_train`` (:mod:`smpp_ray.gbdt.distributed`): the spec
+    is made here once, from the train split's categorical columns only."""
+    from smpp_ray.gbdt.distributed import DataParallelFit, feature_spec, run_data_parallel_trial
+
+    fit = DataParallelFit(setup.features_dir, feature_spec(setup.features_dir, setup.feature_groups).to_dict(),
+                          workers=tune_config.train_workers, cpus_per_worker=tune_config.cpus_per_trial,
+                          storage_path=train_runs_location(storage_dir), report_every=setup.report_every,
+                          objective=setup.objective)
+    logger.info("lightgbm trials fit data-parallel: %d Ray Train workers x %s CPUs each", fit.workers,
+                fit.cpus_per_worker)
+    import ray
+
+    held = tune_config.max_concurrent_trials * fit.workers * fit.cpus_per_worker
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if cpus < held + 1:   # an autoscaling cluster may grow: a warning, not a refusal
+        logger.warning("data-parallel trials hold %s CPUs (tune.max_concurrent_trials x tune.train_workers x "
+                       "tune.cpus_per_trial) of the cluster's %s: Ray Data needs at least one more CPU to read "
+                       "their shards, or the trials wait forever", held, cpus)
+    return tune.with_resources(tune.with_parameters(run_data_parallel_trial, setup=setup, fit=fit),
+                               {**resources, "cpu": DRIVER_CPUS})
+
+
+def train_runs_location(storage_dir: str) -> str:
+    """Where the data-parallel fits keep their Ray Train runs (beside the searches)."""
+    return storage.join(storage_dir, "train_runs")
 
 
 def _ask_tune_to_stop() -> bool:
