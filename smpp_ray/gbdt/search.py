@@ -144,9 +144,18 @@ def _search_alg(config: TuneConfig) -> Any:
     return BasicVariantGenerator(random_state=config.seed, max_concurrent=config.max_concurrent_trials)
 
 
-def _scheduler(config: TuneConfig) -> Any:
-    from ray.tune.schedulers import ASHAScheduler
+def _scheduler(config: TuneConfig, data_parallel: bool = False) -> Any:
+    """ASHA on boosting rounds; none for data-parallel trials.
 
+    A trial ASHA stops is killed mid-run. A data-parallel trial's Ray Train run then never
+    returns its placement group itself: Ray Train's cleaner releases it only where it can query
+    the State API (a Ray with its dashboard), so on a local Ray without one, every stopped trial
+    would keep its workers' CPUs and the next fit's Ray Data reads would wait forever. Those
+    trials run to their last round instead (the search algorithm still chooses what to try)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if data_parallel:
+        return FIFOScheduler()
     return ASHAScheduler(time_attr="rounds", max_t=config.max_rounds,
                          grace_period=config.grace_rounds, reduction_factor=3)
 
@@ -237,7 +246,7 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", search_alg=_search_alg(tune_config), scheduler=_scheduler(tune_config),
+                metric=METRIC, mode="max", search_alg=_search_alg(tune_config), scheduler=_scheduler(tune_config, data_parallel),
                 num_samples=tune_config.num_samples,
                 max_concurrent_trials=tune_config.max_concurrent_trials if tune_config.search_alg == "optuna" else None,
                 time_budget_s=tune_config.time_budget_s or None,
