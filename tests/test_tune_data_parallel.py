@@ -1,5 +1,6 @@
 """``tune.engine: ray_train``: LightGBM trials and refits fit data-parallel by Ray Train workers
-reading Ray Data shards (real Ray, real Ray Train, LightGBM's own socket network on 127.0.0.1).
+reading Ray Data shards of features in a bucket (real Ray, real Ray Train, LightGBM's own socket
+network on 127.0.0.1, the session's S3 server).
 
 One search (one trial, LightGBM only) through :func:`tune_models` covers the whole path: the
 trial's rounds reach Tune from the Train workers, the best configuration is refit data-parallel
@@ -31,8 +32,8 @@ CONFIG = TuneConfig(models=("lightgbm",), num_samples=1, max_rounds=40, grace_ro
                     registered_model_prefix="test-dp")
 
 
-def test_a_data_parallel_search_matches_the_single_node_fit(ray_session, tmp_path):
-    features = tmp_path / "features"
+def test_a_data_parallel_search_matches_the_single_node_fit(ray_with_s3, s3_bucket, tmp_path):
+    features = f"{s3_bucket}/features"
     write_synthetic_features(features, rows=3000, seed=0)
     result = tune_models(features, tmp_path / "out", tune_config=CONFIG, tracking=None)
 
@@ -48,7 +49,7 @@ def test_a_data_parallel_search_matches_the_single_node_fit(ray_session, tmp_pat
 
     # The refit (data-parallel) against the single-node fit of the same configuration and rounds
     predictions = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
-    spec, data = load_splits(str(features))
+    spec, data = load_splits(features)
     params = {**fixed_params("lightgbm", seed=CONFIG.seed, threads=1), **result["best_params"]["lightgbm"]}
     single = fit_model("lightgbm", params, result["best_rounds"]["lightgbm"], data["train"].X, data["train"].y,
                        spec.categorical)

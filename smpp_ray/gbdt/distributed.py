@@ -75,7 +75,7 @@ def _split_dataset(features_dir: str, split: str, spec: FeatureSpec) -> Any:
     import ray.data
 
     fs, path = storage.resolve(storage.join(features_dir, f"split={split}"))
-    return ray.data.read_parquet(path, filesystem=fs, columns=list(dict.fromkeys([*SPLIT_KEYS, *spec.features])))
+    return ray.data.read_parquet(path, filesystem=fs).select_columns(list(dict.fromkeys([*SPLIT_KEYS, *spec.features])))
 
 
 def fit_data_parallel(family_params: dict[str, Any], rounds: int, fit: DataParallelFit, *,
@@ -109,7 +109,10 @@ def fit_data_parallel(family_params: dict[str, Any], rounds: int, fit: DataParal
         _train_loop,
         train_loop_config={"params": family_params, "rounds": rounds, "spec": fit.spec, "validate": validate,
                            "report_every": fit.report_every, "objective": fit.objective},
-        scaling_config=ScalingConfig(num_workers=fit.workers, resources_per_worker={"CPU": fit.cpus_per_worker}),
+        # SPREAD: the point of this engine is memory beyond one node's, so the workers go to
+        # different nodes where there are several (they still share one where there is one)
+        scaling_config=ScalingConfig(num_workers=fit.workers, resources_per_worker={"CPU": fit.cpus_per_worker},
+                                     placement_strategy="SPREAD"),
         datasets=datasets,
         # Train rows are split between the workers; every worker reads the whole val split.
         dataset_config=DataConfig(datasets_to_split=["train"]),
