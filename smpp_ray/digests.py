@@ -14,7 +14,6 @@ feature Parquet pages carry CRCs (:data:`smpp_ray.storage.PARQUET_CHECKSUM_WRITE
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 
@@ -22,16 +21,6 @@ from smpp_ray import storage
 
 MANIFEST_FILE = "smpp_digests.json"
 FORMAT = "smpp-digests"
-_BLOCK = 1 << 20
-
-
-def location_digest(location: str) -> str:
-    """SHA-256 of a file at any location, streamed."""
-    digest = hashlib.sha256()
-    with storage.open_input(location) as stream:
-        for block in iter(lambda: stream.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: str, names: Iterable[str] | None = None) -> dict[str, str]:
@@ -40,7 +29,7 @@ def write_manifest(folder: str, names: Iterable[str] | None = None) -> dict[str,
     folder = storage.normalize(folder)
     if names is None:
         names = [_relative(folder, f) for f in storage.list_files(folder, recursive=True)]
-    digests = {name: location_digest(storage.join(folder, name))
+    digests = {name: storage.file_digest(storage.join(folder, name))
                for name in sorted(set(names)) if name != MANIFEST_FILE}
     storage.write_text(storage.join(folder, MANIFEST_FILE),
                        json.dumps({"format": FORMAT, "sha256": digests}, indent=1, sort_keys=True))
@@ -67,7 +56,7 @@ def verify_manifest(folder: str, shown: str | None = None) -> int:
         if not storage.is_file(path):
             raise ValueError(f"{storage.join(where, name)} is missing: {MANIFEST_FILE} records it; restore it "
                              "or rerun the stage that wrote this folder")
-        if location_digest(path) != expected:
+        if storage.file_digest(path) != expected:
             raise ValueError(f"{storage.join(where, name)} does not match the digest {MANIFEST_FILE} records "
                              "for it: the file is damaged or was replaced; restore it or rerun the stage that "
                              "wrote it")

@@ -128,13 +128,11 @@ def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[st
             if not force and stages.is_complete(stage, stage_config, inputs, folder):
                 logger.info("[%d/%d] %s: complete for these inputs and config, skipped", number,
                             len(selected), stage)
-                if stage == "prepare" and "tune" in selected:
-                    _check_corpus_size(config, layout["data"])
-                continue
-            logger.info("[%d/%d] %s -> %s", number, len(selected), stage, folder)
-            current["stage"] = stage
-            with console.stage_log(stage):
-                run()
+            else:
+                logger.info("[%d/%d] %s -> %s", number, len(selected), stage, folder)
+                current["stage"] = stage
+                with console.stage_log(stage):
+                    run()
             if stage == "prepare" and "tune" in selected:
                 _check_corpus_size(config, layout["data"])
         current["stage"] = ""

@@ -500,20 +500,22 @@ def fingerprint(location: str) -> str:
 
 def _content_or_mtime(fs: pafs.FileSystem, info: pafs.FileInfo) -> str:
     if info.path.lower().endswith(FINGERPRINT_CONTENT_SUFFIXES) and (info.size or 0) <= FINGERPRINT_CONTENT_MAX_BYTES:
-        digest = hashlib.sha256()
         with fs.open_input_stream(info.path) as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-        return "sha256:" + digest.hexdigest()
+            return "sha256:" + _stream_digest(stream)
     return f"mtime:{info.mtime_ns}"
 
 
-def file_digest(path: str) -> str:
-    """SHA-256 of a local file, streamed (what an artifact's recorded digest is checked against)."""
+def file_digest(location: str) -> str:
+    """SHA-256 of a file at any location, streamed (what an artifact's recorded digest is checked
+    against)."""
+    with open_input(location) as stream:
+        return _stream_digest(stream)
+
+
+def _stream_digest(stream: Any) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 

@@ -145,8 +145,7 @@ class ScorerBundle:
 
         verified_file(self.checkpoint, TRAINABLE_FILE, read_meta(self.checkpoint))
         models = [*self.models.values(), *([self.fallback.model] if self.fallback and self.fallback.model else [])]
-        digests.verify_manifest(storage.local_copy(self.feature_state), shown=self.feature_state)
-        for location in models:
+        for location in models:   # the feature state is checked by FeatureState.load, its one reader
             digests.verify_manifest(model_folder(location), shown=location)
 
     def families(self) -> list[str]:
