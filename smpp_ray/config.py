@@ -119,6 +119,12 @@ class DataConfig:
     geoaccuracy, photo_count, ispro, photo_firstdate, timezone_offset, timezone_id, pathalias,
     ispublic, user_description, location_description, mediatype); a role whose column has its
     own name needs no entry."""
+    extra_columns: tuple[str, ...] = ()
+    """``table`` format: numeric columns of the corpus carried to the regressors as they are
+    (feature group ``extra``, one feature ``extra_<column>`` each), e.g. crawled user statistics
+    joined by Pathalias. A value is a number or empty (missing); anything else is a reject of its
+    row. ``smpp predict`` reads the same columns of new posts, ``smpp serve`` the post's fields of
+    the same names."""
     min_class_posts: int = 3
     """With an inferred class list, a subcategory with fewer labelled training posts than this is
     not a class: its rows are rejects (a stray typo never becomes a class)."""
@@ -142,6 +148,12 @@ class DataConfig:
         _require(self.max_image_bytes > 0, f"data.max_image_bytes must be > 0, got {self.max_image_bytes!r}")
         _require(self.min_class_posts >= 1, f"data.min_class_posts must be >= 1, got {self.min_class_posts!r}")
         _require(bool(self.taxonomy.strip()), "data.taxonomy must be 'infer', 'packaged' or a file location, got ''")
+        _require(not self.extra_columns or self.format == "table",
+                 "data.extra_columns names columns of a table corpus; it needs data.format: table "
+                 "(the SMP Challenge's files have fixed fields)")
+        _require(all(isinstance(c, str) and c.strip() for c in self.extra_columns)
+                 and len(set(self.extra_columns)) == len(self.extra_columns),
+                 f"data.extra_columns must be distinct column names, got {list(self.extra_columns)!r}")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from smpp_ray.summary import artifact_location, require_summary
 
 logger = logging.getLogger(__name__)
 
-METADATA_GROUPS = ("user", "time", "text", "geo", "category", "history")
+METADATA_GROUPS = ("user", "time", "text", "geo", "category", "history", "extra")
 
 
 def metadata_baseline(features_dir: str, seed: int = 0) -> dict[str, float]:

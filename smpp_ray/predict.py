@@ -78,8 +78,14 @@ def _prepared_posts(posts: str, work: str, state, config: Config, *, keep_imagel
     from smpp_ray.data.prepare import prepare_dataset
     from smpp_ray.data.schema import Taxonomy
 
+    extras = tuple(state.tabular.extra_columns)
     if storage.is_file(manifest_location(posts)):
-        return posts, load_manifest(posts)
+        manifest = load_manifest(posts)
+        if tuple(manifest.get("extra_columns") or ()) != extras:
+            raise ValueError(f"dataset {posts!r} carries extra columns {manifest.get('extra_columns') or []}, but the "
+                             f"scorer was fitted on {list(extras)}: prepare the posts with data.extra_columns "
+                             "set to the scorer's (or give the raw posts, which predict prepares so)")
+        return posts, manifest
     if keep_imageless and config.data.format == "smpd":
         _refuse_train_files(posts)
     logger.info("predict: validating new posts from %s", posts)
@@ -91,7 +97,7 @@ def _prepared_posts(posts: str, work: str, state, config: Config, *, keep_imagel
                                max_image_bytes=int(state.image.get("max_bytes", d.max_image_bytes)),
                                taxonomy=Taxonomy.from_dict(state.taxonomy) if state.taxonomy else None,
                                keep_imageless=keep_imageless, image_root=d.image_root, data_format=d.format,
-                               columns=d.columns)
+                               columns=d.columns, extra_columns=extras)
     return out, manifest
 
 

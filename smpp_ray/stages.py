@@ -444,7 +444,8 @@ def run_prepare(config: Config, raw_dir: str, out_dir: str,
                                    jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard,
                                    max_reject_fraction=d.max_reject_fraction, max_image_bytes=d.max_image_bytes,
                                    taxonomy=chosen_taxonomy(d.taxonomy), min_class_posts=d.min_class_posts,
-                                   image_root=d.image_root, data_format=d.format, columns=d.columns)
+                                   image_root=d.image_root, data_format=d.format, columns=d.columns,
+                                   extra_columns=d.extra_columns)
         return {"metrics": manifest.get("counts", {}),
                 "artifacts": {"manifest": manifest_location(out_dir), "posts": storage.join(out_dir, "posts"),
                               "rejects": rejects_path(out_dir)}}

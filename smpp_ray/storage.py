@@ -193,6 +193,12 @@ def read_bytes(location: str) -> bytes:
         return stream.read()
 
 
+def read_range(location: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of a file from ``offset`` (one ranged request on object storage)."""
+    with open_input(location) as stream:
+        return stream.read_at(length, offset)
+
+
 def read_text(location: str) -> str:
     return read_bytes(location).decode("utf-8")
 

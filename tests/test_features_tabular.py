@@ -84,6 +84,7 @@ def make_posts(n: int, *, seed: int = 0, users: int = 6, image_size: int = 0) ->
                                   if u.endswith("2") else None for u in uid],
         "location_description": [f"Town {u}" if u.endswith(("2", "3")) else None for u in uid],
         "label": rng.normal(5.0, 2.0, n),
+        "extra": None,
     })
     frame.loc[frame["photo_firstdate"] < 0, "photo_firstdate"] = None
     frame["split"] = np.where(np.arange(n) < int(0.7 * n), "train",
@@ -296,7 +297,7 @@ def test_manifest_groups_and_validation() -> None:
         FeatureColumn("x", "vision")
     with pytest.raises(ValueError, match="unknown feature group"):
         select_columns(manifest, ["nope"])
-    assert set(GROUPS) == {"network", "user", "time", "text", "geo", "category", "history"}
+    assert set(GROUPS) == {"network", "user", "time", "text", "geo", "category", "history", "extra"}
 
 
 def test_feature_state_gives_new_posts_the_features_extraction_gave_them(tmp_path: Path) -> None:
@@ -315,12 +316,16 @@ def test_feature_state_gives_new_posts_the_features_extraction_gave_them(tmp_pat
     posts["category_id"] = [taxonomy.parents[s] for s in posts["subcategory_id"]]
     posts["category"] = [taxonomy.categories[c] for c in posts["category_id"]]
     posts["subcategory"] = [taxonomy.subcategories[s] for s in posts["subcategory_id"]]
+    # A table corpus's extra numeric columns (one name LightGBM would refuse as it is), some missing.
+    posts["extra"] = [[float(i), None if i % 4 == 0 else i * 0.5] for i in range(len(posts))]
     data = write_dataset(posts, tmp_path / "data")
     manifest = load_manifest(str(data))
-    write_manifest(str(data), {**manifest, "concepts": sorted(posts["concept"].unique())})
+    write_manifest(str(data), {**manifest, "concepts": sorted(posts["concept"].unique()),
+                               "extra_columns": ["views/day", "followers"]})
     extract_features(str(data), None, str(tmp_path / "features"), extract_config=ExtractConfig(user_description_components=3))
     state = FeatureState.load(str(tmp_path / "features"))
     assert sum(state.tabular.tag_frequency.values()) > 0 and len(state.history.t) == (posts["split"] == "train").sum()
+    assert state.tabular.extra_columns == ("views/day", "followers")
 
     held = posts[posts["split"] != "train"].copy()
     held[["category_id", "subcategory_id", "concept_id"]] = 999  # ids of another dataset's numbering
@@ -328,6 +333,11 @@ def test_feature_state_gives_new_posts_the_features_extraction_gave_them(tmp_pat
     extracted = pd.concat([read_split(str(tmp_path / "features"), s) for s in ("val", "test")])
     names = ["pid"] + [c.name for c in columns]
     _assert_rows_identical(computed[names].set_index("pid"), extracted[names].set_index("pid"), held["pid"])
+    extra = {c.name for c in columns if c.group == "extra"}
+    assert extra == {"extra_views_day", "extra_followers"}
+    row = int(held["row_index"].iloc[0])
+    np.testing.assert_array_equal(computed[["extra_views_day", "extra_followers"]].to_numpy()[0],
+                                  [row, np.nan if row % 4 == 0 else row * 0.5])
 
     stranger = held.iloc[:1].assign(uid="nobody-seen", pid="new-1")
     row = state.new_post_features(stranger.drop(columns=["image"]))[0].iloc[0]

@@ -41,7 +41,7 @@ def _rows() -> list[dict]:
         rows.append({"post_id": f"p{1000 + i}", "author": f"u{i % 5}",
                      "created": f"2021-0{1 + i % 9}-1{i % 10} 12:00:00", "log_views": round(2 + (i % 7) * 0.4, 3),
                      "topic": topic, "subtopic": subtopic, "caption": f"post {i}", "hashtags": "food yum" if i % 2 else "",
-                     "author_posts": 10 + i, "photo": f"images/{i}.jpg"})
+                     "author_posts": 10 + i, "photo": f"images/{i}.jpg", "followers": 100.0 + i})
     rows[-2]["log_views"] = rows[-1]["log_views"] = None   # unlabelled: test posts
     return rows
 
@@ -112,6 +112,9 @@ def test_a_jsonl_corpus_through_the_cli(ray_session, tmp_path, capsys):
     (folder / "images").mkdir(parents=True)
     for i in range(ROWS):
         (folder / "images" / f"{i}.jpg").write_bytes(_jpeg(i))
+    rows[13]["followers"] = "many"   # an extra numeric column's bad value: a reject naming the column
+    broken[13] = "followers"
+    del rows[14]["followers"]        # absent: missing, not a reject
     lines = [json.dumps(r) for r in rows]
     lines[20] = lines[20][:-5]   # a line cut short: that row only
     broken[20] = "row"
@@ -119,11 +122,33 @@ def test_a_jsonl_corpus_through_the_cli(ray_session, tmp_path, capsys):
     columns = "[" + ", ".join(COLUMNS) + "]"
     assert main(["prepare", "--raw", str(folder), "--out", str(tmp_path / "data"), "--config", SMOKE,
                  "--set", "tracking.enabled=false", "--set", "data.format=table", "--set", f"data.columns={columns}",
-                 "--set", "data.val_fraction=0.2", "--set", "data.test_fraction=0.2"]) == EXIT_OK
+                 "--set", "data.val_fraction=0.2", "--set", "data.test_fraction=0.2",
+                 "--set", "data.extra_columns=[followers]"]) == EXIT_OK
     capsys.readouterr()
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     _check(manifest, str(tmp_path / "data"), broken, "posts.jsonl")
     assert "not valid JSON" in _rejects(str(tmp_path / "data"))[20]["reason"]
+    assert "'many' is not a number" in _rejects(str(tmp_path / "data"))[13]["reason"]
+    assert manifest["extra_columns"] == ["followers"]
+    extra = {r["pid"]: r["extra"] for r in _written(str(tmp_path / "data"))}
+    assert extra["p1004"] == [104.0] and extra["p1014"] == [None]
+    assert all(len(values) == 1 for values in extra.values())
+
+
+def test_extra_columns_must_name_columns_of_the_corpus(ray_session, tmp_path, capsys):
+    """A misspelt extra column would be a feature missing everywhere: exit 2 naming it. An SMPD
+    corpus has fixed fields, so the key is refused for it before any work."""
+    rows = _rows()
+    for i, row in enumerate(rows):
+        row["photo_bytes"] = _jpeg(i)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "posts.parquet")
+    with pytest.raises(ValueError, match=r"\['folowers'\] hold no value"):
+        prepare_dataset(str(tmp_path / "posts.parquet"), str(tmp_path / "data"), data_format="table",
+                        columns=COLUMNS, extra_columns=("followers", "folowers"))
+    assert not (tmp_path / "data" / "manifest.json").exists()
+    assert main(["prepare", "--raw", str(tmp_path), "--out", str(tmp_path / "smpd"), "--config", SMOKE,
+                 "--set", "tracking.enabled=false", "--set", "data.extra_columns=[followers]"]) == 2
+    assert "needs data.format: table" in capsys.readouterr().err
 
 
 def test_a_jsonl_corpus_in_a_bucket(ray_with_s3, s3_bucket):

@@ -22,7 +22,6 @@ import logging
 from collections.abc import Callable
 
 from smpp_ray import storage
-from smpp_ray.data.schema import PREFIX_COLUMN, SOURCE_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -52,29 +51,15 @@ def candidate_rules(raw: str) -> list[Rule]:
     return rules
 
 
-def resolve_image_paths(raw: str, records: list[dict], image_root: str = "") -> dict[str, str]:
-    """Rewrite every record's ``image_path`` to where its image is under ``raw``, rule chosen per
-    file set (``_prefix``); returns prefix -> the rule applied (for the manifest).
+def choose_image_rule(raw: str, source: str, probes: list[str], image_root: str = "") -> Rule:
+    """The rule that finds the most of ``probes`` (a file set's first image paths, as listed in
+    ``source``) under ``raw``, or the one ``data.image_root`` names.
 
-    Raises ValueError listing the paths tried when no probed image of a set is found.
+    Raises ValueError listing the paths tried when no probed image is found.
     """
-    chosen: dict[str, str] = {}
-    by_prefix: dict[str, list[dict]] = {}
-    for record in records:
-        by_prefix.setdefault(record[PREFIX_COLUMN], []).append(record)
-    rules = None
-    for prefix, rows in by_prefix.items():
-        if image_root:
-            rule: Rule = (f"data.image_root={image_root}", _replace_first(image_root.strip("/")))
-        else:
-            rules = rules if rules is not None else candidate_rules(raw)
-            rule = _best_rule(raw, rows[0][SOURCE_COLUMN], [r["image_path"] for r in rows[:PROBES]], rules)
-        for record in rows:
-            record["image_path"] = rule[1](record["image_path"])
-        chosen[prefix] = rule[0]
-        if rule[0] != "as written":
-            logger.info("prepare: %s images are read with their path's %s", prefix.rstrip("_"), rule[0])
-    return chosen
+    if image_root:
+        return f"data.image_root={image_root}", _replace_first(image_root.strip("/"))
+    return _best_rule(raw, source, probes[:PROBES], candidate_rules(raw))
 
 
 def _best_rule(raw: str, source: str, probes: list[str], rules: list[Rule]) -> Rule:

@@ -1,10 +1,12 @@
 """``smpp prepare``: a raw SMPD folder -> Parquet shards, rejects and a manifest (a Ray Data job).
 
-The driver reads the small row-aligned JSON/text files (:mod:`smpp_ray.data.smpd`), validates
-every field, removes duplicate Pids, checks class names against the taxonomy (the SMPD 11/77
-default or one the caller supplies; an unknown name rejects its row, it never renumbers the
-classes) and assigns splits; it never opens an image. Each split's metadata rows then flow through Ray Data ``map_batches`` tasks that read,
-check, resize and re-encode the images, and ``write_parquet`` writes the shards from the workers::
+Ray tasks read and validate every field of the row-aligned JSON/text files
+(:mod:`smpp_ray.data.smpd_rows`, with the parsers of :mod:`smpp_ray.data.smpd`); the driver pulls
+only the key columns to remove duplicate Pids, check class names against the taxonomy (the
+corpus's own by default, or one the caller supplies; an unknown name rejects its row, it never
+renumbers the classes) and assign splits (:mod:`smpp_ray.data.table_prepare`, shared with table
+corpora). Each split's rows then flow through Ray Data ``map_batches`` tasks that read, check,
+resize and re-encode the images, and ``write_parquet`` writes the shards from the workers::
 
     DATA/posts/split={train,val,test}/part-*.parquet   exactly POSTS_SCHEMA
     DATA/rejects/part-00000.parquet                    REJECTS_SCHEMA: one row per rejected input row
@@ -61,15 +63,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from smpp_ray import console, storage
-from smpp_ray.data import smpd
-from smpp_ray.data.image_root import resolve_image_paths
-from smpp_ray.data.manifest import MANIFEST_FILE, manifest_location, write_manifest
+from smpp_ray.data.manifest import MANIFEST_FILE, manifest_location
 from smpp_ray.data.schema import (
     IMAGE_BYTES_COLUMN,
     POSTS_SCHEMA,
-    PREFIX_COLUMN,
     REJECTS_SCHEMA,
-    SCHEMA_VERSION,
     SOURCE_COLUMN,
     SPLITS,
     Taxonomy,
@@ -82,22 +80,14 @@ from smpp_ray.summary import SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
 
-#: Rows per Ray Data block of metadata: small enough that a 2-core machine gets parallel tasks.
-_BLOCK_ROWS = 128
-#: Hidden column carrying the image-list file name of a row into the image tasks (for rejects).
-#: Driver-only keys of a record (not columns): its category file (for class rejects) and prefix.
-_CATEGORY_FILE = "_category_file"
 #: Concurrent image reads per task from object storage, where each read is a round trip.
 _FETCH_THREADS = 16
-#: Log parsing progress every this many rows (the real corpus has ~300k).
-_LOG_EVERY = 50_000
 #: Default of ``data.max_image_bytes``: a 20 MiB photo is already far above what SMPD holds.
 MAXIMAGE_BYTES_COLUMN = 20 * 1024 * 1024
 #: Images above 40 megapixels are rejected before decoding (Pillow's own limit is ~89 MP).
 MAX_IMAGE_PIXELS = 40_000_000
 #: The only decoders Pillow may try (EPS would run Ghostscript; others are rarely maintained).
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-_META_SCHEMA = pa.schema([f for f in POSTS_SCHEMA if f.name != "image"] + [pa.field(SOURCE_COLUMN, pa.string())])
 
 
 # --------------------------------------------------------------------------------- taxonomy
@@ -121,15 +111,6 @@ def resolve_taxonomy(taxonomy: Taxonomy | None, raw: str, labelled: list[tuple[s
     # A folder of unlabelled test_ posts only: their own names are all there is.
     inferred = infer_taxonomy(labelled or pairs, min_class_posts)
     return inferred.taxonomy, "inferred from the training rows" if labelled else "inferred from the rows", inferred
-
-
-def class_pairs(records: list[dict]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(labelled training rows' pairs, every row's pairs) of (category, subcategory) names."""
-    pairs = [(r["category"], r["subcategory"]) for r in records
-             if r["category"] is not None and r["subcategory"] is not None]
-    labelled = [(r["category"], r["subcategory"]) for r in records if r["label"] is not None
-                and r[PREFIX_COLUMN] == "train_" and r["category"] is not None and r["subcategory"] is not None]
-    return labelled, pairs
 
 
 def class_problem(category: str | None, subcategory: str | None, taxonomy: Taxonomy,
@@ -156,28 +137,6 @@ def class_problem(category: str | None, subcategory: str | None, taxonomy: Taxon
         return "Category", (f"category {category!r} disagrees with {parent!r}, the parent of "
                             f"subcategory {subcategory!r}")
     return None
-
-
-def _assign_class_ids(records: list[dict], taxonomy: Taxonomy, inferred: InferredTaxonomy | None = None
-                      ) -> tuple[list[dict], list[dict], list[str]]:
-    """Set category/subcategory/concept ids; rows whose names do not fit the taxonomy are rejected."""
-    cat_id = {n: i for i, n in enumerate(taxonomy.categories)}
-    sub_id = {n: i for i, n in enumerate(taxonomy.subcategories)}
-    kept, rejects = [], []
-    for r in records:
-        problem = class_problem(r["category"], r["subcategory"], taxonomy, cat_id, sub_id, inferred)
-        if problem is not None:
-            rejects.append(_reject(r, r[_CATEGORY_FILE], *problem))
-        else:
-            kept.append(r)
-    # Concepts (668 in SMPD) have no fixed list; their ids follow the names of the kept rows.
-    concepts = sorted({r["concept"] for r in kept if r["concept"] is not None})
-    concept_id = {n: i for i, n in enumerate(concepts)}
-    for r in kept:
-        r["category_id"] = cat_id[r["category"]] if r["category"] is not None else -1
-        r["subcategory_id"] = sub_id[r["subcategory"]] if r["subcategory"] is not None else -1
-        r["concept_id"] = concept_id[r["concept"]] if r["concept"] is not None else -1
-    return kept, rejects, concepts
 
 
 def _reject(record: dict, source_file: str, field: str, reason: str) -> dict:
@@ -427,52 +386,6 @@ def _collector_class():
 
 # --------------------------------------------------------------------------------- driver
 
-def _read_raw(raw: str) -> tuple[list[smpd.FileSet], list[dict], list[dict]]:
-    """Parse every row of every file set; returns the sets, the post records and the rejects."""
-    search = smpd.FolderSearch(raw)   # one listing per folder for both prefixes
-    sets = [s for s in (smpd.find_file_set(raw, p, search) for p in smpd.PREFIXES) if s is not None]
-    if not sets:
-        expected = "; ".join(" or ".join(n.format(p="train_") for n in names) for names in smpd.FILE_NAMES.values())
-        raise ValueError(f"raw SMPD folder {raw!r} holds neither train_ nor test_ files; expected {expected} "
-                         "(or the same with the test_ prefix)")
-    records: list[dict] = []
-    rejects: list[dict] = []
-    first_seen: dict[str, tuple[str, int]] = {}
-    started = time.perf_counter()
-    # One set's raw rows at a time, each row's raw values dropped once parsed: the raw JSON is
-    # the bulk of the driver's memory (at SMPD's size its peak is then the larger of the raw rows
-    # and the parsed records, not their sum). A malformed test_ file still fails before any image
-    # is read, after the train_ rows were parsed.
-    for file_set in sets:
-        smpd.load_file_set(file_set)
-        text_name, img_name = file_set.name("text"), file_set.name("img_filepath")
-        raw_rows = list(file_set.rows.values())
-        for i in range(file_set.num_rows):
-            record, reject = smpd.parse_row(file_set, i)
-            for rows in raw_rows:
-                rows[i] = None
-            if reject is not None:
-                rejects.append(reject)
-                continue
-            previous = first_seen.get(record["pid"])
-            if previous is not None:
-                rejects.append(_reject(record, text_name, "Pid", f"duplicate Pid {record['pid']!r} "
-                                       f"(first at row {previous[1]} of {previous[0]})"))
-                continue
-            first_seen[record["pid"]] = (text_name, i)
-            if record["user_description"] is not None:
-                record["user_description"] = np.asarray(record["user_description"], np.float32)
-            record[SOURCE_COLUMN] = img_name
-            record[_CATEGORY_FILE] = file_set.name("category")
-            record[PREFIX_COLUMN] = file_set.prefix
-            if len(records) % _LOG_EVERY == 0 and records:
-                logger.info("prepare: parsed %d rows (%.0f rows/s)", len(records) + len(rejects),
-                            (len(records) + len(rejects)) / max(time.perf_counter() - started, 1e-9))
-            records.append(record)
-        file_set.rows.clear()   # the raw JSON is the bulk of driver memory; parsed rows suffice now
-    return sets, records, rejects
-
-
 #: What a prepare run owns in its folder, marker first (see :func:`smpp_ray.storage.swap_in`):
 #: the stage's summary goes first (it describes the dataset being replaced) and the manifest,
 #: which makes the folder a dataset, moves in last. Anything else in the folder is left alone.
@@ -520,17 +433,6 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def _write_split(rows: list[dict], split: str, out: str, raw: str, **options: Any) -> int:
-    """Write one split's rows (driver records) with their images; returns the rows written."""
-    import ray.data
-
-    dataset = None
-    if rows:
-        table = pa.Table.from_pylist(rows, schema=_META_SCHEMA)
-        dataset = ray.data.from_arrow([table.slice(i, _BLOCK_ROWS) for i in range(0, len(table), _BLOCK_ROWS)])
-    return write_split_dataset(dataset, len(rows), split, out, raw, **options)
-
-
 def write_split_dataset(dataset: Any, rows: int, split: str, out: str, raw: str, *, max_side: int, quality: int,
                         max_bytes: int, rows_per_shard: int, collector: Any, keep_imageless: bool) -> int:
     """Read, check and re-encode the images of a split's metadata rows (a Ray Dataset, or None
@@ -551,7 +453,8 @@ def write_split_dataset(dataset: Any, rows: int, split: str, out: str, raw: str,
         dataset = dataset.map_batches(
             load_images, batch_format="pyarrow", batch_size=None, num_cpus=1,
             fn_kwargs={"raw_root": raw, "max_side": max_side, "quality": quality, "collector": collector,
-                       "keep_imageless": keep_imageless, "max_bytes": max_bytes})
+                       "keep_imageless": keep_imageless, "max_bytes": max_bytes}
+        ).repartition(target_num_rows_per_block=rows_per_shard, strict=True)   # same files on every rerun
         dataset.write_parquet(path, filesystem=fs, schema=POSTS_SCHEMA, filename_provider=PartNames(),
                               min_rows_per_file=rows_per_shard, max_rows_per_file=rows_per_shard,
                               mode=ray.data.SaveMode.OVERWRITE, **storage.PARQUET_CHECKSUM_WRITE)
@@ -574,11 +477,6 @@ def _write_imageless(posts: list[dict], out: str) -> None:
     posts = sorted(posts, key=lambda r: (r["row_index"], r["pid"]))
     table = pa.Table.from_pylist(posts, schema=POSTS_SCHEMA)
     storage.write_bytes(storage.join(imageless_path(out), "part-00000.parquet"), _parquet_bytes(table))
-
-
-def _file_forms(sets: list[smpd.FileSet]) -> dict[str, str]:
-    """File name -> ``records`` or ``columns`` for every JSON file read (the manifest's ``forms``)."""
-    return {s.name(kind): form for s in sets for kind, form in sorted(s.forms.items())}
 
 
 def _write_rejects(rejects: list[dict], out: str) -> None:
@@ -637,18 +535,13 @@ def _reject_problem(input_rows: int, kept: int, rejects: list[dict], max_fractio
             f"field: {_reject_summary(rejects)}. Every rejected row is in {rejects_path(out)!r}")
 
 
-def _check_not_empty(sets: list[smpd.FileSet], input_rows: int) -> None:
-    if input_rows == 0:
-        names = ", ".join(s.name(k) for s in sets for k in ("text", "img_filepath"))
-        raise ValueError(f"the raw SMPD files hold no rows ({names} are empty); nothing to prepare")
-
-
 def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
                     val_fraction: float = 0.1, test_fraction: float = 0.1, max_image_side: int = 256,
                     jpeg_quality: int = 90, rows_per_shard: int = 2048, max_reject_fraction: float = 0.5,
                     max_image_bytes: int = MAXIMAGE_BYTES_COLUMN, taxonomy: Taxonomy | None = None,
                     min_class_posts: int = 3, image_root: str = "", keep_imageless: bool = False,
-                    data_format: str = "smpd", columns: tuple[str, ...] = ()) -> dict:
+                    data_format: str = "smpd", columns: tuple[str, ...] = (),
+                    extra_columns: tuple[str, ...] = ()) -> dict:
     """Turn a raw SMPD folder into Parquet shards + rejects + manifest; returns the manifest.
 
     ``raw_dir`` and ``out_dir`` are locations (local paths or ``s3://`` / ``gs://`` URIs).
@@ -666,7 +559,7 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
     posts rejected for their image alone to ``imageless/`` (what ``predict`` scores with its
     fallback regressor). ``data_format`` ``table`` reads a table corpus instead (a file or a folder
     of Parquet / JSON Lines / CSV files, ``columns`` mapping its column names to roles; see
-    :mod:`smpp_ray.data.table_prepare`).
+    :mod:`smpp_ray.data.table_prepare`), ``extra_columns`` its numeric columns kept as features.
     """
     raw, out = storage.normalize(raw_dir), storage.normalize(out_dir)
     _check_arguments(raw, split, val_fraction, test_fraction, max_image_side, jpeg_quality, rows_per_shard,
@@ -678,27 +571,27 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
                                  test_fraction=test_fraction, max_image_side=max_image_side, jpeg_quality=jpeg_quality,
                                  rows_per_shard=rows_per_shard, max_reject_fraction=max_reject_fraction,
                                  max_image_bytes=max_image_bytes, taxonomy=taxonomy, min_class_posts=min_class_posts,
-                                 keep_imageless=keep_imageless)
+                                 keep_imageless=keep_imageless, extra_columns=extra_columns)
         _log_done(manifest, out)
         return manifest
+    from smpp_ray.data.smpd_rows import read_smpd_rows
+    from smpp_ray.data.table_prepare import decide, pull_keys, write_dataset
+
     started = time.perf_counter()
-    sets, records, rejects = _read_raw(raw)
-    input_rows = len(records) + len(rejects)
-    _check_not_empty(sets, input_rows)
-    console.details(__name__).info("prepare: parsed %d rows (%d rejected) from %s in %.1fs", input_rows, len(rejects), raw,
-                time.perf_counter() - started)
-    image_roots = resolve_image_paths(raw, records, image_root)
-    taxonomy, taxonomy_source, inferred = resolve_taxonomy(taxonomy, raw, *class_pairs(records), min_class_posts)
-    records, class_rejects, concepts = _assign_class_ids(records, taxonomy, inferred)
-    rejects += class_rejects
-    facts = {"taxonomy_source": taxonomy_source, "image_roots": image_roots, "forms": _file_forms(sets)}
     with _staged_outputs(out) as staging:
-        manifest = _write_dataset(staging, out, raw, sets, records, rejects, input_rows, taxonomy, concepts,
-                                  split=split, val_fraction=val_fraction, test_fraction=test_fraction,
-                                  max_image_side=max_image_side, jpeg_quality=jpeg_quality,
-                                  rows_per_shard=rows_per_shard, max_reject_fraction=max_reject_fraction,
-                                  max_image_bytes=max_image_bytes, started=started, facts=facts,
-                                  keep_imageless=keep_imageless)
+        read = read_smpd_rows(raw, storage.join(staging, "_rows"), image_root)
+        keys = pull_keys(read.rows)
+        console.details(__name__).info("prepare: parsed %d rows (%d rejected) from %s in %.1fs", read.input_rows,
+                                       pc.sum(pc.is_valid(keys.column("_reject_field"))).as_py() or 0, raw,
+                                       time.perf_counter() - started)
+        decision = decide(keys, raw, taxonomy, min_class_posts, split, val_fraction, test_fraction,
+                          read.reject_files)
+        del keys
+        manifest = write_dataset(read.rows, decision, staging, out, raw, read.input_rows, facts=read.facts,
+                                 split=split, val_fraction=val_fraction, test_fraction=test_fraction,
+                                 max_image_side=max_image_side, jpeg_quality=jpeg_quality,
+                                 rows_per_shard=rows_per_shard, max_reject_fraction=max_reject_fraction,
+                                 max_image_bytes=max_image_bytes, keep_imageless=keep_imageless, started=started)
         storage.swap_in(staging, out, _OUTPUT_ENTRIES)
     _log_done(manifest, out)
     return manifest
@@ -709,84 +602,6 @@ def _log_done(manifest: dict, out: str) -> None:
     logger.info("prepare: %d rows in, %d written (%s), %d rejected, in %.1fs (%.0f rows/s) -> %s",
                 counts["input_rows"], counts["written"], ", ".join(f"{k}={v}" for k, v in counts["per_split"].items()),
                 counts["rejected"], manifest["run"]["seconds"], manifest["run"]["posts_per_s"], out)
-
-
-def _write_dataset(staging: str, out: str, raw: str, sets: list[smpd.FileSet], records: list[dict],
-                   rejects: list[dict], input_rows: int, taxonomy: Taxonomy, concepts: list[str], *, split: str,
-                   val_fraction: float, test_fraction: float, max_image_side: int, jpeg_quality: int,
-                   rows_per_shard: int, max_reject_fraction: float, max_image_bytes: int, started: float,
-                   facts: dict, keep_imageless: bool) -> dict:
-    """Write shards, rejects and manifest into ``staging`` (``out``'s next version); returns the
-    manifest. Too many rejects: the rejects go where :func:`_keep_failed_rejects` says, and ValueError."""
-    failed_at = _failed_location(out)
-    problem = _reject_problem(input_rows, len(records), rejects, max_reject_fraction, failed_at)
-    if problem is not None:   # image rejects only add to these: failing now saves decoding every image
-        _write_rejects(rejects, staging)
-        _keep_failed_rejects(staging, failed_at)
-        raise ValueError(problem)
-    parts, boundaries = _split_records(records, split, val_fraction, test_fraction)
-    per_split, image_rejects, imageless = _write_posts(parts, staging, raw, max_side=max_image_side,
-                                                       quality=jpeg_quality, max_bytes=max_image_bytes,
-                                                       rows_per_shard=rows_per_shard, keep_imageless=keep_imageless)
-    if keep_imageless:
-        _write_imageless(imageless, staging)
-    rejects += image_rejects
-    _write_rejects(rejects, staging)
-    written = sum(per_split.values())
-    if input_rows != written + len(rejects):
-        raise RuntimeError(f"prepare lost rows: {input_rows} in, {written} written + {len(rejects)} rejected")
-    problem = _reject_problem(input_rows, written, rejects, max_reject_fraction, failed_at)
-    if problem is not None:   # the rejects are kept; without a manifest that folder is no dataset
-        _keep_failed_rejects(staging, failed_at)
-        raise ValueError(problem)
-    bad_images = {(r["source_file"], r["row_index"]) for r in image_rejects}
-    dates = [r["postdate"] for r in records if (r[SOURCE_COLUMN], r["row_index"]) not in bad_images]
-    seconds = time.perf_counter() - started
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "raw_dir": raw,
-        "files": {s.prefix.rstrip("_"): {k: s.name(k) for k in s.files} for s in sets},
-        "counts": {"input_rows": input_rows, "written": written, "rejected": len(rejects), "per_split": per_split,
-                   "rejected_by_field": dict(sorted(Counter(r["field"] for r in rejects).items()))},
-        "taxonomy": taxonomy.to_dict(),
-        **facts,
-        "concepts": concepts,
-        "split": {"method": split, "val_fraction": val_fraction, "test_fraction": test_fraction,
-                  "boundaries": boundaries,
-                  "unlabelled_test_rows": sum(r["label"] is None for r in records)},
-        "time_range": {"start": min(dates), "end": max(dates)} if dates else {"start": None, "end": None},
-        "image": {"max_side": max_image_side, "jpeg_quality": jpeg_quality, "max_bytes": max_image_bytes,
-                  "max_pixels": MAX_IMAGE_PIXELS},
-        "rows_per_shard": rows_per_shard,
-        "run": {"seconds": round(seconds, 2), "posts_per_s": round(input_rows / max(seconds, 1e-9), 1)},
-    }
-    write_manifest(staging, manifest)
-    return manifest
-
-
-def _split_records(records: list[dict], split: str, val_fraction: float, test_fraction: float
-                   ) -> tuple[dict[str, list[dict]], dict]:
-    """Rows per split, each in (postdate, pid) order, and the split boundaries."""
-    # Only labelled train_ posts are split; test_ posts (the challenge's test set) are all test.
-    labelled = [r for r in records if r["label"] is not None and r[PREFIX_COLUMN] == "train_"]
-    parts, boundaries = assign_splits(labelled, split, val_fraction, test_fraction)
-    parts["test"] = parts["test"] + [r for r in records if r["label"] is None or r[PREFIX_COLUMN] != "train_"]
-    for name in SPLITS:
-        parts[name].sort(key=lambda r: (r["postdate"], r["pid"]))
-    return parts, boundaries
-
-
-def _write_posts(parts: dict[str, list[dict]], out: str, raw: str, *, max_side: int, quality: int,
-                 max_bytes: int, rows_per_shard: int, keep_imageless: bool = False
-                 ) -> tuple[dict[str, int], list[dict], list[dict]]:
-    """Write every split's shards with Ray Data; returns the rows written per split, the image
-    rejects and (``keep_imageless``) the metadata rows of those posts."""
-    with image_collector() as collector:
-        per_split = {name: _write_split(parts[name], name, out, raw, max_side=max_side, quality=quality,
-                                        max_bytes=max_bytes, rows_per_shard=rows_per_shard, collector=collector,
-                                        keep_imageless=keep_imageless)
-                     for name in SPLITS}
-        return per_split, *collected(collector)
 
 
 @contextmanager

@@ -23,7 +23,8 @@ import pyarrow as pa
 from smpp_ray import storage
 
 #: 2: ``user_description_text`` (the 2024+ user file's text descriptions) and ``imageless/``.
-SCHEMA_VERSION = 2
+#: 3: ``extra`` (a table corpus's extra numeric columns, named by the manifest's ``extra_columns``).
+SCHEMA_VERSION = 3
 SPLITS = ("train", "val", "test")
 
 #: One row per post. Ids are strings as in SMPD; absent values are null, never sentinel strings.
@@ -59,6 +60,7 @@ POSTS_SCHEMA = pa.schema([
     pa.field("user_description_text", pa.string()),          # the raw text (2024+ form); null when absent
     pa.field("location_description", pa.string()),           # text only; the older float vectors are dropped
     pa.field("label", pa.float64()),                         # log-views popularity; null for test_ files
+    pa.field("extra", pa.list_(pa.float64())),               # manifest extra_columns' values (null: missing)
 ])
 
 #: Columns a row carries between prepare's readers and its image tasks, never written: the file

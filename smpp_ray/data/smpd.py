@@ -94,7 +94,7 @@ _DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _TZ_OFFSET = re.compile(r"([+-])?([0-9]{1,2}):([0-9]{2})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: Strings and the structural characters of JSON, for splitting an array without recursion.
-_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[][{},]')
+JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[][{},]')
 _SHOW_CHARS = 60
 
 
@@ -123,6 +123,9 @@ class FileSet:
     forms: dict[str, str] = field(default_factory=dict)
     """JSON kind -> ``records`` (an array, the 2019-2023 form) or ``columns`` (a pandas column
     dict, the user file's 2024+ form)."""
+    first_row: int = 0
+    """The file row of ``rows[...][0]``: a range of rows is loaded at a time (see
+    :mod:`smpp_ray.data.smpd_rows`), and rows and rejects name the row of the file."""
 
     @property
     def labelled(self) -> bool:
@@ -262,10 +265,27 @@ def _loads(text: str) -> Any:
     return json.loads(text, parse_int=_json_int)
 
 
+def json_decoder() -> json.JSONDecoder:
+    """The decoder of every SMPD JSON value (over-long integers stay text, see ``_json_int``)."""
+    return json.JSONDecoder(parse_int=_json_int)
+
+
+def load_row(data: bytes | str) -> Any:
+    """One row's JSON value, or :class:`Unparsable` when it is nested too deeply to parse."""
+    try:
+        return json.loads(data, parse_int=_json_int)
+    except RecursionError:
+        return Unparsable("row is nested deeper than the JSON parser allows")
+
+
 def load_json_file(location: str) -> tuple[list[Any], str]:
     """The rows of a JSON file and its form: ``records`` (an array) or ``columns`` (a dict of
     columns, what ``DataFrame.to_json()`` writes: the user file's 2024+ form)."""
-    text = read_text(location)
+    return parse_json_document(read_text(location), location)
+
+
+def parse_json_document(text: str, location: str) -> tuple[list[Any], str]:
+    """:func:`load_json_file` of a file's text (``location`` names it in errors)."""
     try:
         rows = _loads(text)
     except RecursionError:   # one deep row must not cost the whole file: parse row by row
@@ -327,7 +347,7 @@ def _split_array(text: str, location: str) -> list[str]:
         raise ValueError(f"{location!r} must hold a JSON array of records")
     elements: list[str] = []
     depth, begin, end = 0, 1, -1
-    for match in _JSON_TOKEN.finditer(body):
+    for match in JSON_TOKEN.finditer(body):
         token = match.group()
         if token[0] == '"':
             continue
@@ -595,13 +615,13 @@ def parse_row(file_set: FileSet, index: int) -> tuple[dict | None, dict | None]:
     except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as err:
         # A check this module lacks: the row is still a reject (the stage goes on), and the log
         # says which row reached the bug.
-        logger.warning("smpd: unexpected %s parsing row %d of %s: %s", type(err).__name__, index,
+        logger.warning("smpd: unexpected %s parsing row %d of %s: %s", type(err).__name__, file_set.first_row + index,
                        file_set.name("text"), err)
         source, field_name, reason = file_set.name("text"), "row", f"unexpected {type(err).__name__}: {err}"
     text = file_set.rows["text"][index]
     uid, pid = (text.get("Uid"), text.get("Pid")) if isinstance(text, dict) else (None, None)
-    return None, {"source_file": source, "row_index": index, "pid": reject_id(pid), "uid": reject_id(uid),
-                  "field": field_name, "reason": reason}
+    return None, {"source_file": source, "row_index": file_set.first_row + index, "pid": reject_id(pid),
+                  "uid": reject_id(uid), "field": field_name, "reason": reason}
 
 
 def _parse_row(fs: FileSet, i: int) -> dict:
@@ -610,7 +630,7 @@ def _parse_row(fs: FileSet, i: int) -> dict:
     uid, pid = _check_ids(text, names["text"], None, None, names["text"])
     for kind, record in (("category", cat), ("temporalspatial", ts), ("additional", add), ("user", user)):
         _check_ids(record, names[kind], uid, pid, names["text"])
-    out: dict[str, Any] = {"pid": pid, "uid": uid, "row_index": i}
+    out: dict[str, Any] = {"pid": pid, "uid": uid, "row_index": fs.first_row + i}
     src = names["text"]
     out["title"] = parse_text(_get(text, src, "Title"), src, "Title")
     out["tags"] = parse_text(_get(text, src, "Alltags"), src, "Alltags")

@@ -15,6 +15,9 @@ the role's own name needs no entry)::
     photo_count, ispro, photo_firstdate, timezone_offset, timezone_id, pathalias, ispublic,
     user_description, location_description       user statistics and text
 
+Any other numeric columns named by ``data.extra_columns`` travel in the ``extra`` list, in that
+order (features ``extra_<column>``): a number, or null when empty or absent.
+
 Files are cut into *pieces* (a Parquet row group, or a whole JSON Lines / CSV file), and Ray
 Data tasks read and validate the pieces in parallel: no whole-corpus object is ever built on the
 driver. Each value is checked by the same parsers as the SMPD reader (:mod:`smpp_ray.data.smpd`),
@@ -146,8 +149,11 @@ def read_piece(piece: Piece) -> list[Any]:
     return rows
 
 
-def validate_row(raw_row: Any, mapping: dict[str, str], source: str) -> dict[str, Any]:
-    """One table row as a prepared post's fields (no image yet); raises smpd.FieldError."""
+def validate_row(raw_row: Any, mapping: dict[str, str], source: str, extras: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One table row as a prepared post's fields (no image yet); raises smpd.FieldError.
+
+    ``extras`` (``data.extra_columns``) are numeric columns kept as they are, in that order, in
+    the ``extra`` list: a number, or null when empty or absent."""
     if isinstance(raw_row, smpd.Unparsable):
         raise smpd.FieldError(source, "row", raw_row.reason)
     if not isinstance(raw_row, dict):
@@ -178,6 +184,7 @@ def validate_row(raw_row: Any, mapping: dict[str, str], source: str) -> dict[str
     geo = {"Latitude": row["latitude"], "Longitude": row["longitude"], "Geoaccuracy": row["geoaccuracy"]}
     out["latitude"], out["longitude"], out["geoaccuracy"] = smpd.parse_geo(geo, source)
     out.update(_user_fields(row, mapping, source))
+    out["extra"] = [smpd.parse_float(_plain(raw_row.get(name)), source, name) for name in extras] if extras else None
     return out
 
 
@@ -201,25 +208,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def validate_pieces(batch: dict[str, Any], *, mapping: dict[str, str]) -> pa.Table:
+def validate_pieces(batch: dict[str, Any], *, mapping: dict[str, str], extras: tuple[str, ...] = ()) -> pa.Table:
     """Ray Data UDF: a batch of piece descriptions in, every row of those pieces out (ROW_SCHEMA),
     rejected rows marked with ``_reject_field`` / ``_reject_reason``."""
     tables = []
     for i in range(len(batch["location"])):
         piece = Piece(str(batch["location"][i]), str(batch["kind"][i]), int(batch["row_group"][i]),
                       int(batch["first_row"][i]), int(batch["index"][i]))
-        tables.append(_validate_piece(piece, mapping))
+        tables.append(_validate_piece(piece, mapping, extras))
     return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
 
 
-def _validate_piece(piece: Piece, mapping: dict[str, str]) -> pa.Table:
+def _validate_piece(piece: Piece, mapping: dict[str, str], extras: tuple[str, ...]) -> pa.Table:
     source = storage.name(piece.location)
     rows = []
     for offset, raw_row in enumerate(read_piece(piece)):
         number = piece.first_row + offset
         base = {SOURCE: source, PIECE: piece.index, "row_index": number}
         try:
-            record = validate_row(raw_row, mapping, source)
+            record = validate_row(raw_row, mapping, source, extras)
             image_bytes, image_path = _image_of(raw_row, mapping, source)
         except smpd.FieldError as err:
             ids = raw_row if isinstance(raw_row, dict) else {}

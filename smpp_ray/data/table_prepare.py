@@ -50,8 +50,11 @@ KEY_COLUMNS = ("pid", "uid", "postdate", "label", "category", "subcategory", "co
 def prepare_table(raw: str, out: str, *, columns: tuple[str, ...], split: str, val_fraction: float,
                   test_fraction: float, max_image_side: int, jpeg_quality: int, rows_per_shard: int,
                   max_reject_fraction: float, max_image_bytes: int, taxonomy: Taxonomy | None,
-                  min_class_posts: int, keep_imageless: bool) -> dict:
-    """A table corpus at ``raw`` (a file or folder) -> the dataset at ``out``; returns the manifest."""
+                  min_class_posts: int, keep_imageless: bool, extra_columns: tuple[str, ...] = ()) -> dict:
+    """A table corpus at ``raw`` (a file or folder) -> the dataset at ``out``; returns the manifest.
+
+    ValueError names an ``extra_columns`` column that holds no value in any valid row (a typo
+    would otherwise be a feature that is missing everywhere)."""
     import ray.data
 
     from smpp_ray.runtime import init_ray
@@ -62,18 +65,19 @@ def prepare_table(raw: str, out: str, *, columns: tuple[str, ...], split: str, v
     pieces = plan_pieces(files)
     init_ray()
     rows = ray.data.from_items([asdict(p) for p in pieces], override_num_blocks=max(1, len(pieces))).map_batches(
-        validate_pieces, batch_size=1, batch_format="numpy", num_cpus=1, fn_kwargs={"mapping": mapping}).materialize()
-    keys = pa.concat_tables(ray.get(rows.select_columns(list(KEY_COLUMNS)).to_arrow_refs())) \
-        .sort_by([(PIECE, "ascending"), ("row_index", "ascending")])
+        validate_pieces, batch_size=1, batch_format="numpy", num_cpus=1, fn_kwargs={"mapping": mapping, "extras": tuple(extra_columns)}).materialize()
+    keys = pull_keys(rows)
     input_rows = keys.num_rows
     if input_rows == 0:
         raise ValueError(f"table corpus {raw!r} holds no rows ({len(files)} file(s)); nothing to prepare")
     console.details(__name__).info("prepare: validated %d rows of %d table file(s) (%d pieces) in %.1fs", input_rows,
                                    len(files), len(pieces), time.perf_counter() - started)
-    decision = _decide(keys, root, taxonomy, min_class_posts, split, val_fraction, test_fraction)
+    _check_extra_columns(rows, extra_columns, raw)
+    decision = decide(keys, root, taxonomy, min_class_posts, split, val_fraction, test_fraction)
+    facts = {"format": "table", "files": {"table": [storage.name(f) for f in files]}, "columns": mapping,
+             "extra_columns": list(extra_columns)}
     with smpd_prepare._staged_outputs(out) as staging:
-        manifest = _write(rows, decision, staging, out, root, input_rows, files=files, mapping=mapping,
-                          split=split, val_fraction=val_fraction, test_fraction=test_fraction,
+        manifest = write_dataset(rows, decision, staging, out, root, input_rows, facts=facts, split=split, val_fraction=val_fraction, test_fraction=test_fraction,
                           max_image_side=max_image_side, jpeg_quality=jpeg_quality, rows_per_shard=rows_per_shard,
                           max_reject_fraction=max_reject_fraction, max_image_bytes=max_image_bytes,
                           keep_imageless=keep_imageless, started=started)
@@ -81,9 +85,42 @@ def prepare_table(raw: str, out: str, *, columns: tuple[str, ...], split: str, v
     return manifest
 
 
-def _decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_posts: int, split: str,
-            val_fraction: float, test_fraction: float) -> dict[str, Any]:
-    """Everything decided over the whole corpus, from its key columns only."""
+def _check_extra_columns(rows: Any, extra_columns: tuple[str, ...], raw: str) -> None:
+    if not extra_columns:
+        return
+    import ray
+
+    valued = np.zeros(len(extra_columns), np.int64)
+    for ref in rows.select_columns(["extra", REJECT_FIELD]).to_arrow_refs():
+        table = ray.get(ref).filter(pc.is_null(pc.field(REJECT_FIELD)))
+        values = pc.list_flatten(table.column("extra")).to_numpy(zero_copy_only=False)
+        if len(values):
+            valued += (~np.isnan(values.reshape(-1, len(extra_columns)))).sum(axis=0)
+    empty = [name for name, count in zip(extra_columns, valued, strict=True) if count == 0]
+    if empty:
+        raise ValueError(f"data.extra_columns: column(s) {empty} hold no value in any valid row of table corpus "
+                         f"{raw!r}; check the names against the corpus's columns")
+
+
+def pull_keys(rows: Any) -> pa.Table:
+    """The key columns of every row of ``rows`` (a materialised Ray Dataset), in file order."""
+    import ray
+
+    return pa.concat_tables(ray.get(rows.select_columns(list(KEY_COLUMNS)).to_arrow_refs())) \
+        .sort_by([(PIECE, "ascending"), ("row_index", "ascending")])
+
+
+def decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_posts: int, split: str,
+           val_fraction: float, test_fraction: float, reject_files: dict[int, dict[str, str]] | None = None
+           ) -> dict[str, Any]:
+    """Everything decided over the whole corpus, from its key columns only (in file order).
+
+    A reject names the row's own file, or ``reject_files[piece]["Pid"]`` (duplicates) and
+    ``["class"]`` (class names) where the corpus keeps those in files of their own (SMPD).
+    """
+    def file_of(row: Any, role: str) -> str:
+        return reject_files[int(row[PIECE])][role] if reject_files else row[SOURCE]
+
     frame = keys.to_pandas()
     valid = frame[frame[REJECT_FIELD].isna()]
     rejects = [_reject(r, r[REJECT_FIELD], r[REJECT_REASON]) for r in frame[frame[REJECT_FIELD].notna()]
@@ -93,10 +130,10 @@ def _decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_post
     for r in valid[duplicated].to_dict(orient="records"):
         first = first_at.loc[r["pid"]]
         rejects.append(_reject(r, "Pid", f"duplicate Pid {r['pid']!r} (first at row {first['row_index']} of "
-                                         f"{first[SOURCE]})"))
+                                         f"{file_of(first, 'Pid')})", file_of(r, "Pid")))
     valid = valid[~duplicated]
     named = valid[valid["category"].notna() & valid["subcategory"].notna()]
-    labelled = named[named["label"].notna()]
+    labelled = named[_labelled(named)]
     taxonomy, source, inferred = smpd_prepare.resolve_taxonomy(
         taxonomy, root, list(zip(labelled["category"], labelled["subcategory"], strict=True)),
         list(zip(named["category"], named["subcategory"], strict=True)), min_class_posts)
@@ -107,7 +144,7 @@ def _decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_post
         problem = smpd_prepare.class_problem(_none(category), _none(subcategory), taxonomy, cat_id, sub_id, inferred)
         if problem is not None:
             keep[i] = False
-            rejects.append(_reject(valid.iloc[i], *problem))
+            rejects.append(_reject(valid.iloc[i], *problem, file_of(valid.iloc[i], "class")))
     kept = valid[keep]
     concepts = sorted({c for c in kept["concept"] if isinstance(c, str)})
     concept_id = {n: i for i, n in enumerate(concepts)}
@@ -132,19 +169,25 @@ def _none(value: Any) -> Any:
     return value if isinstance(value, str) else None
 
 
-def _reject(row: Any, field: str, reason: str) -> dict:
-    return {"source_file": row[SOURCE], "row_index": int(row["row_index"]), "pid": _none(row["pid"]),
+def _labelled(frame: Any) -> Any:
+    """Rows to split: labelled rows of training files (an SMPD ``test_`` set may carry labels,
+    and stays the test split; a table row's prefix is ``train_`` exactly when it is labelled)."""
+    return frame["label"].notna() & (frame[PREFIX] == "train_")
+
+
+def _reject(row: Any, field: str, reason: str, source_file: str | None = None) -> dict:
+    return {"source_file": source_file or row[SOURCE], "row_index": int(row["row_index"]), "pid": _none(row["pid"]),
             "uid": _none(row["uid"]), "field": field, "reason": reason}
 
 
 def _splits(kept: Any, split: str, val_fraction: float, test_fraction: float) -> tuple[dict[str, list[str]], dict]:
-    """Pids per split (labelled rows split by time or user; unlabelled rows are test)."""
-    labelled = kept[kept["label"].notna()]
+    """Pids per split (labelled training rows split by time or user; other rows are test)."""
+    labelled = kept[_labelled(kept)]
     light = [{"pid": p, "uid": u, "postdate": int(d)}
              for p, u, d in zip(labelled["pid"], labelled["uid"], labelled["postdate"], strict=True)]
     parts, boundaries = smpd_prepare.assign_splits(light, split, val_fraction, test_fraction)
     out = {name: [r["pid"] for r in parts[name]] for name in SPLITS}
-    out["test"] += kept.loc[kept["label"].isna(), "pid"].tolist()
+    out["test"] += kept.loc[~_labelled(kept), "pid"].tolist()
     return out, boundaries
 
 
@@ -166,10 +209,12 @@ def assign_rows(batch: pa.Table, *, assignment: pa.Table, split: int) -> pa.Tabl
     return rows
 
 
-def _write(rows: Any, decision: dict[str, Any], staging: str, out: str, root: str, input_rows: int, *,
-           files: list[str], mapping: dict[str, str], split: str, val_fraction: float, test_fraction: float,
-           max_image_side: int, jpeg_quality: int, rows_per_shard: int, max_reject_fraction: float,
-           max_image_bytes: int, keep_imageless: bool, started: float) -> dict:
+def write_dataset(rows: Any, decision: dict[str, Any], staging: str, out: str, root: str, input_rows: int, *,
+                  facts: dict[str, Any], split: str, val_fraction: float, test_fraction: float,
+                  max_image_side: int, jpeg_quality: int, rows_per_shard: int, max_reject_fraction: float,
+                  max_image_bytes: int, keep_imageless: bool, started: float) -> dict:
+    """Write the decided rows' shards (images read from ``root``), rejects and manifest into
+    ``staging``; returns the manifest (``facts`` are the reader's: format, files, ...)."""
     rejects = decision["rejects"]
     failed_at = smpd_prepare._failed_location(out)
     kept = sum(decision["sizes"].values())
@@ -204,8 +249,7 @@ def _write(rows: Any, decision: dict[str, Any], staging: str, out: str, root: st
         raise ValueError(problem)
     seconds = time.perf_counter() - started
     manifest = {
-        "schema_version": SCHEMA_VERSION, "raw_dir": root, "format": "table",
-        "files": {"table": [storage.name(f) for f in files]}, "columns": mapping,
+        "schema_version": SCHEMA_VERSION, "raw_dir": root, **facts,
         "counts": {"input_rows": input_rows, "written": written, "rejected": len(rejects), "per_split": per_split,
                    "rejected_by_field": dict(sorted(Counter(r["field"] for r in rejects).items()))},
         "taxonomy": decision["taxonomy"].to_dict(), "taxonomy_source": decision["taxonomy_source"],

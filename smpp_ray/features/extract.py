@@ -170,7 +170,8 @@ def metadata_features(data_dir: str, manifest: dict, user_description_components
     meta = load_post_metadata(data_dir)
     start = (manifest.get("time_range") or {}).get("start")
     tabular = build_tabular_features(meta, user_description_components=user_description_components,
-                                     corpus_start=int(start) if isinstance(start, (int, float)) else None)
+                                     corpus_start=int(start) if isinstance(start, (int, float)) else None,
+                                     extra_columns=tuple(manifest.get("extra_columns") or ()))
     pool = HistoryPool.from_posts(meta)
     history = pool.features(meta["uid"].to_numpy(), meta["postdate"].to_numpy())
     frame = pd.concat([tabular.frame, history], axis=1)

@@ -20,7 +20,7 @@ from typing import Any
 from smpp_ray import storage
 
 MANIFEST_FILE = "feature_manifest.json"
-GROUPS = ("network", "user", "time", "text", "geo", "category", "history")
+GROUPS = ("network", "user", "time", "text", "geo", "category", "history", "extra")
 KEY_COLUMNS = ("pid", "uid", "postdate", "label", "category", "subcategory")
 
 

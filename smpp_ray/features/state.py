@@ -115,6 +115,7 @@ class FeatureState:
             "user_description_components": self.tabular.user_description_components,
             "user_description_dim": self.tabular.user_description_dim,
             "user_description_pca": self.tabular.user_description_pca is not None,
+            "extra_columns": list(self.tabular.extra_columns),
             "embedding_pcas": sorted(self.embedding_pcas),
             "taxonomy": self.taxonomy, "concepts": self.concepts,
             # The checkpoint and dataset of a pipeline are the features folder's siblings: recorded
@@ -149,7 +150,7 @@ class FeatureState:
         tabular = TabularState(int(facts["corpus_start"]),
                                dict(zip(tags.column("tag").to_pylist(), tags.column("count").to_pylist(), strict=True)),
                                int(facts["user_description_components"]), int(facts["user_description_dim"]),
-                               user_pca)
+                               user_pca, tuple(facts.get("extra_columns") or ()))
         features_dir = storage.parent(location)
         return cls(tabular, HistoryPool.from_table(pq.read_table(f"{local}/{_HISTORY}")),
                    {name: _projection(arrays, name) for name in facts["embedding_pcas"]},

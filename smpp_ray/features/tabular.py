@@ -1,4 +1,4 @@
-"""Metadata features of each post: user, time, text, geo and category groups.
+"""Metadata features of each post: user, time, text, geo, category and extra groups.
 
 Only metadata columns are read (never images), so the whole metadata table fits on the driver
 even for SMPD (305k posts). Everything fitted from data (the user-description PCA, the training
@@ -32,7 +32,7 @@ METADATA_COLUMNS = (
     "pid", "uid", "title", "tags", "category", "subcategory", "concept", "category_id",
     "subcategory_id", "concept_id", "postdate", "latitude", "longitude", "geoaccuracy",
     "photo_firstdate", "photo_count", "ispro", "canbuypro", "timezone_offset", "user_description",
-    "user_description_text", "location_description", "label",
+    "user_description_text", "location_description", "label", "extra",
 )
 _HTML_TAG = re.compile(r"<[^>]*>")
 _URL = re.compile(r"https?://|www\.", re.IGNORECASE)
@@ -50,12 +50,15 @@ class TabularState:
     user_description_dim: int
     """Length of the user-description vectors the PCA was fitted on (0: none in train)."""
     user_description_pca: PCAProjection | None = None
+    extra_columns: tuple[str, ...] = ()
+    """The dataset's ``extra`` values, by name (its manifest's ``extra_columns``): features
+    ``extra_<name>``; a new post's dataset carries the same names in the same order."""
 
     def fitted(self) -> dict:
         """The scalar facts, for summaries."""
         return {"corpus_start": self.corpus_start, "train_tag_vocabulary": len(self.tag_frequency),
                 "user_description_components": self.user_description_components,
-                "user_description_dim": self.user_description_dim}
+                "user_description_dim": self.user_description_dim, "extra_columns": list(self.extra_columns)}
 
 
 @dataclass
@@ -96,20 +99,20 @@ def load_post_metadata(data_dir: str) -> pd.DataFrame:
 
 
 def build_tabular_features(meta: pd.DataFrame, *, user_description_components: int,
-                           corpus_start: int | None = None) -> TabularFeatures:
+                           corpus_start: int | None = None, extra_columns: tuple[str, ...] = ()) -> TabularFeatures:
     """User, time, text, geo and category features for every row of ``meta`` (needs ``split``).
 
     ``corpus_start`` (unix seconds) anchors ``time_days_since_start``; by default the earliest
     postdate in ``meta``. The same as :func:`fit_tabular_state` then :func:`tabular_features`.
     """
     state = fit_tabular_state(meta, user_description_components=user_description_components,
-                              corpus_start=corpus_start)
+                              corpus_start=corpus_start, extra_columns=extra_columns)
     frame, columns = tabular_features(meta, state, is_train=(meta["split"] == "train").to_numpy())
     return TabularFeatures(frame, columns, state)
 
 
 def fit_tabular_state(meta: pd.DataFrame, *, user_description_components: int,
-                      corpus_start: int | None = None) -> TabularState:
+                      corpus_start: int | None = None, extra_columns: tuple[str, ...] = ()) -> TabularState:
     """Fit on the training rows of ``meta`` (the whole corpus, with ``split``) what the features need."""
     is_train = (meta["split"] == "train").to_numpy()
     start = int(meta["postdate"].min()) if corpus_start is None and len(meta) else int(corpus_start or 0)
@@ -126,7 +129,7 @@ def fit_tabular_state(meta: pd.DataFrame, *, user_description_components: int,
         if dim:
             accumulator.add(_description_matrix(meta["user_description"], dim)[is_train & first_rows])
         pca = accumulator.fit(user_description_components)
-    return TabularState(start, dict(frequency), user_description_components, dim, pca)
+    return TabularState(start, dict(frequency), user_description_components, dim, pca, tuple(extra_columns))
 
 
 def tabular_features(meta: pd.DataFrame, state: TabularState,
@@ -138,9 +141,23 @@ def tabular_features(meta: pd.DataFrame, state: TabularState,
     text, text_cols = text_features(meta, state.tag_frequency, np.asarray(is_train, dtype=bool))
     geo, geo_cols = geo_features(meta)
     cats, cat_cols = category_features(meta)
+    extra, extra_cols = extra_features(meta, state.extra_columns)
     keys = meta[list(KEY_COLUMNS)].reset_index(drop=True)
-    frame = pd.concat([keys, user, time, text, geo, cats], axis=1)
-    return frame, user_cols + time_cols + text_cols + geo_cols + cat_cols
+    frame = pd.concat([keys, user, time, text, geo, cats, extra], axis=1)
+    return frame, user_cols + time_cols + text_cols + geo_cols + cat_cols + extra_cols
+
+
+def extra_features(meta: pd.DataFrame, names: tuple[str, ...]) -> tuple[pd.DataFrame, list[FeatureColumn]]:
+    """The ``extra`` list's values as they are, one float column ``extra_<name>`` per name (NaN:
+    missing); nothing when the corpus has no extra columns."""
+    values = np.full((len(meta), len(names)), np.nan)
+    if names and "extra" in meta:
+        for row, items in enumerate(meta["extra"].tolist()):
+            if items is not None and len(items) == len(names):
+                values[row] = np.asarray(items, dtype=np.float64)   # None -> nan
+    # LightGBM refuses feature names with JSON's special characters: a column "views/day" is "extra_views_day".
+    out = pd.DataFrame(values, columns=[f"extra_{re.sub(r'[^0-9A-Za-z_]', '_', name)}" for name in names])
+    return out, [FeatureColumn(name, "extra") for name in out.columns]
 
 
 def user_features(meta: pd.DataFrame, state: TabularState) -> tuple[pd.DataFrame, list[FeatureColumn]]:

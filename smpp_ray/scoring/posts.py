@@ -61,7 +61,7 @@ def _reject(index: int, record: Any, field: str, reason: str) -> dict[str, Any]:
 
 
 def _parse_one(record: Any, index: int, *, max_side: int, quality: int,
-               classes: _Classes | None) -> tuple[dict | None, dict | None]:
+               classes: _Classes | None, extra_columns: tuple[str, ...] = ()) -> tuple[dict | None, dict | None]:
     """One record -> (prepared row, None), (None, reject), or (row with ``image`` b"", image reject)
     when the image is the only problem."""
     from smpp_ray.data import smpd
@@ -80,6 +80,10 @@ def _parse_one(record: Any, index: int, *, max_side: int, quality: int,
     problem = classes.problem(row["category"], row["subcategory"]) if classes is not None else None
     if problem is not None:
         return None, _reject(index, record, *problem)
+    try:   # a table corpus's extra numeric columns: the post's fields of the same names
+        row["extra"] = [smpd.parse_float(record.get(name), SOURCE, name) for name in extra_columns] or None
+    except smpd.FieldError as err:
+        return None, _reject(index, record, err.field, err.reason)
     row.update({"row_index": index, "image": b"", "image_path": None,
                 "category_id": -1, "subcategory_id": -1, "concept_id": -1})
     try:
@@ -124,17 +128,19 @@ class ParsedPosts:
 
 
 def parse_records(records: Sequence[Any], *, max_side: int, quality: int,
-                  taxonomy: dict[str, Any] | None = None) -> ParsedPosts:
+                  taxonomy: dict[str, Any] | None = None, extra_columns: tuple[str, ...] = ()) -> ParsedPosts:
     """Validate every record as prepare would; ``len(records) == len(rows) + len(rejects)``.
 
     ``taxonomy`` (the manifest form) rejects a post whose Category or Subcategory is not one of
     its classes, or whose Category is not the parent of its Subcategory, as prepare does; that
     check comes before the image's, so an imageless post has nothing else wrong with it.
+    ``extra_columns`` (the scorer's) are read from the record's fields of those names.
     """
     classes = _Classes.of(taxonomy) if taxonomy else None
     kept, imageless, rejects = [], [], []
     for index, record in enumerate(records):
-        row, reject = _parse_one(record, index, max_side=max_side, quality=quality, classes=classes)
+        row, reject = _parse_one(record, index, max_side=max_side, quality=quality, classes=classes,
+                                 extra_columns=extra_columns)
         if reject is not None:
             rejects.append(reject)
             if row is not None:
@@ -145,11 +151,12 @@ def parse_records(records: Sequence[Any], *, max_side: int, quality: int,
                        pd.DataFrame(imageless, columns=POSTS_SCHEMA.names), rejects)
 
 
-def parse_posts(records: Sequence[Any], *, max_side: int, quality: int,
-                taxonomy: dict[str, Any] | None = None) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+def parse_posts(records: Sequence[Any], *, max_side: int, quality: int, taxonomy: dict[str, Any] | None = None,
+                extra_columns: tuple[str, ...] = ()) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Prepared rows (POSTS_SCHEMA columns) of the valid records and a reject per invalid one
     (see :func:`parse_records`, which also keeps the metadata of imageless posts)."""
-    parsed = parse_records(records, max_side=max_side, quality=quality, taxonomy=taxonomy)
+    parsed = parse_records(records, max_side=max_side, quality=quality, taxonomy=taxonomy,
+                           extra_columns=extra_columns)
     return parsed.rows, parsed.rejects
 
 

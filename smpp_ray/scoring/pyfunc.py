@@ -64,7 +64,8 @@ def score_frame(scorer: Any, frame: pd.DataFrame) -> pd.DataFrame:
     image = scorer.state.image
     records = records_from_frame(frame)
     parsed = parse_records(records, max_side=int(image.get("max_side", 256)),
-                           quality=int(image.get("jpeg_quality", 90)), taxonomy=scorer.state.taxonomy)
+                           quality=int(image.get("jpeg_quality", 90)), taxonomy=scorer.state.taxonomy,
+                           extra_columns=scorer.state.tabular.extra_columns)
     errors = {r["row_index"]: f"{r['field']}: {r['reason']}" for r in parsed.rejects}
     scores = scorer.score(parsed.rows).reset_index(drop=True)
     scores.index = parsed.rows["row_index"].tolist()

@@ -159,7 +159,8 @@ class Scorer:
         """Raw post records (SMPD fields + image) -> (scores of the valid ones, rejects)."""
         from smpp_ray.scoring.posts import parse_posts
 
-        posts, rejects = parse_posts(records, max_side=max_side, quality=quality, taxonomy=self.state.taxonomy)
+        posts, rejects = parse_posts(records, max_side=max_side, quality=quality, taxonomy=self.state.taxonomy,
+                                     extra_columns=self.state.tabular.extra_columns)
         return self.score(posts), rejects
 
     def score_imageless(self, posts: pd.DataFrame) -> pd.DataFrame:
