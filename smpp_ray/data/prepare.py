@@ -146,35 +146,43 @@ def _reject(record: dict, source_file: str, field: str, reason: str) -> dict:
 
 # --------------------------------------------------------------------------------- splits
 
-def assign_splits(labelled: list[dict], method: str, val_fraction: float, test_fraction: float
-                  ) -> tuple[dict[str, list[dict]], dict]:
-    """Split labelled posts by time (chronological) or by user; returns rows per split and boundaries."""
+def assign_splits(labelled: Any, method: str, val_fraction: float, test_fraction: float
+                  ) -> tuple[np.ndarray, dict]:
+    """The split (an index into SPLITS) of each labelled post, by time (chronological by
+    (postdate, pid)) or by user; and the boundaries. ``labelled``: a frame (or records) with
+    ``pid``, ``uid`` and ``postdate``; vectorised, as it runs over every post on the driver."""
+    import pandas as pd
+
     if method not in ("time", "user"):
         raise ValueError(f"unknown split method {method!r}; expected 'time' or 'user'")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction {val_fraction!r} and test_fraction {test_fraction!r} must be in [0, 1) "
                          "and sum to < 1")
-    n = len(labelled)
+    frame = labelled.reset_index(drop=True) if isinstance(labelled, pd.DataFrame) else \
+        pd.DataFrame(list(labelled), columns=["pid", "uid", "postdate"])
+    n = len(frame)
     n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    codes = np.zeros(n, np.int8)
     if method == "time":
-        ordered = sorted(labelled, key=lambda r: (r["postdate"], r["pid"]))
-        parts = {"train": ordered[: n - n_val - n_test], "val": ordered[n - n_val - n_test: n - n_test],
-                 "test": ordered[n - n_test:]}
-        boundaries = {s: {"start": rows[0]["postdate"], "end": rows[-1]["postdate"]} if rows else None
-                      for s, rows in parts.items()}
-        return parts, boundaries
-    by_user: dict[str, list[dict]] = {}
-    for r in labelled:
-        by_user.setdefault(r["uid"], []).append(r)
+        order = frame.sort_values(["postdate", "pid"], kind="stable").index.to_numpy()
+        parts = {"train": order[: n - n_val - n_test], "val": order[n - n_val - n_test: n - n_test],
+                 "test": order[n - n_test:]}
+        dates = frame["postdate"].to_numpy()
+        for code, name in enumerate(SPLITS):
+            codes[parts[name]] = code
+        return codes, {name: {"start": int(dates[rows[0]]), "end": int(dates[rows[-1]])} if len(rows) else None
+                       for name, rows in parts.items()}
+    sizes = frame.groupby("uid", sort=False).size()
     # A hash order is random-looking yet independent of seeds and of file order.
-    users = sorted(by_user, key=lambda u: hashlib.sha256(u.encode()).hexdigest())
-    parts = {s: [] for s in SPLITS}
-    user_counts = dict.fromkeys(SPLITS, 0)
-    for u in users:
-        split = ("test" if len(parts["test"]) < n_test else "val" if len(parts["val"]) < n_val else "train")
-        parts[split].extend(by_user[u])
-        user_counts[split] += 1
-    return parts, {"users": user_counts}
+    users = sorted(sizes.index, key=lambda u: hashlib.sha256(str(u).encode()).hexdigest())
+    filled, user_counts, split_of = [0, 0, 0], dict.fromkeys(SPLITS, 0), {}
+    for user in users:
+        code = 2 if filled[2] < n_test else 1 if filled[1] < n_val else 0
+        split_of[user] = code
+        filled[code] += int(sizes[user])
+        user_counts[SPLITS[code]] += 1
+    codes[:] = frame["uid"].map(split_of).to_numpy(dtype=np.int8) if n else codes
+    return codes, {"users": user_counts}
 
 
 # --------------------------------------------------------------------------------- images (Ray tasks)

@@ -121,7 +121,9 @@ def decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_posts
     def file_of(row: Any, role: str) -> str:
         return reject_files[int(row[PIECE])][role] if reject_files else row[SOURCE]
 
-    frame = keys.to_pandas()
+    # Few distinct values (names, files): categorical, not a Python string per row (486k rows: ~200 MB).
+    frame = keys.to_pandas(categories=["category", "subcategory", "concept", SOURCE, PREFIX, REJECT_FIELD,
+                                       REJECT_REASON])
     valid = frame[frame[REJECT_FIELD].isna()]
     rejects = [_reject(r, r[REJECT_FIELD], r[REJECT_REASON]) for r in frame[frame[REJECT_FIELD].notna()]
                .to_dict(orient="records")]
@@ -140,29 +142,33 @@ def decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_posts
     cat_id = {n: i for i, n in enumerate(taxonomy.categories)}
     sub_id = {n: i for i, n in enumerate(taxonomy.subcategories)}
     keep = np.ones(len(valid), dtype=bool)
-    for i, (category, subcategory) in enumerate(zip(valid["category"], valid["subcategory"], strict=True)):
+    # A row's class problem depends on its (category, subcategory) pair alone: checked once per pair.
+    pairs = valid.groupby(["category", "subcategory"], dropna=False, observed=True, sort=False).indices
+    for (category, subcategory), positions in pairs.items():
         problem = smpd_prepare.class_problem(_none(category), _none(subcategory), taxonomy, cat_id, sub_id, inferred)
         if problem is not None:
-            keep[i] = False
-            rejects.append(_reject(valid.iloc[i], *problem, file_of(valid.iloc[i], "class")))
+            keep[positions] = False
+            rejects += [_reject(valid.iloc[i], *problem, file_of(valid.iloc[i], "class")) for i in sorted(positions)]
     kept = valid[keep]
-    concepts = sorted({c for c in kept["concept"] if isinstance(c, str)})
-    concept_id = {n: i for i, n in enumerate(concepts)}
-    parts, boundaries = _splits(kept, split, val_fraction, test_fraction)
-    split_of = {pid: code for code, name in enumerate(SPLITS) for pid in parts[name]}   # kept Pids are unique
+    concepts = sorted({c for c in kept["concept"].dropna().unique()})
+    codes, boundaries = _splits(kept, split, val_fraction, test_fraction)
     assignment = pa.table({
         "row": pa.array(row_keys(kept[PIECE].to_numpy(), kept["row_index"].to_numpy())),
-        "split": pa.array([split_of[p] for p in kept["pid"]], pa.int8()),
-        "category_id": pa.array([cat_id.get(c, -1) if isinstance(c, str) else -1 for c in kept["category"]], pa.int32()),
-        "subcategory_id": pa.array([sub_id.get(s, -1) if isinstance(s, str) else -1 for s in kept["subcategory"]],
-                                   pa.int32()),
-        "concept_id": pa.array([concept_id.get(c, -1) if isinstance(c, str) else -1 for c in kept["concept"]],
-                               pa.int32()),
+        "split": pa.array(codes, pa.int8()),
+        "category_id": pa.array(_ids(kept["category"], cat_id), pa.int32()),
+        "subcategory_id": pa.array(_ids(kept["subcategory"], sub_id), pa.int32()),
+        "concept_id": pa.array(_ids(kept["concept"], {n: i for i, n in enumerate(concepts)}), pa.int32()),
     })
     return {"taxonomy": taxonomy, "taxonomy_source": source, "concepts": concepts, "rejects": rejects,
             "kept": kept[[SOURCE, "row_index", "postdate"]],
-            "assignment": assignment, "boundaries": boundaries, "sizes": {n: len(parts[n]) for n in SPLITS},
+            "assignment": assignment, "boundaries": boundaries,
+            "sizes": dict(zip(SPLITS, np.bincount(codes, minlength=len(SPLITS)).tolist(), strict=True)),
             "unlabelled": int(kept["label"].isna().sum())}
+
+
+def _ids(names: Any, ids: dict[str, int]) -> np.ndarray:
+    """The id of each name (-1: none, or not in ``ids``)."""
+    return names.astype(object).map(ids).fillna(-1).to_numpy(dtype=np.int64)
 
 
 def _none(value: Any) -> Any:
@@ -180,15 +186,14 @@ def _reject(row: Any, field: str, reason: str, source_file: str | None = None) -
             "uid": _none(row["uid"]), "field": field, "reason": reason}
 
 
-def _splits(kept: Any, split: str, val_fraction: float, test_fraction: float) -> tuple[dict[str, list[str]], dict]:
-    """Pids per split (labelled training rows split by time or user; other rows are test)."""
-    labelled = kept[_labelled(kept)]
-    light = [{"pid": p, "uid": u, "postdate": int(d)}
-             for p, u, d in zip(labelled["pid"], labelled["uid"], labelled["postdate"], strict=True)]
-    parts, boundaries = smpd_prepare.assign_splits(light, split, val_fraction, test_fraction)
-    out = {name: [r["pid"] for r in parts[name]] for name in SPLITS}
-    out["test"] += kept.loc[~_labelled(kept), "pid"].tolist()
-    return out, boundaries
+def _splits(kept: Any, split: str, val_fraction: float, test_fraction: float) -> tuple[np.ndarray, dict]:
+    """The split code (index into SPLITS) of every kept row: labelled training rows split by time
+    or user, other rows test; and the boundaries."""
+    labelled = _labelled(kept).to_numpy()
+    codes = np.full(len(kept), SPLITS.index("test"), np.int8)
+    codes[labelled], boundaries = smpd_prepare.assign_splits(kept.loc[labelled, ["pid", "uid", "postdate"]], split,
+                                                             val_fraction, test_fraction)
+    return codes, boundaries
 
 
 def row_keys(pieces: np.ndarray, rows: np.ndarray) -> np.ndarray:
