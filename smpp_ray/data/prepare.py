@@ -80,6 +80,9 @@ from smpp_ray.summary import SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
 
+#: Rows whose images one call decodes and re-encodes: a sort partition holds thousands of rows, and
+#: its images are held only a batch at a time.
+IMAGE_BATCH_ROWS = 128
 #: Concurrent image reads per task from object storage, where each read is a round trip.
 _FETCH_THREADS = 16
 #: Default of ``data.max_image_bytes``: a 20 MiB photo is already far above what SMPD holds.
@@ -459,7 +462,7 @@ def write_split_dataset(dataset: Any, rows: int, split: str, out: str, raw: str,
     started = time.perf_counter()
     if dataset is not None:
         dataset = dataset.map_batches(
-            load_images, batch_format="pyarrow", batch_size=None, num_cpus=1,
+            load_images, batch_format="pyarrow", batch_size=IMAGE_BATCH_ROWS, num_cpus=1,
             fn_kwargs={"raw_root": raw, "max_side": max_side, "quality": quality, "collector": collector,
                        "keep_imageless": keep_imageless, "max_bytes": max_bytes}
         ).repartition(target_num_rows_per_block=rows_per_shard, strict=True)   # same files on every rerun

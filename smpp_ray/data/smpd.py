@@ -35,6 +35,7 @@ Real-file quirks handled here: every value may be a string (``"1457068974"``), P
 from __future__ import annotations
 
 import calendar
+import codecs
 import json
 import logging
 import math
@@ -236,11 +237,30 @@ def read_text(location: str) -> str:
     return decode_text(storage.read_bytes(location), location)
 
 
-def decode_text(data: bytes, location: str) -> str:
-    """The text of a file's bytes (UTF-8, a BOM allowed); ValueError naming ``location`` otherwise."""
+def _refuse_wide_text(data: bytes, location: str) -> None:
     sample = data[:4096]
     if sample.startswith((b"\xff\xfe", b"\xfe\xff")) or sample.count(0) > _NUL_SHARE * len(sample):
         raise ValueError(f"{location!r} looks like UTF-16 or UTF-32 text; SMPD files must be UTF-8")
+
+
+def check_utf8(data: bytes, location: str) -> int:
+    """The length of ``data``'s BOM (0 or 3) when it is UTF-8 text; ValueError naming ``location``
+    otherwise. Checked a MiB at a time: the decoded text of a file is never held (a Python string
+    with one emoji takes 4 bytes per character)."""
+    _refuse_wide_text(data, location)
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    step = 1 << 20
+    for start in range(0, len(data), step):
+        try:
+            decoder.decode(data[start:start + step], final=start + step >= len(data))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{location!r} is not UTF-8 text: {err.reason} at byte {start + err.start}") from err
+    return len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+
+
+def decode_text(data: bytes, location: str) -> str:
+    """The text of a file's bytes (UTF-8, a BOM allowed); ValueError naming ``location`` otherwise."""
+    _refuse_wide_text(data, location)
     try:
         return data.decode("utf-8-sig")   # -sig: editors on Windows write a BOM
     except UnicodeDecodeError as err:
@@ -304,7 +324,7 @@ def parse_json_document(text: str, location: str) -> tuple[list[Any], str]:
     return rows, form
 
 
-def _row_order(key: Any) -> tuple[int, int | str]:
+def row_order(key: Any) -> tuple[int, int | str]:
     """Row keys of a column dict in row order: ``"10"`` after ``"9"`` (pandas writes index labels)."""
     text = str(key)
     return (0, int(text)) if text.isdigit() and len(text) <= _MAX_JSON_INT_DIGITS else (1, text)
@@ -324,7 +344,7 @@ def _columns_to_records(columns: dict, location: str) -> list[dict]:
     labels: dict[Any, None] = {}
     for values in columns.values():
         labels.update(dict.fromkeys(values))
-    order = sorted(labels, key=_row_order)
+    order = sorted(labels, key=row_order)
     return [{name: values.get(label) for name, values in columns.items()} for label in order]
 
 

@@ -24,10 +24,12 @@ in file order: train then test, each by row.
 
 from __future__ import annotations
 
-import codecs
+import contextlib
 import json
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,55 +93,57 @@ def scan_file(location: str, kind: str, scratch: str) -> tuple[dict[str, Any], S
     """
     try:
         data = storage.read_bytes(location)
-        text = smpd.decode_text(data, location)
-        skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+        start = smpd.check_utf8(data, location)
+        # One character per byte: a position in this text is a byte offset in the file, and the
+        # JSON structure (quotes, brackets, commas: ASCII, never inside a UTF-8 sequence) parses
+        # exactly as in the UTF-8 text. The values parsed from it are discarded.
+        text = data.decode("latin-1")
         del data
         read_from, probes = location, []
+        first = _WHITESPACE.match(text, start).end()
         if kind not in smpd.JSON_KINDS:
-            form, spans = "lines", _line_spans(text) + skip
-            probes = [text[s - skip:e - skip] for s, e in spans[:PROBE_LINES]] if kind == "img_filepath" else []
-        elif text.lstrip(" \t\n\r").startswith("["):
-            form, spans = "records", _record_spans(text, location) + skip
-        else:
-            form, read_from, spans = _copy_as_lines(text, location, scratch)
+            form, spans = "lines", _line_spans(text, start)
+            if kind == "img_filepath":
+                probes = [_utf8(text[s:e]) for s, e in spans[:PROBE_LINES].tolist()]
+        elif text.startswith("[", first):
+            form, spans = "records", _record_spans(text, first, location)
+        elif text.startswith("{", first):
+            form, spans = "columns", _copy_columns_as_lines(text, first, location, scratch)
+            read_from = _lines_copy(location, scratch)
+        else:   # not an array nor an object: the reader's own error for the whole file
+            smpd.parse_json_document(_utf8(text[start:]), location)
+            raise ValueError(f"{location!r} must hold a JSON array of records or a dict of columns")
     except ValueError as err:
         return {"error": str(err)}, np.empty((0, 2), np.int64)
     return {"rows": len(spans), "form": form, "read_from": read_from, "probes": probes, "error": None}, spans
 
 
-def _byte_offsets(text: str, positions: list[int]) -> np.ndarray:
-    """The UTF-8 byte offsets of ascending character positions of ``text``."""
-    if text.isascii():
-        return np.asarray(positions, np.int64)
-    out = np.empty(len(positions), np.int64)
-    previous = total = 0
-    for n, position in enumerate(positions):
-        total += len(text[previous:position].encode())
-        out[n], previous = total, position
-    return out
+def _utf8(latin1: str) -> str:
+    """The text of a slice of the one-byte-per-character view."""
+    return latin1.encode("latin-1").decode("utf-8")
 
 
-def _as_spans(text: str, positions: list[int]) -> Spans:
-    return _byte_offsets(text, positions).reshape(-1, 2)
+def _as_spans(positions: list[int]) -> Spans:
+    return np.asarray(positions, np.int64).reshape(-1, 2)
 
 
-def _line_spans(text: str) -> Spans:
-    """Lines as :func:`smpd.load_lines` cuts them: at ``\\n`` only, trailing blank lines dropped."""
-    lines = text.split("\n")
-    while lines and not lines[-1].strip():
+def _line_spans(text: str, start: int) -> Spans:
+    """Lines as :func:`smpd.load_lines` cuts them: at ``\n`` only, trailing blank lines dropped."""
+    lines = text[start:].split("\n")
+    while lines and not _utf8(lines[-1]).strip():
         lines.pop()
     positions: list[int] = []
-    start = 0
     for line in lines:
         positions += (start, start + len(line))
         start += len(line) + 1
-    return _as_spans(text, positions)
+    return _as_spans(positions)
 
 
-def _record_spans(text: str, location: str) -> Spans:
-    """The spans of a top-level JSON array's elements, each parsed once to find its end."""
+def _record_spans(text: str, position: int, location: str) -> Spans:
+    """The spans of a top-level JSON array's elements (``position``: its ``[``), each parsed once
+    to find its end."""
     decoder, skip = smpd.json_decoder(), _WHITESPACE.match
-    position = skip(text, skip(text, 0).end() + 1).end()   # past '[' and the blanks after it
+    position = skip(text, position + 1).end()
     positions: list[int] = []
     first_type, any_record = "", False
     closed = text.startswith("]", position)
@@ -158,14 +162,14 @@ def _record_spans(text: str, location: str) -> Spans:
         closed = text.startswith("]", position)
         if not closed and not text.startswith(",", position):
             raise ValueError(f"{location!r} is not valid JSON: expected ',' or ']' after row "
-                             f"{len(positions) // 2 - 1} (char {position})")
+                             f"{len(positions) // 2 - 1} (byte {position})")
         position = position if closed else skip(text, position + 1).end()
     position = skip(text, position + 1).end()
     if position != len(text):
-        raise ValueError(f"{location!r} is not valid JSON: extra data after the top-level array (char {position})")
+        raise ValueError(f"{location!r} is not valid JSON: extra data after the top-level array (byte {position})")
     if positions and not any_record:
         raise ValueError(f"{location!r} must hold a JSON array of records (objects), but its rows are {first_type}s")
-    return _as_spans(text, positions)
+    return _as_spans(positions)
 
 
 def _element_end(text: str, start: int, location: str) -> int:
@@ -181,19 +185,91 @@ def _element_end(text: str, start: int, location: str) -> int:
     raise ValueError(f"{location!r} is not valid JSON: the row at char {start} is not closed")
 
 
-def _copy_as_lines(text: str, location: str, scratch: str) -> tuple[str, str, Spans]:
-    """(form, the copy, its spans) of a file that is not an array: a dict of columns is parsed
-    whole and written as JSON Lines (values round-trip exactly: floats by ``repr``, over-long
-    integers stay text); anything else raises what :func:`smpd.parse_json_document` says."""
-    rows, form = smpd.parse_json_document(text, location)
-    del text
-    lines = [json.dumps(row).encode() for row in rows]   # ASCII: lone surrogates stay escaped
-    del rows
-    ends = np.cumsum([len(line) + 1 for line in lines], dtype=np.int64) - 1
-    spans = np.stack([ends - [len(line) for line in lines], ends], axis=1) if lines else np.empty((0, 2), np.int64)
-    copy = storage.join(scratch, f"{storage.name(location)}.jsonl")
-    storage.write_bytes(copy, b"\n".join(lines))
-    return form, copy, spans
+def _lines_copy(location: str, scratch: str) -> str:
+    return storage.join(scratch, f"{storage.name(location)}.jsonl")
+
+
+def _column_spans(text: str, position: int, location: str) -> list[tuple[str, int, int]]:
+    """(name, start, end) of each column of a top-level ``{"col": {row: value, ...}, ...}``
+    (``position``: its ``{``); ValueError when it is not that shape."""
+    decoder, skip = smpd.json_decoder(), _WHITESPACE.match
+    columns: list[tuple[str, int, int]] = []
+    position = skip(text, position + 1).end()
+    closed = text.startswith("}", position)
+    try:
+        while not closed:
+            if not text.startswith('"', position):
+                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, position)
+            name, position = decoder.raw_decode(text, position)
+            position = skip(text, position).end()
+            if not text.startswith(":", position):
+                raise json.JSONDecodeError("Expecting ':' delimiter", text, position)
+            start = skip(text, position + 1).end()
+            value, position = decoder.raw_decode(text, start)
+            if not isinstance(value, dict):
+                raise ValueError(f"{location!r} must hold a JSON array of records or a dict of columns (column -> "
+                                 f"{{row: value}}); got an object whose {_utf8(name)[:60]!r} is a "
+                                 f"{type(value).__name__}")
+            del value
+            columns.append((_utf8(name), start, position))
+            position = skip(text, position).end()
+            closed = text.startswith("}", position)
+            if not closed and not text.startswith(",", position):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+            position = position if closed else skip(text, position + 1).end()
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{location!r} is not valid JSON: {err}") from err
+    if skip(text, position + 1).end() != len(text):
+        raise ValueError(f"{location!r} is not valid JSON: extra data after the top-level object")
+    if not columns:
+        raise ValueError(f"{location!r} must hold a JSON array of records or a dict of columns (column -> "
+                         "{row: value}); got an object with no column")
+    return columns
+
+
+def _copy_columns_as_lines(text: str, position: int, location: str, scratch: str) -> Spans:
+    """Write a dict-of-columns file (``DataFrame.to_json()``: the user file's 2024+ form) as
+    JSON Lines of records, as :func:`smpd.parse_json_document` reads it (rows in index-label
+    order; a label missing from a column is a null there), and return the copy's spans.
+
+    One column is parsed at a time (twice: once for the row labels, once for the values, each
+    column written to a local file), then the column files are zipped into rows: the worker
+    holds the file's bytes and one column, never the whole table as objects. Values round-trip
+    exactly (floats by ``repr``, over-long integers stay text, lone surrogates stay escaped).
+    """
+    columns = _column_spans(text, position, location)
+
+    def column(start: int, end: int) -> dict:
+        return smpd.load_row(text[start:end].encode("latin-1"))
+
+    labels: dict[Any, None] = {}
+    for _, start, end in columns:
+        labels.update(dict.fromkeys(column(start, end)))
+    order = sorted(labels, key=smpd.row_order)
+    del labels
+    with tempfile.TemporaryDirectory(prefix="smpd-columns-") as folder:
+        paths = []
+        for n, (_, start, end) in enumerate(columns):
+            values = column(start, end)
+            paths.append(os.path.join(folder, f"{n}.txt"))
+            with open(paths[-1], "w", encoding="ascii") as out:
+                out.writelines(json.dumps(values.get(label)) + "\n" for label in order)
+            del values
+        names = [json.dumps(name) for name, _, _ in columns]
+        positions: list[int] = []
+        rows_path = os.path.join(folder, "rows.jsonl")
+        with open(rows_path, "wb") as out, contextlib.ExitStack() as stack:
+            readers = [stack.enter_context(open(p, encoding="ascii")) for p in paths]
+            offset = 0
+            for _ in order:
+                line = ("{" + ", ".join(f"{k}: {r.readline().rstrip()}" for k, r in zip(names, readers,
+                                                                                          strict=True)) + "}").encode()
+                positions += (offset, offset + len(line))
+                out.write(line + b"\n")
+                offset += len(line) + 1
+        with open(rows_path, "rb") as copy:
+            storage.write_bytes(_lines_copy(location, scratch), copy.read())
+    return _as_spans(positions)
 
 
 # --------------------------------------------------------------------------------- parse (Ray Data tasks)
