@@ -329,6 +329,8 @@ def test_a_tune_rerun_on_changed_features_searches_afresh(ray_session, tmp_path,
     search = json.loads((out / "search_lightgbm.json").read_text())
     assert search["restored"] is False and len(search["trials"]) == 2
     assert "input 'features' changed" in printed.err
+    # The refit is minutes at SMPD size: the console says when it starts and ends.
+    assert "tune: refitting lightgbm" in printed.err and "tune: refits done in" in printed.err
     assert second["fingerprint"] != first["fingerprint"]
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert len(predictions) == 900   # scored on the new features, every post once

@@ -101,10 +101,16 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
 
     refit_started = time.perf_counter()
     plan = _fallback_plan(features_dir, searches, tune_config)
+    fits = [*models, *(["fallback"] if plan.family is not None else [])]
+    console.line(f"tune: refitting {', '.join(fits)} on train"
+                 + (" (val predictions), then on train+val (the final models)" if tune_config.refit_on == "train+val"
+                    else ""))
     honest, final, fallback_fits = _refit_all(searches, features_dir, tune_config, plan, search_location(out))
     predictions, blend = _predictions(honest, final, models, tune_config)
     weights = blend.weights
     refit_seconds = time.perf_counter() - refit_started
+    console.line(f"tune: refits done in {refit_seconds:.0f} s; blend weights "
+                 + ", ".join(f"{m} {w:.2f}" for m, w in weights.items()))
 
     evaluation = evaluate_predictions(predictions, [*models, "blend"])
     uncalibrated = _uncalibrated(predictions, [*models, "blend"])
@@ -116,12 +122,15 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     registered: dict[str, dict[str, str]] = {}
     mlflow_started = time.perf_counter()
     if tracking is not None:
+        console.line("tune: logging the models to MLflow and registering them")
         registered = _log_to_mlflow(tracking, out, searches, evaluation, weights, paths, tune_config,
                                     fallback_metrics)
         scorer = _register_scorer(tracking, features_dir, out, tune_config)
         if scorer:
             registered["scorer"] = scorer
             paths["scorer_model"] = scorer["uri"]
+        console.line(f"tune: registered {', '.join(sorted(registered)) or 'nothing'} in "
+                     f"{time.perf_counter() - mlflow_started:.0f} s")
     mlflow_seconds = time.perf_counter() - mlflow_started + sum(s.mlflow_seconds for s in searches.values())
 
     summary: dict[str, Any] = summary_metrics(evaluation)
