@@ -7,9 +7,9 @@ is 305,613 rows of them: parsed into Python objects on one process, that is giga
    valid JSON, an array of records or a dict of columns: the same ValueErrors, naming the file,
    as :func:`smpd.load_json_file`) and finds the byte span of every row. The driver gets the
    row count and form; the spans stay in the object store. A user file in the 2024+ column form
-   cannot be cut into rows without parsing it whole, so its task does that (the one whole-file
-   parse left, on a worker, for one file) and writes the rows as JSON Lines into the run's
-   scratch folder, read from then on instead.
+   has no rows to cut, so its task parses it one column at a time and writes the rows as JSON
+   Lines into the run's scratch folder, read from then on instead. A scan task holds its file's
+   bytes (and a one-byte-per-character view of them), never the file as Python objects.
 2. **Parse**: Ray Data tasks take ranges of :data:`ROWS_PER_TASK` aligned rows
    (:func:`parse_ranges`): each reads only its rows' bytes of the seven files, validates them with
    :func:`smpd.parse_row` and emits them in the table reader's row schema
