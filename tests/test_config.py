@@ -85,9 +85,9 @@ def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), Config)
 
 
-def test_readme_config_reference_is_in_sync():
-    text = (ROOT / "README.md").read_text()
-    assert render_readme(text) == text, "run `python -m smpp_ray.docs README.md` to regenerate the block"
+def test_the_config_reference_is_in_sync():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert render_readme(text) == text, "run `python -m smpp_ray.docs docs/configuration.md` to regenerate the block"
 
 
 def test_a_bad_setting_is_exit_2_through_the_cli(tmp_path, caplog):
