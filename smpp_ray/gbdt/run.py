@@ -109,8 +109,10 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     predictions, blend = _predictions(honest, final, models, tune_config)
     weights = blend.weights
     refit_seconds = time.perf_counter() - refit_started
+    # One line for what follows too: the demo's whole console stays within one screen (60 lines).
     console.line(f"tune: refits done in {refit_seconds:.0f} s; blend weights "
-                 + ", ".join(f"{m} {w:.2f}" for m, w in weights.items()))
+                 + ", ".join(f"{m} {w:.2f}" for m, w in weights.items())
+                 + ("; logging and registering the models in MLflow" if tracking is not None else ""))
 
     evaluation = evaluate_predictions(predictions, [*models, "blend"])
     uncalibrated = _uncalibrated(predictions, [*models, "blend"])
@@ -122,15 +124,12 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     registered: dict[str, dict[str, str]] = {}
     mlflow_started = time.perf_counter()
     if tracking is not None:
-        console.line("tune: logging the models to MLflow and registering them")
         registered = _log_to_mlflow(tracking, out, searches, evaluation, weights, paths, tune_config,
                                     fallback_metrics)
         scorer = _register_scorer(tracking, features_dir, out, tune_config)
         if scorer:
             registered["scorer"] = scorer
             paths["scorer_model"] = scorer["uri"]
-        console.line(f"tune: registered {', '.join(sorted(registered)) or 'nothing'} in "
-                     f"{time.perf_counter() - mlflow_started:.0f} s")
     mlflow_seconds = time.perf_counter() - mlflow_started + sum(s.mlflow_seconds for s in searches.values())
 
     summary: dict[str, Any] = summary_metrics(evaluation)
@@ -252,8 +251,9 @@ def _fallback_outcome(plan: _FallbackPlan, fits: tuple[dict, dict] | None, famil
     facts = FallbackFacts(plan.family, plan.groups, float(fits[1]["label_mean"]), plan.rounds, dict(plan.config),
                           config.refit_on, values["val"]["src"], values["val"]["mae"], values["test"]["src"],
                           values["test"]["mae"])
-    logger.info("tune: fallback %s on %s: val_src %.4f, val_mae %.4f, prior %.4f", plan.family, list(plan.groups),
-                values["val"]["src"], values["val"]["mae"], facts.prior)
+    # The log's, not the console's: its figures are in fallback.json, summary.json and MLflow.
+    console.details(__name__).info("tune: fallback %s on %s: val_src %.4f, val_mae %.4f, prior %.4f", plan.family,
+                                   list(plan.groups), values["val"]["src"], values["val"]["mae"], facts.prior)
     return facts, values
 
 
