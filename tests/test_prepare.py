@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from smpp_ray.data import smpd_rows
 from smpp_ray.data.manifest import load_manifest, load_taxonomy
 from smpp_ray.data.prepare import assign_splits, fit_image, prepare_dataset
 from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS, Taxonomy, posts_path
@@ -211,7 +212,9 @@ def test_user_split_keeps_each_user_in_one_split(ray_session, raw_corpus, tmp_pa
     assert manifest["counts"]["written"] == POSTS + TEST_POSTS
 
 
-def test_every_bad_input_becomes_exactly_its_reject(ray_session, raw_copy, tmp_path):
+def test_every_bad_input_becomes_exactly_its_reject(ray_session, raw_copy, tmp_path, monkeypatch):
+    # Scanned and parsed by Ray tasks, as a large corpus is (a small one is read in-process).
+    monkeypatch.setattr(smpd_rows, "IN_PROCESS_BYTES", 0)
     text = json.loads((raw_copy / TEXT).read_text())
     paths = (raw_copy / IMAGES).read_text().splitlines()
     cats = json.loads((raw_copy / CATEGORY).read_text())

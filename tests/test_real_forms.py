@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from smpp_ray.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from smpp_ray.data import smpd_rows
 from smpp_ray.data.prepare import prepare_dataset
 from smpp_ray.data.schema import SPLITS, posts_path
 
@@ -137,7 +138,9 @@ def _rejects(data: Path) -> list[dict]:
     return pq.read_table(data / "rejects").to_pylist()
 
 
-def test_the_2024_form_goes_in_whole(ray_session, tmp_path):
+@pytest.mark.parametrize("in_process_bytes", [smpd_rows.IN_PROCESS_BYTES, 0], ids=["in-process", "ray-tasks"])
+def test_the_2024_form_goes_in_whole(ray_session, tmp_path, monkeypatch, in_process_bytes):
+    monkeypatch.setattr(smpd_rows, "IN_PROCESS_BYTES", in_process_bytes)   # both ways a folder is read
     posts = write_smpd_2024(tmp_path / "raw")
     manifest = prepare_dataset(str(tmp_path / "raw"), str(tmp_path / "data"), val_fraction=0.2, test_fraction=0.2)
     assert manifest["counts"]["written"] == POSTS and manifest["counts"]["rejected"] == 0

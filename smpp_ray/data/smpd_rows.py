@@ -10,6 +10,7 @@ is 305,613 rows of them: parsed into Python objects on one process, that is giga
    has no rows to cut, so its task parses it one column at a time and writes the rows as JSON
    Lines into the run's scratch folder, read from then on instead. A scan task holds its file's
    bytes (and a one-byte-per-character view of them), never the file as Python objects.
+   (A folder of at most :data:`IN_PROCESS_BYTES` is scanned, and parsed, in the calling process.)
 2. **Parse**: Ray Data tasks take ranges of :data:`ROWS_PER_TASK` aligned rows
    (:func:`parse_ranges`): each reads only its rows' bytes of the seven files, validates them with
    :func:`smpd.parse_row` and emits them in the table reader's row schema
@@ -46,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 #: Aligned rows per parse task: a few MB of JSON, enough tasks to keep every worker busy.
 ROWS_PER_TASK = 4096
+#: Raw folders whose files hold at most this many bytes in all (a few thousand posts) are scanned
+#: and parsed in this process: a Ray job's start-up would cost more than their parse, and their
+#: rows take a few MB here.
+IN_PROCESS_BYTES = 8 * 1024 * 1024
 #: Lines of the image-list file the scan returns, for probing where the images are.
 PROBE_LINES = 64
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -334,10 +339,17 @@ def read_smpd_rows(raw: str, scratch: str, image_root: str = "") -> SmpdRows:
         raise ValueError(f"raw SMPD folder {raw!r} holds neither train_ nor test_ files; expected {expected} "
                          "(or the same with the test_ prefix)")
     init_ray()
-    scan = ray.remote(num_cpus=1, num_returns=2)(scan_file)
-    refs = [{kind: scan.remote(location, kind, scratch) for kind, location in s.files.items()} for s in sets]
-    scanned = [{kind: ray.get(meta) for kind, (meta, _) in files.items()} for files in refs]
-    plans = [_plan(piece, s, metas, {k: spans for k, (_, spans) in refs[piece].items()}, raw, image_root)
+    in_process = sum(storage.size(location) for s in sets for location in s.files.values()) <= IN_PROCESS_BYTES
+    if in_process:
+        done = [{kind: scan_file(location, kind, scratch) for kind, location in s.files.items()} for s in sets]
+        scanned = [{kind: meta for kind, (meta, _) in files.items()} for files in done]
+        spans = [{kind: ray.put(found) for kind, (_, found) in files.items()} for files in done]
+    else:
+        scan = ray.remote(num_cpus=1, num_returns=2)(scan_file)
+        refs = [{kind: scan.remote(location, kind, scratch) for kind, location in s.files.items()} for s in sets]
+        scanned = [{kind: ray.get(meta) for kind, (meta, _) in files.items()} for files in refs]
+        spans = [{kind: found for kind, (_, found) in files.items()} for files in refs]
+    plans = [_plan(piece, s, metas, spans[piece], raw, image_root)
              for piece, (s, metas) in enumerate(zip(sets, scanned, strict=True))]
     input_rows = sum(p.rows for p in plans)
     if input_rows == 0:
@@ -345,8 +357,11 @@ def read_smpd_rows(raw: str, scratch: str, image_root: str = "") -> SmpdRows:
         raise ValueError(f"the raw SMPD files hold no rows ({names} are empty); nothing to prepare")
     ranges = [{"set": p.piece, "first": first, "stop": min(first + ROWS_PER_TASK, p.rows)}
               for p in plans for first in range(0, p.rows, ROWS_PER_TASK)]
-    rows = ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
-        parse_ranges, batch_size=1, batch_format="numpy", num_cpus=1, fn_kwargs={"sets": plans}).materialize()
+    if in_process:
+        rows = ray.data.from_arrow([_parse_range(plans[r["set"]], r["first"], r["stop"]) for r in ranges])
+    else:
+        rows = ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
+            parse_ranges, batch_size=1, batch_format="numpy", num_cpus=1, fn_kwargs={"sets": plans}).materialize()
     facts = {"files": {s.prefix.rstrip("_"): {k: s.name(k) for k in s.files} for s in sets},
              "forms": {s.name(k): m["form"] for s, metas in zip(sets, scanned, strict=True)
                        for k, m in sorted(metas.items()) if k in smpd.JSON_KINDS},
