@@ -566,7 +566,7 @@ def prepare_dataset(raw_dir: str, out_dir: str, *, split: str = "time",
     ids (rows naming other classes are rejects); None takes the corpus's own (its
     ``taxonomy.json``, else inferred from the training rows with ``min_class_posts``; see
     :func:`resolve_taxonomy`). ``image_root`` names the folder the images are under (see
-    :func:`resolve_image_paths`; empty: found by probing). ``keep_imageless`` also writes the
+    :func:`smpp_ray.data.image_root.choose_image_rule`; empty: found by probing). ``keep_imageless`` also writes the
     posts rejected for their image alone to ``imageless/`` (what ``predict`` scores with its
     fallback regressor). ``data_format`` ``table`` reads a table corpus instead (a file or a folder
     of Parquet / JSON Lines / CSV files, ``columns`` mapping its column names to roles; see
