@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from smpp_ray import console
 from smpp_ray.config import Config, ConfigError, load_config
+from smpp_ray.stage_table import PIPELINE_STAGES, STAGES, Stage, pipeline_inputs, pipeline_layout
 
 
 def package_version() -> str:
@@ -42,8 +43,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
         return super()._get_help_string(action)
 
 
-#: Subcommands that run one stage (and skip it when its output is complete).
-STAGE_COMMANDS = ("synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate")
+#: Subcommands that run one stage (and skip it when its output is complete): one per stage record.
+STAGE_COMMANDS = PIPELINE_STAGES
 
 
 def _examples(*lines: str) -> str:
@@ -81,47 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smpp {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    p = _add(sub, "synth", "write a synthetic corpus in the SMPD layout (JPEGs + oracle.parquet)",
-             _examples("smpp synth --out runs/raw --posts 2000 --seed 0"))
-    p.add_argument("--out", required=True, help="folder for the raw SMPD files")
-    p.add_argument("--posts", type=int, help="number of training posts (synth.posts)")
-    p.add_argument("--seed", type=int, help="random seed (synth.seed)")
-    p.add_argument("--test-posts", type=int, help="unlabelled test_ posts beside them (synth.test_posts)")
-    p.add_argument("--first-pid", type=int, help="Pids start just above this (synth.first_pid)")
-
-    p = _add(sub, "prepare", "validate a raw SMPD folder into Parquet shards, rejects and manifest.json",
-             _examples("smpp prepare --raw runs/raw --out runs/data", "smpp prepare --raw /data/smpd --out runs/data --split user"))
-    p.add_argument("--raw", required=True, help="raw SMPD folder (train_*.json, train_label.txt, images)")
-    p.add_argument("--out", required=True, help="dataset folder to write")
-    p.add_argument("--split", choices=["time", "user"], help="chronological or grouped-by-user split (data.split)")
-
-    p = _add(sub, "prototypes", "build visual/textual prototypes of the subcategories and categories",
-             _examples("smpp prototypes --data runs/data --out runs/prototypes --set prototypes.shots=64"))
-    p.add_argument("--data", required=True, help="prepared dataset folder")
-    p.add_argument("--out", required=True, help="folder for prototypes.safetensors and members.json")
-
-    p = _add(sub, "train", "prompt-tune the network on Ray Train (resumes when relaunched with the same name)",
-             _examples("smpp train --data runs/data --prototypes runs/prototypes --out runs/train",
-                       "smpp train ... --set train.num_workers=8 --set train.use_gpu=true"))
-    p.add_argument("--data", required=True, help="prepared dataset folder")
-    p.add_argument("--prototypes", required=True, help="prototypes stage folder")
-    p.add_argument("--out", required=True, help="train stage folder (checkpoints under ray_results/)")
-
-    p = _add(sub, "extract", "extract network + tabular features for every post with a Ray Data actor pool",
-             _examples("smpp extract --data runs/data --checkpoint runs/train --out runs/features",
-                       "smpp extract --data runs/data --out runs/features_meta   # tabular only"))
-    p.add_argument("--data", required=True, help="prepared dataset folder")
-    p.add_argument("--checkpoint", default="", help="train stage folder or checkpoint folder; empty: tabular only")
-    p.add_argument("--out", required=True, help="features folder to write")
-
-    p = _add(sub, "tune", "search LightGBM and CatBoost on Ray Tune, refit, blend and evaluate",
-             _examples("smpp tune --features runs/features --out runs/tune --set tune.num_samples=50"))
-    p.add_argument("--features", required=True, help="features folder")
-    p.add_argument("--out", required=True, help="tune stage folder")
-
-    p = _add(sub, "evaluate", "results table and HTML report of a finished pipeline folder",
-             _examples("smpp evaluate --pipeline runs/demo"))
-    p.add_argument("--pipeline", required=True, help="pipeline output folder")
+    for stage in STAGES.values():
+        _add_stage(sub, stage)
 
     p = _add(sub, "predict", "score new posts (SMPD layout, labels optional) as a Ray Data job",
              _examples("smpp predict --pipeline runs/demo --posts new_posts/ --out scores.csv",
@@ -162,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_stage(sub, stage: Stage) -> None:
+    """``smpp <stage>``: a flag per input (or ``--pipeline`` for a stage inside one pipeline
+    folder), ``--out``, and the stage's config shorthands."""
+    p = _add(sub, stage.name, stage.help, _examples(*stage.examples))
+    if stage.pipeline_scoped:
+        p.add_argument("--pipeline", required=True, help="pipeline output folder")
+    else:
+        for spec in stage.inputs:
+            p.add_argument(spec.option, dest=spec.name, required=not spec.optional,
+                           default="" if spec.optional else None, help=spec.help)
+        p.add_argument("--out", required=True, help=stage.out_help)
+    for flag in stage.flags:
+        p.add_argument("--" + flag.name.replace("_", "-"), dest=flag.name, type=flag.type, choices=flag.choices,
+                       help=f"{flag.help} ({flag.key})")
+
+
 def _scorer_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", default="", help="finished pipeline folder whose models score")
     parser.add_argument("--model", default="",
@@ -193,9 +171,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 _SHORTHANDS: dict[str, dict[str, str]] = {
-    "synth": {"posts": "synth.posts", "seed": "synth.seed", "test_posts": "synth.test_posts",
-              "first_pid": "synth.first_pid"},
-    "prepare": {"split": "data.split"},
+    **{stage.name: {flag.name: flag.key for flag in stage.flags} for stage in STAGES.values()},
     "serve": {"host": "serve.host", "port": "serve.port"},
 }
 
@@ -216,29 +192,19 @@ def _dispatch(args: argparse.Namespace, config: Config) -> object:
     from smpp_ray import stages
 
     command = args.command
-    # A single stage whose output is already complete for this config and inputs returns at once.
-    run = (stages.default_stage_run(config, root=_store_root(args), skip_complete=not args.force, fresh=args.force)
-           if command in STAGE_COMMANDS and command != "evaluate" else None)
-    if command == "synth":
-        return stages.run_synth(config, args.out, run)
-    if command == "prepare":
-        return stages.run_prepare(config, args.raw, args.out, run)
-    if command == "prototypes":
-        return stages.run_prototypes(config, args.data, args.out, run)
-    if command == "train":
-        return stages.run_train(config, args.data, args.prototypes, args.out, run)
-    if command == "extract":
-        return stages.run_extract(config, args.data, args.checkpoint or None, args.out, run)
-    if command == "tune":
-        return stages.run_tune(config, args.features, args.out, run)
-    if command == "evaluate":
-        from smpp_ray.evaluate import load_results, print_results
-
-        stage_run = stages.default_stage_run(config, root=args.pipeline, skip_complete=not args.force,
-                                             fresh=args.force)
-        report_dir = stages.run_evaluate(config, args.pipeline, stage_run)
-        print_results(load_results(report_dir, stage_run.tracking_uri or None))
-        return report_dir
+    if command in STAGES:
+        # A single stage whose output is already complete for this config and inputs returns at once.
+        stage = STAGES[command]
+        if stage.pipeline_scoped:
+            layout = pipeline_layout(args.pipeline)
+            given, out = pipeline_inputs(stage, layout, None), layout[stage.folder]
+        else:
+            given, out = {spec.name: getattr(args, spec.name) for spec in stage.inputs}, args.out
+        run = stages.default_stage_run(config, root=_store_root(args), skip_complete=not args.force, fresh=args.force)
+        location = stages.run_stage(command, config, given, out, run)
+        if stage.show:
+            stage.show(location, run.tracking_uri or None)
+        return location
     if command == "predict":
         from smpp_ray.predict import predict_posts
 
@@ -303,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse exits 2 on bad usage, 0 on --help
         return int(exit_.code or 0)
     _configure_logging(args.verbose)
-    pipeline_root = args.command in ("pipeline", "evaluate", "serve")
+    pipeline_root = args.command in ("pipeline", "serve") or (args.command in STAGES
+                                                               and STAGES[args.command].pipeline_scoped)
     log_path = console.log_location(args.command, _output_of(args), pipeline_root=pipeline_root)
     published = console.published_log_location(args.command, _output_of(args), pipeline_root=pipeline_root)
     try:
@@ -312,8 +279,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if published:
             console.publish_log(log_path, published)
             import os
-
-            from smpp_ray.layout import PIPELINE_STAGES
 
             for stage in PIPELINE_STAGES:  # a pipeline's stage logs go beside its own, named by the same rule
                 stage_log = console.stage_log_path(log_path, stage)
@@ -340,7 +305,8 @@ def _run_logged(args: argparse.Namespace, log_path: str) -> int:
             logger.error("smpp %s failed: %s: %s (traceback and library output in %s)", args.command,
                          type(err).__name__, err, log_path)
             return EXIT_FAILURE
-        if args.command not in ("evaluate", "pipeline", "config"):
+        shown = args.command in STAGES and STAGES[args.command].show is not None
+        if not shown and args.command not in ("pipeline", "config"):
             _print_summary(location)
         return EXIT_OK
 
@@ -351,7 +317,9 @@ def _store_root(args: argparse.Namespace) -> str:
     from smpp_ray import storage
 
     out = getattr(args, "out", None)
-    return storage.parent(storage.normalize(out)) if out else "."
+    if out:
+        return storage.parent(storage.normalize(out))
+    return getattr(args, "pipeline", None) or "."
 
 
 def _output_of(args: argparse.Namespace) -> str | None:

@@ -416,7 +416,7 @@ class TuneConfig:
     fit_on_selected: bool = False
     """Fit the regressors (trials and refit) on the train posts the train stage's sample selection kept; val and test stay whole."""
     selected_ids: str = ""
-    """Location of the train stage's kept-ids Parquet (its summary's ``selection.kept_ids``), read with fit_on_selected."""
+    """A kept-ids Parquet to fit on with fit_on_selected; empty: the one the train stage recorded (the pipeline's, or `smpp tune --train`)."""
     feature_groups: tuple[str, ...] = ()
     """Feature groups used (empty: all); e.g. [user, time] for a metadata-only model."""
     registered_model_prefix: str = "smpp"

@@ -7,7 +7,6 @@ the tune section, redoes only what changed.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -15,7 +14,13 @@ from typing import Any
 
 from smpp_ray import console, stages, storage
 from smpp_ray.config import Config, flatten_config
-from smpp_ray.layout import PIPELINE_STAGES, STAGE_FOLDERS, pipeline_layout
+from smpp_ray.stage_table import (
+    PIPELINE_STAGES,
+    STAGE_FOLDERS,
+    STAGES,
+    pipeline_inputs,
+    pipeline_layout,
+)
 from smpp_ray.tracking import (
     OUT_TAG,
     STAGE_TAG,
@@ -75,22 +80,22 @@ def run_pipeline(config: Config, out_dir: str, *, raw_dir: str | None = None,
     storage.make_dir(out_dir)
     raw_dir = storage.normalize(raw_dir) if raw_dir else None
     layout = pipeline_layout(out_dir)
-    raw = raw_dir or layout["raw"]
     selected = [s for s in PIPELINE_STAGES if not only or s in only]
-    if raw_dir and "synth" in selected:
-        selected.remove("synth")
+    if raw_dir:  # the stages that would make the raw corpus a given one replaces
+        made_raw = {spec.source for stage in STAGES.values() for spec in stage.inputs if spec.replaced_by_raw}
+        selected = [s for s in selected if s not in made_raw]
     started = time.time()
     current = {"stage": ""}
     try:
         with stop_signals_end_runs():
-            return _run_stages(config, out_dir, tracking_uri, layout, raw, selected, force, started, current)
+            return _run_stages(config, out_dir, tracking_uri, layout, raw_dir, selected, force, started, current)
     except StopRequested as stop:
         logger.error("pipeline stopped by %s %s; its MLflow runs are KILLED; rerun the same command to resume",
                      stop.signal_name, f"during stage {current['stage']}" if current["stage"] else "before any stage")
         raise
 
 
-def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[str, str], raw: str,
+def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[str, str], raw_dir: str | None,
                 selected: list[str], force: bool, started: float, current: dict[str, str]) -> dict[str, Any]:
     """The body of :func:`run_pipeline`: ``current["stage"]`` names the stage running, for the
     message of a stop."""
@@ -101,40 +106,20 @@ def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[st
                      enabled=config.tracking.enabled, reattach=True) as parent_id:
         stage_run = stages.StageRun(tracking_uri, config.tracking.experiment, config.tracking.enabled, parent_id,
                                     fresh=force)
-        plan = {
-            "synth": (lambda: stages.run_synth(config, layout["raw"], stage_run), {}),
-            "prepare": (lambda: stages.run_prepare(config, raw, layout["data"], stage_run), {"raw": raw}),
-            "prototypes": (lambda: stages.run_prototypes(config, layout["data"], layout["prototypes"], stage_run),
-                           {"data": layout["data"]}),
-            "train": (lambda: stages.run_train(config, layout["data"], layout["prototypes"], layout["train"],
-                                               stage_run),
-                      {"data": layout["data"], "prototypes": layout["prototypes"]}),
-            "extract": (lambda: stages.run_extract(config, layout["data"], layout["train"], layout["features"],
-                                                   stage_run),
-                        {"data": layout["data"], "checkpoint": layout["train"]}),
-            "tune": (lambda: stages.run_tune(config, layout["features"], layout["tune"], stage_run),
-                     {"features": layout["features"]}),
-            "evaluate": (lambda: stages.run_evaluate(config, out_dir, stage_run), stages.evaluate_inputs(layout)),
-        }
-        for number, stage in enumerate(selected, start=1):
-            run, inputs = plan[stage]
-            folder = layout[STAGE_FOLDERS[stage]]
-            stage_config = config
-            if stage == "tune" and config.tune.fit_on_selected:
-                # The kept ids exist only once train has run: resolved now, not when the plan was made
-                stage_config = stages.selected_ids_config(config, layout["train"])
-                inputs = {**inputs, "selected_ids": stage_config.tune.selected_ids}
-                run = functools.partial(stages.run_tune, stage_config, layout["features"], layout["tune"], stage_run)
-            if not force and stages.is_complete(stage, stage_config, inputs, folder):
+        for number, name in enumerate(selected, start=1):
+            # Planned when its turn comes: an input may be made by the stage before (the kept ids)
+            call = stages.plan_stage(name, config, pipeline_inputs(STAGES[name], layout, raw_dir),
+                                     layout[STAGE_FOLDERS[name]])
+            if not force and call.complete():
                 logger.info("[%d/%d] %s: complete for these inputs and config, skipped", number,
-                            len(selected), stage)
+                            len(selected), name)
             else:
-                logger.info("[%d/%d] %s -> %s", number, len(selected), stage, folder)
-                current["stage"] = stage
-                with console.stage_log(stage):
-                    run()
-            if stage == "prepare" and "tune" in selected:
-                _check_corpus_size(config, layout["data"])
+                logger.info("[%d/%d] %s -> %s", number, len(selected), name, call.out)
+                current["stage"] = name
+                with console.stage_log(name):
+                    stages.execute(call, stage_run)
+            if STAGES[name].pipeline_check:
+                STAGES[name].pipeline_check(config, call.out, selected)
         current["stage"] = ""
         result: dict[str, Any] = {}
         if "evaluate" in selected:
@@ -149,13 +134,3 @@ def _run_stages(config: Config, out_dir: str, tracking_uri: str, layout: dict[st
     result["tracking_uri"] = tracking_uri
     result["out_dir"] = out_dir
     return result
-
-
-def _check_corpus_size(config: Config, data_dir: str) -> None:
-    """Right after prepare, before prototypes, training and extraction spend their time: splits
-    too small for the search are refused now, not when the tune stage meets them."""
-    from smpp_ray.data.manifest import load_manifest
-    from smpp_ray.gbdt.data import check_split_sizes
-
-    per_split = load_manifest(data_dir).get("counts", {}).get("per_split", {})
-    check_split_sizes(per_split, config.tune.min_val_posts, f"the prepared corpus {data_dir}")

@@ -6,7 +6,8 @@ in the output folder, and a fingerprint of the inputs' contents + config that le
 skip a stage whose artifact is already complete.
 
 A failed run never leaves a previous complete output half-replaced. What is atomic, per stage
-(:data:`STAGE_WRITES`; ``summary.json`` is always written last, after everything else):
+(:attr:`Stage.writes <smpp_ray.stage_table.Stage.writes>`; ``summary.json`` is always written last,
+after everything else):
 
 - **prepare** (staged): writes into ``.<name>.staging-<id>`` beside its folder and swaps
   ``posts/``, ``rejects/`` and ``manifest.json`` in on success (old summary and manifest removed
@@ -24,7 +25,7 @@ A failed run never leaves a previous complete output half-replaced. What is atom
 
 Resuming is decided here, once for both in-place stages: their resumable state carries a record
 (:data:`RESUME_RECORD`) of the inputs' contents and the config it was made from. A rerun resumes
-it only when both are the same, up to :data:`RUN_CONTROL_KEYS` (how the run goes, not what it
+it only when both are the same, up to the stage's ``run_control_keys`` (how the run goes, not what it
 computes: more epochs, more retries, other placement). Otherwise, or with ``--force``, the state
 is discarded and the stage starts afresh; state outside the stage's folder (``train.storage_path``)
 is someone's run elsewhere, so a mismatch there is refused unless ``--force`` is given.
@@ -36,7 +37,7 @@ its summary (not complete) rather than a mix that claims to be.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -48,11 +49,16 @@ from typing import Any
 
 from smpp_ray import console, storage
 from smpp_ray.config import Config, config_to_dict, flatten_config_dict
-from smpp_ray.layout import STAGE_FOLDERS, pipeline_layout
 from smpp_ray.locking import output_lock
+from smpp_ray.stage_table import (
+    STAGES,
+    Stage,
+    pipeline_inputs,
+    pipeline_layout,
+    stage_inputs,
+)
 from smpp_ray.summary import (
     SUMMARY_FILE,
-    artifact_location,
     is_complete_summary,
     json_safe,
     read_summary,
@@ -66,7 +72,6 @@ from smpp_ray.tracking import (
     StopRequested,
     TrackingContext,
     client,
-    log_artifact,
     log_dataset_inputs,
     log_metrics,
     metric_name,
@@ -77,50 +82,6 @@ from smpp_ray.tracking import (
 )
 
 logger = logging.getLogger(__name__)
-
-#: The config sections each stage depends on; a change elsewhere does not invalidate its artifact.
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "synth": ("synth",),
-    "prepare": ("data",),
-    "prototypes": ("model", "prototypes"),
-    "train": ("model", "train"),
-    "extract": ("extract",),
-    "tune": ("tune",),
-    "evaluate": ("tune",),
-}
-
-#: How a run keeps a stage's previous complete output whole (see the module docstring):
-#: ``staged`` (the library writes beside the folder and swaps in), ``set_aside`` (moved away for
-#: the run, put back if it fails) or ``in_place`` (resumable state stays; summary removed first).
-STAGE_WRITES: dict[str, str] = {
-    "synth": "set_aside",
-    "prepare": "staged",
-    "prototypes": "set_aside",
-    "train": "in_place",
-    "extract": "set_aside",
-    "tune": "in_place",
-    "evaluate": "set_aside",
-}
-
-#: Stages whose rerun resumes the stopped work (Tune restores its experiment), so the rerun
-#: reopens the stage's unfinished MLflow run instead of starting a second one: the resumed
-#: search runs and trials stay in one tree. (Train resumes too, but its per-epoch metrics after a
-#: resume belong to the new attempt's run until it logs them only after committed checkpoints.)
-REATTACHED_STAGES = frozenset({"tune"})
-
-
-#: Config keys of the in-place stages that say how a run goes, not what it computes: a rerun that
-#: changes only these resumes the stopped run. Everything else in the stage's sections, and every
-#: input's contents, must match for a resume (see :func:`_claim_resumable_state`).
-RUN_CONTROL_KEYS: dict[str, frozenset[str]] = {
-    "train": frozenset({"train.epochs", "train.max_failures", "train.fail_at_epoch", "train.storage_path",
-                        "train.name", "train.checkpoints_to_keep", "train.early_stopping_patience",
-                        "train.prefetch_batches", "train.num_workers", "train.cpus_per_worker",
-                        "train.worker_resources", "train.use_gpu"}),
-    "tune": frozenset({"tune.max_concurrent_trials", "tune.trial_resources", "tune.cpus_per_trial",
-                       "tune.time_budget_s", "tune.interrupt_after_trials", "tune.registered_model_prefix",
-                       "tune.champion_alias"}),
-}
 
 #: The file inside an in-place stage's resumable state that records what the state was made from.
 RESUME_RECORD = "smpp_resume_record.json"
@@ -166,7 +127,7 @@ def stage_fingerprint(stage: str, config: Config, inputs: dict[str, str],
     input, a few seconds for a real SMPD raw folder on object storage.
     """
     values = config_to_dict(config)
-    relevant = {section: values[section] for section in STAGE_SECTIONS[stage]}
+    relevant = {section: values[section] for section in STAGES[stage].sections}
     contents = contents if contents is not None else input_contents(inputs)
     blob = json.dumps({"stage": stage, "config": relevant, "inputs": contents}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -174,22 +135,15 @@ def stage_fingerprint(stage: str, config: Config, inputs: dict[str, str],
 
 def resumable_state(stage: str, config: Config, out: str) -> str | None:
     """Where an in-place stage keeps the state a rerun resumes from; None for other stages."""
-    if stage == "train":
-        from smpp_ray.train.trainer import run_location
-
-        return run_location(out, config.train)
-    if stage == "tune":
-        from smpp_ray.gbdt.run import search_location
-
-        return search_location(out)
-    return None
+    where = STAGES[stage].resumable
+    return where(config, out) if where else None
 
 
 def resume_record(stage: str, config: Config, contents: dict[str, str]) -> dict[str, Any]:
     """What an in-place stage's resumable state is made from: its inputs' contents and its config
-    sections' values, less :data:`RUN_CONTROL_KEYS`."""
-    sections = {section: config_to_dict(config)[section] for section in STAGE_SECTIONS[stage]}
-    control = RUN_CONTROL_KEYS.get(stage, frozenset())
+    sections' values, less its ``run_control_keys``."""
+    sections = {section: config_to_dict(config)[section] for section in STAGES[stage].sections}
+    control = STAGES[stage].run_control_keys
     values = {k: v for k, v in flatten_config_dict(sections).items() if k not in control}
     return json_safe({"stage": stage, "inputs": dict(sorted(contents.items())), "config": values})
 
@@ -246,8 +200,8 @@ def _end_abandoned_runs(stage: str, out: str, stage_run: StageRun) -> None:
 
 
 def is_complete(stage: str, config: Config, inputs: dict[str, str], out_dir: str) -> bool:
-    summary = read_summary(out_dir)
-    return is_complete_summary(summary) and summary.get("fingerprint") == stage_fingerprint(stage, config, inputs)
+    """Whether ``out_dir`` holds a complete output of ``stage`` for this config and these inputs."""
+    return StageCall(STAGES[stage], config, inputs, storage.normalize(out_dir)).complete()
 
 
 def _previous_output(out: str) -> str | None:
@@ -267,7 +221,7 @@ def _previous_output(out: str) -> str | None:
 @contextmanager
 def _keeping_previous_output(stage: str, out: str) -> Iterator[None]:
     """Run a stage's writes so that, if they raise, its previous complete output is as it was."""
-    mode = STAGE_WRITES[stage]
+    mode = STAGES[stage].writes
     if mode == "in_place":
         remove_summary(out)   # resumable state stays; the folder is just not complete any more
     if mode != "set_aside":
@@ -327,51 +281,110 @@ def summary_metric_names(metrics: dict[str, Any]) -> dict[str, float]:
     return named
 
 
-def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
-               stage_run: StageRun, body: Callable[[TrackingContext | None], dict[str, Any]]) -> str:
-    """Run ``body`` inside the stage's MLflow run and write ``summary.json`` for it (last); a
-    failure leaves the previous complete output as :data:`STAGE_WRITES` says."""
-    if stage_run.skip_complete and is_complete(stage, config, inputs, out_dir):
+@dataclass(frozen=True)
+class StageCall:
+    """One run of one stage: its inputs resolved and its locations normalised, once.
+
+    Whether the output is already complete is decided here and nowhere else (:meth:`complete`),
+    from one listing of the inputs' contents, which the run then reuses for its resume record,
+    its MLflow dataset inputs and its summary's fingerprint.
+    """
+
+    stage: Stage
+    config: Config
+    inputs: dict[str, str]
+    out: str
+
+    @functools.cached_property
+    def contents(self) -> dict[str, str]:
+        return input_contents(self.inputs)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return stage_fingerprint(self.stage.name, self.config, self.inputs, self.contents)
+
+    def complete(self) -> bool:
+        """True when the folder holds a complete output of this config and these inputs' contents."""
+        summary = read_summary(self.out)
+        return is_complete_summary(summary) and summary.get("fingerprint") == self.fingerprint
+
+
+def plan_stage(name: str, config: Config, given: dict[str, str], out_dir: str) -> StageCall:
+    """The call of stage ``name`` on the locations ``given`` for its inputs (flag values, or the
+    upstream folders of a pipeline); fails on a bad input before anything starts."""
+    stage = STAGES[name]
+    inputs = stage_inputs(stage, config, given)
+    if stage.check:
+        stage.check(config, inputs)  # before Ray starts: a typo should cost no start-up
+    return StageCall(stage, config, inputs, storage.normalize(out_dir))
+
+
+def run_stage(name: str, config: Config, given: dict[str, str], out_dir: str,
+              stage_run: StageRun | None = None) -> str:
+    """Run stage ``name`` (see :data:`smpp_ray.stage_table.STAGES`) and return its folder;
+    with ``stage_run.skip_complete``, return at once when its output is already complete."""
+    call = plan_stage(name, config, given, out_dir)
+    stage_run = stage_run or default_stage_run(config, root=storage.parent(call.out)
+                                               if call.stage.pipeline_scoped else ".")
+    if stage_run.skip_complete and call.complete():
         logger.info("stage %s: already complete in %s for this config and these inputs (--force reruns it)",
-                    stage, out_dir)
-        return storage.normalize(out_dir)
-    out = storage.normalize(out_dir)
+                    name, call.out)
+        return call.out
+    return execute(call, stage_run)
+
+
+def execute(call: StageCall, stage_run: StageRun,
+            body: Callable[[TrackingContext | None], dict[str, Any]] | None = None) -> str:
+    """Run the stage's work (``body`` replaces it, for tests of the runner) inside its MLflow run and
+    write ``summary.json`` for it (last); a failure leaves the previous complete output as the
+    stage's ``writes`` says."""
+    stage, out = call.stage, call.out
+    if body is None:
+        if stage.needs_ray:
+            _ensure_ray(call.config)
+
+        def body(tracking: TrackingContext | None) -> dict[str, Any]:
+            return stage.body(call.config, call.inputs, out, tracking)
     started = time.time()
     # The pipeline's "[n/7] stage -> out" line already says it on the console.
-    console.details(__name__).info("stage %s: starting (out=%s)", stage, out)
-    # Listed once: each input's files are listed for resuming, the dataset inputs and the summary
-    contents = input_contents(inputs)
+    console.details(__name__).info("stage %s: starting (out=%s)", stage.name, out)
     try:
-        with output_lock(out), stop_signals_end_runs(), _keeping_previous_output(stage, out):
+        with output_lock(out), stop_signals_end_runs(), _keeping_previous_output(stage.name, out):
             storage.make_dir(out)
-            _claim_resumable_state(stage, config, out, contents, stage_run.fresh)
-            _end_abandoned_runs(stage, out, stage_run)
-            _run_tracked(stage, config, out, inputs, contents, stage_run, body, started)
+            _claim_resumable_state(stage.name, call.config, out, call.contents, stage_run.fresh)
+            _end_abandoned_runs(stage.name, out, stage_run)
+            _run_tracked(call, stage_run, body, started)
     except StopRequested as stop:
         logger.error("stage %s: stopped by %s after %.1f s; its MLflow runs are KILLED; rerun the same "
-                     "command to %s", stage, stop.signal_name, time.time() - started,
-                     "resume it" if STAGE_WRITES[stage] == "in_place" else "run it again")
+                     "command to %s", stage.name, stop.signal_name, time.time() - started,
+                     "resume it" if stage.writes == "in_place" else "run it again")
         raise
-    logger.info("stage %s: done in %.1f s", stage, time.time() - started)
+    logger.info("stage %s: done in %.1f s", stage.name, time.time() - started)
     return out
 
 
-#: Stage inputs that are datasets, logged as MLflow dataset inputs of the stage's run.
-DATASET_INPUTS = ("raw", "data", "features", "selected_ids")
+def _run_stage(stage: str, config: Config, out_dir: str, inputs: dict[str, str],
+               stage_run: StageRun, body: Callable[[TrackingContext | None], dict[str, Any]]) -> str:
+    """:func:`execute` with a given body on inputs taken as they are (the runner's own tests)."""
+    call = StageCall(STAGES[stage], config, inputs, storage.normalize(out_dir))
+    if stage_run.skip_complete and call.complete():
+        return call.out
+    return execute(call, stage_run, body)
 
 
-def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], contents: dict[str, str],
-                 stage_run: StageRun, body: Callable[[TrackingContext | None], dict[str, Any]],
+def _run_tracked(call: StageCall, stage_run: StageRun, body: Callable[[TrackingContext | None], dict[str, Any]],
                  started: float) -> None:
-    sections = {s: config_to_dict(config)[s] for s in STAGE_SECTIONS[stage]}
+    stage, config, out, inputs, contents = call.stage.name, call.config, call.out, call.inputs, call.contents
+    sections = {s: config_to_dict(config)[s] for s in STAGES[stage].sections}
     with tracked_run(stage_run.tracking_uri, stage_run.experiment, stage,
                      parent_run_id=stage_run.parent_run_id, params=flatten_config_dict(sections),
                      tags={STAGE_TAG: stage, OUT_TAG: out}, enabled=stage_run.enabled,
-                     reattach=stage in REATTACHED_STAGES) as run_id:
+                     reattach=STAGES[stage].reattach) as run_id:
         context = TrackingContext(stage_run.tracking_uri, stage_run.experiment, run_id) if run_id else None
         if run_id:
+            datasets = {spec.name for spec in STAGES[stage].inputs if spec.dataset}
             read = {f"smpd-{name}": (location, contents[name]) for name, location in inputs.items()
-                    if name in DATASET_INPUTS and location}
+                    if name in datasets and location}
             log_dataset_inputs(stage_run.tracking_uri, run_id, read, context=stage)
         result = body(context)
         metrics = result.get("metrics", {})
@@ -390,7 +403,7 @@ def _run_tracked(stage: str, config: Config, out: str, inputs: dict[str, str], c
             "metrics": metrics,
             "artifacts": relative_artifacts(out, result.get("artifacts", {})),
             "mlflow_run_id": run_id,
-            "fingerprint": stage_fingerprint(stage, config, inputs, contents),
+            "fingerprint": call.fingerprint,
             "seconds": round(time.time() - started, 2),
         }
         write_summary(out, summary)
@@ -404,184 +417,45 @@ def _ensure_ray(config: Config) -> None:
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb)
 
 
+# ---- the Python API: one function per stage, ``run_<stage>(config, <inputs>..., out)`` ----------
+
 def run_synth(config: Config, out_dir: str, stage_run: StageRun | None = None) -> str:
     """Write a synthetic SMPD corpus (no Ray needed)."""
-    out_dir = storage.normalize(out_dir)
-    from smpp_ray.data.synth import synthesize_corpus
-
-    stage_run = stage_run or default_stage_run(config)
-    s = config.synth
-
-    def body(_: TrackingContext | None) -> dict[str, Any]:
-        summary = synthesize_corpus(str(out_dir), posts=s.posts, seed=s.seed, image_size=s.image_size,
-                                    users=s.users, test_posts=s.test_posts, first_pid=s.first_pid, form=s.form)
-        return {"metrics": summary, "artifacts": {"raw": str(out_dir)}}
-
-    return _run_stage("synth", config, out_dir, {}, stage_run, body)
+    return run_stage("synth", config, {}, out_dir, stage_run)
 
 
-def run_prepare(config: Config, raw_dir: str, out_dir: str,
-                stage_run: StageRun | None = None) -> str:
+def run_prepare(config: Config, raw_dir: str, out_dir: str, stage_run: StageRun | None = None) -> str:
     """Validate a raw SMPD folder and write Parquet shards, rejects and the manifest."""
-    raw_dir, out_dir = storage.normalize(raw_dir), storage.normalize(out_dir)
-    from smpp_ray.data.manifest import manifest_location
-    from smpp_ray.data.prepare import prepare_dataset
-    from smpp_ray.data.schema import rejects_path
-    from smpp_ray.data.taxonomy import chosen_taxonomy
-
-    if not (storage.exists(raw_dir) if config.data.format == "table" else storage.is_dir(raw_dir)):
-        # before Ray starts: a typo should cost no start-up
-        expected = "a table file or a folder of them" if config.data.format == "table" else \
-            "a folder of train_*.json/.txt files"
-        raise FileNotFoundError(f"raw corpus {raw_dir} does not exist (expected {expected})")
-    stage_run = stage_run or default_stage_run(config)
-    d = config.data
-    _ensure_ray(config)
-
-    def body(_: TrackingContext | None) -> dict[str, Any]:
-        manifest = prepare_dataset(str(raw_dir), str(out_dir), split=d.split, val_fraction=d.val_fraction,
-                                   test_fraction=d.test_fraction, max_image_side=d.max_image_side,
-                                   jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard,
-                                   max_reject_fraction=d.max_reject_fraction, max_image_bytes=d.max_image_bytes,
-                                   taxonomy=chosen_taxonomy(d.taxonomy), min_class_posts=d.min_class_posts,
-                                   image_root=d.image_root, data_format=d.format, columns=d.columns,
-                                   extra_columns=d.extra_columns)
-        return {"metrics": manifest.get("counts", {}),
-                "artifacts": {"manifest": manifest_location(out_dir), "posts": storage.join(out_dir, "posts"),
-                              "rejects": rejects_path(out_dir)}}
-
-    return _run_stage("prepare", config, out_dir, {"raw": str(raw_dir)}, stage_run, body)
+    return run_stage("prepare", config, {"raw": raw_dir}, out_dir, stage_run)
 
 
-def run_prototypes(config: Config, data_dir: str, out_dir: str,
-                   stage_run: StageRun | None = None) -> str:
+def run_prototypes(config: Config, data_dir: str, out_dir: str, stage_run: StageRun | None = None) -> str:
     """Select diverse class members and write the visual/textual prototype bank."""
-    data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
-    from smpp_ray.model.prototypes import build_prototypes
-
-    stage_run = stage_run or default_stage_run(config)
-    p, m = config.prototypes, config.model
-    _ensure_ray(config)
-
-    def body(_: TrackingContext | None) -> dict[str, Any]:
-        result = build_prototypes(str(data_dir), str(out_dir), backbone=m.backbone, pretrained=m.pretrained,
-                                  shots=p.shots, time_buckets=p.time_buckets, batch_size=p.batch_size,
-                                  num_actors=p.num_actors, num_gpus_per_actor=p.num_gpus_per_actor, seed=p.seed)
-        return {"metrics": result,
-                "artifacts": {"prototypes": storage.join(out_dir, "prototypes.safetensors"),
-                              "members": storage.join(out_dir, "members.json")}}
-
-    return _run_stage("prototypes", config, out_dir, {"data": str(data_dir)}, stage_run, body)
+    return run_stage("prototypes", config, {"data": data_dir}, out_dir, stage_run)
 
 
 def run_train(config: Config, data_dir: str, prototypes_dir: str, out_dir: str,
               stage_run: StageRun | None = None) -> str:
     """Prompt-tune the network on Ray Train; the best checkpoint path goes into summary.json."""
-    data_dir, prototypes_dir, out_dir = storage.normalize(data_dir), storage.normalize(prototypes_dir), storage.normalize(out_dir)
-    from smpp_ray.train import train_model
-
-    stage_run = stage_run or default_stage_run(config)
-    _ensure_ray(config)
-
-    def body(tracking: TrackingContext | None) -> dict[str, Any]:
-        result = train_model(str(data_dir), str(prototypes_dir), str(out_dir), model_config=config.model,
-                             train_config=config.train, tracking=tracking)
-        best = result.get("best_checkpoint")
-        metrics = {k: v for k, v in result.items() if k != "best_checkpoint"}
-        artifacts = {"best_checkpoint": best}
-        if (result.get("selection") or {}).get("kept_ids"):
-            artifacts["kept_ids"] = result["selection"]["kept_ids"]
-        return {"metrics": metrics, "artifacts": artifacts}
-
-    return _run_stage("train", config, out_dir, {"data": str(data_dir), "prototypes": str(prototypes_dir)},
-                      stage_run, body)
+    return run_stage("train", config, {"data": data_dir, "prototypes": prototypes_dir}, out_dir, stage_run)
 
 
 def run_extract(config: Config, data_dir: str, checkpoint: str | None, out_dir: str,
                 stage_run: StageRun | None = None) -> str:
-    """Network + tabular features for every post, partitioned by split."""
-    data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
-    from smpp_ray.features import extract_features
-    from smpp_ray.train.checkpoint import resolve_checkpoint
-
-    stage_run = stage_run or default_stage_run(config)
-    _ensure_ray(config)
-    checkpoint_dir = resolve_checkpoint(str(checkpoint)) if checkpoint else None
-
-    def body(_: TrackingContext | None) -> dict[str, Any]:
-        result = extract_features(str(data_dir), checkpoint_dir, str(out_dir), extract_config=config.extract)
-        return {"metrics": result, "artifacts": {"features": out_dir,
-                                                 "feature_manifest": storage.join(out_dir, "feature_manifest.json")}}
-
-    inputs = {"data": str(data_dir), "checkpoint": str(checkpoint or "")}
-    return _run_stage("extract", config, out_dir, inputs, stage_run, body)
+    """Network + tabular features for every post, partitioned by split (tabular only without a
+    checkpoint)."""
+    return run_stage("extract", config, {"data": data_dir, "checkpoint": checkpoint or ""}, out_dir, stage_run)
 
 
-def selected_ids_config(config: Config, train_dir: str | None) -> Config:
-    """``tune.fit_on_selected`` without ``tune.selected_ids``: the kept-ids file the train stage
-    in ``train_dir`` wrote (its summary's ``selection.kept_ids``). Fails, naming what to set,
-    when there is none to find."""
-    tune = config.tune
-    if not tune.fit_on_selected or tune.selected_ids:
-        return config
-    summary = read_summary(train_dir) if train_dir else None
-    # artifacts.kept_ids (relative to the train folder); older summaries held metrics.selection's
-    kept = ((summary or {}).get("artifacts", {}).get("kept_ids")
-            or ((summary or {}).get("metrics", {}).get("selection") or {}).get("kept_ids"))
-    kept = artifact_location(train_dir, kept) if kept and train_dir else None
-    if not kept:
-        where = f"the train stage in {train_dir}" if train_dir else "no train stage given"
-        raise ValueError(f"tune.fit_on_selected: {where} recorded no dataset-level sample selection "
-                         "(it needs train.sample_selection: dataset and train.sample_selection_keep < 1); "
-                         "set tune.selected_ids to a kept_ids.parquet or tune.fit_on_selected=false")
-    return dataclasses.replace(config, tune=dataclasses.replace(tune, selected_ids=kept))
-
-
-def run_tune(config: Config, features_dir: str, out_dir: str,
-             stage_run: StageRun | None = None) -> str:
-    """Search LightGBM and CatBoost on Ray Tune, refit, blend, evaluate."""
-    features_dir, out_dir = storage.normalize(features_dir), storage.normalize(out_dir)
-    from smpp_ray.gbdt import tune_models
-
-    if config.tune.fit_on_selected and not config.tune.selected_ids:
-        raise ValueError("tune.fit_on_selected needs tune.selected_ids (the train stage's "
-                         "selection/kept_ids.parquet); a pipeline fills it in from its train stage")
-    stage_run = stage_run or default_stage_run(config)
-    _ensure_ray(config)
-
-    def body(tracking: TrackingContext | None) -> dict[str, Any]:
-        result = tune_models(str(features_dir), str(out_dir), tune_config=config.tune, tracking=tracking)
-        metrics = {**result["metrics"], "blend_weights": result["blend_weights"],
-                   "peak_rss_mib": {family: search["peak_rss_mib"] for family, search in result["search"].items()},
-                   "private_mib": {family: search["private_mib"] for family, search in result["search"].items()}}
-        return {"metrics": metrics, "artifacts": result["paths"]}
-
-    inputs = {"features": str(features_dir)}
-    if config.tune.fit_on_selected:
-        inputs["selected_ids"] = config.tune.selected_ids  # its contents are fingerprinted too
-    return _run_stage("tune", config, out_dir, inputs, stage_run, body)
+def run_tune(config: Config, features_dir: str, out_dir: str, stage_run: StageRun | None = None,
+             train_dir: str = "") -> str:
+    """Search LightGBM and CatBoost on Ray Tune, refit, blend, evaluate; ``train_dir`` is the train
+    stage whose kept ids ``tune.fit_on_selected`` fits on (unless ``tune.selected_ids`` names them)."""
+    return run_stage("tune", config, {"features": features_dir, "selected_ids": train_dir}, out_dir, stage_run)
 
 
 def run_evaluate(config: Config, pipeline_dir: str, stage_run: StageRun | None = None) -> str:
     """The results table and HTML report of a finished pipeline, in ``<pipeline>/report``."""
-    from smpp_ray.evaluate import evaluate_pipeline
-
     pipeline_dir = storage.normalize(pipeline_dir)
-    layout = pipeline_layout(pipeline_dir)
-    stage_run = stage_run or default_stage_run(config, root=pipeline_dir)
-
-    def body(tracking: TrackingContext | None) -> dict[str, Any]:
-        result = evaluate_pipeline(layout, seed=config.tune.seed,
-                                   tracking_uri=tracking.tracking_uri if tracking else None)
-        if tracking:
-            log_artifact(tracking.tracking_uri, tracking.run_id, result["report"])
-        return {"metrics": {"final": result["final_metrics"], "table": result["table"].to_dict(orient="records")},
-                "artifacts": {"report": result["report"], "results": result["results"]}}
-
-    return _run_stage("evaluate", config, layout[STAGE_FOLDERS["evaluate"]], evaluate_inputs(layout),
-                      stage_run, body)
-
-
-def evaluate_inputs(layout: dict[str, str]) -> dict[str, str]:
-    """What the evaluate stage reads (its fingerprint's inputs): the raw oracle, features, models."""
-    return {name: layout[name] for name in ("raw", "features", "tune")}
+    stage, layout = STAGES["evaluate"], pipeline_layout(pipeline_dir)
+    return run_stage("evaluate", config, pipeline_inputs(stage, layout, None), layout[stage.folder], stage_run)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from smpp_ray.cli import EXIT_BAD_INPUT, build_parser, main
+from smpp_ray.stage_table import PIPELINE_STAGES
 
-COMMANDS = ["synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate", "predict", "serve", "config",
-            "pipeline"]
+COMMANDS = [*PIPELINE_STAGES, "predict", "serve", "config", "pipeline"]
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -61,7 +61,7 @@ def test_parser_knows_every_command():
 
 
 def test_local_paths_become_absolute_and_uris_pass_through(tmp_path, monkeypatch):
-    from smpp_ray.layout import pipeline_layout
+    from smpp_ray.stage_table import pipeline_layout
     from smpp_ray.storage import normalize
 
     monkeypatch.chdir(tmp_path)

@@ -38,6 +38,8 @@ from pathlib import Path
 import pytest
 from environ import environ
 
+from smpp_ray.stage_table import PIPELINE_STAGES, STAGE_FOLDERS
+
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster" / "local.sh"
 SUBMIT_SH = REPO / "jobs" / "submit.sh"
@@ -281,9 +283,6 @@ def test_probe_job_runs_on_both_nodes_and_logs_to_mlflow(local_cluster: LocalClu
     local_cluster.task_pids.extend(int(t["pid"]) for t in result["tasks"])
 
 
-PIPELINE_STAGES = ("synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate")
-STAGE_FOLDERS = {"synth": "raw", "prepare": "data", "prototypes": "prototypes", "train": "train",
-                 "extract": "features", "tune": "tune", "evaluate": "report"}
 #: Train workers, extraction actors and Tune trials all need the isolated node's resource.
 PIN_TO_WORKER_NODE = ["--set", "train.worker_resources=[node_b=0.5]",
                       "--set", "extract.actor_resources=[node_b=0.01]",

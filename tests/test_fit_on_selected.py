@@ -71,21 +71,23 @@ def test_refit_on_selected_fits_the_kept_rows_and_predicts_every_post(features, 
 def test_a_pipeline_takes_the_kept_ids_from_its_train_stage(tmp_path):
     from smpp_ray import storage
     from smpp_ray.config import Config, TuneConfig
-    from smpp_ray.stages import selected_ids_config
+    from smpp_ray.stage_table import kept_ids_input
 
     config = Config(tune=TuneConfig(fit_on_selected=True))
     with pytest.raises(ValueError, match="recorded no dataset-level sample selection"):
-        selected_ids_config(config, str(tmp_path / "train"))
+        kept_ids_input(config, str(tmp_path / "train"))
     storage.write_json(str(tmp_path / "train" / "summary.json"),
                        {"stage": "train", "status": "complete",
                         "metrics": {"selection": {"kept_ids": "s3://b/run/selection/kept_ids.parquet"}}})
-    assert selected_ids_config(config, str(tmp_path / "train")).tune.selected_ids == \
+    assert kept_ids_input(config, str(tmp_path / "train")) == \
         "s3://b/run/selection/kept_ids.parquet"
     # A summary of this version names it as an artifact, relative to the train folder
     storage.write_json(str(tmp_path / "train" / "summary.json"),
                        {"stage": "train", "status": "complete",
                         "artifacts": {"kept_ids": "ray_results/smpp-train/selection/kept_ids.parquet"}})
-    assert selected_ids_config(config, str(tmp_path / "train")).tune.selected_ids == \
+    assert kept_ids_input(config, str(tmp_path / "train")) == \
         str(tmp_path / "train" / "ray_results" / "smpp-train" / "selection" / "kept_ids.parquet")
     off = Config()
-    assert selected_ids_config(off, str(tmp_path / "train")) is off
+    assert kept_ids_input(off, str(tmp_path / "train")) == ""
+    # The value reaches the tune stage as its input; the config is never written back
+    assert config.tune.selected_ids == ""

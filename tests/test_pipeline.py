@@ -194,7 +194,7 @@ def test_rerun_skips_complete_stages(pipeline_run):
 def test_results_end_with_the_mlflow_runs_page_of_the_experiment(pipeline_run, capsys):
     """MLflow 3 opens an experiment on its GenAI overview; the printed page is the runs table."""
     from smpp_ray.evaluate import load_results, print_results
-    from smpp_ray.layout import pipeline_layout
+    from smpp_ray.stage_table import pipeline_layout
     from smpp_ray.tracking import client
 
     config, out, result = pipeline_run

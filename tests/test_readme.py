@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from test_cluster import _CLIENT_VARS, cluster_processes
 
+from smpp_ray.stage_table import PIPELINE_STAGES
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 SCORING = "Scoring new posts: predict, the registry, serve"
@@ -97,8 +99,8 @@ def assert_console_is_the_projects(console: str, *, epochs: int, trials: int) ->
     noise = [line for line in lines if any(word in line for word in LIBRARY_CHATTER)
              and not line.startswith(("make", ".venv/bin/"))]
     assert not noise, "\n".join(noise[:20])
-    for number, stage in enumerate(("synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate"), 1):
-        assert f"[{number}/7] {stage}" in console, stage
+    for number, stage in enumerate(PIPELINE_STAGES, 1):
+        assert f"[{number}/{len(PIPELINE_STAGES)}] {stage}" in console, stage
     for epoch in range(1, epochs + 1):
         assert f"epoch {epoch}/{epochs} train_loss" in console, epoch
     for family in ("lightgbm", "catboost"):
@@ -118,8 +120,7 @@ def test_readme_demo_then_predict_as_written(checkout_copy: Path):
     assert "Test split" in done.stdout and "blend" in done.stdout, done.stdout[-3000:]
     assert_console_is_the_projects(done.stdout + done.stderr, epochs=4, trials=4)
     logs = checkout_copy / "runs" / "demo" / "logs"
-    stages = ("synth", "prepare", "prototypes", "train", "extract", "tune", "evaluate")
-    assert sorted(p.name for p in logs.iterdir()) == sorted(["pipeline.log", *(f"{s}.log" for s in stages)])
+    assert sorted(p.name for p in logs.iterdir()) == sorted(["pipeline.log", *(f"{s}.log" for s in PIPELINE_STAGES)])
     assert "TrainController" in (logs / "train.log").read_text()  # Ray Train's own account, in its stage's file
 
     import pandas as pd

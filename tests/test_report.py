@@ -62,8 +62,8 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 def report(smoke_pipeline, tmp_path_factory):
     """The report of the session's smoke pipeline, written to a folder of its own."""
     from smpp_ray.evaluate import load_results, metadata_baseline_predictions
-    from smpp_ray.layout import pipeline_layout
     from smpp_ray.report import write_report
+    from smpp_ray.stage_table import pipeline_layout
     from smpp_ray.tracking import resolve_tracking_uri
 
     config, out, _ = smoke_pipeline

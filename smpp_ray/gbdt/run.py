@@ -65,7 +65,7 @@ def search_location(out_dir: str) -> str:
 
 
 def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, tune_config: TuneConfig,
-                tracking: TrackingContext | None = None) -> dict[str, Any]:
+                tracking: TrackingContext | None = None, selected_ids: str = "") -> dict[str, Any]:
     """Search, refit, blend and evaluate; see the module docstring for what lands in ``out_dir``.
 
     ``features_dir`` and ``out_dir`` are locations (local paths or URIs); trials and refit tasks
@@ -87,14 +87,16 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     out = storage.normalize(out_dir)
     select_columns(load_feature_manifest(features_dir), tune_config.feature_groups)  # fail before any trial
     check_split_sizes(verify_features(features_dir), tune_config.min_val_posts, f"features {features_dir}")
-    if tune_config.fit_on_selected and not tune_config.selected_ids:
-        raise ValueError("tune.fit_on_selected needs tune.selected_ids (the train stage's selection/kept_ids.parquet)")
+    if tune_config.fit_on_selected and not selected_ids:
+        raise ValueError("tune.fit_on_selected needs the kept ids of a train stage with sample selection "
+                         "(selected_ids: its selection/kept_ids.parquet)")
+    selected_ids = selected_ids if tune_config.fit_on_selected else ""
     models = list(tune_config.models)
 
     searches: dict[str, SearchResult] = {}
     for family in models:
         searches[family] = run_search(family, features_dir, search_location(out), tune_config=tune_config,
-                                      tracking_ctx=tracking)
+                                      tracking_ctx=tracking, selected_ids=selected_ids)
         storage.write_text(storage.join(out, f"search_{family}.json"),
                            json.dumps(searches[family].to_dict(), indent=1, default=str))
     search_seconds = time.perf_counter() - started
@@ -105,7 +107,8 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     console.line(f"tune: refitting {', '.join(fits)} on train"
                  + (" (val predictions), then on train+val (the final models)" if tune_config.refit_on == "train+val"
                     else ""))
-    honest, final, fallback_fits = _refit_all(searches, features_dir, tune_config, plan, search_location(out))
+    honest, final, fallback_fits = _refit_all(searches, features_dir, tune_config, plan, search_location(out),
+                                                    selected_ids)
     predictions, blend = _predictions(honest, final, models, tune_config)
     weights = blend.weights
     refit_seconds = time.perf_counter() - refit_started
@@ -195,7 +198,7 @@ def _fallback_plan(features_dir: str, searches: dict[str, SearchResult], config:
 
 
 def _refit_all(searches: dict[str, SearchResult], features_dir: str, config: TuneConfig, fallback: _FallbackPlan,
-               searches_dir: str) -> tuple[dict[str, dict], dict[str, dict], tuple[dict, dict] | None]:
+               searches_dir: str, selected_ids: str) -> tuple[dict[str, dict], dict[str, dict], tuple[dict, dict] | None]:
     """Refits on train (val predictions for the blend weight and honest val metrics), then on
     train+val when configured (the final models; test predictions come from them). The fallback
     regressor is one more task of each kind, run beside the families'; its (honest, final) pair
@@ -213,7 +216,7 @@ def _refit_all(searches: dict[str, SearchResult], features_dir: str, config: Tun
         return {name: refit_remote(family, best, rounds, features_dir, fit_on=fit_on, feature_groups=groups,
                                    cpus=config.cpus_per_trial, seed=config.seed,
                                    resources=parse_resources(config.trial_resources, "tune.trial_resources"),
-                                   selected_ids=config.selected_ids if config.fit_on_selected else "",
+                                   selected_ids=selected_ids,
                                    name=f"refit-{name}")
                 for name, (family, best, rounds, groups) in jobs.items() if not data_parallel(family)}
 

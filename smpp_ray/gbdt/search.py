@@ -183,9 +183,10 @@ def effective_report_every(config: TuneConfig) -> int:
 
 
 def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config: TuneConfig,
-               tracking_ctx: TrackingContext | None) -> SearchResult:
+               tracking_ctx: TrackingContext | None, selected_ids: str = "") -> SearchResult:
     """Run (or resume) the search of ``family`` with its Tune experiment at
-    ``storage_dir/<family>`` (any location); raises :class:`SearchInterrupted` when cut short."""
+    ``storage_dir/<family>`` (any location); raises :class:`SearchInterrupted` when cut short.
+    ``selected_ids``: the kept-ids file whose train posts the trials fit on ('' for all)."""
     storage_dir = storage.normalize(storage_dir)
     experiment_path = storage.join(storage_dir, family)
     fs, fs_root = storage.resolve(storage_dir)
@@ -194,7 +195,7 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                        validation=tune_config.validation, folds=tune_config.folds, max_rounds=tune_config.max_rounds,
                        threads=max(1, int(tune_config.cpus_per_trial)), seed=tune_config.seed,
                        report_every=effective_report_every(tune_config),
-                       selected_ids=tune_config.selected_ids if tune_config.fit_on_selected else "",
+                       selected_ids=selected_ids,
                        objective=tune_config.objective)
     resources = {"cpu": tune_config.cpus_per_trial, **parse_resources(tune_config.trial_resources, "tune.trial_resources")}
     shared: dict[str, Any] = {}

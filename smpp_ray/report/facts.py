@@ -10,10 +10,10 @@ import datetime as dt
 import logging
 from typing import Any
 
-from smpp_ray.layout import STAGE_FOLDERS
 from smpp_ray.provenance import GIT_COMMIT_ENV, git_commit
 from smpp_ray.redact import redact_uri
 from smpp_ray.report.markup import esc, fmt, fmt_seconds, note, table
+from smpp_ray.stage_table import STAGE_FOLDERS
 from smpp_ray.summary import read_summary
 
 logger = logging.getLogger(__name__)

@@ -93,7 +93,7 @@ class ScorerBundle:
         """The parts of a finished pipeline, in place (nothing is copied)."""
         from smpp_ray.features.state import STATE_FOLDER
         from smpp_ray.gbdt.data import FEATURE_SPEC_FILE
-        from smpp_ray.layout import pipeline_layout
+        from smpp_ray.stage_table import pipeline_layout
         from smpp_ray.summary import require_summary
         from smpp_ray.train.checkpoint import best_checkpoint
 
