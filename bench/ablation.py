@@ -189,7 +189,8 @@ def train_and_extract(config: Any, variant: Variant, data: str, proto: str, fold
     features = folder / "features"
     if engine == "ray":
         from smpp_ray.features import extract_features
-        from smpp_ray.train import resolve_checkpoint, train_model
+        from smpp_ray.model.checkpoint import resolve_checkpoint
+        from smpp_ray.train import train_model
 
         result = train_model(data, proto if variant.bank else None, str(folder / "train"),
                              model_config=config.model, train_config=config.train)
@@ -220,10 +221,11 @@ def decode_corpus(data: str, config: Any) -> dict[str, dict[str, Any]]:
     import pyarrow.parquet as pq
 
     from smpp_ray.data.schema import posts_path
+    from smpp_ray.model.backbone import backbone_spec
     from smpp_ray.model.preprocess import BatchPreprocessor
-    from smpp_ray.train.data import INPUT_COLUMNS, collate_batch, input_spec
+    from smpp_ray.train.data import INPUT_COLUMNS, collate_batch
 
-    spec = input_spec(config.model.backbone, config.model.context_length)
+    spec = backbone_spec(config.model.backbone, config.model.context_length)
     preprocessor = BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, train=False,
                                      mean=spec.mean, std=spec.std)
     corpus = {}
@@ -251,10 +253,10 @@ def train_in_process(config: Any, corpus: dict[str, dict[str, Any]], bank: str |
     import torch
 
     from smpp_ray.data.schema import Taxonomy
+    from smpp_ray.data.selection import select_easiest
     from smpp_ray.model.model import create_model
     from smpp_ray.train.loop import StepSettings, evaluate, score_classification_loss, train_epoch
     from smpp_ray.train.schedule import create_optimizer, create_scheduler
-    from smpp_ray.train.selection import select_easiest
     from smpp_ray.train.trainer import create_loss_fn
 
     t = config.train

@@ -63,9 +63,9 @@ def make_checkpoint(workdir: Path, backbone: str) -> str:
     from smpp_ray.config import ModelConfig
     from smpp_ray.data.taxonomy_names import default_taxonomy
     from smpp_ray.model import backbone as _registered  # noqa: F401  (packaged tiny config)
+    from smpp_ray.model.checkpoint import save_checkpoint
     from smpp_ray.model.model import create_model
     from smpp_ray.model.prototypes import PrototypeBank
-    from smpp_ray.train.checkpoint import save_checkpoint
 
     pretrained = ""
     if backbone != "smpp-tiny-clip":
@@ -154,18 +154,18 @@ def bench_plain(data_dir: str, checkpoint: str, args) -> dict:
     from smpp_ray import storage
     from smpp_ray.features.extract import steady_throughput
     from smpp_ray.features.network import outputs_to_numpy
-    from smpp_ray.train.checkpoint import (
+    from smpp_ray.model.backbone import backbone_spec
+    from smpp_ray.model.checkpoint import (
         load_model_from_checkpoint,
         model_config_from_meta,
         read_meta,
     )
-    from smpp_ray.train.data import input_spec
 
     threads = args.actors * args.threads_per_actor
     torch.set_num_threads(threads)
     device = torch.device(args.device)
     config = model_config_from_meta(read_meta(checkpoint))
-    spec = input_spec(config.backbone, config.context_length)
+    spec = backbone_spec(config.backbone, config.context_length)
     files = storage.list_parquet_files(storage.join(data_dir, "posts"))
     decode_workers = max(0, args.cpus - (0 if args.device == "cuda" else threads))
     # spawn, not fork: this process already runs a Ray driver (prepare_dataset started one).
@@ -189,7 +189,7 @@ def ceiling(checkpoint: str, args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from smpp_ray.train.checkpoint import load_model_from_checkpoint
+    from smpp_ray.model.checkpoint import load_model_from_checkpoint
 
     torch.set_num_threads(args.actors * args.threads_per_actor)
     device = torch.device(args.device)

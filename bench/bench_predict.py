@@ -46,7 +46,7 @@ def _time_extract(pipeline: str, summary: dict, out: str) -> float:
     """The pipeline's extract stage again, same inputs and settings, in this run (the baseline)."""
     from smpp_ray.config import ExtractConfig
     from smpp_ray.features import extract_features
-    from smpp_ray.train.checkpoint import resolve_checkpoint
+    from smpp_ray.model.checkpoint import resolve_checkpoint
 
     settings = ExtractConfig(**{k: tuple(v) if isinstance(v, list) else v
                                 for k, v in summary["config"]["extract"].items()})

@@ -51,7 +51,8 @@ def prepare_corpus(workdir: Path, posts: int, backbone: str) -> tuple[str, str]:
     from smpp_ray.data.manifest import load_taxonomy
     from smpp_ray.data.prepare import prepare_dataset
     from smpp_ray.data.synth import synthesize_corpus
-    from smpp_ray.model.prototypes import EmbedPosts, compute_prototypes, embedding_dim
+    from smpp_ray.model.backbone import backbone_spec
+    from smpp_ray.model.prototypes import EmbedPosts, compute_prototypes
 
     data, proto = workdir / f"data-{posts}", workdir / f"proto-{posts}-{backbone}"
     if not (data / "manifest.json").is_file():
@@ -63,7 +64,7 @@ def prepare_corpus(workdir: Path, posts: int, backbone: str) -> tuple[str, str]:
         rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
         embedded = EmbedPosts(backbone)(rows)
         bank, _ = compute_prototypes(embedded, load_taxonomy(str(data)), shots=16, time_buckets=2, seed=0,
-                                     embed_dim=embedding_dim(backbone), metadata={"backbone": backbone})
+                                     embed_dim=backbone_spec(backbone).embed_dim, metadata={"backbone": backbone})
         proto.mkdir(parents=True, exist_ok=True)
         bank.save(str(bank_path))
     return str(data), str(proto)
@@ -88,16 +89,17 @@ def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inlin
 
     from smpp_ray.config import ModelConfig
     from smpp_ray.data.manifest import load_taxonomy
+    from smpp_ray.model.backbone import backbone_spec
     from smpp_ray.model.model import create_model
     from smpp_ray.model.preprocess import BatchPreprocessor
-    from smpp_ray.train.data import INPUT_COLUMNS, collate_batch, input_spec
+    from smpp_ray.train.data import INPUT_COLUMNS, collate_batch
     from smpp_ray.train.loop import StepSettings, train_epoch
     from smpp_ray.train.schedule import create_optimizer, create_scheduler
     from smpp_ray.train.trainer import create_loss_fn
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    spec = input_spec(args.backbone)
+    spec = backbone_spec(args.backbone)
     table = pq.read_table(f"{data}/posts/split=train", columns=INPUT_COLUMNS)
     rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     decode = BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, not cached,

@@ -8,7 +8,7 @@ missing file is a ``ValueError`` naming the file (exit 2 on the command line): a
 model or a projection matrix must stop the run, not move a score. Folders written before
 manifests existed have none and are read as they are.
 
-Checkpoints carry their digest in their own ``meta.json`` (:mod:`smpp_ray.train.checkpoint`);
+Checkpoints carry their digest in their own ``meta.json`` (:mod:`smpp_ray.model.checkpoint`);
 feature Parquet pages carry CRCs (:data:`smpp_ray.storage.PARQUET_CHECKSUM_WRITE`).
 """
 

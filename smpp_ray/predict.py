@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from smpp_ray import storage
 from smpp_ray.config import Config
 from smpp_ray.scoring.bundle import MODEL_CHOICES, ScorerBundle
+from smpp_ray.stage_table import STAGE_FOLDERS, pipeline_layout
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ def resolve_bundle(source: str, *, stage_dir: str | None, tracking_uri: str = ""
     location = storage.normalize(source)
     if storage.is_file(storage.join(location, "bundle.json")):
         return ScorerBundle.from_folder(location)
-    return ScorerBundle.from_pipeline(location)
+    layout = pipeline_layout(location)
+    return ScorerBundle.from_stages(*(layout[STAGE_FOLDERS[stage]] for stage in ("train", "extract", "tune")))
 
 
 def _prepared_posts(posts: str, work: str, state, config: Config, *, keep_imageless: bool = False
@@ -121,10 +123,10 @@ def scores_dataset(data_dir: str, bundle: ScorerBundle, *, model: str, config: C
     from smpp_ray.data.reads import read_parquet
     from smpp_ray.data.schema import POSTS_SCHEMA
     from smpp_ray.features.extract import decode_stage_memory, in_decode_blocks, inference_pool
-    from smpp_ray.scoring.scorer import PostScorer, checkpoint_input_spec
+    from smpp_ray.scoring.scorer import PostScorer, checkpoint_backbone_spec
 
     cfg = config.extract
-    image_size = checkpoint_input_spec(bundle.checkpoint).image_size
+    image_size = checkpoint_backbone_spec(bundle.checkpoint).image_size
     location = storage.join(data_dir, "posts")
     posts = in_decode_blocks(read_parquet(location, columns=POSTS_SCHEMA.names), location, cfg, image_size)
     # Arrow batches, converted here as extraction converts its metadata: the same pandas values.
@@ -229,7 +231,7 @@ def predict_posts(source: str, posts: str, out: str, *, config: Config, model: s
     location may be local or a URI.
     """
     from smpp_ray.runtime import init_ray
-    from smpp_ray.scoring.scorer import load_feature_state
+    from smpp_ray.scoring.post_features import load_feature_state
     from smpp_ray.tracking import resolve_tracking_uri
 
     if model not in MODEL_CHOICES:

@@ -154,7 +154,7 @@ def _check_corpus_size(config: Config, data_dir: str, selected: Sequence[str]) -
 
 
 def _prototypes(config: Config, inputs: dict[str, str], out: str, tracking: TrackingContext | None) -> StageResult:
-    from smpp_ray.model.prototypes import build_prototypes
+    from smpp_ray.prototype_job import build_prototypes
 
     p, m = config.prototypes, config.model
     result = build_prototypes(inputs["data"], out, backbone=m.backbone, pretrained=m.pretrained, shots=p.shots,
@@ -183,7 +183,7 @@ def _train_state(config: Config, out: str) -> str:
 
 def _extract(config: Config, inputs: dict[str, str], out: str, tracking: TrackingContext | None) -> StageResult:
     from smpp_ray.features import extract_features
-    from smpp_ray.train.checkpoint import resolve_checkpoint
+    from smpp_ray.model.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(inputs["checkpoint"]) if inputs["checkpoint"] else None
     result = extract_features(inputs["data"], checkpoint, out, extract_config=config.extract)
@@ -217,6 +217,12 @@ def _tune(config: Config, inputs: dict[str, str], out: str, tracking: TrackingCo
 
     result = tune_models(inputs["features"], out, tune_config=config.tune, tracking=tracking,
                          selected_ids=inputs.get("selected_ids", ""))
+    if tracking is not None:
+        from smpp_ray.scoring.registration import register_scorer
+
+        scorer = register_scorer(tracking, inputs["features"], out, config.tune)
+        if scorer:
+            result["paths"]["scorer_model"] = scorer["uri"]
     metrics = {**result["metrics"], "blend_weights": result["blend_weights"],
                "peak_rss_mib": {family: search["peak_rss_mib"] for family, search in result["search"].items()},
                "private_mib": {family: search["private_mib"] for family, search in result["search"].items()}}

@@ -138,7 +138,7 @@ def test_each_prototype_is_the_normalised_mean_of_its_members(pretrained_clip, b
 
 
 def _save_checkpoint(directory, pretrained: str, bank) -> str:
-    from smpp_ray.train.checkpoint import save_checkpoint
+    from smpp_ray.model.checkpoint import save_checkpoint
 
     bank_path = str(directory / "bank.safetensors")
     bank.save(bank_path)

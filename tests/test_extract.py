@@ -38,9 +38,9 @@ def dataset(tmp_path_factory, posts) -> Path:
 
 def _save_tiny_checkpoint(directory: Path, *, prototype_backbone: str = "smpp-tiny-clip") -> Path:
     """A checkpoint in the train helper's format from a tiny random model (seeded)."""
+    from smpp_ray.model.checkpoint import save_checkpoint
     from smpp_ray.model.model import create_model
     from smpp_ray.model.prototypes import PrototypeBank
-    from smpp_ray.train.checkpoint import save_checkpoint
 
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
@@ -130,10 +130,10 @@ def test_mismatched_checkpoint_is_a_clear_error(dataset: Path, checkpoint: Path,
 
 
 def _in_process_outputs(checkpoint: Path, posts: pd.DataFrame) -> dict[str, np.ndarray]:
-    from smpp_ray.train.checkpoint import load_model_from_checkpoint
-    from smpp_ray.train.data import input_spec
+    from smpp_ray.model.backbone import backbone_spec
+    from smpp_ray.model.checkpoint import load_model_from_checkpoint
 
-    spec = input_spec("smpp-tiny-clip")
+    spec = backbone_spec("smpp-tiny-clip")
     batch = {name: posts[name].to_numpy() for name in ("pid", "image", "title", "tags")}
     decoded = decode_batch(batch, backbone=spec.backbone, image_size=spec.image_size,
                            context_length=spec.context_length, mean=spec.mean, std=spec.std)
@@ -143,9 +143,9 @@ def _in_process_outputs(checkpoint: Path, posts: pd.DataFrame) -> dict[str, np.n
 
 
 def test_extractor_is_a_plain_callable(checkpoint: Path, posts: pd.DataFrame) -> None:
-    from smpp_ray.train.data import input_spec
+    from smpp_ray.model.backbone import backbone_spec
 
-    spec = input_spec("smpp-tiny-clip")
+    spec = backbone_spec("smpp-tiny-clip")
     batch = {name: posts[name].to_numpy()[:5] for name in ("pid", "image", "title", "tags", "split")}
     decoded = decode_batch(batch, backbone=spec.backbone, image_size=spec.image_size,
                            context_length=spec.context_length, mean=spec.mean, std=spec.std)

@@ -31,9 +31,9 @@ from smpp_ray.features.network import (
     decode_batch,
 )
 from smpp_ray.features.pca import fit_pca
-from smpp_ray.train.data import input_spec
+from smpp_ray.model.backbone import backbone_spec
 
-SPEC = input_spec("smpp-tiny-clip")
+SPEC = backbone_spec("smpp-tiny-clip")
 DECODE = {"backbone": SPEC.backbone, "image_size": SPEC.image_size, "context_length": SPEC.context_length,
           "mean": SPEC.mean, "std": SPEC.std}
 DEVICE_DECODE = {"image_size": SPEC.image_size, "mean": SPEC.mean, "std": SPEC.std, "backbone": SPEC.backbone,

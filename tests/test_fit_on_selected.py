@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from smpp_ray.data.selection import kept_ids_location, write_kept_ids
 from smpp_ray.gbdt.data import load_splits, read_split
 from smpp_ray.gbdt.synthetic import write_synthetic_features
-from smpp_ray.train.selection import kept_ids_location, write_kept_ids
 
 
 @pytest.fixture(scope="module")

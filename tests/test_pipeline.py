@@ -52,7 +52,7 @@ def test_a_moved_train_folder_names_its_own_checkpoint(pipeline_run, tmp_path):
     """Artifact references are relative: a copy scores with the copy's network, not the original's."""
     import shutil
 
-    from smpp_ray.train.checkpoint import resolve_checkpoint
+    from smpp_ray.model.checkpoint import resolve_checkpoint
 
     _, out, _ = pipeline_run
     moved = tmp_path / "elsewhere" / "train"
@@ -212,7 +212,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(pipeline_run, tmp_path)
     extracting features with silently changed weights."""
     import shutil
 
-    from smpp_ray.train.checkpoint import (
+    from smpp_ray.model.checkpoint import (
         TRAINABLE_FILE,
         load_model_from_checkpoint,
         resolve_checkpoint,

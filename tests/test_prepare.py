@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 
 from smpp_ray.data import smpd_rows
+from smpp_ray.data.images import fit_image
 from smpp_ray.data.manifest import load_manifest, load_taxonomy
-from smpp_ray.data.prepare import assign_splits, fit_image, prepare_dataset
+from smpp_ray.data.prepare import prepare_dataset
 from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS, Taxonomy, posts_path
+from smpp_ray.data.splits import assign_splits
 from smpp_ray.data.synth import synthesize_corpus
 from smpp_ray.data.taxonomy import chosen_taxonomy, infer_taxonomy
 from smpp_ray.data.taxonomy_names import default_taxonomy
@@ -354,7 +356,7 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_picture():
     follows what is kept; the stored picture matches a full decode then resize."""
     import numpy as np
 
-    from smpp_ray.data.prepare import fit_image
+    from smpp_ray.data.images import fit_image
 
     y, x = np.mgrid[0:3000, 0:4000]
     picture = np.stack([(x / 16) % 256, (y / 12) % 256, ((x + y) / 20) % 256], axis=-1).astype(np.uint8)

@@ -22,12 +22,12 @@ from smpp_ray.model.prototypes import (
     PROTOTYPES_FILE,
     EmbedPosts,
     PrototypeBank,
-    build_prototypes,
     compute_prototypes,
     select_class_members,
     select_diverse,
     time_buckets_of,
 )
+from smpp_ray.prototype_job import build_prototypes
 
 TAXONOMY = Taxonomy(tuple(f"cat{c}" for c in range(11)), tuple(f"sub{s}" for s in range(77)),
                     tuple(s % 11 for s in range(77)))

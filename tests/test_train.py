@@ -18,8 +18,9 @@ import torch
 
 from smpp_ray.config import ModelConfig, TrainConfig
 from smpp_ray.data.taxonomy_names import default_taxonomy
-from smpp_ray.train import checkpoint as ckpt
-from smpp_ray.train.data import INPUT_COLUMNS, collate_batch, input_spec
+from smpp_ray.model import checkpoint as ckpt
+from smpp_ray.model.backbone import backbone_spec
+from smpp_ray.train.data import INPUT_COLUMNS, collate_batch
 from smpp_ray.train.loop import StepSettings, evaluate, select_lowest_loss, train_epoch
 from smpp_ray.train.schedule import create_optimizer, create_scheduler, warmup_cosine_factor
 from smpp_ray.train.trainer import create_loss_fn, train_model
@@ -179,14 +180,14 @@ def test_selection_pass_keeps_the_lowest_classification_losses_with_deterministi
     import numpy as np
     import pyarrow as pa
 
-    from smpp_ray.train.loop import score_classification_loss
-    from smpp_ray.train.selection import (
+    from smpp_ray.data.selection import (
         KeptPostsFilter,
         kept_count,
         read_kept_ids,
         select_easiest,
         write_kept_ids,
     )
+    from smpp_ray.train.loop import score_classification_loss
 
     # The pass scores CE(77) + CE(11) in eval mode, without the contrastive/prototype terms.
     model = _model(ModelConfig(use_prototypes=False))  # contrastive weight on: it must not enter the score
@@ -299,7 +300,8 @@ def corpus(tmp_path_factory, ray_session):
     from smpp_ray.data.manifest import load_taxonomy
     from smpp_ray.data.prepare import prepare_dataset
     from smpp_ray.data.synth import synthesize_corpus
-    from smpp_ray.model.prototypes import EmbedPosts, compute_prototypes, embedding_dim
+    from smpp_ray.model.backbone import backbone_spec
+    from smpp_ray.model.prototypes import EmbedPosts, compute_prototypes
 
     root = tmp_path_factory.mktemp("train")
     synthesize_corpus(root / "raw", posts=600, seed=0)
@@ -308,7 +310,7 @@ def corpus(tmp_path_factory, ray_session):
     table = pq.read_table(f"{data}/posts/split=train")
     embedded = EmbedPosts("smpp-tiny-clip")({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names})
     bank, _ = compute_prototypes(embedded, load_taxonomy(data), shots=16, time_buckets=2, seed=0,
-                                 embed_dim=embedding_dim("smpp-tiny-clip"), metadata={"backbone": "smpp-tiny-clip"})
+                                 embed_dim=backbone_spec("smpp-tiny-clip").embed_dim, metadata={"backbone": "smpp-tiny-clip"})
     (root / "proto").mkdir()
     bank.save(str(root / "proto" / "prototypes.safetensors"))
     return {"root": root, "data": data, "prototypes": str(root / "proto")}
@@ -380,7 +382,7 @@ def test_failed_worker_resumes_from_last_checkpoint(first_run):
 
 @pytest.mark.slow
 def test_dataset_selection_trains_later_epochs_on_the_kept_posts_only(relaunch, corpus):
-    from smpp_ray.train.selection import read_kept_ids
+    from smpp_ray.data.selection import read_kept_ids
 
     result = relaunch["result"]
     selection = result["selection"]
@@ -456,7 +458,7 @@ def probe_logits(model, data_dir: str, probe: dict) -> tuple[torch.Tensor, dict]
     checkpoint's probe (and the whole val split as one batch)."""
     from smpp_ray.model.preprocess import BatchPreprocessor
 
-    spec = input_spec("smpp-tiny-clip")
+    spec = backbone_spec("smpp-tiny-clip")
     table = pq.read_table(f"{data_dir}/posts/split=val", columns=INPUT_COLUMNS)
     columns = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     batch = collate_batch(BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, False)(columns))

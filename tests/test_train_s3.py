@@ -24,10 +24,10 @@ import torch
 
 from smpp_ray import storage
 from smpp_ray.config import ModelConfig, TrainConfig
+from smpp_ray.model import checkpoint as ckpt
 from smpp_ray.model.backbone import TINY_MODEL
+from smpp_ray.model.checkpoint import load_model_from_checkpoint, resolve_checkpoint
 from smpp_ray.summary import write_summary
-from smpp_ray.train import checkpoint as ckpt
-from smpp_ray.train.checkpoint import load_model_from_checkpoint, resolve_checkpoint
 
 RUN_NAME = "s3-run"
 
@@ -53,7 +53,7 @@ def dataset(tmp_path_factory, ray_with_s3, bucket) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def prototypes(dataset, bucket) -> dict:
-    from smpp_ray.model.prototypes import build_prototypes
+    from smpp_ray.prototype_job import build_prototypes
 
     out = f"{bucket}/prototypes"
     summary = build_prototypes(dataset["remote"], out, backbone=TINY_MODEL, shots=8, time_buckets=2,
@@ -148,9 +148,9 @@ def test_image_features_are_encoded_once_into_the_bucket(trained, dataset, proto
     assert "pixels" not in table.column_names
     assert np.asarray(table.column(POOLED).to_numpy(zero_copy_only=False)[0]).size == 64  # (D,) per post
 
-    from smpp_ray.train.data import input_spec
+    from smpp_ray.model.backbone import backbone_spec
 
-    spec = input_spec(ModelConfig().backbone, ModelConfig().context_length)
+    spec = backbone_spec(ModelConfig().backbone, ModelConfig().context_length)
     again = build_image_features(dataset["remote"], location, splits=("train", "val"), spec=spec,
                                  model_config=ModelConfig(), taxonomy=None, prototypes_path=prototypes["out"],
                                  seed=0, dtype="float32", actors=1, cpus_per_actor=1.0, gpus_per_actor=0.0,

@@ -27,9 +27,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from smpp_ray import console, storage
-from smpp_ray.data import prepare as smpd_prepare
+from smpp_ray.data.images import MAX_IMAGE_PIXELS, collected, image_collector
 from smpp_ray.data.manifest import write_manifest
+from smpp_ray.data.outputs import (
+    OUTPUT_ENTRIES,
+    failed_location,
+    keep_failed_rejects,
+    reject_problem,
+    staged_outputs,
+    write_imageless,
+    write_rejects,
+    write_split_dataset,
+)
 from smpp_ray.data.schema import SCHEMA_VERSION, SPLITS, Taxonomy
+from smpp_ray.data.splits import assign_splits, class_problem, resolve_taxonomy
 from smpp_ray.data.table import (
     PIECE,
     PREFIX,
@@ -76,12 +87,12 @@ def prepare_table(raw: str, out: str, *, columns: tuple[str, ...], split: str, v
     decision = decide(keys, root, taxonomy, min_class_posts, split, val_fraction, test_fraction)
     facts = {"format": "table", "files": {"table": [storage.name(f) for f in files]}, "columns": mapping,
              "extra_columns": list(extra_columns)}
-    with smpd_prepare._staged_outputs(out) as staging:
+    with staged_outputs(out) as staging:
         manifest = write_dataset(rows, decision, staging, out, root, input_rows, facts=facts, split=split, val_fraction=val_fraction, test_fraction=test_fraction,
                           max_image_side=max_image_side, jpeg_quality=jpeg_quality, rows_per_shard=rows_per_shard,
                           max_reject_fraction=max_reject_fraction, max_image_bytes=max_image_bytes,
                           keep_imageless=keep_imageless, started=started)
-        storage.swap_in(staging, out, smpd_prepare._OUTPUT_ENTRIES)
+        storage.swap_in(staging, out, OUTPUT_ENTRIES)
     return manifest
 
 
@@ -136,7 +147,7 @@ def decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_posts
     valid = valid[~duplicated]
     named = valid[valid["category"].notna() & valid["subcategory"].notna()]
     labelled = named[_labelled(named)]
-    taxonomy, source, inferred = smpd_prepare.resolve_taxonomy(
+    taxonomy, source, inferred = resolve_taxonomy(
         taxonomy, root, list(zip(labelled["category"], labelled["subcategory"], strict=True)),
         list(zip(named["category"], named["subcategory"], strict=True)), min_class_posts)
     cat_id = {n: i for i, n in enumerate(taxonomy.categories)}
@@ -145,7 +156,7 @@ def decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_posts
     # A row's class problem depends on its (category, subcategory) pair alone: checked once per pair.
     pairs = valid.groupby(["category", "subcategory"], dropna=False, observed=True, sort=False).indices
     for (category, subcategory), positions in pairs.items():
-        problem = smpd_prepare.class_problem(_none(category), _none(subcategory), taxonomy, cat_id, sub_id, inferred)
+        problem = class_problem(_none(category), _none(subcategory), taxonomy, cat_id, sub_id, inferred)
         if problem is not None:
             keep[positions] = False
             rejects += [_reject(valid.iloc[i], *problem, file_of(valid.iloc[i], "class")) for i in sorted(positions)]
@@ -191,7 +202,7 @@ def _splits(kept: Any, split: str, val_fraction: float, test_fraction: float) ->
     or user, other rows test; and the boundaries."""
     labelled = _labelled(kept).to_numpy()
     codes = np.full(len(kept), SPLITS.index("test"), np.int8)
-    codes[labelled], boundaries = smpd_prepare.assign_splits(kept.loc[labelled, ["pid", "uid", "postdate"]], split,
+    codes[labelled], boundaries = assign_splits(kept.loc[labelled, ["pid", "uid", "postdate"]], split,
                                                              val_fraction, test_fraction)
     return codes, boundaries
 
@@ -221,36 +232,36 @@ def write_dataset(rows: Any, decision: dict[str, Any], staging: str, out: str, r
     """Write the decided rows' shards (images read from ``root``), rejects and manifest into
     ``staging``; returns the manifest (``facts`` are the reader's: format, files, ...)."""
     rejects = decision["rejects"]
-    failed_at = smpd_prepare._failed_location(out)
+    failed_at = failed_location(out)
     kept = sum(decision["sizes"].values())
-    problem = smpd_prepare._reject_problem(input_rows, kept, rejects, max_reject_fraction, failed_at)
+    problem = reject_problem(input_rows, kept, rejects, max_reject_fraction, failed_at)
     if problem is not None:
-        smpd_prepare._write_rejects(rejects, staging)
-        smpd_prepare._keep_failed_rejects(staging, failed_at)
+        write_rejects(rejects, staging)
+        keep_failed_rejects(staging, failed_at)
         raise ValueError(problem)
     assignment = decision["assignment"]   # Ray Data puts fn_kwargs in the object store once
     per_split: dict[str, int] = {}
-    with smpd_prepare.image_collector() as collector:
+    with image_collector() as collector:
         for code, name in enumerate(SPLITS):
             size = decision["sizes"][name]
             dataset = rows.map_batches(assign_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.5,
                                        fn_kwargs={"assignment": assignment, "split": code}
                                        ).sort(["postdate", "pid"]) if size else None
-            per_split[name] = smpd_prepare.write_split_dataset(
+            per_split[name] = write_split_dataset(
                 dataset, size, name, staging, root, max_side=max_image_side, quality=jpeg_quality,
                 max_bytes=max_image_bytes, rows_per_shard=rows_per_shard, collector=collector,
                 keep_imageless=keep_imageless)
-        image_rejects, imageless = smpd_prepare.collected(collector)
+        image_rejects, imageless = collected(collector)
     if keep_imageless:
-        smpd_prepare._write_imageless(imageless, staging)
+        write_imageless(imageless, staging)
     rejects = rejects + image_rejects
-    smpd_prepare._write_rejects(rejects, staging)
+    write_rejects(rejects, staging)
     written = sum(per_split.values())
     if input_rows != written + len(rejects):
         raise RuntimeError(f"prepare lost rows: {input_rows} in, {written} written + {len(rejects)} rejected")
-    problem = smpd_prepare._reject_problem(input_rows, written, rejects, max_reject_fraction, failed_at)
+    problem = reject_problem(input_rows, written, rejects, max_reject_fraction, failed_at)
     if problem is not None:
-        smpd_prepare._keep_failed_rejects(staging, failed_at)
+        keep_failed_rejects(staging, failed_at)
         raise ValueError(problem)
     seconds = time.perf_counter() - started
     manifest = {
@@ -263,7 +274,7 @@ def write_dataset(rows: Any, decision: dict[str, Any], staging: str, out: str, r
                   "boundaries": decision["boundaries"], "unlabelled_test_rows": decision["unlabelled"]},
         "time_range": _time_range(decision["kept"], image_rejects),
         "image": {"max_side": max_image_side, "jpeg_quality": jpeg_quality, "max_bytes": max_image_bytes,
-                  "max_pixels": smpd_prepare.MAX_IMAGE_PIXELS},
+                  "max_pixels": MAX_IMAGE_PIXELS},
         "rows_per_shard": rows_per_shard,
         "run": {"seconds": round(seconds, 2), "posts_per_s": round(input_rows / max(seconds, 1e-9), 1)},
     }

@@ -6,7 +6,7 @@ below are real ones seen in the released files (``Raining``, ``Girls,Fashion`` w
 ``Music``), the others are invented but plausible, seven per category. The synthetic corpus uses
 exactly these names. A real corpus needs its own list: set ``data.taxonomy`` to a JSON file of it
 (the manifest's ``taxonomy`` form); names outside the taxonomy in use are rejected rows, never a
-new class list (see :func:`smpp_ray.data.prepare.build_taxonomy`).
+new class list (see :func:`smpp_ray.data.splits.resolve_taxonomy`).
 """
 
 from __future__ import annotations

@@ -187,8 +187,8 @@ def metadata_features(data_dir: str, manifest: dict, user_description_components
 
 def checkpoint_location(checkpoint_dir: str) -> str:
     """The checkpoint folder given it or a finished train stage folder (see
-    :func:`smpp_ray.train.checkpoint.resolve_checkpoint`, the one resolver)."""
-    from smpp_ray.train.checkpoint import resolve_checkpoint
+    :func:`smpp_ray.model.checkpoint.resolve_checkpoint`, the one resolver)."""
+    from smpp_ray.model.checkpoint import resolve_checkpoint
 
     try:
         return resolve_checkpoint(checkpoint_dir) or ""
@@ -205,13 +205,13 @@ def validate_checkpoint(checkpoint_dir: str, data_dir: str) -> CheckpointInfo:
     actor). The returned :attr:`CheckpointInfo.path` is the checkpoint's location.
     """
     from smpp_ray.data.manifest import load_taxonomy
-    from smpp_ray.train.checkpoint import (
+    from smpp_ray.model.backbone import backbone_spec
+    from smpp_ray.model.checkpoint import (
         TRAINABLE_FILE,
         load_model_from_checkpoint,
         model_config_from_meta,
         read_meta,
     )
-    from smpp_ray.train.data import input_spec
 
     location = checkpoint_location(checkpoint_dir)
     if not storage.is_file(storage.join(location, TRAINABLE_FILE)):
@@ -230,7 +230,7 @@ def validate_checkpoint(checkpoint_dir: str, data_dir: str) -> CheckpointInfo:
         raise ValueError(f"checkpoint {location!r} was trained on backbone {config.backbone!r} but its "
                          f"prototypes were built with backbone {prototype_backbone!r}")
     try:
-        spec = input_spec(config.backbone, config.context_length)
+        spec = backbone_spec(config.backbone, config.context_length)
     except ValueError as err:
         raise ValueError(f"checkpoint {location!r}: {err}") from err
     try:
@@ -243,8 +243,8 @@ def validate_checkpoint(checkpoint_dir: str, data_dir: str) -> CheckpointInfo:
 
 def _prototype_backbone(checkpoint_dir: str, meta: dict) -> str:
     """The backbone recorded in the checkpoint's prototype bank (empty when none is recorded)."""
+    from smpp_ray.model.checkpoint import prototypes_in_checkpoint
     from smpp_ray.model.prototypes import read_prototype_metadata
-    from smpp_ray.train.checkpoint import prototypes_in_checkpoint
 
     try:
         prototypes = prototypes_in_checkpoint(checkpoint_dir, meta)

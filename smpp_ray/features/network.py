@@ -195,7 +195,7 @@ class NetworkFeatureExtractor:
                  std: tuple[float, ...] | None = None, backbone: str = "", context_length: int = 0) -> None:
         import torch
 
-        from smpp_ray.train.checkpoint import load_model_from_checkpoint
+        from smpp_ray.model.checkpoint import load_model_from_checkpoint
 
         if num_threads > 0:
             torch.set_num_threads(num_threads)

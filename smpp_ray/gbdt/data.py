@@ -256,7 +256,7 @@ def select_train_posts(train: pd.DataFrame, selected_ids: str) -> pd.DataFrame:
     A kept pid missing from the features means the two come from different datasets; fitting on
     the overlap would silently change the subset, so it is an error.
     """
-    from smpp_ray.train.selection import read_kept_ids
+    from smpp_ray.data.selection import read_kept_ids
 
     table, facts = read_kept_ids(selected_ids)
     kept = set(table.column("pid").to_pylist())

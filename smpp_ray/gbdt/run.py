@@ -129,10 +129,6 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     if tracking is not None:
         registered = _log_to_mlflow(tracking, out, searches, evaluation, weights, paths, tune_config,
                                     fallback_metrics)
-        scorer = _register_scorer(tracking, features_dir, out, tune_config)
-        if scorer:
-            registered["scorer"] = scorer
-            paths["scorer_model"] = scorer["uri"]
     mlflow_seconds = time.perf_counter() - mlflow_started + sum(s.mlflow_seconds for s in searches.values())
 
     summary: dict[str, Any] = summary_metrics(evaluation)
@@ -363,29 +359,6 @@ def _nan_safe(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot write {value!r} to JSON")
-
-
-def _register_scorer(ctx: TrackingContext, features_dir: str, out: str, config: TuneConfig) -> dict[str, str]:
-    """The whole scorer (checkpoint, feature state, these models, blend) as one registered pyfunc
-    with the champion alias; nothing for metadata-only features (no network to score with)."""
-    import tempfile
-
-    from smpp_ray.features.state import STATE_FOLDER, FeatureState, has_feature_state
-    from smpp_ray.scoring.bundle import FallbackPart, ScorerBundle
-    from smpp_ray.scoring.pyfunc import example_posts, log_scorer
-
-    state = FeatureState.load(features_dir) if has_feature_state(features_dir) else None
-    if state is None or not state.checkpoint or not state.dataset:
-        logger.info("tune: the features have no feature state with a network checkpoint; "
-                    "the scorer model is not registered (the family models are)")
-        return {}
-    bundle = ScorerBundle(state.checkpoint, storage.join(features_dir, STATE_FOLDER),
-                          storage.join(out, FEATURE_SPEC_FILE), storage.join(out, "blend.json"),
-                          {family: storage.join(out, "models", family) for family in config.models},
-                          fallback=FallbackPart.from_tune(out))
-    with tempfile.TemporaryDirectory(prefix="smpp-scorer-") as scratch:
-        return log_scorer(ctx.tracking_uri, ctx.run_id, bundle, name=f"{config.registered_model_prefix}-scorer",
-                          alias=config.champion_alias, input_example=example_posts(state.dataset), scratch=scratch)
 
 
 def _log_to_mlflow(ctx: TrackingContext, out: str, searches: dict[str, SearchResult], evaluation: dict[str, Any],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -42,6 +43,37 @@ PACKAGED_MODELS = (TINY_MODEL,)
 RANDOM_INIT_SEED = 0
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the rest of the system needs to know about a backbone without loading its weights:
+    what the preprocessor must produce (image side, text length, normalisation) and the width of
+    the joint embedding."""
+
+    backbone: str
+    image_size: int
+    context_length: int
+    embed_dim: int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def backbone_spec(name: str, context_length: int = 0) -> BackboneSpec:
+    """Read a backbone's :class:`BackboneSpec` from its open_clip config (no weights are loaded).
+
+    ``context_length`` 0 keeps the backbone's own text length (``model.context_length``).
+    """
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"unknown backbone {name!r}; expected an open_clip model name")
+    size = cfg["vision_cfg"]["image_size"]
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    native = int(cfg.get("text_cfg", {}).get("context_length", 77))
+    preprocess = cfg.get("preprocess_cfg", {}) or {}
+    mean, std = preprocess.get("mean"), preprocess.get("std")
+    return BackboneSpec(name, size, context_length or native, int(cfg["embed_dim"]),
+                        tuple(mean) if mean else None, tuple(std) if std else None)
 
 
 def _looks_like_path(value: str) -> bool:

@@ -1,4 +1,4 @@
-"""Hierarchical visual and textual prototypes: diversity sampling, the bank, the Ray stage.
+"""Hierarchical visual and textual prototypes: diversity sampling, the bank and its files.
 
 For each of the 77 subcategories the stage selects up to ``shots`` training posts that spread
 over time (equal-width time buckets of the class's span get equal quotas), over users (a post
@@ -31,14 +31,14 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from smpp_ray import storage
-from smpp_ray.data.schema import Taxonomy, posts_path
+from smpp_ray.data.schema import Taxonomy
 
 logger = logging.getLogger(__name__)
 
 PROTOTYPES_FILE = "prototypes.safetensors"
 MEMBERS_FILE = "members.json"
 EMBEDDING_COLUMNS = ("pid", "uid", "postdate", "subcategory_id", "category_id", "image_emb", "text_emb")
-_READ_COLUMNS = ["pid", "uid", "postdate", "subcategory_id", "category_id", "image", "title", "tags"]
+EMBED_INPUT_COLUMNS = ["pid", "uid", "postdate", "subcategory_id", "category_id", "image", "title", "tags"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def select_class_members(rows: Mapping[str, np.ndarray], *, shots: int, time_buc
     return chosen
 
 
-def _select_group(rows: dict[str, np.ndarray], shots: int, time_buckets: int, seed: int) -> dict[str, np.ndarray]:
+def select_group_members(rows: dict[str, np.ndarray], shots: int, time_buckets: int, seed: int) -> dict[str, np.ndarray]:
     """``map_groups`` UDF: one subcategory's rows in, its selected members out."""
     class_id = int(np.asarray(rows["subcategory_id"])[0])
     return select_class_members(rows, shots=shots, time_buckets=time_buckets, seed=seed + class_id)
@@ -299,12 +299,12 @@ def compute_prototypes(embedded: Mapping[str, np.ndarray], taxonomy: Taxonomy, *
     parts = [select_class_members(_take(embedded, np.flatnonzero(sub_ids == s)), shots=shots,
                                   time_buckets=time_buckets, seed=seed + int(s))
              for s in np.unique(sub_ids[sub_ids >= 0])]
-    selected = _concat(parts, embed_dim)
+    selected = concat_members(parts, embed_dim)
     return assemble_prototypes(selected, taxonomy, shots=shots, time_buckets=time_buckets, seed=seed,
                                embed_dim=embed_dim, metadata=metadata)
 
 
-def _concat(parts: list[Mapping[str, np.ndarray]], embed_dim: int) -> dict[str, np.ndarray]:
+def concat_members(parts: list[Mapping[str, np.ndarray]], embed_dim: int) -> dict[str, np.ndarray]:
     parts = [p for p in parts if len(p["pid"])]
     if not parts:
         empty = {k: np.zeros(0, dtype=object if k in ("pid", "uid") else np.int64) for k in EMBEDDING_COLUMNS}
@@ -314,7 +314,7 @@ def _concat(parts: list[Mapping[str, np.ndarray]], embed_dim: int) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Embedding (the Ray Data actor) and the stage
+# Embedding (the callable class the prototypes job runs on a Ray Data actor pool)
 
 
 class EmbedPosts:
@@ -356,70 +356,9 @@ class EmbedPosts:
                 "text_emb": F.normalize(text, dim=-1).float().cpu().numpy()}
 
 
-def embedding_dim(backbone: str) -> int:
-    """Joint embedding width of an open_clip architecture, read from its config (no weights)."""
-    import open_clip
-
-    from smpp_ray.model import backbone as _backbone  # noqa: F401  registers packaged configs
-
-    config = open_clip.get_model_config(backbone)
-    if config is None:
-        raise ValueError(f"unknown backbone {backbone!r}; expected an open_clip model name")
-    return int(config["embed_dim"])
-
-
-def build_prototypes(data_dir: str, out_dir: str, *, backbone: str, pretrained: str = "", shots: int = 256,
-                     time_buckets: int = 8, batch_size: int = 64, num_actors: int = 1,
-                     num_gpus_per_actor: float = 0.0, seed: int = 0) -> dict:
-    """Embed the train split with a Ray Data actor pool, select members, write the bank.
-
-    ``data_dir`` and ``out_dir`` are locations (local paths or URIs); ``pretrained`` is a tag or
-    a checkpoint location the actors fetch themselves. Writes ``out_dir/prototypes.safetensors``
-    and ``out_dir/members.json`` (selected Pids and counts per class) and returns a summary:
-    ``posts`` (labelled train posts embedded), ``empty_classes``, ``min_count`` / ``max_count``
-    over the 88 classes, ``counts`` per level and class name, ``prototypes_path`` /
-    ``members_path`` (full locations) and ``backbone_randomly_initialised``.
-    """
-    import ray
-    import ray.data
-
-    from smpp_ray.data.manifest import load_taxonomy
-    from smpp_ray.model.backbone import PACKAGED_MODELS
-
-    if shots < 1 or time_buckets < 1 or batch_size < 1 or num_actors < 1:
-        raise ValueError(f"shots={shots}, time_buckets={time_buckets}, batch_size={batch_size} and "
-                         f"num_actors={num_actors} must all be >= 1")
-    data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
-    taxonomy = load_taxonomy(data_dir)
-    train_dir = posts_path(data_dir, "train")
-    if not storage.list_parquet_files(train_dir):
-        raise ValueError(f"train split {train_dir!r} not found (no Parquet shards) in prepared dataset {data_dir!r}")
-    device = "cuda" if num_gpus_per_actor > 0 else "cpu"
-    embedded = ray.data.read_parquet(train_dir).select_columns(_READ_COLUMNS).map_batches(
-        EmbedPosts,
-        fn_constructor_kwargs={"backbone": backbone, "pretrained": pretrained, "device": device},
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_gpus=num_gpus_per_actor or None,
-    )
-    # One partition per cluster CPU (at most one per class): Ray's default of 200 hash
-    # partitions only adds scheduling overhead for at most 77 groups.
-    partitions = max(1, min(taxonomy.num_subcategories, int(ray.cluster_resources().get("CPU", 1))))
-    selected_ds = embedded.groupby("subcategory_id", num_partitions=partitions).map_groups(
-        _select_group, fn_kwargs={"shots": shots, "time_buckets": time_buckets, "seed": seed},
-        batch_format="numpy")
-    embed_dim = embedding_dim(backbone)
-    parts = list(selected_ds.iter_batches(batch_format="numpy", batch_size=None))
-    selected = _concat(parts, embed_dim)
-    meta = {"backbone": backbone, "pretrained": pretrained}
-    bank, members = assemble_prototypes(selected, taxonomy, shots=shots, time_buckets=time_buckets, seed=seed,
-                                        embed_dim=embed_dim, metadata=meta)
-    return _write_outputs(bank, members, out_dir, randomly_initialised=not pretrained and backbone in PACKAGED_MODELS)
-
-
-def _write_outputs(bank: PrototypeBank, members: dict, out_dir: str, *, randomly_initialised: bool) -> dict:
-    """Both files, each written whole (an object PUT, or a local write-then-rename)."""
+def write_prototypes(bank: PrototypeBank, members: dict, out_dir: str, *, randomly_initialised: bool) -> dict:
+    """Write the bank and ``members.json`` into ``out_dir``, each whole (an object PUT, or a local
+    write-then-rename); returns the stage's summary of them."""
     proto_path = bank.save(storage.join(out_dir, PROTOTYPES_FILE))
     members = dict(members, randomly_initialised=randomly_initialised)
     members_path = storage.write_json(storage.join(out_dir, MEMBERS_FILE), members, indent=1)

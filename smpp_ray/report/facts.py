@@ -13,18 +13,18 @@ from typing import Any
 from smpp_ray.provenance import GIT_COMMIT_ENV, git_commit
 from smpp_ray.redact import redact_uri
 from smpp_ray.report.markup import esc, fmt, fmt_seconds, note, table
-from smpp_ray.stage_table import STAGE_FOLDERS
 from smpp_ray.summary import read_summary
 
 logger = logging.getLogger(__name__)
 
 def stage_summaries(layout: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Stage name -> its summary, in pipeline order, for the stages that wrote one."""
+    """Stage name (as its summary records it) -> its summary, in the layout's (pipeline) order,
+    for the folders that hold one."""
     found = {}
-    for stage, folder in STAGE_FOLDERS.items():
-        summary = read_summary(layout[folder]) if folder in layout else None
-        if summary:
-            found[stage] = summary
+    for location in layout.values():
+        summary = read_summary(location)
+        if summary and summary.get("stage"):
+            found[summary["stage"]] = summary
     return found
 
 

@@ -89,22 +89,20 @@ class ScorerBundle:
     """The fallback regressor and label prior; None in bundles written before they existed."""
 
     @classmethod
-    def from_pipeline(cls, pipeline_dir: str) -> ScorerBundle:
-        """The parts of a finished pipeline, in place (nothing is copied)."""
+    def from_stages(cls, train: str, features: str, tune: str) -> ScorerBundle:
+        """The parts of finished train, extract and tune stages (their folders), in place (nothing
+        is copied)."""
         from smpp_ray.features.state import STATE_FOLDER
         from smpp_ray.gbdt.data import FEATURE_SPEC_FILE
-        from smpp_ray.stage_table import pipeline_layout
+        from smpp_ray.model.checkpoint import best_checkpoint
         from smpp_ray.summary import require_summary
-        from smpp_ray.train.checkpoint import best_checkpoint
 
-        layout = pipeline_layout(pipeline_dir)
-        for folder, stage in (("features", "extract"), ("tune", "tune")):
-            require_summary(layout[folder], stage)
-        tune = layout["tune"]
+        require_summary(features, "extract")
+        require_summary(tune, "tune")
         digests.verify_manifest(tune)
         blend = storage.join(tune, "blend.json")
         families = list(storage.read_json(blend)["weights"])
-        bundle = cls(best_checkpoint(layout["train"]), storage.join(layout["features"], STATE_FOLDER),
+        bundle = cls(best_checkpoint(train), storage.join(features, STATE_FOLDER),
                      storage.join(tune, FEATURE_SPEC_FILE), blend,
                      {family: storage.join(tune, "models", family) for family in families},
                      fallback=FallbackPart.from_tune(tune))
@@ -141,7 +139,7 @@ class ScorerBundle:
         work is sent to Ray (a damaged part is a ValueError naming the file: exit 2, not a
         failed actor). A bundle folder is checked whole by :meth:`from_folder`."""
         from smpp_ray.gbdt.registry import model_folder
-        from smpp_ray.train.checkpoint import TRAINABLE_FILE, read_meta, verified_file
+        from smpp_ray.model.checkpoint import TRAINABLE_FILE, read_meta, verified_file
 
         verified_file(self.checkpoint, TRAINABLE_FILE, read_meta(self.checkpoint))
         models = [*self.models.values(), *([self.fallback.model] if self.fallback and self.fallback.model else [])]
@@ -153,7 +151,7 @@ class ScorerBundle:
 
     def write(self, folder: str) -> str:
         """Copy every part into one bundle folder (a local path or any location); returns it."""
-        from smpp_ray.train.checkpoint import model_config_from_meta, read_meta
+        from smpp_ray.model.checkpoint import model_config_from_meta, read_meta
 
         folder = storage.normalize(folder)
         storage.reset_dir(folder)

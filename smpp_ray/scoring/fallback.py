@@ -4,7 +4,7 @@ A post whose image is missing or corrupt still has its title, tags, date, user a
 stage fitted a GBDT on exactly those feature groups (:mod:`smpp_ray.gbdt.fallback`), and the
 scorer bundle carries it (:class:`smpp_ray.scoring.bundle.FallbackPart`). Its features are
 computed from the saved feature state by the same function as the network path's
-(:func:`smpp_ray.scoring.scorer.metadata_features`) and encoded with the fallback's own
+(:func:`smpp_ray.scoring.post_features.metadata_features`) and encoded with the fallback's own
 :class:`~smpp_ray.gbdt.data.FeatureSpec`, so a post scored here gets the score the tune stage's
 fallback predictions give it. A post with no usable metadata either gets the prior, the mean
 training label. Each score says which of the three made it (``scored_by``).
@@ -68,7 +68,7 @@ class FallbackScorer:
     def features(self, posts: pd.DataFrame) -> pd.DataFrame:
         """The fallback's model matrix of ``posts`` (metadata features only, as the network path computes them)."""
         from smpp_ray.gbdt.data import encode
-        from smpp_ray.scoring.scorer import load_feature_state, metadata_features
+        from smpp_ray.scoring.post_features import load_feature_state, metadata_features
 
         if self.spec is None:
             raise ValueError("this fallback is the prior only: it has no model to compute features for")

@@ -5,7 +5,7 @@ A record is one post with SMPD's own field names, flat: ``Pid``, ``Uid``, ``Titl
 ``Geoaccuracy``, the user fields (``photo_firstdate``, ``photo_count``, ``ispro``, ``canbuypro``,
 ``timezone_offset``, ``user_description``, ...) and ``image``: JPEG (or PNG, ...) bytes, or the
 same base64-encoded in JSON. Every field goes through prepare's own parsers
-(:func:`smpp_ray.data.smpd.parse_row`) and its image check (:func:`smpp_ray.data.prepare.fit_image`),
+(:func:`smpp_ray.data.smpd.parse_row`) and its image check (:func:`smpp_ray.data.images.fit_image`),
 so a post scored online is validated exactly as a post of a batch run, and a bad one becomes a
 reject naming the row, field and reason. A post whose only problem is its image keeps its
 metadata (``image`` empty, as ``prepare(keep_imageless=True)`` writes it), so the fallback
@@ -65,7 +65,7 @@ def _parse_one(record: Any, index: int, *, max_side: int, quality: int,
     """One record -> (prepared row, None), (None, reject), or (row with ``image`` b"", image reject)
     when the image is the only problem."""
     from smpp_ray.data import smpd
-    from smpp_ray.data.prepare import ImageError, fit_image
+    from smpp_ray.data.images import ImageError, fit_image
 
     if not isinstance(record, dict):
         return None, _reject(index, record, "row", f"post must be an object of SMPD fields, got {type(record).__name__}")
@@ -95,7 +95,7 @@ def _parse_one(record: Any, index: int, *, max_side: int, quality: int,
 
 @dataclass(frozen=True)
 class _Classes:
-    """The scorer's taxonomy, checked as prepare checks a row (:func:`smpp_ray.data.prepare.class_problem`)."""
+    """The scorer's taxonomy, checked as prepare checks a row (:func:`smpp_ray.data.splits.class_problem`)."""
 
     taxonomy: Any
     category_ids: dict[str, int]
@@ -110,7 +110,7 @@ class _Classes:
                    {n: i for i, n in enumerate(parsed.subcategories)})
 
     def problem(self, category: str | None, subcategory: str | None) -> tuple[str, str] | None:
-        from smpp_ray.data.prepare import class_problem
+        from smpp_ray.data.splits import class_problem
 
         return class_problem(category, subcategory, self.taxonomy, self.category_ids, self.subcategory_ids)
 

@@ -23,40 +23,17 @@ import pandas as pd
 import pyarrow as pa
 
 from smpp_ray.scoring.bundle import MODEL_CHOICES, ScorerBundle
+from smpp_ray.scoring.post_features import load_feature_state, metadata_features
 
 logger = logging.getLogger(__name__)
 
-_STATES: dict[str, Any] = {}
-
-
-def load_feature_state(location: str):
-    """The feature state at ``location``, loaded once per process (Ray reuses task workers)."""
-    from smpp_ray.features.state import FeatureState
-
-    if location not in _STATES:
-        _STATES.clear()
-        _STATES[location] = FeatureState.load(location)
-    return _STATES[location]
-
-
-def checkpoint_input_spec(checkpoint: str):
+def checkpoint_backbone_spec(checkpoint: str):
     """The image size, text length and normalisation the checkpoint's backbone expects."""
-    from smpp_ray.train.checkpoint import model_config_from_meta, read_meta
-    from smpp_ray.train.data import input_spec
+    from smpp_ray.model.backbone import backbone_spec
+    from smpp_ray.model.checkpoint import model_config_from_meta, read_meta
 
     config = model_config_from_meta(read_meta(checkpoint), where=checkpoint)
-    return input_spec(config.backbone, config.context_length)
-
-
-def metadata_features(state: Any, posts: pd.DataFrame) -> dict[str, np.ndarray]:
-    """The tabular and history feature columns (float64) of prepared posts, from the feature state.
-
-    The one place they are computed for scoring: the network path (:class:`PostFeaturiser`) and
-    the fallback regressor (:mod:`smpp_ray.scoring.fallback`) both call it, so a post without an
-    image gets the same metadata features it would have had with one.
-    """
-    features, columns = state.new_post_features(posts.drop(columns=["image"], errors="ignore"))
-    return {column.name: pd.to_numeric(features[column.name]).to_numpy(dtype=np.float64) for column in columns}
+    return backbone_spec(config.backbone, config.context_length)
 
 
 class PostFeaturiser:
@@ -67,7 +44,7 @@ class PostFeaturiser:
         from smpp_ray.model.preprocess import BatchPreprocessor
 
         self.state_location = state_location
-        spec = checkpoint_input_spec(checkpoint)
+        spec = checkpoint_backbone_spec(checkpoint)
         self.preprocessor = BatchPreprocessor(spec.backbone, spec.image_size, spec.context_length, train=False,
                                               mean=spec.mean, std=spec.std)
 

@@ -1,12 +1,11 @@
 """Distributed prompt tuning on Ray Train over streamed Parquet shards.
 
-``train_model`` runs a ``TorchTrainer`` (DDP on gloo or NCCL) fed by Ray Data; checkpoints hold
-only the trainable state plus what rebuilds the model, ``resolve_checkpoint`` turns a train
-stage or checkpoint location into the checkpoint's, and ``load_model_from_checkpoint`` gives the
-trained model back outside Ray.
+``train_model`` runs a ``TorchTrainer`` (DDP on gloo or NCCL) fed by Ray Data. What the trained
+model is read back with lives below this package, for extraction and scoring to use without it:
+the checkpoint format in :mod:`smpp_ray.model.checkpoint`, the kept ids of sample selection in
+:mod:`smpp_ray.data.selection`.
 
-Names are imported on first use, so ``smpp_ray.train.checkpoint`` (the resolver) loads without
-Ray Train, Ray Data or torch.
+Names are imported on first use, so importing the package costs no Ray Train import.
 """
 
 from __future__ import annotations
@@ -15,9 +14,6 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "best_checkpoint": "smpp_ray.train.checkpoint",
-    "load_model_from_checkpoint": "smpp_ray.train.checkpoint",
-    "resolve_checkpoint": "smpp_ray.train.checkpoint",
     "train_loop_per_worker": "smpp_ray.train.trainer",
     "train_model": "smpp_ray.train.trainer",
 }

@@ -10,7 +10,6 @@ whichever node they run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from smpp_ray import storage
 from smpp_ray.data.reads import parquet_rows, read_parquet
 from smpp_ray.data.schema import posts_path
+from smpp_ray.model.backbone import BackboneSpec
 
 logger = logging.getLogger(__name__)
 
@@ -34,38 +34,6 @@ STRING_COLUMNS = ("pid", "uid")
 PREPROCESS_BATCH_ROWS = 64
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """What the preprocessor must produce for a backbone: image side, text length, normalisation."""
-
-    backbone: str
-    image_size: int
-    context_length: int
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-
-
-def input_spec(backbone: str, context_length: int = 0) -> InputSpec:
-    """Read the backbone's input geometry from its open_clip config (no weights are loaded).
-
-    ``context_length`` 0 keeps the backbone's own text length (``model.context_length``).
-    """
-    import open_clip
-
-    import smpp_ray.model.backbone  # noqa: F401  registers the packaged architectures
-
-    cfg = open_clip.get_model_config(backbone)
-    if cfg is None:
-        raise ValueError(f"unknown backbone {backbone!r}; expected an open_clip model name")
-    size = cfg["vision_cfg"]["image_size"]
-    size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    native = int(cfg.get("text_cfg", {}).get("context_length", 77))
-    preprocess = cfg.get("preprocess_cfg", {}) or {}
-    mean, std = preprocess.get("mean"), preprocess.get("std")
-    return InputSpec(backbone, size, context_length or native,
-                     tuple(mean) if mean else None, tuple(std) if std else None)
-
-
 def count_rows(data_dir: str, split: str) -> int:
     """Rows of one split from the Parquet footers (no data pages are read)."""
     location = posts_path(storage.normalize(data_dir), split)
@@ -76,11 +44,11 @@ def count_rows(data_dir: str, split: str) -> int:
                                 "run `smpp prepare` first") from err
 
 
-def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: bool, kept_ids: str = ""):
+def create_split_dataset(data_dir: str, split: str, spec: BackboneSpec, *, train: bool, kept_ids: str = ""):
     """A lazy Ray Dataset of one split, decoded and tokenised by the model's BatchPreprocessor.
 
     ``train`` switches on the preprocessor's augmentation (random resized crop + flip).
-    ``kept_ids`` (a location) puts a :class:`~smpp_ray.train.selection.KeptPostsFilter` ahead of
+    ``kept_ids`` (a location) puts a :class:`~smpp_ray.data.selection.KeptPostsFilter` ahead of
     decoding: every post passes until sample selection writes that file, then only its posts. The
     preprocessor instance is a plain callable, so Ray Data runs it in stateless CPU tasks that
     hold no CPUs between epochs; an actor pool would pin CPUs that the training workers and the
@@ -97,7 +65,7 @@ def create_split_dataset(data_dir: str, split: str, spec: InputSpec, *, train: b
                                      mean=spec.mean, std=spec.std)
     dataset = read_parquet(path).select_columns(INPUT_COLUMNS)
     if kept_ids:
-        from smpp_ray.train.selection import KeptPostsFilter
+        from smpp_ray.data.selection import KeptPostsFilter
 
         # Same compute as the preprocessor, so Ray Data fuses the two into one task per batch.
         dataset = dataset.map_batches(KeptPostsFilter(kept_ids), batch_size=PREPROCESS_BATCH_ROWS,

@@ -181,7 +181,7 @@ def feature_split_dataset(location: str, split: str, *, kept_ids: str = ""):
 
     dataset = read_parquet(storage.join(location, split))
     if kept_ids:
-        from smpp_ray.train.selection import KeptPostsFilter
+        from smpp_ray.data.selection import KeptPostsFilter
 
         dataset = dataset.map_batches(KeptPostsFilter(kept_ids), batch_format="pyarrow", num_cpus=1)
     return dataset

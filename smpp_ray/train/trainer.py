@@ -9,7 +9,7 @@ resumes from the latest checkpoint, and a worker failure restarts the group from
 
 With ``train.sample_selection: dataset`` (and a keep share below 1) the workers score every
 train post after the warm-up epochs and later epochs read only the kept ones; see
-:mod:`smpp_ray.train.selection` for why the train pipeline reads the kept ids from the run's
+:mod:`smpp_ray.data.selection` for why the train pipeline reads the kept ids from the run's
 storage.
 
 Every input and output is a location (:mod:`smpp_ray.storage`): with ``out`` on ``s3://`` the run's
@@ -32,18 +32,19 @@ import torch
 from smpp_ray import storage
 from smpp_ray.config import ModelConfig, TrainConfig, parse_resources
 from smpp_ray.data.schema import Taxonomy
-from smpp_ray.tracking import TrackingContext, log_artifact, log_metrics, set_tags
-from smpp_ray.train import checkpoint as ckpt
-from smpp_ray.train.data import count_rows, create_split_dataset, input_spec, iterate_torch
-from smpp_ray.train.loop import StepSettings, evaluate, score_classification_loss, train_epoch
-from smpp_ray.train.schedule import create_optimizer, create_scheduler
-from smpp_ray.train.selection import (
+from smpp_ray.data.selection import (
     kept_count,
     kept_ids_location,
     read_kept_facts,
     select_easiest,
     write_kept_ids,
 )
+from smpp_ray.model import checkpoint as ckpt
+from smpp_ray.model.backbone import backbone_spec
+from smpp_ray.tracking import TrackingContext, log_artifact, log_metrics, set_tags
+from smpp_ray.train.data import count_rows, create_split_dataset, iterate_torch
+from smpp_ray.train.loop import StepSettings, evaluate, score_classification_loss, train_epoch
+from smpp_ray.train.schedule import create_optimizer, create_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
     total_steps = sum(_steps_per_epoch(_epoch_rows(epoch, train_rows, selection), train_config)
                       for epoch in range(train_config.epochs))
     warmup_steps = int(round(train_config.warmup_epochs * steps_per_epoch))
-    spec = input_spec(model_config.backbone, model_config.context_length)
+    spec = backbone_spec(model_config.backbone, model_config.context_length)
     image_features = None
     if train_config.cache_image_features:
         image_features = _encode_images_once(data_dir, run_path, spec, model_config, taxonomy, prototypes_path,
