@@ -20,6 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,14 +43,14 @@ def _time_predict(pipeline: str, posts: str, out: str, config) -> tuple[float, d
     return time.perf_counter() - started, summary
 
 
-def _time_extract(pipeline: str, summary: dict, out: str) -> float:
+def _time_extract(pipeline: str, summary: Any, out: str) -> float:
     """The pipeline's extract stage again, same inputs and settings, in this run (the baseline)."""
     from smpp_ray.config import ExtractConfig
     from smpp_ray.features import extract_features
     from smpp_ray.model.checkpoint import resolve_checkpoint
 
     settings = ExtractConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in summary["config"]["extract"].items()})
+                                for k, v in summary.section("extract").items()})
     started = time.perf_counter()
     extract_features(os.path.join(pipeline, "data"), resolve_checkpoint(os.path.join(pipeline, "train")), out,
                      extract_config=settings)
@@ -142,8 +143,8 @@ def main() -> int:
     config = load_config(args.config, ["tracking.enabled=false"])
     pipeline = os.path.abspath(args.pipeline)
     extract = require_summary(os.path.join(pipeline, "features"), "extract")
-    corpus = sum(extract["metrics"]["rows"].values())
-    image_size = int(require_summary(os.path.join(pipeline, "raw"), "synth")["config"]["synth"]["image_size"])
+    corpus = sum(extract.metrics["rows"].values())
+    image_size = int(require_summary(os.path.join(pipeline, "raw"), "synth").section("synth")["image_size"])
     init_ray(config.ray.address, config.ray.num_cpus, config.ray.object_store_memory_mb)
 
     rows = []

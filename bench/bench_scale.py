@@ -313,7 +313,7 @@ def run_size(posts: int, args, config_path: str, sampler: MemorySampler, spilled
         return measure(name, fn) if name in args.stages else fn()
 
     data = stage("prepare", lambda: run_prepare(config, raw, str(work / "data"), fresh))
-    counts = read_summary(data)["metrics"]
+    counts = read_summary(data).metrics
     total = sum(counts["per_split"].values())
     result = {"posts": posts, "counts": counts, "total": total, "train_rows": counts["per_split"]["train"],
               "stages": rows, "train_phase_s": None}
@@ -322,9 +322,9 @@ def run_size(posts: int, args, config_path: str, sampler: MemorySampler, spilled
     proto = run_prototypes(config, data, str(work / "prototypes"), cached)
     train = stage("train epoch", lambda: run_train(config, data, proto, str(work / "train"), fresh))
     train_summary = read_summary(train)
-    history = train_summary["metrics"].get("history") or [{}]
+    history = train_summary.metrics.get("history") or [{}]
     result["train_phase_s"] = history[-1].get("train_seconds")
-    result["image_features"] = train_summary["metrics"].get("image_features")
+    result["image_features"] = train_summary.metrics.get("image_features")
     if not {"extract", "tune trial"} & set(args.stages):
         return result
     features = stage("extract", lambda: run_extract(config, data, train,

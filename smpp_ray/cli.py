@@ -245,7 +245,7 @@ def _print_summary(location: object) -> None:
         return
     summary = read_summary(str(location)) if location else None
     if summary:
-        out(json.dumps({"stage": summary["stage"], "out": str(location), "metrics": summary["metrics"]},
+        out(json.dumps({"stage": summary.stage, "out": str(location), "metrics": summary.metrics},
                        indent=2, default=str))
     else:
         out(str(location))

@@ -25,7 +25,7 @@ from smpp_ray.gbdt.data import (
     select_columns,
 )
 from smpp_ray.metrics import regression_metrics
-from smpp_ray.summary import artifact_location, require_summary
+from smpp_ray.summary import require_summary
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def evaluate_pipeline(layout: dict[str, str], *, seed: int, tracking_uri: str | 
 
     for folder, stage in (("data", "prepare"), ("features", "extract"), ("tune", "tune")):
         require_summary(layout[folder], stage)
-    tune_metrics = require_summary(layout["tune"], "tune")["metrics"]
+    tune_metrics = require_summary(layout["tune"], "tune").metrics
     baseline_run = metadata_baseline_predictions(layout["features"], seed=seed)
     baseline_test = baseline_run["predictions"][baseline_run["predictions"]["split"] == "test"]
     baseline = regression_metrics(baseline_test["label"].to_numpy(), baseline_test["pred"].to_numpy())
@@ -118,10 +118,10 @@ def evaluate_pipeline(layout: dict[str, str], *, seed: int, tracking_uri: str | 
 def load_results(report_dir: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """What :func:`print_results` shows, from a finished evaluate stage's summary."""
     summary = require_summary(report_dir, "evaluate")
-    table = pd.DataFrame(summary["metrics"]["table"])
+    table = pd.DataFrame(summary.metrics["table"])
     table[["src", "mae", "mse"]] = table[["src", "mae", "mse"]].astype(float)  # null (NaN) came back as None
-    return {"table": table, "report": artifact_location(report_dir, summary["artifacts"]["report"]),
-            "final_metrics": summary["metrics"]["final"], "tracking_uri": tracking_uri}
+    return {"table": table, "report": summary.artifact("report"),
+            "final_metrics": summary.metrics["final"], "tracking_uri": tracking_uri}
 
 
 def print_results(result: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from smpp_ray import storage
 from smpp_ray.config import Config
-from smpp_ray.scoring.bundle import MODEL_CHOICES, ScorerBundle
+from smpp_ray.scoring.bundle import MODEL_CHOICES, ScorerBundle, is_bundle
 from smpp_ray.stage_table import STAGE_FOLDERS, pipeline_layout
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def resolve_bundle(source: str, *, stage_dir: str | None, tracking_uri: str = ""
             storage.upload_dir(local, staged)
         return ScorerBundle.from_folder(staged)
     location = storage.normalize(source)
-    if storage.is_file(storage.join(location, "bundle.json")):
+    if is_bundle(location):
         return ScorerBundle.from_folder(location)
     layout = pipeline_layout(location)
     return ScorerBundle.from_stages(*(layout[STAGE_FOLDERS[stage]] for stage in ("train", "extract", "tune")))

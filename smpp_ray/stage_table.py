@@ -160,8 +160,8 @@ def _prototypes(config: Config, inputs: dict[str, str], out: str, tracking: Trac
     result = build_prototypes(inputs["data"], out, backbone=m.backbone, pretrained=m.pretrained, shots=p.shots,
                               time_buckets=p.time_buckets, batch_size=p.batch_size, num_actors=p.num_actors,
                               num_gpus_per_actor=p.num_gpus_per_actor, seed=p.seed)
-    return {"metrics": result, "artifacts": {"prototypes": storage.join(out, "prototypes.safetensors"),
-                                             "members": storage.join(out, "members.json")}}
+    return {"metrics": result, "artifacts": {"prototypes": result["prototypes_path"],
+                                             "members": result["members_path"]}}
 
 
 def _train(config: Config, inputs: dict[str, str], out: str, tracking: TrackingContext | None) -> StageResult:
@@ -187,8 +187,9 @@ def _extract(config: Config, inputs: dict[str, str], out: str, tracking: Trackin
 
     checkpoint = resolve_checkpoint(inputs["checkpoint"]) if inputs["checkpoint"] else None
     result = extract_features(inputs["data"], checkpoint, out, extract_config=config.extract)
-    return {"metrics": result, "artifacts": {"features": out,
-                                             "feature_manifest": storage.join(out, "feature_manifest.json")}}
+    from smpp_ray.features.manifest import feature_manifest_location
+
+    return {"metrics": result, "artifacts": {"features": out, "feature_manifest": feature_manifest_location(out)}}
 
 
 def kept_ids_input(config: Config, train_dir: str) -> str:
@@ -202,14 +203,14 @@ def kept_ids_input(config: Config, train_dir: str) -> str:
         return storage.normalize(tune.selected_ids)
     summary = read_summary(train_dir) if train_dir else None
     # artifacts.kept_ids (relative to the train folder); older summaries held metrics.selection's
-    kept = ((summary or {}).get("artifacts", {}).get("kept_ids")
-            or ((summary or {}).get("metrics", {}).get("selection") or {}).get("kept_ids"))
+    older = ((summary.metrics.get("selection") or {}).get("kept_ids") if summary else None)
+    kept = (summary.artifact("kept_ids") if summary else None) or (artifact_location(train_dir, older) if older else None)
     if not kept:
         where = f"the train stage in {train_dir}" if train_dir else "no train stage given (--train)"
         raise ValueError(f"tune.fit_on_selected: {where} recorded no dataset-level sample selection "
                          "(it needs train.sample_selection: dataset and train.sample_selection_keep < 1); "
                          "set tune.selected_ids to a kept_ids.parquet or tune.fit_on_selected=false")
-    return artifact_location(train_dir, kept)
+    return kept
 
 
 def _tune(config: Config, inputs: dict[str, str], out: str, tracking: TrackingContext | None) -> StageResult:

@@ -306,7 +306,7 @@ class StageCall:
     def complete(self) -> bool:
         """True when the folder holds a complete output of this config and these inputs' contents."""
         summary = read_summary(self.out)
-        return is_complete_summary(summary) and summary.get("fingerprint") == self.fingerprint
+        return is_complete_summary(summary) and summary.fingerprint == self.fingerprint
 
 
 def plan_stage(name: str, config: Config, given: dict[str, str], out_dir: str) -> StageCall:

@@ -2,7 +2,9 @@
 
 Every stage writes it last, into its output location, so a location with a readable summary
 whose ``status`` is ``complete`` holds a whole artifact; a torn or missing one means "not done".
-A run that changes its folder removes it first (see :data:`smpp_ray.stages.STAGE_WRITES`).
+A run that changes its folder removes it first (see :attr:`smpp_ray.stage_table.Stage.writes`).
+Readers get a :class:`StageSummary` (:func:`read_summary`, :func:`require_summary`), whose
+accessors are the only place the file's fields are spelled.
 
 Artifacts inside the stage's folder are recorded relative to it (``ray_results/smpp-train/
 checkpoint_000003``), so a pipeline folder copied or moved elsewhere (another disk, a bucket)
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from smpp_ray import storage
@@ -43,21 +46,61 @@ def artifact_location(stage_dir: str, value: str) -> str:
     return storage.join(stage_dir, value)
 
 
-def read_summary(stage_dir: str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class StageSummary:
+    """A stage folder's ``summary.json``, read."""
+
+    location: str
+    """The stage's folder (artifacts recorded relative to it resolve against it)."""
+    stage: str
+    status: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    """The config sections the stage ran with."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    """As recorded: locations inside the folder are relative (see :meth:`artifact`)."""
+    mlflow_run_id: str | None = None
+    fingerprint: str | None = None
+    seconds: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def artifact(self, name: str) -> str | None:
+        """The location of artifact ``name``, or None when the stage recorded none."""
+        value = self.artifacts.get(name)
+        return artifact_location(self.location, value) if isinstance(value, str) and value else None
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One config section the stage ran with ({} when it does not read that section)."""
+        return self.config.get(name) or {}
+
+    @classmethod
+    def from_dict(cls, location: str, values: dict[str, Any]) -> StageSummary:
+        return cls(location, str(values.get("stage") or ""), str(values.get("status") or ""),
+                   values.get("inputs") or {}, values.get("config") or {}, values.get("metrics") or {},
+                   values.get("artifacts") or {}, values.get("mlflow_run_id"), values.get("fingerprint"),
+                   values.get("seconds"))
+
+
+def read_summary(stage_dir: str) -> StageSummary | None:
     """The stage's summary, or None when it is missing or torn (a killed run)."""
     location = summary_location(stage_dir)
     try:
         if not storage.is_file(location):
             return None
-        return json.loads(storage.read_text(location))
+        values = json.loads(storage.read_text(location))
     except (json.JSONDecodeError, storage.StorageError, UnicodeDecodeError):
         return None
+    return StageSummary.from_dict(stage_dir, values) if isinstance(values, dict) else None
 
 
-def require_summary(stage_dir: str, stage: str) -> dict[str, Any]:
+def require_summary(stage_dir: str, stage: str) -> StageSummary:
     """The summary of a finished ``stage`` in ``stage_dir``, or a clear error naming both."""
     summary = read_summary(stage_dir)
-    if not is_complete_summary(summary):
+    if summary is None or not summary.complete:
         raise ValueError(f"{storage.normalize(stage_dir)!r} holds no finished {stage} stage "
                          f"({SUMMARY_FILE}); run `smpp {stage}` (or the pipeline) first")
     return summary
@@ -89,5 +132,5 @@ def remove_summary(stage_dir: str) -> None:
     storage.remove(summary_location(stage_dir))
 
 
-def is_complete_summary(summary: dict[str, Any] | None) -> bool:
-    return bool(summary and summary.get("status") == "complete")
+def is_complete_summary(summary: StageSummary | None) -> bool:
+    return summary is not None and summary.complete

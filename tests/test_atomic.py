@@ -108,7 +108,7 @@ def test_a_successful_prepare_rerun_replaces_only_what_prepare_owns(ray_session,
     stages.run_prepare(config, raw, str(data), NO_TRACKING)
     assert not (data / "posts" / "split=train" / "stale.parquet").exists()
     assert (data / "notes.txt").read_text() == "not prepare's"
-    assert read_summary(str(data))["fingerprint"] == first["fingerprint"]
+    assert read_summary(str(data)).fingerprint == first.fingerprint
     assert _beside(str(data)) == []
 
 
@@ -193,7 +193,7 @@ def test_summary_is_absent_while_a_stage_runs_and_present_after(root, monkeypatc
     stages.run_synth(load_config(None, ["tracking.enabled=false", "synth.posts=10", "synth.image_size=16"]),
                      out, NO_TRACKING)   # a rerun over a complete output
     assert seen == [False, False]
-    assert read_summary(out)["metrics"]["posts"] == 10 and _beside(out) == []
+    assert read_summary(out).metrics["posts"] == 10 and _beside(out) == []
 
 
 def test_a_failed_set_aside_stage_puts_the_previous_output_back(root, monkeypatch):
@@ -241,7 +241,7 @@ def test_an_in_place_stage_keeps_its_resumable_state_and_removes_its_summary_fir
     more = load_config(None, ["tracking.enabled=false", "data.max_image_side=16", "train.epochs=9",
                               "train.max_failures=5"])
     stages._run_stage("train", more, out, {}, NO_TRACKING, lambda _: {"metrics": {"epochs_run": 1}})
-    assert read_summary(out)["status"] == "complete" and storage.read_bytes(checkpoint) == b"weights"
+    assert read_summary(out).status == "complete" and storage.read_bytes(checkpoint) == b"weights"
 
 
 def _interrupted_train_run(out: str, data: str, config) -> str:

@@ -149,7 +149,11 @@ def test_mlflow_links_point_at_the_server_without_its_credentials(monkeypatch):
     from smpp_ray.report import facts
 
     monkeypatch.setattr(facts, "_experiment_ids", lambda summaries, uri: {"abc123": "7"})
-    rows, how = facts.mlflow_rows({"tune": {"mlflow_run_id": "abc123", "seconds": 61.0}},
+    from smpp_ray.summary import StageSummary
+
+    tune = StageSummary.from_dict("runs/x/tune", {"stage": "tune", "status": "complete", "mlflow_run_id": "abc123",
+                                                  "seconds": 61.0})
+    rows, how = facts.mlflow_rows({"tune": tune},
                                   "https://ml:s3cret@mlflow.example:5000/")
     cell = rows[0][1]
     assert 'href="https://***@mlflow.example:5000/#/experiments/7/runs/abc123"' in cell
@@ -183,10 +187,10 @@ def test_report_renders_every_section_in_chromium(report, tmp_path):
     assert not re.search(r"\b1[3-9]\d{8}\b", text), "a Unix timestamp reached the page"
     assert "mlflow ui --backend-store-uri" in text
     for stage in ("prepare", "train", "extract", "tune"):
-        assert read_summary(str(out / {"prepare": "data", "extract": "features"}.get(stage, stage)))[
-            "mlflow_run_id"] in text
+        assert read_summary(str(out / {"prepare": "data", "extract": "features"}.get(stage, stage))).mlflow_run_id \
+            in text
     # The leaderboard's numbers are the tune stage's, recomputed from its saved predictions.
-    tune = read_summary(str(out / "tune"))["metrics"]
+    tune = read_summary(str(out / "tune")).metrics
     for model in ("lightgbm", "catboost", "blend"):
         assert f"{fmt(tune[model]['test_src'])} [" in text and fmt(tune[model]["val_mae"]) in text
     assert len([src for src in page.images if src.startswith("data:image/png")]) >= 5

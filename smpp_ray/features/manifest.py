@@ -20,6 +20,10 @@ from typing import Any
 from smpp_ray import storage
 
 MANIFEST_FILE = "feature_manifest.json"
+
+
+def feature_manifest_location(features_dir: str) -> str:
+    return storage.join(features_dir, MANIFEST_FILE)
 GROUPS = ("network", "user", "time", "text", "geo", "category", "history", "extra")
 KEY_COLUMNS = ("pid", "uid", "postdate", "label", "category", "subcategory")
 

@@ -37,7 +37,6 @@ class Blend:
 
 #: The tune output's file this module owns: ``weights``, ``calibration`` (model -> calibrator),
 #: ``objective``, ``chosen_on``, ``rounds``, ``refit_on``.
-BLEND_FILE = "blend.json"
 
 
 def write_blend(location: str, blend: Blend, *, objective: str, rounds: dict[str, int], refit_on: str) -> str:

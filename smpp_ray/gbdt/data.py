@@ -41,6 +41,7 @@ from smpp_ray.features.manifest import (
     manifest_columns,
     select_columns,
 )
+from smpp_ray.gbdt.output import FEATURE_SPEC_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ __all__ = ["FEATURE_DTYPE", "FEATURE_SPEC_FILE", "GROUPS", "SPLITS", "FeatureSpe
            "categorical_columns", "code_dtype", "encode", "group_folds", "load_feature_manifest", "load_splits",
            "read_split", "select_columns", "select_train_posts"]
 
-FEATURE_SPEC_FILE = "feature_spec.json"
 #: dtype of the numeric feature columns in the model matrix.
 FEATURE_DTYPE = np.float32
 SPLITS = ("train", "val", "test")

@@ -34,7 +34,7 @@ from smpp_ray import console, digests, metrics, storage, tracking
 from smpp_ray.config import TuneConfig, parse_resources
 from smpp_ray.features.manifest import load_feature_manifest, select_columns
 from smpp_ray.gbdt.blend import Blend, choose_blend, write_blend
-from smpp_ray.gbdt.data import FEATURE_SPEC_FILE, FeatureSpec, check_split_sizes, verify_features
+from smpp_ray.gbdt.data import FeatureSpec, check_split_sizes, verify_features
 from smpp_ray.gbdt.distributed import refit_data_parallel
 from smpp_ray.gbdt.evaluate import (
     EVAL_SPLITS,
@@ -50,6 +50,7 @@ from smpp_ray.gbdt.fallback import (
     fallback_groups,
 )
 from smpp_ray.gbdt.objective import Objective
+from smpp_ray.gbdt.output import TuneOutput
 from smpp_ray.gbdt.plots import write_plots
 from smpp_ray.gbdt.refit import refit_remote
 from smpp_ray.gbdt.registry import log_and_register, save_flavour
@@ -61,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 def search_location(out_dir: str) -> str:
     """Where the tune stage's Ray Tune experiments live (one folder per model family)."""
-    return storage.join(storage.normalize(out_dir), "ray_results")
+    return TuneOutput.at(out_dir).ray_results
 
 
 def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, tune_config: TuneConfig,
@@ -97,7 +98,7 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     for family in models:
         searches[family] = run_search(family, features_dir, search_location(out), tune_config=tune_config,
                                       tracking_ctx=tracking, selected_ids=selected_ids)
-        storage.write_text(storage.join(out, f"search_{family}.json"),
+        storage.write_text(TuneOutput(out).search(family),
                            json.dumps(searches[family].to_dict(), indent=1, default=str))
     search_seconds = time.perf_counter() - started
 
@@ -298,9 +299,9 @@ def _write_outputs(out: str, predictions: pd.DataFrame, evaluation: dict[str, An
                    spec: FeatureSpec, searches: dict[str, SearchResult], blend: Blend,
                    config: TuneConfig, *, uncalibrated: dict[str, Any], fallback: dict[str, Any]) -> dict[str, str]:
     """Every output file under ``out``; returns their locations (``paths`` of the result)."""
-    paths = {"out_dir": out, "metrics": storage.join(out, "metrics.json"),
-             "predictions": storage.join(out, "predictions.parquet"),
-             "feature_spec": storage.join(out, FEATURE_SPEC_FILE), "blend": storage.join(out, "blend.json")}
+    where = TuneOutput(out)
+    paths = {"out_dir": out, "metrics": where.metrics, "predictions": where.predictions,
+             "feature_spec": where.feature_spec, "blend": where.blend}
     buffer = io.BytesIO()
     predictions.to_parquet(buffer, index=False)
     storage.write_bytes(paths["predictions"], buffer.getvalue())
@@ -308,10 +309,10 @@ def _write_outputs(out: str, predictions: pd.DataFrame, evaluation: dict[str, An
     write_blend(paths["blend"], blend, objective=config.objective,
                 rounds={f: s.best_rounds for f, s in searches.items()}, refit_on=config.refit_on)
     for family, refit in final.items():
-        paths[f"model_{family}"] = save_flavour(family, refit["model"], storage.join(out, "models", family),
+        paths[f"model_{family}"] = save_flavour(family, refit["model"], where.model(family),
                                                 refit["sample"])
     importance = {f: r["importance"] for f, r in final.items()}
-    plots = write_plots(predictions, evaluation, importance, spec.groups, [*final, "blend"], storage.join(out, "plots"))
+    plots = write_plots(predictions, evaluation, importance, spec.groups, [*final, "blend"], where.plots)
     paths.update({f"plot_{k}": v for k, v in plots.items()})
     document = {
         **evaluation,
@@ -390,5 +391,5 @@ def _log_to_mlflow(ctx: TrackingContext, out: str, searches: dict[str, SearchRes
     for key in ("metrics", "predictions", "feature_spec", "blend", "fallback", "fallback_feature_spec"):
         if key in paths:
             tracking.log_artifact(ctx.tracking_uri, ctx.run_id, paths[key])
-    tracking.log_artifact(ctx.tracking_uri, ctx.run_id, storage.join(out, "plots"), "plots")
+    tracking.log_artifact(ctx.tracking_uri, ctx.run_id, TuneOutput(out).plots, "plots")
     return registered

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 from smpp_ray import console, storage
 from smpp_ray.config import ModelConfig
 from smpp_ray.data.schema import Taxonomy
-from smpp_ray.summary import SUMMARY_FILE, artifact_location, read_summary
+from smpp_ray.model.prototypes import PROTOTYPES_FILE
+from smpp_ray.summary import SUMMARY_FILE, read_summary
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +45,6 @@ CHECKPOINT_FORMAT_VERSION = 1
 TRAINABLE_FILE = "trainable.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 META_FILE = "meta.json"
-PROTOTYPES_FILE = "prototypes.safetensors"
 PROBE_FILE = "probe.pt"
 
 
@@ -190,11 +190,11 @@ def remove_uncommitted_checkpoints(run_path: str, committed: list[str]) -> list[
 def best_checkpoint(train_dir: str) -> str:
     """The best checkpoint's location recorded by the finished train stage in ``train_dir``."""
     summary = read_summary(train_dir)
-    best = (summary or {}).get("artifacts", {}).get("best_checkpoint")
-    if not summary or summary.get("status") != "complete" or not best:
+    best = summary.artifact("best_checkpoint") if summary else None
+    if summary is None or not summary.complete or not best:
         raise ValueError(f"{storage.normalize(train_dir)!r} holds no finished train stage ({SUMMARY_FILE} with "
                          "best_checkpoint); run `smpp train` first or pass the checkpoint folder itself")
-    return artifact_location(train_dir, best)
+    return best
 
 
 def resolve_checkpoint(location: str | os.PathLike[str] | None) -> str | None:

@@ -13,18 +13,18 @@ from typing import Any
 from smpp_ray.provenance import GIT_COMMIT_ENV, git_commit
 from smpp_ray.redact import redact_uri
 from smpp_ray.report.markup import esc, fmt, fmt_seconds, note, table
-from smpp_ray.summary import read_summary
+from smpp_ray.summary import StageSummary, read_summary
 
 logger = logging.getLogger(__name__)
 
-def stage_summaries(layout: dict[str, str]) -> dict[str, dict[str, Any]]:
+def stage_summaries(layout: dict[str, str]) -> dict[str, StageSummary]:
     """Stage name (as its summary records it) -> its summary, in the layout's (pipeline) order,
     for the folders that hold one."""
     found = {}
     for location in layout.values():
         summary = read_summary(location)
-        if summary and summary.get("stage"):
-            found[summary["stage"]] = summary
+        if summary and summary.stage:
+            found[summary.stage] = summary
     return found
 
 
@@ -34,11 +34,11 @@ def report_date() -> str:
     return f"{now.isoformat(timespec='seconds')} ({now.tzname()})"
 
 
-def effective_config(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def effective_config(summaries: dict[str, StageSummary]) -> dict[str, Any]:
     """The config sections the stages ran with (each summary holds the sections its stage reads)."""
     merged: dict[str, Any] = {}
     for summary in summaries.values():
-        for section, values in (summary.get("config") or {}).items():
+        for section, values in summary.config.items():
             merged.setdefault(section, values)
     return merged
 
@@ -63,25 +63,24 @@ def backbone_box(model: dict[str, Any]) -> str:
                 f"<code>{esc(redact_uri(str(pretrained)))}</code>.")
 
 
-def resources_rows(summaries: dict[str, dict[str, Any]]) -> list[list[str]]:
+def resources_rows(summaries: dict[str, StageSummary]) -> list[list[str]]:
     """What each Ray stage asked for and used, as its summary records it."""
     rows = []
-    train = (summaries.get("train") or {}).get("config", {}).get("train", {})
+    train = _section(summaries, "train", "train")
     if train:
         rows.append(["train", f"{fmt(train.get('num_workers'))} workers x {fmt(train.get('cpus_per_worker'))} CPU"
                      + (", GPU" if train.get("use_gpu") else ", no GPU")])
-    protos = (summaries.get("prototypes") or {}).get("config", {}).get("prototypes", {})
+    protos = _section(summaries, "prototypes", "prototypes")
     if protos:
         rows.append(["prototypes", f"{fmt(protos.get('num_actors'))} actors, "
                      f"{fmt(protos.get('num_gpus_per_actor'))} GPU each"])
-    extract = summaries.get("extract") or {}
-    ecfg = extract.get("config", {}).get("extract", {})
+    ecfg = _section(summaries, "extract", "extract")
     if ecfg:
-        used = extract.get("metrics", {}).get("actors_used")
+        used = summaries["extract"].metrics.get("actors_used")
         rows.append(["extract", f"{fmt(ecfg.get('min_actors'))}-{fmt(ecfg.get('max_actors'))} actors x "
                      f"{fmt(ecfg.get('cpus_per_actor'))} CPU, {fmt(ecfg.get('num_gpus_per_actor'))} GPU "
                      f"(used {fmt(used)})"])
-    tune = (summaries.get("tune") or {}).get("config", {}).get("tune", {})
+    tune = _section(summaries, "tune", "tune")
     if tune:
         rows.append(["tune", f"{fmt(tune.get('cpus_per_trial'))} CPU per trial, "
                      f"{fmt(tune.get('max_concurrent_trials'))} concurrent, {fmt(tune.get('num_samples'))} trials "
@@ -94,6 +93,11 @@ def resources_rows(summaries: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _section(summaries: dict[str, StageSummary], stage: str, section: str) -> dict[str, Any]:
+    """The config section ``section`` that ``stage`` ran with ({} when it did not run)."""
+    return summaries[stage].section(section) if stage in summaries else {}
+
+
 def _cluster_resources() -> dict[str, float]:
     try:
         import ray
@@ -103,20 +107,20 @@ def _cluster_resources() -> dict[str, float]:
         return {}
 
 
-def mlflow_rows(summaries: dict[str, dict[str, Any]], tracking_uri: str | None) -> tuple[list[list[str]], str]:
+def mlflow_rows(summaries: dict[str, StageSummary], tracking_uri: str | None) -> tuple[list[list[str]], str]:
     """Per stage: run id (a link on an http(s) server) and stage time; plus how to open the UI."""
     experiments = _experiment_ids(summaries, tracking_uri)
     web = bool(tracking_uri) and tracking_uri.startswith(("http://", "https://"))
     base = redact_uri(tracking_uri.rstrip("/")) if web else "http://127.0.0.1:5000"
     rows = []
     for stage, summary in summaries.items():
-        run_id = summary.get("mlflow_run_id")
+        run_id = summary.mlflow_run_id
         cell = "-"
         if run_id:
             cell = f"<code>{esc(run_id)}</code>"
             if run_id in experiments:
                 cell = f'<a href="{esc(base)}/#/experiments/{esc(experiments[run_id])}/runs/{esc(run_id)}">{cell}</a>'
-        rows.append([esc(stage), cell, esc(fmt_seconds(summary.get("seconds")))])
+        rows.append([esc(stage), cell, esc(fmt_seconds(summary.seconds))])
     if not tracking_uri:
         how = "MLflow tracking was off for this report (no tracking URI)."
     elif web:
@@ -128,9 +132,9 @@ def mlflow_rows(summaries: dict[str, dict[str, Any]], tracking_uri: str | None) 
     return rows, how
 
 
-def _experiment_ids(summaries: dict[str, dict[str, Any]], tracking_uri: str | None) -> dict[str, str]:
+def _experiment_ids(summaries: dict[str, StageSummary], tracking_uri: str | None) -> dict[str, str]:
     """run id -> experiment id, read from the store (empty when it cannot be reached)."""
-    run_ids = [s["mlflow_run_id"] for s in summaries.values() if s.get("mlflow_run_id")]
+    run_ids = [s.mlflow_run_id for s in summaries.values() if s.mlflow_run_id]
     if not tracking_uri or not run_ids:
         return {}
     from smpp_ray.tracking import client
@@ -151,7 +155,7 @@ def _experiment_ids(summaries: dict[str, dict[str, Any]], tracking_uri: str | No
     return found
 
 
-def facts_section(layout: dict[str, str], summaries: dict[str, dict[str, Any]], tracking_uri: str | None) -> str:
+def facts_section(layout: dict[str, str], summaries: dict[str, StageSummary], tracking_uri: str | None) -> str:
     config = effective_config(summaries)
     commit = git_commit()
     rows = [["report written", esc(report_date())],

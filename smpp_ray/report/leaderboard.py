@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 
 from smpp_ray import metrics, storage
+from smpp_ray.gbdt.output import TuneOutput
 from smpp_ray.report.markup import esc, fmt, fmt_seconds, table
+from smpp_ray.summary import StageSummary
 
 RESAMPLES = 1000
 SEED = 0
@@ -25,7 +27,7 @@ BASELINE = "metadata-only baseline"
 
 def read_predictions(tune_dir: str) -> pd.DataFrame | None:
     """``pid, split, label, category, pred_<model>...`` of the tune stage, or None."""
-    location = storage.join(tune_dir, "predictions.parquet")
+    location = TuneOutput(tune_dir).predictions
     if not storage.is_file(location):
         return None
     import io
@@ -88,20 +90,20 @@ def _params(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in values.items())
 
 
-def _model_facts(tune_dir: str, tune_summary: dict[str, Any] | None,
+def _model_facts(tune_dir: str, tune_summary: StageSummary | None,
                  baseline: dict[str, Any] | None) -> dict[str, dict[str, str]]:
     """Model -> {"time", "params"} cells from search_<family>.json, metrics.json and blend.json."""
     facts: dict[str, dict[str, str]] = {}
-    document = _read_json(storage.join(tune_dir, "metrics.json")) or {}
+    document = _read_json(TuneOutput(tune_dir).metrics) or {}
     for family, best in (document.get("best") or {}).items():
-        search = _read_json(storage.join(tune_dir, f"search_{family}.json")) or {}
+        search = _read_json(TuneOutput(tune_dir).search(family)) or {}
         seconds = search.get("wall_seconds")
         time_cell = fmt_seconds(seconds) + (" (resumed search)" if search.get("restored") else "")
         facts[family] = {"time": time_cell,
                          "params": _params({**(best.get("params") or {}), "rounds": best.get("rounds")})
                          + f" ({fmt(best.get('trials'))} trials)"}
-    weights = (document.get("blend") or {}).get("weights") or ((tune_summary or {}).get("metrics") or {}).get(
-        "blend_weights") or {}
+    weights = (document.get("blend") or {}).get("weights") or (
+        tune_summary.metrics.get("blend_weights") if tune_summary else None) or {}
     if weights:
         facts["blend"] = {"time": "-", "params": "weights " + ", ".join(f"{k} {fmt(v)}" for k, v in weights.items())
                           + " (chosen on val)"}
@@ -120,7 +122,7 @@ def _read_json(location: str) -> dict[str, Any] | None:
     return json.loads(storage.read_text(location))
 
 
-def leaderboard_section(tune_dir: str, tune_summary: dict[str, Any] | None, baseline: dict[str, Any] | None,
+def leaderboard_section(tune_dir: str, tune_summary: StageSummary | None, baseline: dict[str, Any] | None,
                         results: pd.DataFrame) -> str:
     per_model = model_predictions(read_predictions(tune_dir), baseline)
     facts = _model_facts(tune_dir, tune_summary, baseline)

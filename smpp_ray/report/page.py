@@ -11,10 +11,12 @@ import pandas as pd
 
 from smpp_ray import storage
 from smpp_ray.data.manifest import load_manifest
+from smpp_ray.gbdt.output import TuneOutput
 from smpp_ray.report import facts, leaderboard, markup, plots, posts
 from smpp_ray.report.data_summary import data_section
 from smpp_ray.report.markup import esc, fmt, img, note, page, section
 from smpp_ray.report.network import network_section
+from smpp_ray.summary import StageSummary
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def write_report(layout: dict[str, str], table: pd.DataFrame, tracking_uri: str 
                                               leaderboard.PREDICT_DEFAULT)
         if len(test.get(leaderboard.PREDICT_DEFAULT, [])) else "<p>No labelled test predictions.</p>",
         "network": network_section(layout["features"], manifest["taxonomy"])
-        if (summaries.get("extract") or {}).get("inputs", {}).get("checkpoint") else
+        if "extract" in summaries and summaries["extract"].inputs.get("checkpoint") else
         "<p>The features were extracted without a network checkpoint.</p>",
         "training": _training(summaries.get("train"), layout["tune"]),
         "data": data_section(layout["data"], manifest),
@@ -80,10 +82,10 @@ def _per_category(shown: dict[str, pd.DataFrame]) -> str:
             + markup.table(["category", "test posts"] + [f"MAE {m}" for m in shown], rows))
 
 
-def _training(train: dict[str, Any] | None, tune_dir: str) -> str:
+def _training(train: StageSummary | None, tune_dir: str) -> str:
     parts = []
     if train:
-        metrics = train.get("metrics", {})
+        metrics = train.metrics
         history = metrics.get("history") or []
         rows = [[fmt(h.get("epoch")), fmt(h.get("train_loss")), fmt(h.get("val_loss")), fmt(h.get("val_top1")),
                  fmt(h.get("val_top1_cat")), fmt(h.get("samples_per_s")), fmt(h.get("data_wait_fraction"))]
@@ -99,7 +101,7 @@ def _training(train: dict[str, Any] | None, tune_dir: str) -> str:
                                 "samples/s", "input wait share"], rows))
     else:
         parts.append("<p>No train stage summary.</p>")
-    importance = storage.join(tune_dir, "plots", "feature_importance.png")
+    importance = TuneOutput(tune_dir).plot("feature_importance")
     if storage.is_file(importance):
         parts.append("<h3>GBDT feature importance (tune stage)</h3>"
                      + img(base64.b64encode(storage.read_bytes(importance)).decode(), "feature importance",

@@ -28,6 +28,8 @@ import os
 from dataclasses import dataclass
 
 from smpp_ray import console, digests, storage
+from smpp_ray.gbdt.fallback import FALLBACK_FILE
+from smpp_ray.gbdt.output import BLEND_FILE, FEATURE_SPEC_FILE, MODELS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,11 @@ class FallbackPart:
 _FALLBACK_DIR = "fallback"
 
 
+def is_bundle(location: str) -> bool:
+    """Whether ``location`` is a scorer bundle folder (written by :meth:`ScorerBundle.write`)."""
+    return storage.is_file(storage.join(location, BUNDLE_FILE))
+
+
 @dataclass(frozen=True)
 class ScorerBundle:
     """Locations of the parts of a scorer (each any location: local path or URI)."""
@@ -93,18 +100,17 @@ class ScorerBundle:
         """The parts of finished train, extract and tune stages (their folders), in place (nothing
         is copied)."""
         from smpp_ray.features.state import STATE_FOLDER
-        from smpp_ray.gbdt.data import FEATURE_SPEC_FILE
+        from smpp_ray.gbdt.output import TuneOutput
         from smpp_ray.model.checkpoint import best_checkpoint
         from smpp_ray.summary import require_summary
 
         require_summary(features, "extract")
         require_summary(tune, "tune")
         digests.verify_manifest(tune)
-        blend = storage.join(tune, "blend.json")
-        families = list(storage.read_json(blend)["weights"])
+        where = TuneOutput.at(tune)
+        families = list(storage.read_json(where.blend)["weights"])
         bundle = cls(best_checkpoint(train), storage.join(features, STATE_FOLDER),
-                     storage.join(tune, FEATURE_SPEC_FILE), blend,
-                     {family: storage.join(tune, "models", family) for family in families},
+                     where.feature_spec, where.blend, {family: where.model(family) for family in families},
                      fallback=FallbackPart.from_tune(tune))
         bundle.verify_parts()
         return bundle
@@ -126,12 +132,12 @@ class ScorerBundle:
         if facts.get("fallback"):
             part = storage.join(folder, facts["fallback"]["folder"])
             has_model = bool(facts["fallback"].get("model"))
-            fallback = FallbackPart(storage.join(part, "fallback.json"),
+            fallback = FallbackPart(storage.join(part, FALLBACK_FILE),
                                     storage.join(part, "model") if has_model else None,
-                                    storage.join(part, "feature_spec.json") if has_model else None)
+                                    storage.join(part, FEATURE_SPEC_FILE) if has_model else None)
         return cls(storage.join(folder, "checkpoint"), storage.join(folder, "feature_state"),
-                   storage.join(folder, "feature_spec.json"), storage.join(folder, "blend.json"),
-                   {family: storage.join(folder, "models", family) for family in facts["families"]},
+                   storage.join(folder, FEATURE_SPEC_FILE), storage.join(folder, BLEND_FILE),
+                   {family: storage.join(folder, MODELS_DIR, family) for family in facts["families"]},
                    storage.join(folder, facts["pretrained"]) if facts.get("pretrained") else None, fallback)
 
     def verify_parts(self) -> None:
@@ -158,15 +164,15 @@ class ScorerBundle:
         _copy_tree(self.checkpoint, storage.join(folder, "checkpoint"))
         _copy_tree(self.feature_state, storage.join(folder, "feature_state"))
         for family, location in self.models.items():
-            _copy_tree(location, storage.join(folder, "models", family))
-        storage.copy_file(self.feature_spec, storage.join(folder, "feature_spec.json"))
-        storage.copy_file(self.blend, storage.join(folder, "blend.json"))
+            _copy_tree(location, storage.join(folder, MODELS_DIR, family))
+        storage.copy_file(self.feature_spec, storage.join(folder, FEATURE_SPEC_FILE))
+        storage.copy_file(self.blend, storage.join(folder, BLEND_FILE))
         if self.fallback is not None:
             part = storage.join(folder, _FALLBACK_DIR)
-            storage.copy_file(self.fallback.facts, storage.join(part, "fallback.json"))
+            storage.copy_file(self.fallback.facts, storage.join(part, FALLBACK_FILE))
             if self.fallback.model is not None and self.fallback.feature_spec is not None:
                 _copy_tree(self.fallback.model, storage.join(part, "model"))
-                storage.copy_file(self.fallback.feature_spec, storage.join(part, "feature_spec.json"))
+                storage.copy_file(self.fallback.feature_spec, storage.join(part, FEATURE_SPEC_FILE))
         config = model_config_from_meta(read_meta(self.checkpoint), where=self.checkpoint)
         weights = self.pretrained or _weights_file(config.pretrained)
         bundled = None

@@ -17,6 +17,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from smpp_ray.gbdt.fallback import FALLBACK_FILE
 from smpp_ray.scoring.bundle import ScorerBundle
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ SCORED_BY_PRIOR = "prior"
 
 def missing_fallback(source: str) -> str:
     """What to say when a scorer has no fallback part: what is missing, and how to get it."""
-    return (f"the scorer {source!r} has no fallback regressor or label prior (no fallback.json beside its models: "
+    return (f"the scorer {source!r} has no fallback regressor or label prior (no {FALLBACK_FILE} beside its models: "
             "its tune stage predates them); rerun `smpp tune --force` on its features and score again")
 
 

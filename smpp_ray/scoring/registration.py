@@ -13,7 +13,7 @@ import tempfile
 from smpp_ray import storage
 from smpp_ray.config import TuneConfig
 from smpp_ray.features.state import STATE_FOLDER, FeatureState, has_feature_state
-from smpp_ray.gbdt.data import FEATURE_SPEC_FILE
+from smpp_ray.gbdt.output import TuneOutput
 from smpp_ray.scoring.bundle import FallbackPart, ScorerBundle
 from smpp_ray.scoring.pyfunc import example_posts, log_scorer
 from smpp_ray.tracking import TrackingContext
@@ -30,9 +30,9 @@ def register_scorer(ctx: TrackingContext, features_dir: str, tune_dir: str, conf
         logger.info("tune: the features have no feature state with a network checkpoint; "
                     "the scorer model is not registered (the family models are)")
         return {}
-    bundle = ScorerBundle(state.checkpoint, storage.join(features_dir, STATE_FOLDER),
-                          storage.join(tune_dir, FEATURE_SPEC_FILE), storage.join(tune_dir, "blend.json"),
-                          {family: storage.join(tune_dir, "models", family) for family in config.models},
+    tune = TuneOutput.at(tune_dir)
+    bundle = ScorerBundle(state.checkpoint, storage.join(features_dir, STATE_FOLDER), tune.feature_spec, tune.blend,
+                          {family: tune.model(family) for family in config.models},
                           fallback=FallbackPart.from_tune(tune_dir))
     with tempfile.TemporaryDirectory(prefix="smpp-scorer-") as scratch:
         return log_scorer(ctx.tracking_uri, ctx.run_id, bundle, name=f"{config.registered_model_prefix}-scorer",

@@ -41,6 +41,7 @@ from smpp_ray.data.selection import (
 )
 from smpp_ray.model import checkpoint as ckpt
 from smpp_ray.model.backbone import backbone_spec
+from smpp_ray.model.prototypes import PROTOTYPES_FILE
 from smpp_ray.tracking import TrackingContext, log_artifact, log_metrics, set_tags
 from smpp_ray.train.data import count_rows, create_split_dataset, iterate_torch
 from smpp_ray.train.loop import StepSettings, evaluate, score_classification_loss, train_epoch
@@ -48,7 +49,6 @@ from smpp_ray.train.schedule import create_optimizer, create_scheduler
 
 logger = logging.getLogger(__name__)
 
-PROTOTYPES_FILE = "prototypes.safetensors"
 #: Ray Train's runs under ``out`` when ``train.storage_path`` is empty.
 RAY_RESULTS_DIR = "ray_results"
 #: MLflow artifact path of the best checkpoint.
