@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from smpp_ray import storage
+from smpp_ray import console, storage
 from smpp_ray.config import ModelConfig
 from smpp_ray.data.schema import Taxonomy, posts_path
 
@@ -170,7 +170,9 @@ def build_image_features(data_dir: str, location: str, *, splits: tuple[str, ...
                        {"key": key, "rows": rows, "dtype": dtype, "backbone": model_config.backbone,
                         "seconds": round(seconds, 3)})
     total = sum(rows.values())
-    logger.info("image features: %d posts encoded once in %.1f s into %s", total, seconds, location)
+    # The trainer says it on the console; the log file keeps the precise figure.
+    console.details(__name__).info("image features: %d posts encoded once in %.1f s into %s", total, seconds,
+                                   location)
     return {"location": location, "rows": rows, "reused": False, "seconds": seconds,
             "posts_per_s": total / seconds if seconds > 0 else 0.0}
 
