@@ -20,9 +20,10 @@ What is shared and what runs per variant:
   feature extraction, cached in ``--work/runs/<engine>-<net>-s<seed>``; variants that differ only
   in the regressor (history off; selection off while full keeps every post) reuse that network.
   ``--engine in-process`` (default) drives the library's own pieces -- ``create_model``, the
-  losses, ``train_epoch`` / ``evaluate``, ``score_classification_loss`` + ``select_easiest``
-  (dataset-level selection), ``metadata_features`` / ``network_feature_columns`` / the train-only
-  PCA and the feature manifest -- in one process over posts decoded once (no augmentation): on a
+  train stage's epochs without Ray (``smpp_ray.train.fit.fit_in_memory``: the same ``fit``,
+  schedule and dataset-level selection as the Ray worker), ``metadata_features`` /
+  ``network_feature_columns`` / the train-only PCA and the feature manifest -- in one process
+  over posts decoded once (no augmentation): on a
   shared 2-core machine a Ray Train run costs ~40 s to start and Ray Data starves under load.
   ``--engine ray`` runs ``train_model`` (a real Ray Train run, 1 worker) and
   ``extract_features`` (the real Ray Data extraction) instead, ~4 min per network on 2 loaded cores;
@@ -236,69 +237,24 @@ def decode_corpus(data: str, config: Any) -> dict[str, dict[str, Any]]:
     return corpus
 
 
-def batches(split: dict[str, Any], index: Any, batch_size: int):
-    """Collated batches of the posts at ``index`` (in that order)."""
-    import torch
-
-    index = torch.as_tensor(index, dtype=torch.long)
-    for start in range(0, len(index), batch_size):
-        chunk = index[start:start + batch_size]
-        yield {k: v[chunk] if isinstance(v, torch.Tensor) else [v[i] for i in chunk.tolist()]
-               for k, v in split.items()}
-
-
 def train_in_process(config: Any, corpus: dict[str, dict[str, Any]], bank: str | None) -> tuple[Any, dict]:
-    """Prompt tuning as the train stage does it (best epoch by val top-1), in this process."""
-    import numpy as np
+    """Prompt tuning as the train stage does it (the library's fit, best epoch by val top-1), in
+    this process (:func:`smpp_ray.train.fit.fit_in_memory`)."""
     import torch
 
     from smpp_ray.data.schema import Taxonomy
-    from smpp_ray.data.selection import select_easiest
     from smpp_ray.model.model import create_model
-    from smpp_ray.train.loop import StepSettings, evaluate, score_classification_loss, train_epoch
-    from smpp_ray.train.schedule import create_optimizer, create_scheduler
+    from smpp_ray.train.fit import fit_in_memory
     from smpp_ray.train.trainer import create_loss_fn
 
-    t = config.train
-    taxonomy = Taxonomy.from_dict(corpus["taxonomy"])
-    torch.manual_seed(t.seed)
-    model = create_model(config.model, taxonomy, bank)
-    loss_fn = create_loss_fn(model)
-    device = torch.device("cpu")
-    train, val = corpus["train"], corpus["val"]
-    total = len(train["pid"])
-    mode = getattr(t, "sample_selection", "batch")
-    dataset_level = t.sample_selection_keep < 1.0 and mode == "dataset"
-    warmup_epochs = getattr(t, "selection_warmup_epochs", 0)
-    kept_total = max(1, math.floor(t.sample_selection_keep * total + 0.5)) if dataset_level else total
-    epoch_rows = [kept_total if dataset_level and e >= warmup_epochs else total for e in range(t.epochs)]
-    steps_per_epoch = math.ceil(total / t.batch_size)
-    total_steps = sum(math.ceil(rows / t.batch_size) for rows in epoch_rows)
-    optimizer = create_optimizer(model, t.optimizer, t.lr, t.weight_decay, backbone_lr=getattr(t, "backbone_lr", 0.0))
-    scheduler = create_scheduler(optimizer, int(round(t.warmup_epochs * steps_per_epoch)), total_steps)
-    settings = StepSettings(sample_selection_keep=1.0 if dataset_level else t.sample_selection_keep,
-                            warmup_steps=(warmup_epochs * steps_per_epoch if hasattr(t, "selection_warmup_epochs")
-                                          else int(round(t.warmup_epochs * steps_per_epoch))), device=device)
-    rng = np.random.default_rng(t.seed)
-    index, step, best, best_state, kept = np.arange(total), 0, None, None, None
-    for epoch in range(t.epochs):
-        if dataset_level and epoch == warmup_epochs:
-            pids, losses = score_classification_loss(model, batches(train, np.arange(total), t.batch_size), device)
-            index = select_easiest(pids, losses, t.sample_selection_keep)  # positions: scored in index order
-            kept = int(len(index))
-        stats = train_epoch(model, batches(train, rng.permutation(index), t.batch_size), loss_fn, optimizer,
-                            scheduler, settings, global_step=step)
-        step = int(stats["global_step"])
-        metrics = evaluate(model, batches(val, np.arange(len(val["pid"])), t.batch_size), loss_fn, device)
-        logger.info("  epoch %d/%d: train loss %.3f, val top-1 %.3f (%.0f samples/s)", epoch + 1, t.epochs,
-                    stats["loss_sum"] / max(1.0, stats["samples"]), metrics["val_top1"],
-                    stats["samples"] / max(1e-9, stats["seconds"]))
-        if best is None or metrics["val_top1"] > best["val_top1"]:
-            best = {"val_top1": metrics["val_top1"], "val_top1_cat": metrics["val_top1_cat"], "best_epoch": epoch}
-            best_state = {k: v.clone() for k, v in model.trainable_state_dict().items()}
-    model.load_trainable_state_dict(best_state)
+    torch.manual_seed(config.train.seed)
+    model = create_model(config.model, Taxonomy.from_dict(corpus["taxonomy"]), bank)
+    state, best_weights = fit_in_memory(model, create_loss_fn(model), config.train, corpus["train"], corpus["val"])
+    model.load_trainable_state_dict(best_weights)
     model.eval()
-    return model, {**best, "kept": kept}
+    best = state.history[state.best_epoch]
+    return model, {"val_top1": best["val_top1"], "val_top1_cat": best["val_top1_cat"], "best_epoch": state.best_epoch,
+                   "kept": (state.selection or {}).get("kept")}
 
 
 def extract_in_process(model: Any, corpus: dict[str, dict[str, Any]], data: str, config: Any, out: Path) -> None:
@@ -314,13 +270,14 @@ def extract_in_process(model: Any, corpus: dict[str, dict[str, Any]], data: str,
     from smpp_ray.features.manifest import FeatureColumn, write_feature_manifest
     from smpp_ray.features.network import outputs_to_numpy
     from smpp_ray.features.pca import PCAAccumulator
+    from smpp_ray.train.fit import memory_batches
 
     tabular, table, _ = metadata_features(data, load_manifest(data), config.extract.user_description_components)
     network: dict[str, dict[str, np.ndarray]] = {}
     with torch.inference_mode():
         for split in ("train", "val", "test"):
             parts = [outputs_to_numpy(model(b["pixels"], b["tokens"]))
-                     for b in batches(corpus[split], np.arange(len(corpus[split]["pid"])), 256)]
+                     for b in memory_batches(corpus[split], np.arange(len(corpus[split]["pid"])), 256)]
             network[split] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             network[split]["pid"] = np.asarray(corpus[split]["pid"], dtype=object)
     projections = {}

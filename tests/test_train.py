@@ -516,3 +516,64 @@ def test_worker_group_that_starves_ray_data_is_refused(ray_session, tmp_path):
         train_model(str(tmp_path), None, str(tmp_path), model_config=PLAIN,
                     train_config=TrainConfig(num_workers=total, cpus_per_worker=1.0), tracking=None)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed loop (fit) and its Ray-free path
+
+
+def test_loop_state_is_what_checkpoints_held_and_round_trips():
+    from smpp_ray.train.fit import LoopState
+
+    state = LoopState(epoch=2, global_step=30, best_val_top1=0.4, best_epoch=1, epochs_since_best=1, attempt=1,
+                      history=[{"epoch": 0}], selection={"kept": 3})
+    values = state.to_dict()
+    # the keys checkpoints written before the dataclass existed hold, so they still resume
+    assert set(values) == {"epoch", "global_step", "best_val_top1", "best_epoch", "epochs_since_best",
+                           "stopped_early", "attempt", "history", "selection"}
+    assert LoopState.from_dict(values) == state
+    assert LoopState.from_dict({**values, "added_later": 1}) == state
+
+
+def test_early_stopping_after_patience_epochs_without_a_better_val_top1():
+    from smpp_ray.train.fit import LoopState
+
+    state = LoopState()
+    for epoch, top1 in enumerate([0.2, 0.3, 0.3, 0.25]):
+        state.advance(epoch, 10 * (epoch + 1), {"val_top1": top1}, patience=2)
+    assert (state.best_epoch, state.best_val_top1, state.epochs_since_best) == (1, 0.3, 2)
+    assert state.stopped_early and state.epoch == 3 and state.global_step == 40 and len(state.history) == 4
+    never = LoopState()
+    for epoch in range(5):
+        never.advance(epoch, epoch, {"val_top1": 0.1}, patience=0)
+    assert not never.stopped_early
+
+
+def test_fit_in_memory_returns_the_best_epochs_weights():
+    from smpp_ray.train.fit import fit_in_memory
+
+    model = _model()
+    train, val = _batch(model, 32, seed=0), _batch(model, 16, seed=1)
+    config = TrainConfig(epochs=3, batch_size=8, lr=0.01, warmup_epochs=0)
+    state, best = fit_in_memory(model, create_loss_fn(model), config, train, val)
+    assert state.epoch == 2 and len(state.history) == 3 and state.global_step == 3 * 4
+    assert [h["train_samples"] for h in state.history] == [32.0, 32.0, 32.0]
+    assert state.best_val_top1 == max(h["val_top1"] for h in state.history)
+    assert set(best) == set(model.trainable_state_dict())
+    # the weights returned are the best epoch's: evaluated again, they give its metrics
+    model.load_trainable_state_dict(best)
+    again = evaluate(model, [val], create_loss_fn(model), torch.device("cpu"))
+    assert again["val_loss"] == pytest.approx(state.history[state.best_epoch]["val_loss"], rel=1e-5)
+
+
+def test_fit_in_memory_selects_posts_once_after_the_warm_up():
+    from smpp_ray.train.fit import fit_in_memory
+
+    model = _model()
+    train, val = _batch(model, 32, seed=0), _batch(model, 16, seed=1)
+    config = TrainConfig(epochs=3, batch_size=8, lr=0.01, warmup_epochs=0, sample_selection="dataset",
+                         sample_selection_keep=0.5, selection_warmup_epochs=1)
+    state, _ = fit_in_memory(model, create_loss_fn(model), config, train, val)
+    assert state.selection["kept"] == 16 and state.selection["total"] == 32 and state.selection["epoch"] == 1
+    assert [h["train_samples"] for h in state.history] == [32.0, 16.0, 16.0]
+    assert state.history[1]["selection_kept"] == 16 and "selection_kept" not in state.history[2]

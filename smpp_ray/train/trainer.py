@@ -44,7 +44,8 @@ from smpp_ray.model.backbone import backbone_spec
 from smpp_ray.model.prototypes import PROTOTYPES_FILE
 from smpp_ray.tracking import TrackingContext, log_artifact, log_metrics, set_tags
 from smpp_ray.train.data import count_rows, create_split_dataset, iterate_torch
-from smpp_ray.train.loop import StepSettings, evaluate, score_classification_loss, train_epoch
+from smpp_ray.train.fit import FitHooks, LoopState, fit
+from smpp_ray.train.loop import StepSettings, score_classification_loss
 from smpp_ray.train.schedule import create_optimizer, create_scheduler
 
 logger = logging.getLogger(__name__)
@@ -339,8 +340,8 @@ def _previous_run(run_path: str, model_config: ModelConfig) -> dict[str, Any] | 
 
 
 def _finished(previous: dict[str, Any], train_config: TrainConfig) -> bool:
-    state = previous["meta"]["state"]
-    return bool(state.get("stopped_early")) or previous["meta"]["epoch"] + 1 >= train_config.epochs
+    state = LoopState.from_dict(previous["meta"]["state"])
+    return state.stopped_early or previous["meta"]["epoch"] + 1 >= train_config.epochs
 
 
 def _checkpoint_location(checkpoint: Any, run_path: str) -> str:
@@ -361,24 +362,24 @@ def _finish(result: Any, run_path: str, tracking: TrackingContext | None) -> dic
     best_location = _checkpoint_location(best, run_path)
     best_meta = ckpt.read_meta(best_location)
     last_meta = ckpt.read_meta(_checkpoint_location(result.checkpoint, run_path))
-    state = last_meta["state"]
+    state = LoopState.from_dict(last_meta["state"])
     metrics = best_meta["metrics"]
     summary: dict[str, Any] = {
         **{k: metrics[k] for k in ("val_top1", "val_top1_cat", "val_loss", "train_loss", "samples_per_s")},
         "best_epoch": best_meta["epoch"],
         "epochs_run": last_meta["epoch"] + 1,
-        "resumes": state["attempt"],
-        "stopped_early": bool(state.get("stopped_early")),
+        "resumes": state.attempt,
+        "stopped_early": state.stopped_early,
         "best_checkpoint": best_location,
         "run_path": run_path,
-        "history": state["history"],
+        "history": state.history,
     }
     kept_ids = kept_ids_location(run_path)
-    if state.get("selection"):
-        summary["selection"] = {**state["selection"], "kept_ids": kept_ids}
+    if state.selection:
+        summary["selection"] = {**state.selection, "kept_ids": kept_ids}
     if tracking is not None:
         log_artifact(tracking.tracking_uri, tracking.run_id, best_location, BEST_CHECKPOINT_DIR)
-        if state.get("selection") and storage.is_file(kept_ids):
+        if state.selection and storage.is_file(kept_ids):
             log_artifact(tracking.tracking_uri, tracking.run_id, kept_ids, SELECTION_DIR)
         set_tags(tracking.tracking_uri, tracking.run_id,
                  {"smpp.train.run_path": run_path, "smpp.train.best_epoch": best_meta["epoch"]})
@@ -392,7 +393,8 @@ def _finish(result: Any, run_path: str, tracking: TrackingContext | None) -> dic
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker: build the model, resume if a checkpoint exists, run the epochs."""
+    """The Ray Train worker: build the model, resume from Ray's checkpoint, then :func:`fit` with
+    this worker's shards in and ``ray.train.report`` out."""
     import ray.train
     import ray.train.torch
 
@@ -404,84 +406,73 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(train_config.cpus_per_worker)))
-
     model, loss_fn = _build_model(model_config, taxonomy, config["prototypes_path"], train_config.seed)
-    # On the device before the optimizer exists, so restored optimizer state lands there too.
-    model.to(device)
+    model.to(device)  # before the optimizer exists, so restored optimizer state lands there too
     optimizer = create_optimizer(model, train_config.optimizer, train_config.lr, train_config.weight_decay,
                                  backbone_lr=train_config.backbone_lr)
     scheduler = create_scheduler(optimizer, config["warmup_steps"], config["total_steps"])
-    state = _initial_state()
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as directory:
-            loaded = ckpt.load_training_state(directory, map_location=device)
-        model.load_trainable_state_dict(loaded["trainable"])
-        optimizer.load_state_dict(loaded["optimizer"])
-        scheduler.load_state_dict(loaded["scheduler"])
-        state = loaded["meta"]["state"]
-        state["attempt"] += 1
-        from smpp_ray.console import line
-
-        line(f"rank {rank} resumed from epoch {state['epoch']} (attempt {state['attempt']})")
+    state = _restore(model, optimizer, scheduler, device, rank)
     selection = config["selection"]
-    if selection and rank == 0 and not state.get("selection"):
-        _discard_stale_selection(selection["kept_ids"], state["epoch"], selection)
+    if selection and rank == 0 and not state.selection:
+        _discard_stale_selection(selection["kept_ids"], state.epoch, selection)
     # prepare_model is collective (DDP broadcasts rank 0's weights): no rank reads the train
     # shard before a stale kept-ids file is gone.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
-
     per_batch = train_config.sample_selection == "batch"
     settings = StepSettings(grad_accum_steps=train_config.grad_accum_steps,
                             sample_selection_keep=train_config.sample_selection_keep if per_batch else 1.0,
                             warmup_steps=train_config.selection_warmup_epochs * config["steps_per_epoch"],
                             device=device)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    select_shard = ray.train.get_dataset_shard(SELECT_DATASET) if selection else None
-    for epoch in range(state["epoch"] + 1, train_config.epochs):
-        epoch_started = time.perf_counter()
-        selected_now = None
-        if selection and not state.get("selection") and epoch >= selection["warmup_epochs"]:
-            selected_now = _select_posts(model, select_shard, selection, epoch, train_config.batch_size, device,
-                                         rank, world)
-            state["selection"] = selected_now
-        fail = _failure_hook(train_config.fail_at_epoch, epoch, rank, world, config["run_path"])
-        stats = train_epoch(model, iterate_torch(train_shard, train_config.batch_size, train=True,
-                                                 seed=train_config.seed + epoch,
-                                                 prefetch_batches=train_config.prefetch_batches),
-                            loss_fn, optimizer, scheduler, settings, global_step=state["global_step"], on_step=fail)
-        train_metrics = _reduce_train_stats(stats, device)
-        val = evaluate(model, iterate_torch(val_shard, train_config.batch_size, train=False), loss_fn, device,
-                       probe_rows=PROBE_ROWS if rank == 0 else 0, sharded=True)
-        metrics = {"epoch": epoch, **train_metrics,
-                   **{k: v for k, v in val.items() if k != "probe"},
-                   **_learning_rates(optimizer), "attempt": state["attempt"]}
-        if selected_now is not None:
-            metrics.update(selection_seconds=selected_now["seconds"], selection_kept=selected_now["kept"],
-                           selection_total=selected_now["total"])
-        _advance_state(state, epoch, int(stats["global_step"]), metrics, train_config.early_stopping_patience)
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", *([SELECT_DATASET] if selection else []))}
+    batch = train_config.batch_size
+
+    def select(epoch: int, state: LoopState) -> dict[str, Any] | None:
+        if not selection or state.selection or epoch < selection["warmup_epochs"]:
+            return None
+        return _select_posts(model, shards[SELECT_DATASET], selection, epoch, batch, device, rank, world)
+
+    def end_epoch(metrics: dict[str, Any], state: LoopState, probe: dict[str, Any] | None, seconds: float) -> None:
         _report(model, optimizer, scheduler, model_config, taxonomy, config["prototypes_path"], metrics, state,
-                val.get("probe"), rank)
+                probe, rank)
         if rank == 0:
-            _epoch_line(metrics, epoch, train_config.epochs, time.perf_counter() - epoch_started)
-        if rank == 0 and config["tracking"]:
-            tracking = config["tracking"]
-            log_metrics(tracking["tracking_uri"], tracking["run_id"],
-                        {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-        if state["stopped_early"]:
-            logger.info("early stopping after epoch %d: no better val_top1 for %d epochs", epoch,
-                        train_config.early_stopping_patience)
-            break
+            _epoch_line(metrics, metrics["epoch"], train_config.epochs, seconds)
+            if config["tracking"]:
+                log_metrics(config["tracking"]["tracking_uri"], config["tracking"]["run_id"],
+                            {k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"] + 1)
+
+    hooks = FitHooks(
+        train_batches=lambda epoch: iterate_torch(shards["train"], batch, train=True, seed=train_config.seed + epoch,
+                                                  prefetch_batches=train_config.prefetch_batches),
+        val_batches=lambda: iterate_torch(shards["val"], batch, train=False),
+        select=select,
+        on_step=lambda epoch: _failure_hook(train_config.fail_at_epoch, epoch, rank, world, config["run_path"]),
+        train_metrics=lambda stats: _reduce_train_stats(stats, device),
+        end_epoch=end_epoch)
+    fit(model, loss_fn, optimizer, scheduler, settings, epochs=train_config.epochs,
+        patience=train_config.early_stopping_patience, state=state, hooks=hooks,
+        probe_rows=PROBE_ROWS if rank == 0 else 0, sharded=True)
 
 
-def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """``lr`` (the head group's current rate) and ``backbone_lr`` when backbone blocks train."""
-    rates = {group.get("name", "head"): float(group["lr"]) for group in optimizer.param_groups}
-    out = {"lr": rates.get("head", float(optimizer.param_groups[0]["lr"]))}
-    if "backbone" in rates:
-        out["backbone_lr"] = rates["backbone"]
-    return out
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
+             rank: int) -> LoopState:
+    """Load Ray Train's checkpoint into the model, optimizer and scheduler (a resumed run or a
+    restarted group); the loop state to go on from (a fresh one when there is none)."""
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        return LoopState()
+    with restored.as_directory() as directory:
+        loaded = ckpt.load_training_state(directory, map_location=device)
+    model.load_trainable_state_dict(loaded["trainable"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    state = LoopState.from_dict(loaded["meta"]["state"])
+    state.attempt += 1
+    from smpp_ray.console import line
+
+    line(f"rank {rank} resumed from epoch {state.epoch} (attempt {state.attempt})")
+    return state
 
 
 def _discard_stale_selection(location: str, resumed_epoch: int, selection: dict[str, Any]) -> None:
@@ -579,23 +570,6 @@ def create_loss_fn(model: torch.nn.Module):
     return loss_fn
 
 
-def _initial_state() -> dict[str, Any]:
-    return {"epoch": -1, "global_step": 0, "best_val_top1": -1.0, "best_epoch": -1, "epochs_since_best": 0,
-            "stopped_early": False, "attempt": 0, "history": [], "selection": None}
-
-
-def _advance_state(state: dict[str, Any], epoch: int, global_step: int, metrics: dict[str, float],
-                   patience: int) -> None:
-    state["epoch"] = epoch
-    state["global_step"] = global_step
-    state["history"].append(dict(metrics))
-    if metrics["val_top1"] > state["best_val_top1"]:
-        state["best_val_top1"], state["best_epoch"], state["epochs_since_best"] = metrics["val_top1"], epoch, 0
-    else:
-        state["epochs_since_best"] += 1
-    state["stopped_early"] = bool(patience and state["epochs_since_best"] >= patience)
-
-
 def _reduce_train_stats(stats: dict[str, float], device: torch.device) -> dict[str, float]:
     """Loss and throughput over all workers: sums of losses/samples, the slowest worker's times
     (epoch and input wait, each maximised separately)."""
@@ -628,7 +602,7 @@ def _broadcast(value: Any, rank: int, world: int) -> Any:
 
 
 def _report(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, model_config: ModelConfig,
-            taxonomy: Taxonomy, prototypes_path: str | None, metrics: dict[str, float], state: dict[str, Any],
+            taxonomy: Taxonomy, prototypes_path: str | None, metrics: dict[str, float], state: LoopState,
             probe: dict[str, Any] | None, rank: int) -> None:
     """Every rank reports (it is a barrier); only rank 0 attaches the checkpoint it wrote."""
     import ray.train
@@ -639,7 +613,7 @@ def _report(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler:
     with tempfile.TemporaryDirectory(prefix="smpp-ckpt-") as directory:
         ckpt.save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=scheduler,
                              model_config=model_config, taxonomy=taxonomy, prototypes_path=prototypes_path,
-                             metrics=metrics, state=state, probe=probe)
+                             metrics=metrics, state=state.to_dict(), probe=probe)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
