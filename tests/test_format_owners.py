@@ -26,6 +26,8 @@ OWNERS = {
     "feature_spec.json": {"gbdt/output.py"},
     "fallback.json": {"gbdt/fallback.py"},
     "bundle.json": {"scoring/bundle.py"},
+    # the Hive-style split folders of a dataset's posts and of a features folder
+    "split=": {"data/schema.py", "features/manifest.py"},
 }
 
 

@@ -52,7 +52,14 @@ from smpp_ray.config import ExtractConfig, parse_resources
 from smpp_ray.data.reads import parquet_rows, read_parquet
 from smpp_ray.data.schema import SPLITS, Taxonomy
 from smpp_ray.features.history import HistoryPool, history_columns
-from smpp_ray.features.manifest import GROUPS, KEY_COLUMNS, FeatureColumn, write_feature_manifest
+from smpp_ray.features.manifest import (
+    GROUPS,
+    KEY_COLUMNS,
+    FeatureColumn,
+    split_folder,
+    split_location,
+    write_feature_manifest,
+)
 from smpp_ray.features.network import TENSOR_OUTPUTS, NetworkFeatureExtractor, decode_batch
 from smpp_ray.features.pca import PCAAccumulator, PCAProjection
 from smpp_ray.features.state import FeatureState
@@ -118,7 +125,7 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
     tabular, table, pool = metadata_features(data_dir, manifest, extract_config.user_description_components)
     feature_columns = tabular.columns
     for split in SPLITS:
-        storage.reset_dir(storage.join(out_dir, f"split={split}"))
+        storage.reset_dir(split_location(out_dir, split))
 
     summary: dict[str, Any] = {"network": checkpoint is not None}
     projections: dict[str, PCAProjection] = {}
@@ -550,7 +557,7 @@ def _fit_embedding_pcas(tmp_dir: str, components: int, inputs: tuple[str, ...] =
     """One PCA per output of ``inputs`` (:data:`PCA_INPUTS`), fitted on the train split's rows
     only (streamed); keyed ``image`` / ``text`` / ``fused``."""
 
-    files = storage.list_parquet_files(storage.join(tmp_dir, "split=train"))
+    files = storage.list_parquet_files(split_location(tmp_dir, "train"))
     if not files:
         raise ValueError(f"no training posts under {tmp_dir!r}: the embedding PCA is fitted on train only; "
                          "set extract.pca_components=0 to keep the embeddings whole")
@@ -572,14 +579,14 @@ def _run_join_pass(tmp_dir: str, table: pa.Table, projections: dict[str, PCAProj
     tabular_ref = ray.put(table)
     plain = {name: (p.mean, p.components) for name, p in projections.items()}
     for split in SPLITS:
-        files = storage.list_parquet_files(storage.join(tmp_dir, f"split={split}"))
+        files = storage.list_parquet_files(split_location(tmp_dir, split))
         if not files:
             continue
         fs, paths = _filesystem_paths(files)
         joined = read_parquet(paths, filesystem=fs).map_batches(
             join_network_batch, batch_format="numpy", batch_size=None,
             fn_kwargs={"tabular_ref": [tabular_ref], "projections": plain})
-        joined.write_parquet(storage.join(out_dir, f"split={split}"), filename_provider=_part_files(),
+        joined.write_parquet(split_location(out_dir, split), filename_provider=_part_files(),
                              min_rows_per_file=ROWS_PER_FILE, **storage.PARQUET_CHECKSUM_WRITE)
 
 
@@ -640,7 +647,7 @@ def _write_tabular_only(table: pa.Table, out_dir: str) -> None:
     for split in SPLITS:
         part = table.filter(pc.equal(table.column("split"), split)).drop_columns(["split"])
         for i, start in enumerate(range(0, part.num_rows, ROWS_PER_FILE)):
-            pq.write_table(part.slice(start, ROWS_PER_FILE), f"{root}/split={split}/part-{i:05d}.parquet",
+            pq.write_table(part.slice(start, ROWS_PER_FILE), f"{root}/{split_folder(split)}/part-{i:05d}.parquet",
                            filesystem=fs, **storage.PARQUET_CHECKSUM_WRITE)
 
 
@@ -649,7 +656,7 @@ def _check_outputs(out_dir: str, table: pa.Table) -> dict[str, int]:
     rows: dict[str, int] = {}
     for split in SPLITS:
         expected = table.filter(pc.equal(table.column("split"), split)).column("pid")
-        files = storage.list_parquet_files(storage.join(out_dir, f"split={split}"))
+        files = storage.list_parquet_files(split_location(out_dir, split))
         written = (pa.concat_arrays([c for fs, path in map(storage.resolve, files)
                                      for c in pq.read_table(path, columns=["pid"], filesystem=fs).column("pid").chunks])
                    if files else pa.array([], pa.string()))
@@ -664,7 +671,7 @@ def _check_outputs(out_dir: str, table: pa.Table) -> dict[str, int]:
 def _ensure_every_split_has_a_file(out_dir: str) -> pa.Schema:
     """An empty split still gets one (empty) file with the full schema, so readers see the columns."""
     fs, root = storage.resolve(out_dir)
-    files = {split: storage.list_parquet_files(storage.join(out_dir, f"split={split}")) for split in SPLITS}
+    files = {split: storage.list_parquet_files(split_location(out_dir, split)) for split in SPLITS}
     any_file = next((f[0] for f in files.values() if f), None)
     if any_file is None:
         raise ValueError(f"no posts to write under {out_dir!r}: the dataset is empty")
@@ -672,7 +679,7 @@ def _ensure_every_split_has_a_file(out_dir: str) -> pa.Schema:
     schema = pq.read_schema(file_path, filesystem=file_fs)
     for split, split_files in files.items():
         if not split_files:
-            pq.write_table(schema.empty_table(), f"{root}/split={split}/part-00000.parquet", filesystem=fs,
+            pq.write_table(schema.empty_table(), f"{root}/{split_folder(split)}/part-00000.parquet", filesystem=fs,
                            **storage.PARQUET_CHECKSUM_WRITE)
     missing = [k for k in KEY_COLUMNS if k not in schema.names]
     if missing:

@@ -24,6 +24,17 @@ MANIFEST_FILE = "feature_manifest.json"
 
 def feature_manifest_location(features_dir: str) -> str:
     return storage.join(features_dir, MANIFEST_FILE)
+
+
+def split_folder(split: str) -> str:
+    """The folder name of one split's feature files, ``split=<name>`` (a Hive-style partition, as
+    pyarrow and Ray Data read it)."""
+    return f"split={split}"
+
+
+def split_location(features_dir: str, split: str) -> str:
+    """Location of one split's feature files."""
+    return storage.join(features_dir, split_folder(split))
 GROUPS = ("network", "user", "time", "text", "geo", "category", "history", "extra")
 KEY_COLUMNS = ("pid", "uid", "postdate", "label", "category", "subcategory")
 

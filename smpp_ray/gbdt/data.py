@@ -40,6 +40,7 @@ from smpp_ray.features.manifest import (
     load_feature_manifest,
     manifest_columns,
     select_columns,
+    split_location,
 )
 from smpp_ray.gbdt.output import FEATURE_SPEC_FILE
 
@@ -97,7 +98,7 @@ def verify_features(features_dir: str) -> dict[str, int]:
 
     rows = dict.fromkeys(SPLITS, 0)
     for split in SPLITS:
-        for location in storage.list_parquet_files(storage.join(features_dir, f"split={split}")):
+        for location in storage.list_parquet_files(split_location(features_dir, split)):
             fs, path = storage.resolve(location)
             try:
                 with fs.open_input_file(path) as handle:
@@ -143,7 +144,7 @@ def read_split(features_dir: str, split: str, columns: list[str] | None = None, 
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected train, val or test")
-    location = storage.join(features_dir, f"split={split}")
+    location = split_location(features_dir, split)
     if not storage.is_dir(location):
         raise ValueError(f"features split {location!r} does not exist; run `smpp extract` first")
     fs, path = storage.resolve(location)
@@ -241,7 +242,7 @@ def load_splits(features_dir: str, feature_groups: tuple[str, ...] = (),
         y = frame["label"].to_numpy(dtype=np.float64, na_value=np.nan)
         if split != "test" and not np.isfinite(y).all():
             bad = int(np.flatnonzero(~np.isfinite(y))[0])
-            raise ValueError(f"split={split} row {bad} (pid {frame['pid'].iloc[bad]!r}) has no label; "
+            raise ValueError(f"{split} split: row {bad} (pid {frame['pid'].iloc[bad]!r}) has no label; "
                              "train and val must be fully labelled")
         data[split] = SplitData(X=encode(frame, spec, dtype=_dtype), y=y, keys=frame[keys].reset_index(drop=True))
         del frame

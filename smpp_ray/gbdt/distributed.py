@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from smpp_ray import storage
+from smpp_ray.features.manifest import split_location
 from smpp_ray.gbdt.data import SPLIT_KEYS, FeatureSpec, build_spec, encode, read_split
 from smpp_ray.gbdt.objective import Objective
 from smpp_ray.gbdt.spaces import fixed_params
@@ -74,7 +75,7 @@ def feature_spec(features_dir: str, feature_groups: tuple[str, ...]) -> FeatureS
 def _split_dataset(features_dir: str, split: str, spec: FeatureSpec) -> Any:
     import ray.data
 
-    fs, path = storage.resolve(storage.join(features_dir, f"split={split}"))
+    fs, path = storage.resolve(split_location(features_dir, split))
     return ray.data.read_parquet(path, filesystem=fs).select_columns(list(dict.fromkeys([*SPLIT_KEYS, *spec.features])))
 
 
@@ -220,7 +221,7 @@ def predict_splits(booster: Any, features_dir: str, spec: FeatureSpec,
     model = booster.model_to_string()   # Ray Data puts fn_kwargs in the object store once
     frames = []
     for split in splits:
-        location = storage.join(features_dir, f"split={split}")
+        location = split_location(features_dir, split)
         if not storage.list_parquet_files(location):
             continue
         scored = _split_dataset(features_dir, split, spec).map_batches(
