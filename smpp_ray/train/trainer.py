@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from smpp_ray import storage
+from smpp_ray import console, storage
 from smpp_ray.config import ModelConfig, TrainConfig, parse_resources
 from smpp_ray.data.schema import Taxonomy
 from smpp_ray.data.selection import (
@@ -186,8 +186,10 @@ def _encode_images_once(data_dir: str, run_path: str, spec: Any, model_config: M
     if facts["reused"]:
         line(f"image features: {posts} posts, reused from {facts['location']}")
     else:
+        # One console line: the demo's whole console fits a screen (tests/test_readme.py).
         line(f"image features: {posts} posts encoded once in {facts['seconds']:.0f} s "
-             f"({facts['posts_per_s']:.0f} posts/s) -> {facts['location']}")
+             f"({facts['posts_per_s']:.0f} posts/s{'; augmentation off' if train_config.augment else ''})"
+             f" -> {facts['location']}")
     return facts
 
 
@@ -199,7 +201,8 @@ def _split_datasets(data_dir: str, spec: Any, train_config: TrainConfig, selecti
         from smpp_ray.train.image_features import feature_split_dataset
 
         if train_config.augment:
-            logger.info("train.cache_image_features: augmentation off (stored features fix each image)")
+            console.details(__name__).info("train.cache_image_features: augmentation off (stored features "
+                                           "fix each image)")
         location = image_features["location"]
         datasets = {"train": feature_split_dataset(location, "train", kept_ids=kept_ids),
                     "val": feature_split_dataset(location, "val")}
