@@ -1,20 +1,9 @@
-"""``tune_models``: search both families, refit the best of each, blend, evaluate, log, register,
+"""``tune_models``: search both families, refit the best of each, blend, evaluate, log, register the families,
 and fit the fallback regressor that scores posts without a usable image (:mod:`smpp_ray.gbdt.fallback`).
 
-Output folder (any location: a local path or ``s3://...``; every file is written through
-:mod:`smpp_ray.storage`, the models from a local scratch folder)::
-
-    ray_results/<family>/      Tune experiment folders (``Tuner.restore`` resumes from them)
-    search_<family>.json       every trial: config, status, best val_src and its round
-    models/<family>/           MLflow model folder of the final model (lightgbm / catboost flavour)
-    feature_spec.json          feature list, groups and categorical vocabularies of the models
-    blend.json                 blend weights and calibrators (chosen on val), objective, rounds
-    predictions.parquet        pid, split, label, category, pred_<model> (calibrated: what scorers
-                               return) and raw_<model> (before calibration) per family and blend
-    metrics.json               overall / per category / per decile metrics on val and test
-    plots/*.png                pred_vs_true, mae_per_category, feature_importance, deciles
-    models/fallback/, fallback.json, fallback_feature_spec.json, fallback_predictions.parquet
-                               the fallback regressor (no network feature) and the label prior
+It writes the tune folder that :class:`smpp_ray.gbdt.output.TuneOutput` lays out (any location: a
+local path or ``s3://...``; every file through :mod:`smpp_ray.storage`, the models from a local
+scratch folder); the scorer is registered by the stage (:mod:`smpp_ray.scoring.registration`).
 """
 
 from __future__ import annotations
