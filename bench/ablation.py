@@ -111,6 +111,9 @@ VARIANTS: dict[str, Variant] = {
                             worse="selection_off"),
     "history_off": Variant(drop_groups=("history",),
                            claim="user history features help", better="full", worse="history_off"),
+    # Not the paper's: the retrieval features (labels of the nearest earlier training posts/users).
+    "neighbours_off": Variant(drop_groups=("neighbours", "user_neighbours"),
+                              claim="retrieval (neighbour) features help", better="full", worse="neighbours_off"),
     # Not an ablation of the paper: how much the regressor gets from the network at all here.
     "network_off": Variant(drop_groups=("network",),
                            claim="(premise) the network's features help the regressor", better="full",
@@ -266,13 +269,16 @@ def extract_in_process(model: Any, corpus: dict[str, dict[str, Any]], data: str,
     import torch
 
     from smpp_ray.data.manifest import load_manifest
+    from smpp_ray.data.schema import Taxonomy
     from smpp_ray.features.extract import EMBEDDINGS, metadata_features, network_feature_columns
     from smpp_ray.features.manifest import FeatureColumn, write_feature_manifest
+    from smpp_ray.features.neighbours import NeighbourBank, NeighbourSettings
     from smpp_ray.features.network import outputs_to_numpy
     from smpp_ray.features.pca import PCAAccumulator
     from smpp_ray.train.fit import memory_batches
 
-    tabular, table, _ = metadata_features(data, load_manifest(data), config.extract.user_description_components)
+    manifest = load_manifest(data)
+    tabular, table, _ = metadata_features(data, manifest, config.extract.user_description_components)
     network: dict[str, dict[str, np.ndarray]] = {}
     with torch.inference_mode():
         for split in ("train", "val", "test"):
@@ -287,17 +293,34 @@ def extract_in_process(model: Any, corpus: dict[str, dict[str, Any]], data: str,
             accumulator.add(network["train"][name])
             fitted = accumulator.fit(config.extract.pca_components)
             projections[name.split("_")[0]] = (fitted.mean, fitted.components)
+    def metadata(split: str) -> pa.Table:
+        return table.take(pc.index_in(pa.array(network[split]["pid"].astype(str)), value_set=table.column("pid")))
+
+    # The extract stage's retrieval features, from the same bank rules (training posts, earlier only).
+    settings = NeighbourSettings.from_config(config.extract)
+    bank = None
+    if settings.enabled:
+        train_rows = metadata("train")
+        subcategories = Taxonomy.from_dict(manifest["taxonomy"]).subcategories
+        bank = NeighbourBank.from_training_posts(
+            settings, network["train"]["pid"], train_rows.column("postdate").to_numpy(),
+            np.asarray(train_rows.column("uid").to_pylist(), dtype=str), train_rows.column("label").to_numpy(),
+            np.array([subcategories.index(s) for s in train_rows.column("subcategory").to_pylist()]), network["train"])
     names: list[str] = []
     for split, arrays in network.items():
         columns = network_feature_columns(arrays, projections)
         names = list(columns)
-        positions = pc.index_in(pa.array(arrays["pid"].astype(str)), value_set=table.column("pid"))
-        rows = table.take(positions)
+        rows = metadata(split)
+        if bank is not None:
+            retrieved = bank.features(arrays, rows.column("postdate").to_numpy(),
+                                      np.asarray(rows.column("uid").to_pylist(), dtype=str), arrays["pred_subcategory"])
+            columns.update({name: retrieved[name].to_numpy() for name in retrieved.columns})
         joined = pa.table({**{n: rows.column(n) for n in rows.column_names if n != "split"}, **columns})
         (out / f"split={split}").mkdir(parents=True, exist_ok=True)
         pq.write_table(joined, out / f"split={split}" / "part-00000.parquet")
     write_feature_manifest(str(out), tabular.columns + [FeatureColumn(n, "network", categorical=n.startswith("net_pred_"))
-                                                        for n in names])
+                                                        for n in names]
+                           + (bank.settings.columns() if bank is not None else []))
 
 
 def fit_regressor(features: str, variant: Variant, seed: int) -> dict[str, float]:

@@ -355,6 +355,16 @@ class ExtractConfig:
     """Concurrent decode tasks; 0 sizes them from the decode rate measured on the driver (capped by free CPUs)."""
     actor_images_per_s: float = 0.0
     """Expected images/s of one inference actor, for sizing decode; 0 measures CPU actors on the driver (GPU: all free CPUs)."""
+    neighbour_embeddings: tuple[str, ...] = ("image", "text", "fused")
+    """Embeddings (image, text, fused) whose nearest earlier training posts give retrieval features; [] turns them off."""
+    neighbour_ks: tuple[int, ...] = (5, 20, 100)
+    """Neighbour counts k of the retrieval features (label mean/median/spread, weighted mean, similarity, ...)."""
+    user_neighbour_snapshots: int = 8
+    """Time snapshots of user profiles for the user-neighbour features (0: none)."""
+    neighbour_duplicate_similarity: float = 0.999
+    """A same-user bank post at least this similar is a re-upload of the post and is never its neighbour."""
+    neighbour_block_rows: int = 1024
+    """Query posts per block of the exact neighbour search (memory per block: rows x 16384 floats)."""
 
     def __post_init__(self) -> None:
         parse_resources(self.actor_resources, "extract.actor_resources")
@@ -367,6 +377,17 @@ class ExtractConfig:
                  f"got {self.decode_concurrency!r}")
         _require(self.actor_images_per_s >= 0,
                  f"extract.actor_images_per_s must be >= 0, got {self.actor_images_per_s!r}")
+        # The same rules as smpp_ray.features.neighbours.NeighbourSettings (which checks a saved
+        # bank's facts); repeated here so a bad config fails before Ray starts.
+        unknown = [e for e in self.neighbour_embeddings if e not in ("image", "text", "fused")]
+        _require(not unknown, f"extract.neighbour_embeddings: unknown embedding {unknown[:1]!r}; "
+                              "expected some of ['image', 'text', 'fused']")
+        _require(bool(self.neighbour_ks) and min(self.neighbour_ks) >= 1,
+                 f"extract.neighbour_ks must be a non-empty list of k >= 1, got {list(self.neighbour_ks)!r}")
+        _require(self.user_neighbour_snapshots >= 0,
+                 f"extract.user_neighbour_snapshots must be >= 0, got {self.user_neighbour_snapshots!r}")
+        _require(self.neighbour_block_rows >= 1,
+                 f"extract.neighbour_block_rows must be >= 1, got {self.neighbour_block_rows!r}")
 
 
 @dataclass(frozen=True)

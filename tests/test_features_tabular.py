@@ -297,7 +297,8 @@ def test_manifest_groups_and_validation() -> None:
         FeatureColumn("x", "vision")
     with pytest.raises(ValueError, match="unknown feature group"):
         select_columns(manifest, ["nope"])
-    assert set(GROUPS) == {"network", "user", "time", "text", "geo", "category", "history", "extra"}
+    assert set(GROUPS) == {"network", "user", "time", "text", "geo", "category", "history", "extra", "neighbours",
+                           "user_neighbours"}
 
 
 def test_feature_state_gives_new_posts_the_features_extraction_gave_them(tmp_path: Path) -> None:

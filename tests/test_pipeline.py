@@ -85,6 +85,39 @@ def test_a_moved_feature_state_names_its_own_checkpoint_and_dataset(pipeline_run
     assert FeatureState.load(str(copy / "features")).checkpoint == str(tmp_path / "outside" / "ckpt")
 
 
+def test_the_retrieval_bank_is_training_posts_and_evaluation_rows_retrieve_only_earlier_ones(pipeline_run):
+    """The saved bank holds the prepared training posts only (no val/test pid), the regressors read
+    the neighbour features, and a row with at most k earlier training posts has, as its k-neighbour
+    label mean, exactly the mean over the training posts strictly earlier than it."""
+
+    from smpp_ray.features.neighbours import POST_GROUP, USER_GROUP
+    from smpp_ray.features.state import FeatureState
+    from smpp_ray.gbdt.data import FeatureSpec
+
+    config, out, _ = pipeline_run
+    bank = FeatureState.load(str(out / "features")).neighbours
+    assert bank is not None and bank.settings.ks == tuple(config.extract.neighbour_ks)
+    posts = {split: pd.read_parquet(out / "data" / "posts" / f"split={split}", columns=["pid"])
+             for split in ("train", "val", "test")}
+    assert set(bank.pid) == set(posts["train"]["pid"])
+    assert not set(bank.pid) & (set(posts["val"]["pid"]) | set(posts["test"]["pid"]))
+    manifest = json.loads((out / "features" / "feature_manifest.json").read_text())
+    assert {POST_GROUP, USER_GROUP} <= {c["group"] for c in manifest["columns"]}
+    spec = FeatureSpec.load(str(out / "tune" / "feature_spec.json"))
+    assert any(name.startswith("nb_") for name in spec.features)
+    k = max(bank.settings.ks)
+    checked = 0
+    for split in ("train", "val", "test"):
+        rows = pd.read_parquet(out / "features" / f"split={split}")
+        for _, row in rows.iterrows():
+            earlier = bank.t < row["postdate"]
+            if 3 <= earlier.sum() <= k:
+                for embedding in bank.settings.embeddings:
+                    assert row[f"nb_{embedding}_k{k}_mean"] == pytest.approx(bank.label[earlier].mean(), abs=1e-9)
+                checked += 1
+    assert checked >= 3
+
+
 def test_mlflow_holds_parent_run_with_one_child_per_stage(pipeline_run):
     config, _, result = pipeline_run
     runs = _runs(result["tracking_uri"], config.tracking.experiment)

@@ -22,9 +22,13 @@ How the work is split:
    device. An actor that dies mid-run is restarted and its batch retried (:func:`inference_pool`).
 3. The PCAs of the embeddings and the fused vector (:func:`pca_inputs`) are fitted on
    ``_network/split=train`` only, streamed batch by batch.
-4. A second Ray Data pass joins the network rows with the tabular rows *by pid* (order
-   independent; the tabular table is shared once through the object store), projects the
-   embeddings and writes the final files; the driver then checks every post appears exactly once.
+4. With ``extract.neighbour_embeddings``, the training posts' embeddings become the retrieval
+   bank (:mod:`smpp_ray.features.neighbours`), put once in the object store.
+5. A second Ray Data pass computes each post's leak-free neighbour features in an actor pool
+   (:class:`NeighbourFeaturiser`: the bank is read once per node, zero-copy, by every actor
+   there), joins the network rows with the tabular rows *by pid* (order independent; the
+   tabular table is shared once through the object store), projects the embeddings and writes
+   the final files; the driver then checks every post appears exactly once.
 
 The dataset, the checkpoint and the output are locations (:mod:`smpp_ray.storage`): the actors
 receive the checkpoint's location, not a driver path, and each loads it on its own node.
@@ -59,6 +63,12 @@ from smpp_ray.features.manifest import (
     split_folder,
     split_location,
     write_feature_manifest,
+)
+from smpp_ray.features.neighbours import (
+    EMBEDDING_OUTPUTS,
+    NEIGHBOUR_PREFIXES,
+    NeighbourBank,
+    NeighbourSettings,
 )
 from smpp_ray.features.network import TENSOR_OUTPUTS, NetworkFeatureExtractor, decode_batch
 from smpp_ray.features.pca import PCAAccumulator, PCAProjection
@@ -129,6 +139,7 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
 
     summary: dict[str, Any] = {"network": checkpoint is not None}
     projections: dict[str, PCAProjection] = {}
+    bank: NeighbourBank | None = None
     if checkpoint is None:
         _write_tabular_only(table, out_dir)
     else:
@@ -137,18 +148,22 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
         summary.update(_run_network_pass(data_dir, checkpoint, tmp_dir, extract_config))
         if extract_config.pca_components > 0:
             projections = _fit_embedding_pcas(tmp_dir, extract_config.pca_components, pca_inputs(extract_config))
-        _run_join_pass(tmp_dir, table, projections, out_dir)
+        settings = NeighbourSettings.from_config(extract_config)
+        if settings.enabled:
+            bank = neighbour_bank(tmp_dir, table, Taxonomy.from_dict(manifest["taxonomy"]), settings)
+            summary["neighbour_bank_posts"] = len(bank)
+        _run_join_pass(tmp_dir, table, projections, out_dir, bank, extract_config)
         storage.remove(tmp_dir)
 
     rows = _check_outputs(out_dir, table)
     schema = _ensure_every_split_has_a_file(out_dir)
     network_columns = [FeatureColumn(name, "network", categorical=name.startswith("net_pred_"))
                        for name in schema.names if name.startswith("net_")]
-    columns = feature_columns + network_columns
+    columns = feature_columns + network_columns + (bank.settings.columns() if bank is not None else [])
     write_feature_manifest(out_dir, columns)
     state = FeatureState(tabular.state, pool, projections, manifest["taxonomy"], list(manifest.get("concepts", [])),
                          checkpoint.backbone if checkpoint else None, checkpoint.path if checkpoint else None,
-                         dict(manifest.get("image") or {}), data_dir)
+                         dict(manifest.get("image") or {}), data_dir, bank)
     state.save(out_dir)
 
     summary.update({
@@ -571,19 +586,83 @@ def _fit_embedding_pcas(tmp_dir: str, components: int, inputs: tuple[str, ...] =
     return {name.split("_")[0]: accumulators[name].fit(components) for name in inputs}
 
 
-def _run_join_pass(tmp_dir: str, table: pa.Table, projections: dict[str, PCAProjection], out_dir: str) -> None:
-    """Network rows joined with tabular rows by pid, embeddings projected, written per split."""
+def neighbour_bank(tmp_dir: str, table: pa.Table, taxonomy: Taxonomy, settings: NeighbourSettings) -> NeighbourBank:
+    """The retrieval bank: the training posts' embeddings (``tmp_dir/split=train``, streamed) with
+    their postdate, user, label and subcategory from the tabular ``table``."""
+    files = storage.list_parquet_files(split_location(tmp_dir, "train"))
+    outputs = [EMBEDDING_OUTPUTS[e] for e in settings.embeddings]
+    pids: list[np.ndarray] = []
+    arrays: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    if files:
+        fs, paths = _filesystem_paths(files)
+        for batch in read_parquet(paths, filesystem=fs).select_columns(["pid", *outputs]).iter_batches(
+                batch_size=4096, batch_format="numpy"):
+            pids.append(np.asarray(batch["pid"]).astype(str))
+            for name in outputs:
+                arrays[name].append(np.asarray(batch[name], dtype=np.float32))
+    pid = np.concatenate(pids) if pids else np.zeros(0, dtype=str)
+    rows = table.take(pc.index_in(pa.array(pid, pa.string()), value_set=table.column("pid")))
+    subcategory_ids = {name: i for i, name in enumerate(taxonomy.subcategories)}
+    bank = NeighbourBank.from_training_posts(
+        settings, pid, rows.column("postdate").to_numpy(zero_copy_only=False),
+        np.asarray(rows.column("uid").to_pylist(), dtype=str),
+        rows.column("label").to_numpy(zero_copy_only=False).astype(np.float64),
+        np.array([subcategory_ids.get(name, -1) for name in rows.column("subcategory").to_pylist()], dtype=np.int64),
+        {name: np.concatenate(parts) if parts else np.zeros((0, 1), np.float32) for name, parts in arrays.items()})
+    logger.info("neighbour bank: %d labelled training posts, embeddings %s, k %s", len(bank),
+                list(settings.embeddings), list(settings.ks))
+    return bank
+
+
+class NeighbourFeaturiser:
+    """Ray Data actor: network rows -> the same rows plus their neighbour features.
+
+    The bank and the tabular table (for each pid's postdate and user) come from the object store,
+    read once per actor without a copy (every actor on a node maps the same buffer).
+    """
+
+    def __init__(self, bank_ref: list, tabular_ref: list, device: str = "cpu") -> None:
+        import ray
+
+        self.bank = NeighbourBank.from_arrays(ray.get(bank_ref[0]))
+        tabular = ray.get(tabular_ref[0])
+        self.pids = pd.Index(tabular.column("pid").to_pylist())
+        self.postdate = tabular.column("postdate").to_numpy(zero_copy_only=False)
+        self.uid = np.asarray(tabular.column("uid").to_pylist(), dtype=str)
+        self.device = device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pid = np.asarray(batch["pid"]).astype(str)
+        rows = self.pids.get_indexer(pid)
+        if (rows < 0).any():
+            raise ValueError(f"post {pid[rows < 0][0]!r} has network features but no metadata row")
+        features = self.bank.features(batch, self.postdate[rows], self.uid[rows], np.asarray(batch["pred_subcategory"]),
+                                      device=self.device)
+        return {**batch, **{name: features[name].to_numpy() for name in features.columns}}
+
+
+def _run_join_pass(tmp_dir: str, table: pa.Table, projections: dict[str, PCAProjection], out_dir: str,
+                   bank: NeighbourBank | None = None, cfg: ExtractConfig | None = None) -> None:
+    """Network rows (+ neighbour features) joined with tabular rows by pid, embeddings projected,
+    written per split."""
     import ray
     import ray.data
 
     tabular_ref = ray.put(table)
+    bank_ref = ray.put(bank.arrays()) if bank is not None else None
     plain = {name: (p.mean, p.components) for name, p in projections.items()}
     for split in SPLITS:
         files = storage.list_parquet_files(split_location(tmp_dir, split))
         if not files:
             continue
         fs, paths = _filesystem_paths(files)
-        joined = read_parquet(paths, filesystem=fs).map_batches(
+        rows = read_parquet(paths, filesystem=fs)
+        if bank_ref is not None and cfg is not None:
+            options, actor = inference_pool(cfg)
+            options["batch_size"] = bank.settings.block_rows
+            rows = rows.map_batches(NeighbourFeaturiser, fn_constructor_kwargs={
+                "bank_ref": [bank_ref], "tabular_ref": [tabular_ref], "device": actor["device"]}, **options)
+        joined = rows.map_batches(
             join_network_batch, batch_format="numpy", batch_size=None,
             fn_kwargs={"tabular_ref": [tabular_ref], "projections": plain})
         joined.write_parquet(split_location(out_dir, split), filename_provider=_part_files(),
@@ -614,7 +693,9 @@ def join_network_batch(batch: dict[str, np.ndarray], *, tabular_ref: list,
         raise ValueError(f"post {missing!r} has network features but no metadata row")
     rows = tabular.take(positions)
     return pa.table({**{name: rows.column(name) for name in rows.column_names if name != "split"},
-                     **network_feature_columns(batch, projections)})
+                     **network_feature_columns(batch, projections),
+                     **{name: np.asarray(values, dtype=np.float64) for name, values in batch.items()
+                        if name.startswith(NEIGHBOUR_PREFIXES)}})
 
 
 def network_feature_columns(batch: dict[str, np.ndarray],

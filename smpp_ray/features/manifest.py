@@ -35,7 +35,7 @@ def split_folder(split: str) -> str:
 def split_location(features_dir: str, split: str) -> str:
     """Location of one split's feature files."""
     return storage.join(features_dir, split_folder(split))
-GROUPS = ("network", "user", "time", "text", "geo", "category", "history", "extra")
+GROUPS = ("network", "user", "time", "text", "geo", "category", "history", "extra", "neighbours", "user_neighbours")
 KEY_COLUMNS = ("pid", "uid", "postdate", "label", "category", "subcategory")
 
 

@@ -11,6 +11,8 @@ the format::
       arrays.npz       the PCA projections (embeddings and user description)
       tags.parquet     the training tag vocabulary with counts (tag, count)
       history.parquet  the training posts a user history is made of (uid, t, label)
+      neighbours.npz   the retrieval bank: training posts' unit embeddings, times, users, labels
+                       (:mod:`smpp_ray.features.neighbours`; only with neighbour features)
       smpp_digests.json the SHA-256 of each file above, checked on load (:mod:`smpp_ray.digests`)
 """
 
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 from smpp_ray import digests, storage
 from smpp_ray.features.history import HistoryPool, history_columns
 from smpp_ray.features.manifest import FeatureColumn
+from smpp_ray.features.neighbours import NeighbourBank, NeighbourSettings
 from smpp_ray.features.pca import PCAProjection
 from smpp_ray.features.tabular import TabularState, tabular_features
 
@@ -38,6 +41,7 @@ STATE_FOLDER = "feature_state"
 FORMAT = "smpp-feature-state"
 VERSION = 1
 _JSON, _ARRAYS, _TAGS, _HISTORY = "state.json", "arrays.npz", "tags.parquet", "history.parquet"
+_NEIGHBOURS = "neighbours.npz"
 _USER_PCA = "user_description"
 
 
@@ -62,6 +66,8 @@ class FeatureState:
     """How prepare stored the training images (``max_side``, ``jpeg_quality``): new posts get the same."""
     dataset: str | None = None
     """The prepared dataset the state was fitted on (provenance; never read to score)."""
+    neighbours: NeighbourBank | None = None
+    """The retrieval bank (None: no neighbour features, e.g. metadata-only or turned off)."""
 
     # ------------------------------------------------------------------------------ features
 
@@ -109,6 +115,8 @@ class FeatureState:
         _write_parquet(pa.table({"tag": pa.array([t for t, _ in tags], pa.string()),
                                  "count": pa.array([c for _, c in tags], pa.int64())}), storage.join(folder, _TAGS))
         _write_parquet(self.history.to_table(), storage.join(folder, _HISTORY))
+        if self.neighbours is not None:
+            storage.write_bytes(storage.join(folder, _NEIGHBOURS), self.neighbours.to_bytes())
         storage.write_json(storage.join(folder, _JSON), {
             "format": FORMAT, "version": VERSION,
             "corpus_start": self.tabular.corpus_start,
@@ -122,7 +130,9 @@ class FeatureState:
             # relative to it, so a moved or copied pipeline registers its own checkpoint.
             "backbone": self.backbone, "checkpoint": _reference(features_dir, self.checkpoint),
             "image": self.image, "dataset": _reference(features_dir, self.dataset),
-            "counts": {"tags": len(tags), "history_posts": len(self.history.t)},
+            "neighbours": self.neighbours.settings.to_dict() if self.neighbours is not None else None,
+            "counts": {"tags": len(tags), "history_posts": len(self.history.t),
+                       "neighbour_bank_posts": len(self.neighbours) if self.neighbours is not None else 0},
         })
         digests.write_manifest(folder)
         return folder
@@ -152,11 +162,13 @@ class FeatureState:
                                int(facts["user_description_components"]), int(facts["user_description_dim"]),
                                user_pca, tuple(facts.get("extra_columns") or ()))
         features_dir = storage.parent(location)
+        neighbours = (NeighbourBank.from_npz(NeighbourSettings.from_dict(facts["neighbours"]), f"{local}/{_NEIGHBOURS}")
+                      if facts.get("neighbours") else None)
         return cls(tabular, HistoryPool.from_table(pq.read_table(f"{local}/{_HISTORY}")),
                    {name: _projection(arrays, name) for name in facts["embedding_pcas"]},
                    facts["taxonomy"], list(facts["concepts"]), facts.get("backbone"),
                    _resolved(features_dir, facts.get("checkpoint")), dict(facts.get("image") or {}),
-                   _resolved(features_dir, facts.get("dataset")))
+                   _resolved(features_dir, facts.get("dataset")), neighbours)
 
 
 def _reference(features_dir: str, location: str | None) -> str | None:

@@ -31,8 +31,9 @@ FALLBACK_SPEC_FILE = "fallback_feature_spec.json"
 FALLBACK_PREDICTIONS_FILE = "fallback_predictions.parquet"
 #: The model folder, relative to the tune folder (beside ``models/<family>/``).
 FALLBACK_MODEL_DIR = "models/fallback"
-#: Feature groups computed from the image: a post without a usable image has none of them.
-IMAGE_GROUPS = ("network",)
+#: Feature groups computed from the network (the image and the embeddings retrieval searches with):
+#: a post without a usable image has none of them.
+IMAGE_GROUPS = ("network", "neighbours", "user_neighbours")
 #: Which family's best configuration the fallback reuses, in order of preference.
 FAMILY_PREFERENCE = ("lightgbm", "catboost")
 

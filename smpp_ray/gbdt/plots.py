@@ -13,7 +13,7 @@ from smpp_ray import storage
 from smpp_ray.features.manifest import GROUPS
 
 GROUP_COLOURS = dict(zip(GROUPS, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
-                              "#8c8c8c"), strict=True))
+                              "#8c8c8c", "#ccb974", "#64b5cd"), strict=True))
 
 
 def _pyplot() -> Any:

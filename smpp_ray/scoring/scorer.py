@@ -5,8 +5,8 @@ Two parts, so a Ray Data job can run them in different places:
 - :class:`PostFeaturiser` (CPU): the tabular and history features from the saved feature state
   (:mod:`smpp_ray.features.state`), the decoded pixels and the tokens of a batch of prepared posts;
 - :class:`PostScorer` (an actor: the network on its device, then LightGBM/CatBoost): the network
-  features (embeddings projected with the train-only PCA), the model matrix, each family's score
-  and the blend.
+  features (embeddings projected with the train-only PCA), the neighbour features from the saved
+  retrieval bank, the model matrix, each family's score and the blend.
 
 :class:`Scorer` runs both in one process (the registered MLflow model, the Serve replicas). Every
 path computes a post's features with the same functions as extraction, so a test post scored here
@@ -37,8 +37,9 @@ def checkpoint_backbone_spec(checkpoint: str):
 
 
 class PostFeaturiser:
-    """Prepared posts (a pandas batch of POSTS_SCHEMA columns) -> ``pid``, ``pixels``, ``tokens``
-    and one column per tabular/history feature. Plain class: Ray Data maps it in CPU tasks."""
+    """Prepared posts (a pandas batch of POSTS_SCHEMA columns) -> ``pid``, ``pixels``, ``tokens``,
+    ``uid`` and ``postdate`` (what retrieval needs) and one column per tabular/history feature.
+    Plain class: Ray Data maps it in CPU tasks."""
 
     def __init__(self, state_location: str, checkpoint: str) -> None:
         from smpp_ray.model.preprocess import BatchPreprocessor
@@ -54,6 +55,7 @@ class PostFeaturiser:
         decoded = self.preprocessor({"pid": posts["pid"].to_numpy(), "image": posts["image"].to_numpy(),
                                      "title": posts["title"].to_numpy(), "tags": posts["tags"].to_numpy()})
         return {"pid": posts["pid"].astype(str).to_numpy(), "pixels": decoded["pixels"], "tokens": decoded["tokens"],
+                "uid": posts["uid"].astype(str).to_numpy(), "postdate": posts["postdate"].astype("int64").to_numpy(),
                 **features}
 
 
@@ -87,6 +89,8 @@ class PostScorer:
         self.families = {family: load_flavour(family, location) for family, location in bundle.models.items()}
         state = load_feature_state(bundle.feature_state)
         self.projections = state.projections()
+        self.neighbours = state.neighbours
+        self.device = device
         taxonomy = state.taxonomy
         self.subcategories = [s["name"] for s in sorted(taxonomy["subcategories"], key=lambda s: s["id"])]
         self.categories = [c["name"] for c in sorted(taxonomy["categories"], key=lambda c: c["id"])]
@@ -97,8 +101,14 @@ class PostScorer:
 
         outputs = self.network({"pid": batch["pid"], "pixels": batch["pixels"], "tokens": batch["tokens"]})
         network = network_feature_columns(outputs, self.projections)
-        tabular = {k: v for k, v in batch.items() if k not in ("pid", "pixels", "tokens")}
+        tabular = {k: v for k, v in batch.items() if k not in ("pid", "pixels", "tokens", "uid", "postdate")}
         frame = pd.DataFrame({**tabular, **network})
+        if self.neighbours is not None:
+            # The same bank and function as extraction: a post scored here retrieves exactly the
+            # training posts its evaluation row retrieved.
+            neighbours = self.neighbours.features(outputs, batch["postdate"], batch["uid"], network["net_pred_subcategory"],
+                                                  device=self.device)
+            frame = pd.concat([frame, neighbours.set_axis(frame.index)], axis=1)
         X = encode(frame, self.spec)
         raw = {family: np.asarray(model.predict(X), dtype=np.float64) for family, model in self.families.items()}
         out = pd.DataFrame({
