@@ -11,7 +11,10 @@ drawn Zipf-like. Two arms on the same data:
   run only where the matrix fits in a quarter of this machine's memory (the figure says so);
 
 plus the whole feature computation (:meth:`NeighbourBank.features`: one embedding at k = 5/20/100,
-the re-upload check, 8 user snapshots). At the smallest size both arms' neighbours are compared.
+the re-upload check, 8 user snapshots), and the approximate path (``--approximate``: the HNSW
+index over the whole bank, ``exact_rows=0``, so every block's common earlier prefix comes from the
+index): its build and search time and its recall@100 against the exact search. Where the brute
+force runs, the share of identical neighbours says the blocked search is exact.
 
     python bench/bench_neighbours.py --posts 3000,30000,300000 --dim 64 --out bench/out/neighbours.md
 """
@@ -68,6 +71,7 @@ def one_arm(posts: int, dim: int, threads: int, arm: str) -> dict:
     import torch
 
     from smpp_ray.features.neighbours import (
+        ApproximateIndex,
         NeighbourBank,
         NeighbourSettings,
         earlier_neighbours,
@@ -89,18 +93,29 @@ def one_arm(posts: int, dim: int, threads: int, arm: str) -> dict:
         earlier_neighbours(bank.vectors["fused"], bank.t, queries, data["t"], K, block_rows=1024)
     elif arm == "brute":
         want = brute_force(bank.vectors["fused"], bank.t, queries, data["t"])
+    elif arm == "approximate":
+        index = ApproximateIndex.build(bank.vectors["fused"])
+        out["build_s"] = time.perf_counter() - started
+        searched = time.perf_counter()
+        got, _ = earlier_neighbours(bank.vectors["fused"], bank.t, queries, data["t"], K, block_rows=1024,
+                                    approximate=index, exact_rows=0)
+        out["search_s"] = time.perf_counter() - searched
     else:
         out["columns"] = bank.features({"fused": data["fused"], "image_embedding": data["image"]}, data["t"],
                                        data["uid"], data["sub"]).shape[1]
     out[f"{arm}_s"] = time.perf_counter() - started
     out[f"{arm}_peak_mib"] = max(peak_mib() - base, 0.0)
+    if arm in ("brute", "approximate"):
+        exact, _ = earlier_neighbours(bank.vectors["fused"], bank.t, queries, data["t"], K, block_rows=1024)
     if arm == "brute":
-        index, _ = earlier_neighbours(bank.vectors["fused"], bank.t, queries, data["t"], K, block_rows=1024)
-        out["same_neighbours"] = float((want == index).mean())
+        out["same_neighbours"] = float((want == exact).mean())
+    if arm == "approximate":
+        hits = [len(np.intersect1d(g[g >= 0], e[e >= 0])) / (e >= 0).sum() for g, e in zip(got, exact, strict=True) if (e >= 0).any()]
+        out["recall"] = float(np.mean(hits))
     return out
 
 
-def one_size(posts: int, dim: int, threads: int) -> dict:
+def one_size(posts: int, dim: int, threads: int, approximate: bool) -> dict:
     """Every arm at one size, each in a child process."""
     def child(arm: str) -> dict:
         done = subprocess.run([sys.executable, __file__, "--one", str(posts), "--arm", arm, "--dim", str(dim),
@@ -112,6 +127,8 @@ def one_size(posts: int, dim: int, threads: int) -> dict:
     total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     if out["brute_matrix_gib"] < total_gib / 4:
         out.update(child("brute"))
+    if approximate:
+        out.update(child("approximate"))
     return out
 
 
@@ -132,6 +149,15 @@ def render(rows: list[dict], dim: int, threads: int) -> str:
         lines.append(f"| {r['posts']:,} | {r['bank']:,} | {r['blocked_s']:.2f} s | {r['blocked_s'] * per:.0f} us | "
                      f"{r['blocked_peak_mib']:.0f} MiB | {brute} | {r['features_s']:.2f} s | "
                      f"{r['features_s'] * per:.0f} us |")
+    approximate = [r for r in rows if "recall" in r]
+    if approximate:
+        lines += ["", "The approximate path (HNSW, M=32, efConstruction=100, efSearch=256, the whole bank indexed):", "",
+                  "| posts | bank | index build | search | per post | peak memory | recall@100 vs exact |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in approximate:
+            lines.append(f"| {r['posts']:,} | {r['bank']:,} | {r['build_s']:.1f} s | {r['search_s']:.2f} s | "
+                         f"{r['search_s'] * 1e6 / r['posts']:.0f} us | {r['approximate_peak_mib']:.0f} MiB | "
+                         f"{r['recall']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -140,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--posts", default="3000,30000,300000")
     parser.add_argument("--dim", type=int, default=64, help="embedding dimensions (64: the tiny CLIP; 512: ViT-B/32)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--approximate", action="store_true", help="also the HNSW path: time and recall@100")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--arm", default="blocked", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/out/neighbours.md")
@@ -149,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for posts in [int(p) for p in args.posts.split(",")]:
-        rows.append(one_size(posts, args.dim, args.threads))
+        rows.append(one_size(posts, args.dim, args.threads, args.approximate))
         print(json.dumps(rows[-1]), flush=True)
     text = render(rows, args.dim, args.threads)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

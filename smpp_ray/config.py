@@ -365,6 +365,8 @@ class ExtractConfig:
     """A same-user bank post at least this similar is a re-upload of the post and is never its neighbour."""
     neighbour_block_rows: int = 1024
     """Query posts per block of the exact neighbour search (memory per block: rows x 16384 floats)."""
+    neighbour_exact_rows: int = 2_000_000
+    """Neighbour banks longer than this get an HNSW index (FAISS) for the part of the bank earlier than a whole block."""
 
     def __post_init__(self) -> None:
         parse_resources(self.actor_resources, "extract.actor_resources")
@@ -386,6 +388,8 @@ class ExtractConfig:
                  f"extract.neighbour_ks must be a non-empty list of k >= 1, got {list(self.neighbour_ks)!r}")
         _require(self.user_neighbour_snapshots >= 0,
                  f"extract.user_neighbour_snapshots must be >= 0, got {self.user_neighbour_snapshots!r}")
+        _require(self.neighbour_exact_rows >= 0,
+                 f"extract.neighbour_exact_rows must be >= 0, got {self.neighbour_exact_rows!r}")
         _require(self.neighbour_block_rows >= 1,
                  f"extract.neighbour_block_rows must be >= 1, got {self.neighbour_block_rows!r}")
 

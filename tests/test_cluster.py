@@ -356,6 +356,13 @@ def test_pipeline_job_writes_everything_to_the_bucket(local_cluster: LocalCluste
         assert expected in files, (expected, files[:50])
     assert any(f.startswith("data/posts/split=train/") and f.endswith(".parquet") for f in files)
     assert any(f.startswith("features/split=test/") and f.endswith(".parquet") for f in files)
+    # The retrieval features ran on the isolated node's actor pool (pinned there by
+    # extract.actor_resources), their queries read from the bucket, and their bank was saved to it.
+    assert "features/feature_state/neighbours.npz" in files
+    features = _bucket_json(local_cluster, f"{pipeline_job.out}/features/summary.json")
+    assert features["metrics"]["neighbour_bank_posts"] > 0
+    manifest = _bucket_json(local_cluster, f"{pipeline_job.out}/features/feature_manifest.json")
+    assert {"neighbours", "user_neighbours"} <= {c["group"] for c in manifest["columns"]}
     train = _bucket_json(local_cluster, f"{pipeline_job.out}/train/summary.json")
     best = train["artifacts"]["best_checkpoint"]   # relative to the train folder, in the bucket
     assert best.startswith("ray_results/"), best

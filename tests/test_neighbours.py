@@ -174,3 +174,39 @@ def test_bad_settings_name_the_key():
         NeighbourSettings(embeddings=("pixels",))   # a saved bank's facts are checked too
     settings = NeighbourSettings.from_config(load_config(None, ["extract.neighbour_ks=[2,4]"]).extract)
     assert settings.ks == (2, 4) and settings.embeddings == ("image", "text", "fused")
+
+
+def test_the_approximate_path_keeps_the_leak_rule_exactly_and_finds_most_neighbours():
+    from smpp_ray.features.neighbours import ApproximateIndex
+
+    rng = np.random.default_rng(5)
+    topics = rng.normal(size=(20, 16))
+    bank = normalised(topics[rng.integers(0, 20, 3000)] + rng.normal(scale=0.7, size=(3000, 16)))
+    bank_t = np.sort(rng.integers(0, 10_000, 3000)).astype(np.int64)
+    queries = normalised(topics[rng.integers(0, 20, 400)] + rng.normal(scale=0.7, size=(400, 16)))
+    query_t = rng.integers(0, 11_000, 400).astype(np.int64)
+    nearest = np.argmax(queries @ bank.T, axis=1)
+    excluded = (np.arange(400), nearest)          # every query's single best row is off limits
+    index = ApproximateIndex.build(bank)
+    got, _ = earlier_neighbours(bank, bank_t, queries, query_t, 10, excluded=excluded, block_rows=64,
+                                approximate=index, exact_rows=200)
+    want, _ = earlier_neighbours(bank, bank_t, queries, query_t, 10, excluded=excluded, block_rows=64)
+    found = got >= 0
+    assert (bank_t[got[found]] < np.repeat(query_t, 10).reshape(-1, 10)[found]).all()   # strictly earlier, always
+    assert not (got == nearest[:, None]).any()                                          # exclusions hold
+    recall = np.mean([len(set(g[g >= 0]) & set(w[w >= 0])) / max((w >= 0).sum(), 1) for g, w in zip(got, want, strict=True)])
+    assert recall >= 0.9
+    early = query_t <= bank_t[200]                # a block-wide prefix this short is searched exactly
+    np.testing.assert_array_equal(got[early & (query_t < bank_t[150])], want[early & (query_t < bank_t[150])])
+
+
+def test_a_bank_past_the_exact_limit_saves_and_reloads_its_index(tmp_path):
+    outputs, t, uid, label, sub, split = bank_and_posts()
+    settings = NeighbourSettings(ks=(3, 10), user_snapshots=2, exact_rows=20)
+    bank = build(settings, outputs, t, uid, label, sub, split)
+    assert set(bank.indexes) == set(settings.embeddings)
+    want = bank.features(outputs, t, uid, sub)
+    (tmp_path / "bank.npz").write_bytes(bank.to_bytes())
+    for other in (NeighbourBank.from_npz(settings, str(tmp_path / "bank.npz")), NeighbourBank.from_arrays(bank.arrays())):
+        assert set(other.indexes) == set(settings.embeddings)
+        np.testing.assert_array_equal(other.features(outputs, t, uid, sub).to_numpy(), want.to_numpy())

@@ -33,6 +33,13 @@ The leak rule, by construction rather than by care:
 The search is exact and blocked (:func:`earlier_neighbours`): queries in time order, blocks of
 ``extract.neighbour_block_rows``, matrix products of normalised embeddings against only the bank
 rows earlier than the block's latest post, a running top-k. float32 on CPU, bf16 products on CUDA.
+
+Past ``extract.neighbour_exact_rows`` bank posts (default 2,000,000: an exact pass over SMPD's
+305k is minutes on one GPU, but grows with bank x queries) the part of the bank that is earlier
+than *every* post of a block is searched with an HNSW index instead (:class:`ApproximateIndex`,
+FAISS, inner product, restricted to that id range; its recall is measured against the exact
+search in ``bench/bench_neighbours.py``); the remaining rows up to each post's own time are still
+searched exactly, so the leak rule holds exactly on either path.
 """
 
 from __future__ import annotations
@@ -73,6 +80,8 @@ class NeighbourSettings:
     user_snapshots: int = 8
     duplicate_similarity: float = 0.999
     block_rows: int = 1024
+    exact_rows: int = 2_000_000
+    """Bank prefixes up to this many rows are searched exactly; longer ones through the HNSW index."""
 
     def __post_init__(self) -> None:
         unknown = [e for e in self.embeddings if e not in EMBEDDING_OUTPUTS]
@@ -88,7 +97,8 @@ class NeighbourSettings:
     def from_config(cls, cfg: Any) -> NeighbourSettings:
         """The settings of an :class:`~smpp_ray.config.ExtractConfig` (``extract.neighbour_*``)."""
         return cls(tuple(cfg.neighbour_embeddings), tuple(int(k) for k in cfg.neighbour_ks),
-                   cfg.user_neighbour_snapshots, cfg.neighbour_duplicate_similarity, cfg.neighbour_block_rows)
+                   cfg.user_neighbour_snapshots, cfg.neighbour_duplicate_similarity, cfg.neighbour_block_rows,
+                   cfg.neighbour_exact_rows)
 
     @property
     def enabled(self) -> bool:
@@ -109,12 +119,12 @@ class NeighbourSettings:
     def to_dict(self) -> dict[str, Any]:
         return {"embeddings": list(self.embeddings), "ks": [int(k) for k in self.ks],
                 "user_snapshots": self.user_snapshots, "duplicate_similarity": self.duplicate_similarity,
-                "block_rows": self.block_rows}
+                "block_rows": self.block_rows, "exact_rows": self.exact_rows}
 
     @classmethod
     def from_dict(cls, facts: dict[str, Any]) -> NeighbourSettings:
         return cls(tuple(facts["embeddings"]), tuple(int(k) for k in facts["ks"]), int(facts["user_snapshots"]),
-                   float(facts["duplicate_similarity"]), int(facts["block_rows"]))
+                   float(facts["duplicate_similarity"]), int(facts["block_rows"]), int(facts["exact_rows"]))
 
 
 def normalised(vectors: np.ndarray) -> np.ndarray:
@@ -126,11 +136,14 @@ def normalised(vectors: np.ndarray) -> np.ndarray:
 
 def earlier_neighbours(bank: np.ndarray, bank_t: np.ndarray, queries: np.ndarray, query_t: np.ndarray, k: int, *,
                        excluded: tuple[np.ndarray, np.ndarray] | None = None, block_rows: int = 1024,
-                       device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` cosine neighbours of each query among the bank rows posted strictly earlier.
+                       device: str = "cpu", approximate: ApproximateIndex | None = None,
+                       exact_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` cosine neighbours of each query among the bank rows posted strictly earlier.
 
     ``bank`` (B, d) and ``queries`` (Q, d) are unit rows; ``bank_t`` is sorted ascending.
     ``excluded`` lists (query row, bank row) pairs that may never be neighbours (re-uploads).
+    Exact, unless ``approximate`` is given: then a block whose common earlier prefix exceeds
+    ``exact_rows`` rows takes that prefix's candidates from the index and searches the rest exactly.
     Returns ``(index, similarity)``, both (Q, k), best first; -1 / NaN where fewer than k rows qualify.
     """
     import torch
@@ -162,7 +175,19 @@ def earlier_neighbours(bank: np.ndarray, bank_t: np.ndarray, queries: np.ndarray
         q_times = torch.from_numpy(query_t[rows]).to(device)[:, None]
         best_sim = torch.full((len(rows), 0), float("-inf"), device=device)
         best_idx = torch.zeros((len(rows), 0), dtype=torch.int64, device=device)
-        for b0 in range(0, limit, BANK_CHUNK_ROWS):
+        exact_from = 0
+        prefix = int(np.searchsorted(bank_t, query_t[rows].min(), side="left"))   # earlier than every post here
+        if approximate is not None and prefix > exact_rows:
+            # Excluded pairs may come back from the index: fetch enough to drop them and keep k.
+            extra = int(np.bincount(block_skips[0], minlength=len(rows)).max()) if len(block_skips[0]) else 0
+            found_idx, found_sim = approximate.search(queries[rows], prefix, k + extra)
+            skip_keys = block_skips[0] * len(bank) + block_skips[1]
+            found_keys = np.arange(len(rows))[:, None] * len(bank) + found_idx
+            found_sim[(found_idx < 0) | np.isin(found_keys, skip_keys)] = -np.inf
+            best_sim = torch.from_numpy(found_sim).to(device)
+            best_idx = torch.from_numpy(np.maximum(found_idx, 0)).to(device)
+            exact_from = prefix
+        for b0 in range(exact_from, limit, BANK_CHUNK_ROWS):
             b1 = min(limit, b0 + BANK_CHUNK_ROWS)
             sims = (q @ bank_tensor[b0:b1].T).float()
             sims.masked_fill_(bank_times[None, b0:b1] >= q_times, float("-inf"))
@@ -170,11 +195,15 @@ def earlier_neighbours(bank: np.ndarray, bank_t: np.ndarray, queries: np.ndarray
             if here.any():
                 sims[torch.from_numpy(block_skips[0][here]).to(device),
                      torch.from_numpy(block_skips[1][here] - b0).to(device)] = float("-inf")
-            chunk_idx = torch.arange(b0, b1, device=device).expand(len(rows), -1)
-            pooled_sim = torch.cat([best_sim, sims], dim=1)
-            pooled_idx = torch.cat([best_idx, chunk_idx], dim=1)
+            # The chunk's own top-k first: the merge then moves (rows, 2k), not (rows, chunk) indices.
+            chunk_sim, chunk_top = torch.topk(sims, min(k, b1 - b0), dim=1)
+            pooled_sim = torch.cat([best_sim, chunk_sim], dim=1)
+            pooled_idx = torch.cat([best_idx, chunk_top + b0], dim=1)
             best_sim, top = torch.topk(pooled_sim, min(k, pooled_sim.shape[1]), dim=1)
             best_idx = torch.gather(pooled_idx, 1, top)
+        if best_sim.shape[1] > k:   # the index's candidates alone (no exact rows after them)
+            best_sim, top = torch.topk(best_sim, k, dim=1)
+            best_idx = torch.gather(best_idx, 1, top)
         found_sim = best_sim.cpu().numpy()
         found_idx = best_idx.cpu().numpy()
         valid = np.isfinite(found_sim)
@@ -182,6 +211,47 @@ def earlier_neighbours(bank: np.ndarray, bank_t: np.ndarray, queries: np.ndarray
         index[rows, :width] = np.where(valid, found_idx, -1)
         similarity[rows, :width] = np.where(valid, found_sim, np.nan)
     return index, similarity
+
+
+class ApproximateIndex:
+    """An HNSW graph (FAISS, inner product) over a bank's unit vectors, searched within an id
+    prefix (the bank is in time order, so "ids below n" is "posted before the n-th bank post")."""
+
+    #: Graph degree and build/search breadth: recall@100 >= 0.95 on the benchmark's corpora.
+    M, EF_CONSTRUCTION, EF_SEARCH = 32, 100, 256
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+
+    @classmethod
+    def build(cls, vectors: np.ndarray) -> ApproximateIndex:
+        import faiss
+
+        index = faiss.IndexHNSWFlat(vectors.shape[1], cls.M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = cls.EF_CONSTRUCTION
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        return cls(index)
+
+    def to_array(self) -> np.ndarray:
+        import faiss
+
+        return faiss.serialize_index(self.index)
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> ApproximateIndex:
+        import faiss
+
+        return cls(faiss.deserialize_index(np.asarray(array, dtype=np.uint8)))
+
+    def search(self, queries: np.ndarray, below: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, similarities) of the ``k`` best rows with id < ``below``; -1 / -inf where none."""
+        import faiss
+
+        params = faiss.SearchParametersHNSW()
+        params.sel = faiss.IDSelectorRange(0, int(below))
+        params.efSearch = max(self.EF_SEARCH, 2 * k)
+        sims, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        return ids.astype(np.int64), np.where(ids >= 0, sims, -np.inf).astype(np.float32)
 
 
 def same_user_copies(query_image: np.ndarray, query_t: np.ndarray, query_codes: np.ndarray, bank_image: np.ndarray,
@@ -233,6 +303,8 @@ class NeighbourBank:
     vectors: dict[str, np.ndarray]
     """Embedding key -> (B, d) float32 unit rows: the searched embeddings, and ``image`` always
     (the re-upload check compares images)."""
+    indexes: dict[str, ApproximateIndex] = field(default_factory=dict)
+    """Embedding key -> HNSW index, only for a bank longer than ``settings.exact_rows``."""
     _snapshots: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict,
                                                                                          repr=False)
 
@@ -247,9 +319,14 @@ class NeighbourBank:
         order = keep[np.argsort(np.asarray(t, dtype=np.int64)[keep], kind="stable")]
         vectors = {e: normalised(np.asarray(outputs[EMBEDDING_OUTPUTS[e]])[order])
                    for e in dict.fromkeys((*settings.embeddings, DUPLICATE_EMBEDDING))}
+        indexes = ({e: ApproximateIndex.build(vectors[e]) for e in settings.embeddings}
+                   if len(order) > settings.exact_rows else {})
+        if indexes:
+            logger.info("neighbour bank of %d posts > extract.neighbour_exact_rows=%d: built HNSW indexes for %s",
+                        len(order), settings.exact_rows, list(indexes))
         return cls(settings, np.asarray(pid).astype(str)[order], np.asarray(t, dtype=np.int64)[order],
                    np.asarray(uid).astype(str)[order], label[order],
-                   np.asarray(subcategory, dtype=np.int64)[order], vectors)
+                   np.asarray(subcategory, dtype=np.int64)[order], vectors, indexes)
 
     def __len__(self) -> int:
         return len(self.t)
@@ -271,7 +348,8 @@ class NeighbourBank:
         for embedding in settings.embeddings:
             queries = normalised(np.asarray(outputs[EMBEDDING_OUTPUTS[embedding]]))
             index, sims = earlier_neighbours(self.vectors[embedding], self.t, queries, t, settings.max_k,
-                                             excluded=copies, block_rows=settings.block_rows, device=device)
+                                             excluded=copies, block_rows=settings.block_rows, device=device,
+                                             approximate=self.indexes.get(embedding), exact_rows=settings.exact_rows)
             same_user = np.where(index >= 0, bank_codes[np.maximum(index, 0)] == codes[:, None], False)
             labels = np.where(index >= 0, self.label[np.maximum(index, 0)], np.nan)
             for k in settings.ks:
@@ -352,24 +430,31 @@ class NeighbourBank:
         """The bank as one ``.npz`` (what the feature state writes)."""
         buffer = io.BytesIO()
         np.savez(buffer, pid=self.pid.astype(str), t=self.t, uid=self.uid.astype(str), label=self.label,
-                 subcategory=self.subcategory, **{f"vectors_{e}": v for e, v in self.vectors.items()})
+                 subcategory=self.subcategory, **{f"vectors_{e}": v for e, v in self.vectors.items()},
+                 **{f"hnsw_{e}": index.to_array() for e, index in self.indexes.items()})
         return buffer.getvalue()
 
     @classmethod
     def from_npz(cls, settings: NeighbourSettings, path: str) -> NeighbourBank:
         with np.load(path) as npz:
             return cls(settings, npz["pid"], npz["t"], npz["uid"], npz["label"], npz["subcategory"],
-                       {name.removeprefix("vectors_"): npz[name] for name in npz.files if name.startswith("vectors_")})
+                       {name.removeprefix("vectors_"): npz[name] for name in npz.files if name.startswith("vectors_")},
+                       {name.removeprefix("hnsw_"): ApproximateIndex.from_array(npz[name])
+                        for name in npz.files if name.startswith("hnsw_")})
 
     def arrays(self) -> dict[str, Any]:
         """Plain arrays (for ``ray.put``: one read-only copy per node, shared by every actor there)."""
         return {"settings": self.settings.to_dict(), "pid": self.pid, "t": self.t, "uid": self.uid,
-                "label": self.label, "subcategory": self.subcategory, "vectors": self.vectors}
+                "label": self.label, "subcategory": self.subcategory, "vectors": self.vectors,
+                "indexes": {e: index.to_array() for e, index in self.indexes.items()}}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, Any]) -> NeighbourBank:
+        # The vectors stay zero-copy views of the object store; an HNSW index is rebuilt from its
+        # bytes, one copy per actor (FAISS owns its memory).
         return cls(NeighbourSettings.from_dict(arrays["settings"]), arrays["pid"], arrays["t"], arrays["uid"],
-                   arrays["label"], arrays["subcategory"], dict(arrays["vectors"]))
+                   arrays["label"], arrays["subcategory"], dict(arrays["vectors"]),
+                   {e: ApproximateIndex.from_array(a) for e, a in arrays.get("indexes", {}).items()})
 
 
 def _user_codes(query_users: np.ndarray, bank_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
