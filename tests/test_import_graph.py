@@ -107,6 +107,18 @@ def test_the_model_package_imports_no_ray():
     assert "smpp_ray.model.checkpoint" in graph   # the checkpoint format lives in model/
 
 
+def test_resolving_a_checkpoint_loads_no_torch():
+    """The checkpoint module's promise: naming and resolving a checkpoint (what the CLI, the stage
+    runner and the report do) costs no torch import; only saving and loading one does."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, smpp_ray.model.checkpoint as c; "
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:3])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def test_only_the_trainer_reaches_into_train():
     """Shared artifacts (checkpoint format, backbone spec, kept ids) live below their users: nothing
     outside ``train/`` imports it except the stage table that runs it."""

@@ -20,6 +20,7 @@ from smpp_ray.config import ModelConfig, TrainConfig
 from smpp_ray.data.taxonomy_names import default_taxonomy
 from smpp_ray.model import checkpoint as ckpt
 from smpp_ray.model.backbone import backbone_spec
+from smpp_ray.model.prototypes import PROTOTYPES_FILE
 from smpp_ray.train.data import INPUT_COLUMNS, collate_batch
 from smpp_ray.train.loop import StepSettings, evaluate, select_lowest_loss, train_epoch
 from smpp_ray.train.schedule import create_optimizer, create_scheduler, warmup_cosine_factor
@@ -483,7 +484,7 @@ def test_reloaded_checkpoint_gives_the_workers_logits(relaunch, corpus):
     local = evaluate(model, [batch], loss_for(model), torch.device("cpu"))
     meta = ckpt.read_meta(best)
     assert local["val_top1"] == pytest.approx(meta["metrics"]["val_top1"])
-    assert Path(best, ckpt.PROTOTYPES_FILE).is_file()  # the checkpoint carries its prototype bank
+    assert Path(best, PROTOTYPES_FILE).is_file()  # the checkpoint carries its prototype bank
 
 
 @pytest.mark.slow
@@ -497,7 +498,7 @@ def test_mlflow_run_has_epoch_metrics_and_best_checkpoint(relaunch, tracking):
     history = {m.step: m.value for m in c.get_metric_history(tracking.run_id, "val_top1")}
     assert history == {h["epoch"] + 1: pytest.approx(h["val_top1"]) for h in relaunch["result"]["history"]}
     artifacts = {Path(a.path).name for a in c.list_artifacts(tracking.run_id, "best_checkpoint")}
-    assert {ckpt.TRAINABLE_FILE, ckpt.OPTIMIZER_FILE, ckpt.META_FILE, ckpt.PROTOTYPES_FILE} <= artifacts
+    assert {ckpt.TRAINABLE_FILE, ckpt.OPTIMIZER_FILE, ckpt.META_FILE, PROTOTYPES_FILE} <= artifacts
     assert "kept_ids.parquet" in {Path(a.path).name for a in c.list_artifacts(tracking.run_id, "selection")}
     assert [m.step for m in c.get_metric_history(tracking.run_id, "selection_kept")] == [2]
 

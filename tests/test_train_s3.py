@@ -27,6 +27,7 @@ from smpp_ray.config import ModelConfig, TrainConfig
 from smpp_ray.model import checkpoint as ckpt
 from smpp_ray.model.backbone import TINY_MODEL
 from smpp_ray.model.checkpoint import load_model_from_checkpoint, resolve_checkpoint
+from smpp_ray.model.prototypes import PROTOTYPES_FILE
 from smpp_ray.summary import write_summary
 
 RUN_NAME = "s3-run"
@@ -120,7 +121,7 @@ def test_training_with_out_on_s3_checkpoints_into_the_bucket(trained, prototypes
     assert trained["run_path"] == run_path
     best = trained["best_checkpoint"]
     assert best.startswith(f"{run_path}/checkpoint_"), best
-    for name in (ckpt.TRAINABLE_FILE, ckpt.OPTIMIZER_FILE, ckpt.META_FILE, ckpt.PROTOTYPES_FILE, ckpt.PROBE_FILE):
+    for name in (ckpt.TRAINABLE_FILE, ckpt.OPTIMIZER_FILE, ckpt.META_FILE, PROTOTYPES_FILE, ckpt.PROBE_FILE):
         assert storage.is_file(f"{best}/{name}"), name
     meta = ckpt.read_meta(best)
     assert meta["prototypes_path"] == f"{prototypes['out']}/prototypes.safetensors"  # a location, not a local path

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 from smpp_ray import console, storage
 from smpp_ray.config import ModelConfig
 from smpp_ray.data.schema import Taxonomy
-from smpp_ray.model.prototypes import PROTOTYPES_FILE
 from smpp_ray.summary import SUMMARY_FILE, read_summary
 
 if TYPE_CHECKING:
@@ -74,6 +73,8 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, optimizer:
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                directory / OPTIMIZER_FILE)
     if prototypes_path:
+        from smpp_ray.model.prototypes import PROTOTYPES_FILE
+
         shutil.copyfile(storage.local_copy(prototypes_path), directory / PROTOTYPES_FILE)
     if probe is not None:
         torch.save(probe, directory / PROBE_FILE)
@@ -131,6 +132,8 @@ def model_config_from_meta(meta: dict[str, Any], where: str = "checkpoint") -> M
 
 def prototypes_in_checkpoint(checkpoint: str | os.PathLike[str], meta: dict[str, Any]) -> str | None:
     """Location of the checkpoint's own prototype copy, else of the original bank it was trained with."""
+    from smpp_ray.model.prototypes import PROTOTYPES_FILE  # torch comes with the module: only here
+
     own = storage.join(os.fspath(checkpoint), PROTOTYPES_FILE)
     if storage.is_file(own):
         return own
