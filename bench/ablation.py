@@ -268,8 +268,7 @@ def extract_in_process(model: Any, corpus: dict[str, dict[str, Any]], data: str,
     import pyarrow.parquet as pq
     import torch
 
-    from smpp_ray.data.manifest import load_manifest
-    from smpp_ray.data.schema import Taxonomy
+    from smpp_ray.data.manifest import DatasetManifest
     from smpp_ray.features.extract import EMBEDDINGS, metadata_features, network_feature_columns
     from smpp_ray.features.manifest import FeatureColumn, write_feature_manifest
     from smpp_ray.features.neighbours import NeighbourBank, NeighbourSettings
@@ -277,7 +276,7 @@ def extract_in_process(model: Any, corpus: dict[str, dict[str, Any]], data: str,
     from smpp_ray.features.pca import PCAAccumulator
     from smpp_ray.train.fit import memory_batches
 
-    manifest = load_manifest(data)
+    manifest = DatasetManifest.read(data)
     tabular, table, _ = metadata_features(data, manifest, config.extract.user_description_components)
     network: dict[str, dict[str, np.ndarray]] = {}
     with torch.inference_mode():
@@ -301,7 +300,7 @@ def extract_in_process(model: Any, corpus: dict[str, dict[str, Any]], data: str,
     bank = None
     if settings.enabled:
         train_rows = metadata("train")
-        subcategories = Taxonomy.from_dict(manifest["taxonomy"]).subcategories
+        subcategories = manifest.taxonomy.subcategories
         bank = NeighbourBank.from_training_posts(
             settings, network["train"]["pid"], train_rows.column("postdate").to_numpy(),
             np.asarray(train_rows.column("uid").to_pylist(), dtype=str), train_rows.column("label").to_numpy(),

@@ -9,6 +9,12 @@ MLflow child run in a SQLite store. Reported per arm: wall time, trials/s, Tune 
 time and store size, and the driver's peak RSS.
 
     python bench/bench_many_trials.py --trials 1000 --out bench/out/many_trials.md
+
+At the shipped SMPD config's scale (200 trials per family on SMPD-size features: 305,613 posts,
+~330 columns), with trials long enough that the data, not the machinery, dominates:
+
+    python bench/bench_many_trials.py --trials 200 --rows 305613 --noise-features 320 --rounds 20 \
+        --arms optuna --out bench/out/many_trials_smpd.md
 """
 
 from __future__ import annotations
@@ -67,14 +73,14 @@ class TimedRandom(BasicVariantGenerator):
     next_trial = _timing(BasicVariantGenerator.next_trial)
 
 
-def run_arm(features: str, work: Path, trials: int, search_alg: str) -> dict:
+def run_arm(features: str, work: Path, trials: int, search_alg: str, rounds: int = 5) -> dict:
     SEARCH_SECONDS.clear()
     original = search_module._search_alg
     search_module._search_alg = _timed_search_alg
     uri = f"sqlite:///{work / f'mlruns-{search_alg}.db'}"
     stage = create_run(uri, "many-trials", f"tune-{search_alg}")
     config = TuneConfig(models=("lightgbm",), num_samples=trials, max_concurrent_trials=2, cpus_per_trial=1.0,
-                        max_rounds=5, grace_rounds=5, report_every=5, search_alg=search_alg, seed=0,
+                        max_rounds=rounds, grace_rounds=min(5, rounds), report_every=5, search_alg=search_alg, seed=0,
                         shared_data=True)
     started = time.perf_counter()
     try:
@@ -105,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--arms", nargs="+", default=["optuna", "random"])
     parser.add_argument("--out", default="bench/out/many_trials.md")
+    parser.add_argument("--rows", type=int, default=2000, help="synthetic posts in the feature set")
+    parser.add_argument("--noise-features", type=int, default=None, help="noise columns besides the signal ones")
+    parser.add_argument("--rounds", type=int, default=5, help="boosting rounds per trial (ASHA may stop at 5)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("smpp_ray").setLevel(logging.WARNING)
@@ -115,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-many-trials-") as scratch:
         work = Path(scratch)
         features = str(work / "features")
-        write_synthetic_features(features, rows=2000, seed=0)
+        extra = {} if args.noise_features is None else {"noise_features": args.noise_features}
+        started = time.perf_counter()
+        write_synthetic_features(features, rows=args.rows, seed=0, **extra)
+        logging.warning("wrote %d synthetic posts in %.0f s", args.rows, time.perf_counter() - started)
         for search_alg in args.arms:
-            results[search_alg] = run_arm(features, work, args.trials, search_alg)
+            results[search_alg] = run_arm(features, work, args.trials, search_alg, args.rounds)
             results[search_alg]["driver_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             logging.warning("%s: %s", search_alg, results[search_alg])
     ray.shutdown()
@@ -126,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({100 * r['mlflow_s'] / r['wall_s']:.0f}%) | {r['store_mib']:.1f} | {r['driver_peak_rss_mib']:.0f} |"
             for alg, r in results.items()]
     lines = [
-        f"## {args.trials} short trials per search (`bench/bench_many_trials.py`, LightGBM 5 rounds, 2 concurrent, 2 cores)",
+        f"## {args.trials} trials per search (`bench/bench_many_trials.py`, {args.rows:,} posts, LightGBM up to "
+        f"{args.rounds} rounds, 2 concurrent, 2 cores)",
         "",
         "| search | trials | wall s | trials/s | Tune overhead | search algorithm ms/trial, first -> last 10% | "
         "MLflow (share of wall) | store MiB | driver peak RSS MiB (cumulative) |",

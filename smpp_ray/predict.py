@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from smpp_ray import storage
 from smpp_ray.config import Config
+from smpp_ray.data.manifest import DatasetManifest, manifest_location
 from smpp_ray.scoring.bundle import MODEL_CHOICES, ScorerBundle, is_bundle
 from smpp_ray.stage_table import STAGE_FOLDERS, pipeline_layout
 
@@ -76,15 +77,13 @@ def _prepared_posts(posts: str, work: str, state, config: Config, *, keep_imagel
     """A prepared dataset of the new posts: ``posts`` itself when it is one, else prepare's output
     (validated with the pipeline's taxonomy and image settings, not today's config).
     ``keep_imageless`` keeps the metadata of posts whose image alone is bad (for the fallback)."""
-    from smpp_ray.data.manifest import load_manifest, manifest_location
     from smpp_ray.data.prepare import prepare_dataset
-    from smpp_ray.data.schema import Taxonomy
 
     extras = tuple(state.tabular.extra_columns)
     if storage.is_file(manifest_location(posts)):
-        manifest = load_manifest(posts)
-        if tuple(manifest.get("extra_columns") or ()) != extras:
-            raise ValueError(f"dataset {posts!r} carries extra columns {manifest.get('extra_columns') or []}, but the "
+        manifest = DatasetManifest.read(posts)
+        if manifest.extra_columns != extras:
+            raise ValueError(f"dataset {posts!r} carries extra columns {list(manifest.extra_columns)}, but the "
                              f"scorer was fitted on {list(extras)}: prepare the posts with data.extra_columns "
                              "set to the scorer's (or give the raw posts, which predict prepares so)")
         return posts, manifest
@@ -93,14 +92,14 @@ def _prepared_posts(posts: str, work: str, state, config: Config, *, keep_imagel
     logger.info("predict: validating new posts from %s", posts)
     out = storage.join(work, "new_data")
     d = config.data
-    manifest = prepare_dataset(posts, out, max_image_side=int(state.image.get("max_side", d.max_image_side)),
+    written = prepare_dataset(posts, out, max_image_side=int(state.image.get("max_side", d.max_image_side)),
                                jpeg_quality=int(state.image.get("jpeg_quality", d.jpeg_quality)),
                                rows_per_shard=d.rows_per_shard, max_reject_fraction=d.max_reject_fraction,
                                max_image_bytes=int(state.image.get("max_bytes", d.max_image_bytes)),
-                               taxonomy=Taxonomy.from_dict(state.taxonomy) if state.taxonomy else None,
+                               taxonomy=state.taxonomy,
                                keep_imageless=keep_imageless, image_root=d.image_root, data_format=d.format,
                                columns=d.columns, extra_columns=extras)
-    return out, manifest
+    return out, DatasetManifest(written)
 
 
 def _refuse_train_files(posts: str) -> None:
@@ -265,13 +264,12 @@ def predict_posts(source: str, posts: str, out: str, *, config: Config, model: s
     return {**summary, "model": model, "format": output_format, "seconds": round(seconds, 3)}
 
 
-def _score_table(source: str, bundle: ScorerBundle, data_dir: str, manifest: dict, out: str, base: str, *,
+def _score_table(source: str, bundle: ScorerBundle, data_dir: str, manifest: DatasetManifest, out: str, base: str, *,
                  model: str, config: Config) -> dict[str, Any]:
     """The scores table of every written post; rejects beside it. Returns the summary's counts."""
     from smpp_ray.scoring.scorer import empty_scores, scores_schema
 
-    counts = manifest.get("counts", {})
-    written = int(counts.get("written", sum((counts.get("per_split") or {}).values())))
+    written = manifest.written
     logger.info("predict: scoring %d posts with %s (%s)", written, source, model)
     if written:
         scored = _write_scores(scores_dataset(data_dir, bundle, model=model, config=config), out,
@@ -285,25 +283,24 @@ def _score_table(source: str, bundle: ScorerBundle, data_dir: str, manifest: dic
     if len(rejects):
         storage.write_text(rejects_file, rejects.to_csv(index=False))
         logger.warning("predict: %d posts rejected, reasons in %s", len(rejects), rejects_file)
-    input_rows = int(counts.get("input_rows", written))
+    input_rows = manifest.input_rows
     if input_rows != scored + len(rejects):
         raise RuntimeError(f"predict lost posts: {input_rows} in, {scored} scored + {len(rejects)} rejected")
     return {"out": out, "rejects": rejects_file if len(rejects) else None, "input_rows": input_rows,
             "scored": scored, "rejected": len(rejects)}
 
 
-def _submission(source: str, bundle: ScorerBundle, data_dir: str, manifest: dict, out: str, *, model: str,
+def _submission(source: str, bundle: ScorerBundle, data_dir: str, manifest: DatasetManifest, out: str, *, model: str,
                 config: Config) -> dict[str, Any]:
     """The SMP Challenge submission of a prepared folder of ``test_`` posts; returns the summary's counts."""
     from smpp_ray.scoring.fallback import FallbackScorer, missing_fallback
     from smpp_ray.scoring.submission import assemble_submission, write_submission
 
-    files = manifest.get("files") or {}
+    files = manifest.raw_files
     if "train" in files:  # a prepared dataset given as --posts
-        raise ValueError(_TRAIN_FILES_REFUSED.format(posts=manifest.get("raw_dir"),
+        raise ValueError(_TRAIN_FILES_REFUSED.format(posts=manifest.raw_dir,
                                                      names=", ".join(sorted(map(str, files["train"].values())))))
-    counts = manifest.get("counts", {})
-    input_rows = int(counts["input_rows"])
+    input_rows = manifest.input_rows
     rejects = _rejects(data_dir)
     if bundle.fallback is None and len(rejects):  # before the network runs: it cannot make the file whole
         raise ValueError(f"{missing_fallback(source)}. {len(rejects)} test post(s) need it, the network cannot "

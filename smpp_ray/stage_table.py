@@ -146,11 +146,10 @@ def _check_corpus_size(config: Config, data_dir: str, selected: Sequence[str]) -
     """Splits too small for the search are refused right after prepare, not when tune meets them."""
     if "tune" not in selected:
         return
-    from smpp_ray.data.manifest import load_manifest
+    from smpp_ray.data.manifest import DatasetManifest
     from smpp_ray.gbdt.data import check_split_sizes
 
-    per_split = load_manifest(data_dir).get("counts", {}).get("per_split", {})
-    check_split_sizes(per_split, config.tune.min_val_posts, f"the prepared corpus {data_dir}")
+    check_split_sizes(DatasetManifest.read(data_dir).per_split, config.tune.min_val_posts, f"the prepared corpus {data_dir}")
 
 
 def _prototypes(config: Config, inputs: dict[str, str], out: str, tracking: TrackingContext | None) -> StageResult:

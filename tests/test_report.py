@@ -109,6 +109,7 @@ def test_data_summary_counts_rejects_by_reason(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from smpp_ray.data.manifest import DatasetManifest
     from smpp_ray.data.schema import REJECTS_SCHEMA
     from smpp_ray.report.data_summary import data_section
 
@@ -121,14 +122,14 @@ def test_data_summary_counts_rejects_by_reason(tmp_path):
                                                                                          "test": 1}},
                 "split": {"method": "time", "boundaries": {"train": {"start": 1446574947, "end": 1479456333}}},
                 "time_range": {"start": 1446574947, "end": 1488311391}}
-    page = data_section(str(tmp_path), manifest)
+    page = data_section(str(tmp_path), DatasetManifest(manifest))
     assert "<td>label</td><td>not a number</td><td>3</td>" in page
     assert "<td>image</td><td>unreadable JPEG</td><td>1</td>" in page
     assert "2015-11-03" in page and "2017-02-28" in page and "1446574947" not in page
     # data.test_fraction=0 and no unlabelled posts: an empty split, its bounds null in the manifest
     manifest["split"]["boundaries"]["test"] = None
     manifest["counts"]["per_split"]["test"] = 0
-    assert "2015-11-03" in data_section(str(tmp_path), manifest)
+    assert "2015-11-03" in data_section(str(tmp_path), DatasetManifest(manifest))
 
 
 def test_a_booster_scores_an_empty_split_as_no_rows():

@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 
 from smpp_ray import storage
 from smpp_ray.config import ExtractConfig, parse_resources
+from smpp_ray.data.manifest import DatasetManifest
 from smpp_ray.data.reads import parquet_rows, read_parquet
 from smpp_ray.data.schema import SPLITS, Taxonomy
 from smpp_ray.features.history import HistoryPool, history_columns
@@ -125,11 +126,9 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
     needed). A missing checkpoint, or one whose taxonomy or backbone does not fit the dataset,
     raises ValueError naming the location and what differs, before any work starts.
     """
-    from smpp_ray.data.manifest import load_manifest
-
     started = time.perf_counter()
     data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
-    manifest = load_manifest(data_dir)
+    manifest = DatasetManifest.read(data_dir)
     checkpoint = validate_checkpoint(checkpoint_dir, data_dir) if checkpoint_dir else None
 
     tabular, table, pool = metadata_features(data_dir, manifest, extract_config.user_description_components)
@@ -150,7 +149,7 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
             projections = _fit_embedding_pcas(tmp_dir, extract_config.pca_components, pca_inputs(extract_config))
         settings = NeighbourSettings.from_config(extract_config)
         if settings.enabled:
-            bank = neighbour_bank(tmp_dir, table, Taxonomy.from_dict(manifest["taxonomy"]), settings)
+            bank = neighbour_bank(tmp_dir, table, manifest.taxonomy, settings)
             summary["neighbour_bank_posts"] = len(bank)
         _run_join_pass(tmp_dir, table, projections, out_dir, bank, extract_config)
         storage.remove(tmp_dir)
@@ -161,9 +160,9 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
                        for name in schema.names if name.startswith("net_")]
     columns = feature_columns + network_columns + (bank.settings.columns() if bank is not None else [])
     write_feature_manifest(out_dir, columns)
-    state = FeatureState(tabular.state, pool, projections, manifest["taxonomy"], list(manifest.get("concepts", [])),
+    state = FeatureState(tabular.state, pool, projections, manifest.taxonomy, manifest.concepts,
                          checkpoint.backbone if checkpoint else None, checkpoint.path if checkpoint else None,
-                         dict(manifest.get("image") or {}), data_dir, bank)
+                         manifest.image, data_dir, bank)
     state.save(out_dir)
 
     summary.update({
@@ -182,7 +181,7 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
     return summary
 
 
-def metadata_features(data_dir: str, manifest: dict, user_description_components: int
+def metadata_features(data_dir: str, manifest: DatasetManifest, user_description_components: int
                       ) -> tuple[TabularFeatures, pa.Table, HistoryPool]:
     """Tabular + history features of every post (metadata only), as one Arrow table with ``split``.
 
@@ -190,10 +189,8 @@ def metadata_features(data_dir: str, manifest: dict, user_description_components
     fitted; the :class:`HistoryPool` is the training history the history features came from.
     """
     meta = load_post_metadata(data_dir)
-    start = (manifest.get("time_range") or {}).get("start")
     tabular = build_tabular_features(meta, user_description_components=user_description_components,
-                                     corpus_start=int(start) if isinstance(start, (int, float)) else None,
-                                     extra_columns=tuple(manifest.get("extra_columns") or ()))
+                                     corpus_start=manifest.time_start, extra_columns=manifest.extra_columns)
     pool = HistoryPool.from_posts(meta)
     history = pool.features(meta["uid"].to_numpy(), meta["postdate"].to_numpy())
     frame = pd.concat([tabular.frame, history], axis=1)

@@ -271,11 +271,17 @@ def same_user_copies(query_image: np.ndarray, query_t: np.ndarray, query_codes: 
         if lo == hi:
             continue
         bank_rows = bank_order[lo:hi]
-        rows = query_order[np.searchsorted(query_sorted, code, side="left"):np.searchsorted(query_sorted, code, side="right")]
-        copies = (query_image[rows] @ bank_image[bank_rows].T >= threshold) & (bank_t[None, bank_rows] < query_t[rows, None])
-        q, b = np.nonzero(copies)
-        pairs_q.append(rows[q])
-        pairs_b.append(bank_rows[b])
+        user_rows = query_order[np.searchsorted(query_sorted, code, side="left"):
+                                np.searchsorted(query_sorted, code, side="right")]
+        # In tiles: a prolific account (tens of thousands of posts) must not make one huge matrix.
+        for q0 in range(0, len(user_rows), 1024):
+            rows = user_rows[q0:q0 + 1024]
+            for b0 in range(0, len(bank_rows), BANK_CHUNK_ROWS):
+                tile = bank_rows[b0:b0 + BANK_CHUNK_ROWS]
+                copies = (query_image[rows] @ bank_image[tile].T >= threshold) & (bank_t[None, tile] < query_t[rows, None])
+                q, b = np.nonzero(copies)
+                pairs_q.append(rows[q])
+                pairs_b.append(tile[b])
     if not pairs_q:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(pairs_q).astype(np.int64), np.concatenate(pairs_b).astype(np.int64)

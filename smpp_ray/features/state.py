@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from smpp_ray import digests, storage
+from smpp_ray.data.schema import Taxonomy
 from smpp_ray.features.history import HistoryPool, history_columns
 from smpp_ray.features.manifest import FeatureColumn
 from smpp_ray.features.neighbours import NeighbourBank, NeighbourSettings
@@ -58,7 +58,8 @@ class FeatureState:
     history: HistoryPool
     embedding_pcas: dict[str, PCAProjection] = field(default_factory=dict)
     """``image`` / ``text`` -> the train-only PCA (empty: embeddings kept whole)."""
-    taxonomy: dict[str, Any] = field(default_factory=dict)
+    taxonomy: Taxonomy | None = None
+    """The dataset's classes (None only for a state without any)."""
     concepts: list[str] = field(default_factory=list)
     backbone: str | None = None
     checkpoint: str | None = None
@@ -75,9 +76,10 @@ class FeatureState:
         """``meta`` with category/subcategory/concept ids derived from the names with *this*
         state's vocabularies (new posts were prepared on their own, and their ids index their own
         dataset). A name the training data never had gets -1."""
+        taxonomy = self.taxonomy or Taxonomy((), (), ())
         vocabularies = {
-            "category": {c["name"]: c["id"] for c in self.taxonomy.get("categories", [])},
-            "subcategory": {c["name"]: c["id"] for c in self.taxonomy.get("subcategories", [])},
+            "category": {name: i for i, name in enumerate(taxonomy.categories)},
+            "subcategory": {name: i for i, name in enumerate(taxonomy.subcategories)},
             "concept": {name: i for i, name in enumerate(self.concepts)},
         }
         out = meta.copy()
@@ -125,7 +127,7 @@ class FeatureState:
             "user_description_pca": self.tabular.user_description_pca is not None,
             "extra_columns": list(self.tabular.extra_columns),
             "embedding_pcas": sorted(self.embedding_pcas),
-            "taxonomy": self.taxonomy, "concepts": self.concepts,
+            "taxonomy": self.taxonomy.to_dict() if self.taxonomy is not None else {}, "concepts": self.concepts,
             # The checkpoint and dataset of a pipeline are the features folder's siblings: recorded
             # relative to it, so a moved or copied pipeline registers its own checkpoint.
             "backbone": self.backbone, "checkpoint": _reference(features_dir, self.checkpoint),
@@ -166,7 +168,8 @@ class FeatureState:
                       if facts.get("neighbours") else None)
         return cls(tabular, HistoryPool.from_table(pq.read_table(f"{local}/{_HISTORY}")),
                    {name: _projection(arrays, name) for name in facts["embedding_pcas"]},
-                   facts["taxonomy"], list(facts["concepts"]), facts.get("backbone"),
+                   Taxonomy.from_dict(facts["taxonomy"]) if facts.get("taxonomy") else None, list(facts["concepts"]),
+                   facts.get("backbone"),
                    _resolved(features_dir, facts.get("checkpoint")), dict(facts.get("image") or {}),
                    _resolved(features_dir, facts.get("dataset")), neighbours)
 

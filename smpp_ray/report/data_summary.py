@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from smpp_ray import storage
+from smpp_ray.data.manifest import DatasetManifest
 from smpp_ray.data.schema import SPLITS
 from smpp_ray.redact import redact_uri
 from smpp_ray.report.markup import esc, fmt, table
@@ -35,18 +36,18 @@ def rejects_by_reason(data_dir: str) -> pd.DataFrame:
             .sort_values("rows", ascending=False))
 
 
-def data_section(data_dir: str, manifest: dict[str, Any]) -> str:
-    counts = manifest.get("counts", {})
-    split = manifest.get("split", {})
+def data_section(data_dir: str, manifest: DatasetManifest) -> str:
+    counts = manifest.counts
+    split = manifest.split
     bounds = split.get("boundaries", {})
-    per_split = counts.get("per_split", {})
+    per_split = manifest.per_split
     # an empty split (data.test_fraction=0) has no time bounds: null in the manifest
     rows = [[name, fmt(per_split.get(name)), day((bounds.get(name) or {}).get("start")),
              day((bounds.get(name) or {}).get("end"))] for name in SPLITS]
-    span = manifest.get("time_range", {})
+    span = manifest.time_range
     rows.append(["all", fmt(counts.get("written")), day(span.get("start")), day(span.get("end"))])
     method = split.get("method", "?")
-    intro = (f"<p>Prepared from <code>{esc(redact_uri(str(manifest.get('raw_dir', '?'))))}</code>: "
+    intro = (f"<p>Prepared from <code>{esc(redact_uri(str(manifest.raw_dir or '?')))}</code>: "
              f"{fmt(counts.get('input_rows'))} raw rows, {fmt(counts.get('written'))} posts written, "
              f"{fmt(counts.get('rejected'))} rejected. Split by <b>{esc(method)}</b> "
              f"(val {fmt(split.get('val_fraction'))}, test {fmt(split.get('test_fraction'))} of the posts"

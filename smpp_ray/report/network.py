@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pyarrow.parquet as pq
 
 from smpp_ray import storage
+from smpp_ray.data.schema import Taxonomy
 from smpp_ray.features.manifest import split_location
 from smpp_ray.report.markup import fmt, img, table
 from smpp_ray.report.plots import category_confusion
@@ -39,9 +38,9 @@ def top_k_accuracy(truth: np.ndarray, probs: np.ndarray, k: int) -> float:
     return float(np.mean((top == truth[:, None]).any(axis=1)))
 
 
-def network_section(features_dir: str, taxonomy: dict[str, Any]) -> str:
-    categories = [c["name"] if isinstance(c, dict) else str(c) for c in taxonomy["categories"]]
-    subcategories = len(taxonomy["subcategories"])
+def network_section(features_dir: str, taxonomy: Taxonomy) -> str:
+    categories = list(taxonomy.categories)
+    subcategories = taxonomy.num_subcategories
     data = read_network_test(features_dir, subcategories)
     if data is None or len(data["category_code"]) == 0:
         return "<p>No network predictions in the features (a metadata-only run, or no labelled test posts).</p>"

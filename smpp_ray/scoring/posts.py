@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from smpp_ray.data.schema import POSTS_SCHEMA
+from smpp_ray.data.schema import POSTS_SCHEMA, Taxonomy
 
 #: The name rejects give as the source of a record (there is no file).
 SOURCE = "request"
@@ -97,17 +97,14 @@ def _parse_one(record: Any, index: int, *, max_side: int, quality: int,
 class _Classes:
     """The scorer's taxonomy, checked as prepare checks a row (:func:`smpp_ray.data.splits.class_problem`)."""
 
-    taxonomy: Any
+    taxonomy: Taxonomy
     category_ids: dict[str, int]
     subcategory_ids: dict[str, int]
 
     @classmethod
-    def of(cls, taxonomy: dict[str, Any]) -> _Classes:
-        from smpp_ray.data.schema import Taxonomy
-
-        parsed = Taxonomy.from_dict(taxonomy)
-        return cls(parsed, {n: i for i, n in enumerate(parsed.categories)},
-                   {n: i for i, n in enumerate(parsed.subcategories)})
+    def of(cls, taxonomy: Taxonomy) -> _Classes:
+        return cls(taxonomy, {n: i for i, n in enumerate(taxonomy.categories)},
+                   {n: i for i, n in enumerate(taxonomy.subcategories)})
 
     def problem(self, category: str | None, subcategory: str | None) -> tuple[str, str] | None:
         from smpp_ray.data.splits import class_problem
@@ -128,15 +125,15 @@ class ParsedPosts:
 
 
 def parse_records(records: Sequence[Any], *, max_side: int, quality: int,
-                  taxonomy: dict[str, Any] | None = None, extra_columns: tuple[str, ...] = ()) -> ParsedPosts:
+                  taxonomy: Taxonomy | None = None, extra_columns: tuple[str, ...] = ()) -> ParsedPosts:
     """Validate every record as prepare would; ``len(records) == len(rows) + len(rejects)``.
 
-    ``taxonomy`` (the manifest form) rejects a post whose Category or Subcategory is not one of
+    ``taxonomy`` (the scorer's classes) rejects a post whose Category or Subcategory is not one of
     its classes, or whose Category is not the parent of its Subcategory, as prepare does; that
     check comes before the image's, so an imageless post has nothing else wrong with it.
     ``extra_columns`` (the scorer's) are read from the record's fields of those names.
     """
-    classes = _Classes.of(taxonomy) if taxonomy else None
+    classes = _Classes.of(taxonomy) if taxonomy is not None else None
     kept, imageless, rejects = [], [], []
     for index, record in enumerate(records):
         row, reject = _parse_one(record, index, max_side=max_side, quality=quality, classes=classes,
@@ -151,7 +148,7 @@ def parse_records(records: Sequence[Any], *, max_side: int, quality: int,
                        pd.DataFrame(imageless, columns=POSTS_SCHEMA.names), rejects)
 
 
-def parse_posts(records: Sequence[Any], *, max_side: int, quality: int, taxonomy: dict[str, Any] | None = None,
+def parse_posts(records: Sequence[Any], *, max_side: int, quality: int, taxonomy: Taxonomy | None = None,
                 extra_columns: tuple[str, ...] = ()) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Prepared rows (POSTS_SCHEMA columns) of the valid records and a reject per invalid one
     (see :func:`parse_records`, which also keeps the metadata of imageless posts)."""

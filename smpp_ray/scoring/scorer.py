@@ -91,9 +91,8 @@ class PostScorer:
         self.projections = state.projections()
         self.neighbours = state.neighbours
         self.device = device
-        taxonomy = state.taxonomy
-        self.subcategories = [s["name"] for s in sorted(taxonomy["subcategories"], key=lambda s: s["id"])]
-        self.categories = [c["name"] for c in sorted(taxonomy["categories"], key=lambda c: c["id"])]
+        self.subcategories = list(state.taxonomy.subcategories) if state.taxonomy else []
+        self.categories = list(state.taxonomy.categories) if state.taxonomy else []
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         from smpp_ray.features.extract import network_feature_columns
