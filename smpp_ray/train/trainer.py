@@ -399,6 +399,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker: build the model, resume from Ray's checkpoint, then :func:`fit` with
     this worker's shards in and ``ray.train.report`` out."""
     import ray.train
+
+    worker = _start_worker(config)
+    names = ("train", "val", *([SELECT_DATASET] if config["selection"] else []))
+    shards = {name: ray.train.get_dataset_shard(name) for name in names}
+    cfg = worker.train_config
+    per_batch = cfg.sample_selection == "batch"
+    settings = StepSettings(grad_accum_steps=cfg.grad_accum_steps,
+                            sample_selection_keep=cfg.sample_selection_keep if per_batch else 1.0,
+                            warmup_steps=cfg.selection_warmup_epochs * config["steps_per_epoch"],
+                            device=worker.device)
+    fit(worker.model, worker.loss_fn, worker.optimizer, worker.scheduler, settings, epochs=cfg.epochs,
+        patience=cfg.early_stopping_patience, state=worker.state, hooks=_fit_hooks(worker, shards),
+        probe_rows=PROBE_ROWS if worker.rank == 0 else 0, sharded=True)
+
+
+@dataclasses.dataclass
+class _Worker:
+    """One Ray Train worker: its configs, its place in the group, its model and optimiser, and the
+    loop state it resumes from."""
+
+    config: dict[str, Any]
+    train_config: TrainConfig
+    model_config: ModelConfig
+    taxonomy: Taxonomy
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: LoopState
+
+
+def _start_worker(config: dict[str, Any]) -> _Worker:
+    """Build this worker's model and optimiser, restore Ray's latest checkpoint, wrap for DDP."""
+    import ray.train
     import ray.train.torch
 
     train_config = TrainConfig(**config["train_config"])
@@ -421,39 +458,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # prepare_model is collective (DDP broadcasts rank 0's weights): no rank reads the train
     # shard before a stale kept-ids file is gone.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
-    per_batch = train_config.sample_selection == "batch"
-    settings = StepSettings(grad_accum_steps=train_config.grad_accum_steps,
-                            sample_selection_keep=train_config.sample_selection_keep if per_batch else 1.0,
-                            warmup_steps=train_config.selection_warmup_epochs * config["steps_per_epoch"],
-                            device=device)
-    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", *([SELECT_DATASET] if selection else []))}
-    batch = train_config.batch_size
+    return _Worker(config, train_config, model_config, taxonomy, rank, world, device, model, loss_fn, optimizer,
+                   scheduler, state)
+
+
+def _fit_hooks(worker: _Worker, shards: dict[str, Any]) -> FitHooks:
+    """What :func:`fit` calls on a Ray Train worker: its shards as batches, sample selection,
+    the fault hook, all-reduced train metrics, and per epoch the checkpoint report, the console
+    line and the MLflow metrics (rank 0)."""
+    cfg, config, batch, rank = worker.train_config, worker.config, worker.train_config.batch_size, worker.rank
+    selection = config["selection"]
 
     def select(epoch: int, state: LoopState) -> dict[str, Any] | None:
         if not selection or state.selection or epoch < selection["warmup_epochs"]:
             return None
-        return _select_posts(model, shards[SELECT_DATASET], selection, epoch, batch, device, rank, world)
+        return _select_posts(worker.model, shards[SELECT_DATASET], selection, epoch, batch, worker.device, rank,
+                             worker.world)
 
     def end_epoch(metrics: dict[str, Any], state: LoopState, probe: dict[str, Any] | None, seconds: float) -> None:
-        _report(model, optimizer, scheduler, model_config, taxonomy, config["prototypes_path"], metrics, state,
-                probe, rank)
+        _report(worker.model, worker.optimizer, worker.scheduler, worker.model_config, worker.taxonomy,
+                config["prototypes_path"], metrics, state, probe, rank)
         if rank == 0:
-            _epoch_line(metrics, metrics["epoch"], train_config.epochs, seconds)
+            _epoch_line(metrics, metrics["epoch"], cfg.epochs, seconds)
             if config["tracking"]:
                 log_metrics(config["tracking"]["tracking_uri"], config["tracking"]["run_id"],
                             {k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"] + 1)
 
-    hooks = FitHooks(
-        train_batches=lambda epoch: iterate_torch(shards["train"], batch, train=True, seed=train_config.seed + epoch,
-                                                  prefetch_batches=train_config.prefetch_batches),
+    return FitHooks(
+        train_batches=lambda epoch: iterate_torch(shards["train"], batch, train=True, seed=cfg.seed + epoch,
+                                                  prefetch_batches=cfg.prefetch_batches),
         val_batches=lambda: iterate_torch(shards["val"], batch, train=False),
         select=select,
-        on_step=lambda epoch: _failure_hook(train_config.fail_at_epoch, epoch, rank, world, config["run_path"]),
-        train_metrics=lambda stats: _reduce_train_stats(stats, device),
+        on_step=lambda epoch: _failure_hook(cfg.fail_at_epoch, epoch, rank, worker.world, config["run_path"]),
+        train_metrics=lambda stats: _reduce_train_stats(stats, worker.device),
         end_epoch=end_epoch)
-    fit(model, loss_fn, optimizer, scheduler, settings, epochs=train_config.epochs,
-        patience=train_config.early_stopping_patience, state=state, hooks=hooks,
-        probe_rows=PROBE_ROWS if rank == 0 else 0, sharded=True)
 
 
 def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
