@@ -111,9 +111,14 @@ VARIANTS: dict[str, Variant] = {
                             worse="selection_off"),
     "history_off": Variant(drop_groups=("history",),
                            claim="user history features help", better="full", worse="history_off"),
-    # Not the paper's: the retrieval features (labels of the nearest earlier training posts/users).
-    "neighbours_off": Variant(drop_groups=("neighbours", "user_neighbours"),
-                              claim="retrieval (neighbour) features help", better="full", worse="neighbours_off"),
+    # Not the paper's: the retrieval features (labels of the nearest earlier training posts/users),
+    # off by default; this row turns them on (the same network: extraction alone differs).
+    "neighbours_on": Variant(("extract.neighbour_embeddings=[image,text,fused]",),
+                             claim="retrieval (neighbour) features help", better="neighbours_on", worse="full"),
+    "neighbours_small": Variant(("extract.neighbour_embeddings=[fused]", "extract.neighbour_ks=[5,20]",
+                                 "extract.user_neighbour_snapshots=0"),
+                                claim="a small retrieval set (fused, k 5/20, no users) helps",
+                                better="neighbours_small", worse="full"),
     # Not an ablation of the paper: how much the regressor gets from the network at all here.
     "network_off": Variant(drop_groups=("network",),
                            claim="(premise) the network's features help the regressor", better="full",

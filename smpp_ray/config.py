@@ -355,8 +355,8 @@ class ExtractConfig:
     """Concurrent decode tasks; 0 sizes them from the decode rate measured on the driver (capped by free CPUs)."""
     actor_images_per_s: float = 0.0
     """Expected images/s of one inference actor, for sizing decode; 0 measures CPU actors on the driver (GPU: all free CPUs)."""
-    neighbour_embeddings: tuple[str, ...] = ("image", "text", "fused")
-    """Embeddings (image, text, fused) whose nearest earlier training posts give retrieval features; [] turns them off."""
+    neighbour_embeddings: tuple[str, ...] = ()
+    """Embeddings (image, text, fused) whose nearest earlier training posts give retrieval features; [] (the default: they cost 0.01-0.03 test SRC on the synthetic corpus, bench/results.md) turns them off."""
     neighbour_ks: tuple[int, ...] = (5, 20, 100)
     """Neighbour counts k of the retrieval features (label mean/median/spread, weighted mean, similarity, ...)."""
     user_neighbour_snapshots: int = 8
@@ -365,6 +365,8 @@ class ExtractConfig:
     """A same-user bank post at least this similar is a re-upload of the post and is never its neighbour."""
     neighbour_block_rows: int = 1024
     """Query posts per block of the exact neighbour search (memory per block: rows x 16384 floats)."""
+    neighbour_min_pool: int = 10
+    """A post gets k-neighbour features only with >= this many x k earlier training posts (users) to choose from; fewer and the k "nearest" would be most of the past, a running mean that means something else."""
     neighbour_exact_rows: int = 2_000_000
     """Neighbour banks longer than this get an HNSW index (FAISS) for the part of the bank earlier than a whole block."""
 
@@ -388,6 +390,8 @@ class ExtractConfig:
                  f"extract.neighbour_ks must be a non-empty list of k >= 1, got {list(self.neighbour_ks)!r}")
         _require(self.user_neighbour_snapshots >= 0,
                  f"extract.user_neighbour_snapshots must be >= 0, got {self.user_neighbour_snapshots!r}")
+        _require(self.neighbour_min_pool >= 1,
+                 f"extract.neighbour_min_pool must be >= 1, got {self.neighbour_min_pool!r}")
         _require(self.neighbour_exact_rows >= 0,
                  f"extract.neighbour_exact_rows must be >= 0, got {self.neighbour_exact_rows!r}")
         _require(self.neighbour_block_rows >= 1,

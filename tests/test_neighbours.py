@@ -83,7 +83,7 @@ def build(settings, outputs, t, uid, label, sub, split):
                                              {k: v[train] for k, v in outputs.items()})
 
 
-SETTINGS = NeighbourSettings(ks=(3, 10), user_snapshots=4)
+SETTINGS = NeighbourSettings(ks=(3, 10), user_snapshots=4, min_pool=1)
 
 
 def test_bank_is_training_posts_only_and_time_ordered():
@@ -172,8 +172,10 @@ def test_bad_settings_name_the_key():
         load_config(None, ["extract.neighbour_ks=[5,0]"])
     with pytest.raises(ValueError, match="extract.neighbour_embeddings.*'pixels'"):
         NeighbourSettings(embeddings=("pixels",))   # a saved bank's facts are checked too
-    settings = NeighbourSettings.from_config(load_config(None, ["extract.neighbour_ks=[2,4]"]).extract)
-    assert settings.ks == (2, 4) and settings.embeddings == ("image", "text", "fused")
+    assert not NeighbourSettings.from_config(load_config(None).extract).enabled   # off by default
+    settings = NeighbourSettings.from_config(load_config(None, ["extract.neighbour_ks=[2,4]",
+                                                                "extract.neighbour_embeddings=[fused]"]).extract)
+    assert settings.ks == (2, 4) and settings.embeddings == ("fused",) and settings.enabled
 
 
 def test_the_approximate_path_keeps_the_leak_rule_exactly_and_finds_most_neighbours():
@@ -210,3 +212,20 @@ def test_a_bank_past_the_exact_limit_saves_and_reloads_its_index(tmp_path):
     for other in (NeighbourBank.from_npz(settings, str(tmp_path / "bank.npz")), NeighbourBank.from_arrays(bank.arrays())):
         assert set(other.indexes) == set(settings.embeddings)
         np.testing.assert_array_equal(other.features(outputs, t, uid, sub).to_numpy(), want.to_numpy())
+
+
+def test_a_k_is_defined_only_with_min_pool_times_k_candidates():
+    """With fewer than min_pool x k earlier posts, the "k nearest" would be most of the past: NaN."""
+    outputs, t, uid, label, sub, split = bank_and_posts()
+    settings = NeighbourSettings(ks=(3, 10), user_snapshots=4, min_pool=4)
+    bank = build(settings, outputs, t, uid, label, sub, split)
+    frame = bank.features(outputs, t, uid, sub)
+    unrestricted = build(SETTINGS, outputs, t, uid, label, sub, split).features(outputs, t, uid, sub)
+    pool = np.searchsorted(bank.t, t, side="left")
+    for k in (3, 10):
+        defined = pool >= 4 * k
+        assert defined.any() and (~defined).any()
+        for stat in ("mean", "wmean", "same_user", "residual"):
+            assert frame.loc[~defined, f"nb_image_k{k}_{stat}"].isna().all()
+        np.testing.assert_array_equal(frame.loc[defined, f"nb_image_k{k}_mean"],
+                                      unrestricted.loc[defined, f"nb_image_k{k}_mean"])
