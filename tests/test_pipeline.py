@@ -87,8 +87,9 @@ def test_a_moved_feature_state_names_its_own_checkpoint_and_dataset(pipeline_run
 
 def test_the_retrieval_bank_is_training_posts_and_evaluation_rows_retrieve_only_earlier_ones(pipeline_run):
     """The saved bank holds the prepared training posts only (no val/test pid), the regressors read
-    the neighbour features, and a row with at most k earlier training posts has, as its k-neighbour
-    label mean, exactly the mean over the training posts strictly earlier than it."""
+    the neighbour features, a row with exactly k earlier training posts has, as its k-neighbour
+    label mean, the mean over those posts (smoke.yaml: neighbour_min_pool 1), and a row with fewer
+    has none."""
 
     from smpp_ray.features.neighbours import POST_GROUP, USER_GROUP
     from smpp_ray.features.state import FeatureState
@@ -105,17 +106,22 @@ def test_the_retrieval_bank_is_training_posts_and_evaluation_rows_retrieve_only_
     assert {POST_GROUP, USER_GROUP} <= {c["group"] for c in manifest["columns"]}
     spec = FeatureSpec.load(str(out / "tune" / "feature_spec.json"))
     assert any(name.startswith("nb_") for name in spec.features)
-    k = max(bank.settings.ks)
-    checked = 0
+    assert bank.settings.min_pool == 1
+    checked, undefined = 0, 0
     for split in ("train", "val", "test"):
         rows = pd.read_parquet(out / "features" / f"split={split}")
         for _, row in rows.iterrows():
             earlier = bank.t < row["postdate"]
-            if 3 <= earlier.sum() <= k:
+            for k in bank.settings.ks:
                 for embedding in bank.settings.embeddings:
-                    assert row[f"nb_{embedding}_k{k}_mean"] == pytest.approx(bank.label[earlier].mean(), abs=1e-9)
-                checked += 1
-    assert checked >= 3
+                    value = row[f"nb_{embedding}_k{k}_mean"]
+                    if earlier.sum() == k:
+                        assert value == pytest.approx(bank.label[earlier].mean(), abs=1e-9)
+                        checked += 1
+                    elif earlier.sum() < k:
+                        assert pd.isna(value)
+                        undefined += 1
+    assert checked >= 3 and undefined >= 3
 
 
 def test_mlflow_holds_parent_run_with_one_child_per_stage(pipeline_run):
