@@ -358,6 +358,7 @@ class NeighbourBank:
         prior = self._subcategory_prior(np.asarray(predicted_subcategory, dtype=np.int64), t)
         copies = same_user_copies(normalised(np.asarray(outputs[EMBEDDING_OUTPUTS[DUPLICATE_EMBEDDING]])), t, codes,
                                   self.vectors[DUPLICATE_EMBEDDING], self.t, bank_codes, settings.duplicate_similarity)
+        pool = np.searchsorted(self.t, t, side="left")   # earlier bank posts each post chooses from
         out: dict[str, np.ndarray] = {}
         for embedding in settings.embeddings:
             queries = normalised(np.asarray(outputs[EMBEDDING_OUTPUTS[embedding]]))
@@ -366,7 +367,6 @@ class NeighbourBank:
                                              approximate=self.indexes.get(embedding), exact_rows=settings.exact_rows)
             same_user = np.where(index >= 0, bank_codes[np.maximum(index, 0)] == codes[:, None], False)
             labels = np.where(index >= 0, self.label[np.maximum(index, 0)], np.nan)
-            pool = np.searchsorted(self.t, t, side="left")   # earlier bank posts each post chooses from
             for k in settings.ks:
                 stats = _label_stats(labels[:, :k], sims[:, :k], pool >= settings.min_pool * k)
                 present = (index[:, :k] >= 0).sum(axis=1)
