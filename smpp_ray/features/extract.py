@@ -587,7 +587,7 @@ def neighbour_bank(tmp_dir: str, table: pa.Table, taxonomy: Taxonomy, settings: 
     """The retrieval bank: the training posts' embeddings (``tmp_dir/split=train``, streamed) with
     their postdate, user, label and subcategory from the tabular ``table``."""
     files = storage.list_parquet_files(split_location(tmp_dir, "train"))
-    outputs = [EMBEDDING_OUTPUTS[e] for e in settings.embeddings]
+    outputs = [EMBEDDING_OUTPUTS[e] for e in settings.vector_keys]   # the image too: re-uploads
     pids: list[np.ndarray] = []
     arrays: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
     if files:

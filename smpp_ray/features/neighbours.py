@@ -112,6 +112,11 @@ class NeighbourSettings:
         return bool(self.embeddings)
 
     @property
+    def vector_keys(self) -> tuple[str, ...]:
+        """The embeddings a bank keeps: the searched ones, and the image for the re-upload check."""
+        return tuple(dict.fromkeys((*self.embeddings, DUPLICATE_EMBEDDING)))
+
+    @property
     def max_k(self) -> int:
         return max(self.ks)
 
@@ -332,7 +337,7 @@ class NeighbourBank:
         keep = np.flatnonzero(~np.isnan(label))
         order = keep[np.argsort(np.asarray(t, dtype=np.int64)[keep], kind="stable")]
         vectors = {e: normalised(np.asarray(outputs[EMBEDDING_OUTPUTS[e]])[order])
-                   for e in dict.fromkeys((*settings.embeddings, DUPLICATE_EMBEDDING))}
+                   for e in settings.vector_keys}
         indexes = ({e: ApproximateIndex.build(vectors[e]) for e in settings.embeddings}
                    if len(order) > settings.exact_rows else {})
         if indexes:
