@@ -15,6 +15,8 @@ At the shipped SMPD config's scale (200 trials per family on SMPD-size features:
 
     python bench/bench_many_trials.py --trials 200 --rows 305613 --noise-features 320 --rounds 20 \
         --arms optuna --out bench/out/many_trials_smpd.md
+
+and its CatBoost half: the same with ``--model catboost --out bench/out/many_trials_smpd_catboost.md``.
 """
 
 from __future__ import annotations
@@ -73,18 +75,19 @@ class TimedRandom(BasicVariantGenerator):
     next_trial = _timing(BasicVariantGenerator.next_trial)
 
 
-def run_arm(features: str, work: Path, trials: int, search_alg: str, rounds: int = 5) -> dict:
+def run_arm(features: str, work: Path, trials: int, search_alg: str, rounds: int = 5,
+            family: str = "lightgbm") -> dict:
     SEARCH_SECONDS.clear()
     original = search_module._search_alg
     search_module._search_alg = _timed_search_alg
     uri = f"sqlite:///{work / f'mlruns-{search_alg}.db'}"
     stage = create_run(uri, "many-trials", f"tune-{search_alg}")
-    config = TuneConfig(models=("lightgbm",), num_samples=trials, max_concurrent_trials=2, cpus_per_trial=1.0,
+    config = TuneConfig(models=(family,), num_samples=trials, max_concurrent_trials=2, cpus_per_trial=1.0,
                         max_rounds=rounds, grace_rounds=min(5, rounds), report_every=5, search_alg=search_alg, seed=0,
                         shared_data=True)
     started = time.perf_counter()
     try:
-        result = search_module.run_search("lightgbm", features, str(work / f"ray_results-{search_alg}"),
+        result = search_module.run_search(family, features, str(work / f"ray_results-{search_alg}"),
                                           tune_config=config, tracking_ctx=TrackingContext(uri, "many-trials", stage))
     finally:
         search_module._search_alg = original
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=2000, help="synthetic posts in the feature set")
     parser.add_argument("--noise-features", type=int, default=None, help="noise columns besides the signal ones")
     parser.add_argument("--rounds", type=int, default=5, help="boosting rounds per trial (ASHA may stop at 5)")
+    parser.add_argument("--model", choices=("lightgbm", "catboost"), default="lightgbm", help="the family searched")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("smpp_ray").setLevel(logging.WARNING)
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         write_synthetic_features(features, rows=args.rows, seed=0, **extra)
         logging.warning("wrote %d synthetic posts in %.0f s", args.rows, time.perf_counter() - started)
         for search_alg in args.arms:
-            results[search_alg] = run_arm(features, work, args.trials, search_alg, args.rounds)
+            results[search_alg] = run_arm(features, work, args.trials, search_alg, args.rounds, args.model)
             results[search_alg]["driver_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             logging.warning("%s: %s", search_alg, results[search_alg])
     ray.shutdown()
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({100 * r['mlflow_s'] / r['wall_s']:.0f}%) | {r['store_mib']:.1f} | {r['driver_peak_rss_mib']:.0f} |"
             for alg, r in results.items()]
     lines = [
-        f"## {args.trials} trials per search (`bench/bench_many_trials.py`, {args.rows:,} posts, LightGBM up to "
+        f"## {args.trials} trials per search (`bench/bench_many_trials.py`, {args.rows:,} posts, {args.model} up to "
         f"{args.rounds} rounds, 2 concurrent, 2 cores)",
         "",
         "| search | trials | wall s | trials/s | Tune overhead | search algorithm ms/trial, first -> last 10% | "

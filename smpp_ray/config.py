@@ -414,8 +414,8 @@ class TuneConfig:
     """Custom Ray resources each Tune trial requests, as NAME=AMOUNT (pins trials to nodes)."""
     cpus_per_trial: float = 1.0
     """Logical CPUs (and GBDT threads) per trial."""
-    search_alg: Literal["optuna", "random"] = "optuna"
-    """Seeded search algorithm."""
+    search_alg: Literal["optuna", "random", "optuna_multi"] = "optuna"
+    """Seeded search algorithm: Optuna's TPE on ``tune.objective``, random search, or ``optuna_multi``: Optuna's multi-objective TPE on (val SRC, val MAE), which spreads the trials along their Pareto front (the best trial is still chosen by ``tune.objective``)."""
     max_rounds: int = 400
     """Boosting rounds per trial (ASHA stops weak trials earlier)."""
     grace_rounds: int = 50

@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import json
 import logging
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ from smpp_ray import metrics
 from smpp_ray.config import TuneConfig
 from smpp_ray.gbdt import SearchInterrupted, tune_models
 from smpp_ray.gbdt.data import FeatureSpec, group_folds, load_splits
+from smpp_ray.gbdt.objective import dominates, pareto_front
 from smpp_ray.gbdt.registry import load_flavour, registered_source
 from smpp_ray.gbdt.synthetic import write_synthetic_features
 from smpp_ray.gbdt.tracking_callback import TRIAL_TAG
@@ -31,8 +33,9 @@ from smpp_ray.tracking import PARENT_TAG, TrackingContext, client, create_run
 pytestmark = pytest.mark.slow
 
 SAMPLES = 3
+# The multi-objective search here; the session pipeline runs the default (scalar) one.
 CONFIG = TuneConfig(num_samples=SAMPLES, max_rounds=40, grace_rounds=10, report_every=3, max_concurrent_trials=2,
-                    cpus_per_trial=1.0, registered_model_prefix="test")
+                    cpus_per_trial=1.0, registered_model_prefix="test", search_alg="optuna_multi")
 
 
 def _stage(root: Path) -> TrackingContext:
@@ -186,6 +189,42 @@ def test_tuned_blend_beats_constant_and_single_feature_baselines(tuned, features
     assert blend["test_src"] > metrics.src(y_test, single) + 0.05
     for family in ("lightgbm", "catboost"):
         assert result["metrics"][family]["test_src"] > metrics.src(y_test, single)
+
+
+def _selected(rows: list[dict]) -> dict:
+    return max(rows, key=lambda r: (float(r["val_score"]), -int(r["rounds"])))
+
+
+def test_the_multi_objective_search_learns_each_trials_selected_round_and_keeps_its_front(tuned):
+    result, ctx, out = tuned
+    c = client(ctx.tracking_uri)
+    document = json.loads((out / "metrics.json").read_text())
+    stage = c.get_run(ctx.run_id).data.metrics
+    for family in ("lightgbm", "catboost"):
+        search = result["search"][family]
+        record = json.loads((out / f"search_{family}.json").read_text())
+        # Recomputed from the trials' own progress files, not from the summary's numbers
+        points = []
+        for trial in record["trials"]:
+            chosen = _selected(_progress(search["experiment_path"], trial["trial_id"]))
+            points.append({"trial_id": trial["trial_id"], "val_src": float(chosen["val_src"]),
+                           "val_mae": float(chosen["val_mae"])})
+        front = record["pareto_front"]
+        assert [p["trial_id"] for p in front] == [p["trial_id"] for p in pareto_front(points)]
+        assert search["best_trial_id"] in [p["trial_id"] for p in front]  # src+mae: the best is undominated
+        for point in points:
+            assert point["trial_id"] in {p["trial_id"] for p in front} or any(dominates(p, point) for p in front)
+        assert document["best"][family]["pareto_front"] == front
+        assert stage[f"{family}_pareto_trials"] == len(front)
+        run = c.get_run(search["search_run_id"])
+        assert run.data.metrics["pareto_trials"] == len(front)
+        assert f"search_{family}.json" in {a.path for a in c.list_artifacts(run.info.run_id)}
+        # Tune drove the two-objective study, and told it each trial's selected round
+        (state,) = Path(search["experiment_path"]).glob("searcher-state-*.pkl")
+        study = pickle.loads(state.read_bytes())["_ot_study"]
+        assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+        told = sorted(tuple(t.values) for t in study.trials if t.values is not None)
+        assert told == pytest.approx(sorted((p["val_src"], p["val_mae"]) for p in points), abs=1e-6)
 
 
 def test_metrics_json_plots_and_stage_metrics(tuned):

@@ -11,13 +11,14 @@ teams, so the search optimises a scalar proxy that weights the two equally on co
   ranks well by SRC but has an MAE skill near 0, so it no longer wins.
 
 Every value is "higher is better", so Tune's metric (``val_score``), ASHA and the search
-algorithm take it as it is.
+algorithm take it as it is. Beside the one choice, :func:`pareto_front` keeps the trials no other
+trial beats on both metrics, for the report and MLflow.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -79,3 +80,24 @@ def best_round(reports: list[dict[str, float]], min_rounds: int = 0) -> dict[str
     if not eligible:
         return None
     return max(eligible, key=lambda r: (r[SCORE], -r["rounds"]))
+
+
+def dominates(a: dict[str, float], b: dict[str, float]) -> bool:
+    """``a`` is at least as good as ``b`` on both challenge metrics (SRC higher, MAE lower) and
+    strictly better on one."""
+    return (a["val_src"] >= b["val_src"] and a["val_mae"] <= b["val_mae"]
+            and (a["val_src"] > b["val_src"] or a["val_mae"] < b["val_mae"]))
+
+
+def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points no other point dominates (:func:`dominates`), by SRC from highest: the trade-off
+    between the two metrics the challenge ranks, which one scalar objective hides. Points with a
+    non-finite SRC or MAE are left out; of exact duplicates the first is kept."""
+    finite = [p for p in points if np.isfinite(p["val_src"]) and np.isfinite(p["val_mae"])]
+    front: list[dict[str, Any]] = []
+    for point in sorted(finite, key=lambda p: (-p["val_src"], p["val_mae"])):
+        # Sorted by SRC descending (MAE ascending on ties), a point is on the front exactly when
+        # its MAE is below every MAE kept so far.
+        if not front or point["val_mae"] < front[-1]["val_mae"]:
+            front.append(point)
+    return front

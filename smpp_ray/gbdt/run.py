@@ -311,7 +311,7 @@ def _write_outputs(out: str, predictions: pd.DataFrame, evaluation: dict[str, An
         "uncalibrated": uncalibrated,
         "best": {f: {"params": s.best_config, "rounds": s.best_rounds, "search_val_src": s.best_val_src,
                      "search_val_mae": s.best_val_mae, "search_val_score": s.best_val_score,
-                     "trials": len(s.trials)} for f, s in searches.items()},
+                     "trials": len(s.trials), "pareto_front": s.pareto_front} for f, s in searches.items()},
         "refit_on": config.refit_on,
         "validation": config.validation,
         "importance": importance,
@@ -367,6 +367,7 @@ def _log_to_mlflow(ctx: TrackingContext, out: str, searches: dict[str, SearchRes
         tags = {"smpp.family": family, "smpp.refit_on": config.refit_on, "smpp.best_trial": search.best_trial_id,
                 **{f"smpp.{k}": f"{v:.4f}" for k, v in scores.items() if isinstance(v, float)},
                 **({"smpp.git_commit": git_commit()} if git_commit() else {})}
+        tracking.log_artifact(ctx.tracking_uri, run_id, TuneOutput(out).search(family))
         registered[family] = log_and_register(
             ctx.tracking_uri, run_id, paths[f"model_{family}"], f"{config.registered_model_prefix}-{family}",
             description=f"smpp_ray {family} popularity regressor on the extracted features (the tune stage's "
@@ -374,6 +375,7 @@ def _log_to_mlflow(ctx: TrackingContext, out: str, searches: dict[str, SearchRes
             tags=tags, params={**search.best_config, "rounds": search.best_rounds})
     flat = mlflow_metrics(evaluation)
     flat.update({f"blend_weight_{f}": w for f, w in weights.items()})
+    flat.update({f"{f}_pareto_trials": len(s.pareto_front) for f, s in searches.items()})
     flat.update({f"{split}_fallback_{name}": values[name] for split, values in fallback_metrics.items()
                  for name in ("src", "mae", "mse")})
     tracking.log_metrics(ctx.tracking_uri, ctx.run_id, flat)

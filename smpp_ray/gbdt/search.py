@@ -29,7 +29,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from smpp_ray import storage, tracking
 from smpp_ray.config import TuneConfig, parse_resources
-from smpp_ray.gbdt.objective import SCORE, best_round
+from smpp_ray.gbdt.objective import SCORE, best_round, pareto_front
 from smpp_ray.gbdt.shared import load_matrices
 from smpp_ray.gbdt.spaces import search_space
 from smpp_ray.gbdt.tracking_callback import FAMILY_TAG, SEARCH_TAG, MlflowTrialCallback
@@ -63,6 +63,9 @@ class SearchResult:
     mlflow_seconds: float = 0.0
     restored: bool = False
     statuses: dict[str, str] = field(default_factory=dict)
+    #: The trials no other trial beats on both val SRC and val MAE (each at its selected round),
+    #: by SRC from highest: ``trial_id``, ``round``, ``val_src``, ``val_mae``, ``val_score``, ``config``.
+    pareto_front: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,6 +140,10 @@ def _search_alg(config: TuneConfig) -> Any:
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=config.seed)
+    if config.search_alg == "optuna_multi":
+        from smpp_ray.gbdt.multi_objective import ParetoOptunaSearch
+
+        return ParetoOptunaSearch(seed=config.seed, min_rounds=config.min_rounds)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Tune ignores TuneConfig.max_concurrent_trials for a BasicVariantGenerator (it is not a
@@ -249,7 +256,7 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", search_alg=_search_alg(tune_config), scheduler=_scheduler(tune_config, data_parallel),
                 num_samples=tune_config.num_samples,
-                max_concurrent_trials=tune_config.max_concurrent_trials if tune_config.search_alg == "optuna" else None,
+                max_concurrent_trials=tune_config.max_concurrent_trials if tune_config.search_alg != "random" else None,
                 time_budget_s=tune_config.time_budget_s or None,
                 # Trials of a family share resources: reusing their actors saves a worker start-up
                 # (seconds on a busy node) per trial, the bulk of Tune's overhead for short trials.
@@ -277,7 +284,8 @@ def run_search(family: str, features_dir: str, storage_dir: str, *, tune_config:
                             {f"best.{k}": v for k, v in result.best_config.items()} | {"best.rounds": result.best_rounds})
         tracking.log_metrics(tracking_ctx.tracking_uri, search_run_id,
                              {"best_val_src": result.best_val_src, "best_val_mae": result.best_val_mae,
-                              "best_val_score": result.best_val_score, "trials": len(result.trials), "search_seconds": wall})
+                              "best_val_score": result.best_val_score, "trials": len(result.trials), "search_seconds": wall,
+                              "pareto_trials": len(result.pareto_front)})
         tracking.end_run(tracking_ctx.tracking_uri, search_run_id, "FINISHED")
     return result
 
@@ -390,13 +398,16 @@ def _summarise(family: str, grid: Any, statuses: dict[str, str], experiment_path
         errors = [t["error"] for t in trials if t["error"]]
         raise RuntimeError(f"no {family} trial in {experiment_path} reported {METRIC}; first error: "
                            f"{errors[0] if errors else 'none'}")
-    logger.info("%s search: %d trials, best %s=%.4f (src %.4f, mae %.4f) at round %d (%s)", family, len(trials),
-                METRIC, best["best_val_score"], best["best_val_src"], best["best_val_mae"], best["best_round"],
-                json.dumps(best["config"], default=str))
+    front = pareto_front([{"trial_id": t["trial_id"], "round": t["best_round"], "val_src": t["best_val_src"],
+                           "val_mae": t["best_val_mae"], "val_score": t["best_val_score"], "config": t["config"]}
+                          for t in trials if "best_round" in t and t["error"] is None])
+    logger.info("%s search: %d trials, best %s=%.4f (src %.4f, mae %.4f) at round %d (%s); %d on the SRC/MAE "
+                "Pareto front", family, len(trials), METRIC, best["best_val_score"], best["best_val_src"],
+                best["best_val_mae"], best["best_round"], json.dumps(best["config"], default=str), len(front))
     return SearchResult(family=family, best_config=dict(best["config"]), best_rounds=best["best_round"],
                         best_val_src=best["best_val_src"], best_val_mae=best["best_val_mae"],
                         best_val_score=best["best_val_score"],
                         best_trial_id=best["trial_id"], trials=trials, experiment_path=experiment_path,
                         search_run_id=search_run_id, wall_seconds=wall, statuses=statuses,
-                        restored=restored)
+                        restored=restored, pareto_front=front)
 

@@ -16,12 +16,14 @@ from smpp_ray.report import facts, leaderboard, markup, plots, posts
 from smpp_ray.report.data_summary import data_section
 from smpp_ray.report.markup import esc, fmt, img, note, page, section
 from smpp_ray.report.network import network_section
+from smpp_ray.report.search import search_section
 from smpp_ray.summary import StageSummary
 
 logger = logging.getLogger(__name__)
 
 #: (anchor, navigation title) of every section, in page order; the browser test checks them.
-SECTIONS = (("run-facts", "Run facts"), ("leaderboard", "Leaderboard"), ("residuals", "Residuals and calibration"),
+SECTIONS = (("run-facts", "Run facts"), ("leaderboard", "Leaderboard"), ("search", "Hyperparameter search"),
+            ("residuals", "Residuals and calibration"),
             ("per-category", "Error per category"), ("worst-posts", "Worst-predicted posts"),
             ("network", "Confusion of the subcategory proxy"), ("training", "Training"), ("data", "Data"))
 
@@ -41,6 +43,7 @@ def write_report(layout: dict[str, str], table: pd.DataFrame, tracking_uri: str 
     body = {
         "run-facts": facts.facts_section(layout, summaries, tracking_uri),
         "leaderboard": leaderboard.leaderboard_section(layout["tune"], summaries.get("tune"), baseline, table),
+        "search": search_section(layout["tune"], summaries.get("tune")),
         "residuals": _residuals(shown),
         "per-category": _per_category(shown),
         "worst-posts": posts.worst_posts_html(layout["data"], test[leaderboard.PREDICT_DEFAULT],

@@ -119,3 +119,23 @@ def training_curves(history: list[dict[str, Any]]) -> str | None:
     loss_ax.set_title("Loss")
     acc_ax.set(title="Validation accuracy", ylim=(0, 1))
     return png_of(fig)
+
+
+def search_front(trials: list[dict[str, Any]], front: list[dict[str, Any]], chosen: str | None) -> str:
+    """Every trial's selected round as val SRC (x) against val MAE (y), the Pareto front joined,
+    the chosen trial starred; the better corner is bottom right."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    scored = [t for t in trials if "best_val_src" in t]
+    ax.scatter([t["best_val_src"] for t in scored], [t["best_val_mae"] for t in scored], s=18, color="#9e9e9e",
+               label=f"trials ({len(scored)})")
+    ax.plot([p["val_src"] for p in front], [p["val_mae"] for p in front], marker="o", color="#1f77b4",
+            label=f"Pareto front ({len(front)})")
+    best = [t for t in scored if t["trial_id"] == chosen]
+    if best:
+        ax.scatter([best[0]["best_val_src"]], [best[0]["best_val_mae"]], marker="*", s=260, color="#d62728",
+                   zorder=3, label="chosen (tune.objective)")
+    ax.set(xlabel="val SRC (higher is better)", ylabel="val MAE (lower is better)",
+           title="Each trial at its selected round")
+    ax.legend(fontsize=10)
+    return png_of(fig)
