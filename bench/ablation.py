@@ -229,7 +229,7 @@ def decode_corpus(data: str, config: Any) -> dict[str, dict[str, Any]]:
     """Every split decoded and tokenised once (eval transforms), as collated tensors."""
     import pyarrow.parquet as pq
 
-    from smpp_ray.data.schema import posts_path
+    from smpp_ray.data.dataset import Dataset
     from smpp_ray.model.backbone import backbone_spec
     from smpp_ray.model.preprocess import BatchPreprocessor
     from smpp_ray.train.data import INPUT_COLUMNS, collate_batch
@@ -239,7 +239,7 @@ def decode_corpus(data: str, config: Any) -> dict[str, dict[str, Any]]:
                                      mean=spec.mean, std=spec.std)
     corpus = {}
     for split in ("train", "val", "test"):
-        table = pq.read_table(posts_path(data, split), columns=INPUT_COLUMNS)
+        table = pq.read_table(Dataset(data).posts(split), columns=INPUT_COLUMNS)
         rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
         corpus[split] = collate_batch(preprocessor(rows))
     return corpus
@@ -273,15 +273,15 @@ def extract_in_process(model: Any, corpus: dict[str, dict[str, Any]], data: str,
     import pyarrow.parquet as pq
     import torch
 
-    from smpp_ray.data.manifest import DatasetManifest
+    from smpp_ray.data.dataset import Dataset
     from smpp_ray.features.extract import EMBEDDINGS, metadata_features, network_feature_columns
-    from smpp_ray.features.manifest import FeatureColumn, write_feature_manifest
+    from smpp_ray.features.manifest import FeatureColumn, FeatureSet
     from smpp_ray.features.neighbours import NeighbourBank, NeighbourSettings
     from smpp_ray.features.network import outputs_to_numpy
     from smpp_ray.features.pca import PCAAccumulator
     from smpp_ray.train.fit import memory_batches
 
-    manifest = DatasetManifest.read(data)
+    manifest = Dataset(data).manifest()
     tabular, table, _ = metadata_features(data, manifest, config.extract.user_description_components)
     network: dict[str, dict[str, np.ndarray]] = {}
     with torch.inference_mode():
@@ -322,7 +322,7 @@ def extract_in_process(model: Any, corpus: dict[str, dict[str, Any]], data: str,
         joined = pa.table({**{n: rows.column(n) for n in rows.column_names if n != "split"}, **columns})
         (out / f"split={split}").mkdir(parents=True, exist_ok=True)
         pq.write_table(joined, out / f"split={split}" / "part-00000.parquet")
-    write_feature_manifest(str(out), tabular.columns + [FeatureColumn(n, "network", categorical=n.startswith("net_pred_"))
+    FeatureSet(str(out)).write_manifest(tabular.columns + [FeatureColumn(n, "network", categorical=n.startswith("net_pred_"))
                                                         for n in names]
                            + (bank.settings.columns() if bank is not None else []))
 
@@ -366,10 +366,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data, proto = shared_stages(config, work / f"corpus-{args.posts}")
     corpus = None
     if args.engine == "in-process":
-        from smpp_ray.data.manifest import load_taxonomy
+        from smpp_ray.data.dataset import Dataset
 
         corpus = decode_corpus(data, config)
-        corpus["taxonomy"] = load_taxonomy(data).to_dict()
+        corpus["taxonomy"] = Dataset(data).taxonomy().to_dict()
     shared_s = time.perf_counter() - started
     logger.info("shared stages ready in %.0f s (data %s, prototypes %s)", shared_s, data, proto)
 

@@ -48,7 +48,7 @@ def prepare_corpus(workdir: Path, posts: int, backbone: str) -> tuple[str, str]:
     """Synthetic posts -> prepared dataset -> prototype bank (reused when already there)."""
     import pyarrow.parquet as pq
 
-    from smpp_ray.data.manifest import load_taxonomy
+    from smpp_ray.data.dataset import Dataset
     from smpp_ray.data.prepare import prepare_dataset
     from smpp_ray.data.synth import synthesize_corpus
     from smpp_ray.model.backbone import backbone_spec
@@ -63,7 +63,7 @@ def prepare_corpus(workdir: Path, posts: int, backbone: str) -> tuple[str, str]:
         table = pq.read_table(data / "posts" / "split=train")
         rows = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
         embedded = EmbedPosts(backbone)(rows)
-        bank, _ = compute_prototypes(embedded, load_taxonomy(str(data)), shots=16, time_buckets=2, seed=0,
+        bank, _ = compute_prototypes(embedded, Dataset(str(data)).taxonomy(), shots=16, time_buckets=2, seed=0,
                                      embed_dim=backbone_spec(backbone).embed_dim, metadata={"backbone": backbone})
         proto.mkdir(parents=True, exist_ok=True)
         bank.save(str(bank_path))
@@ -88,7 +88,7 @@ def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inlin
     import torch
 
     from smpp_ray.config import ModelConfig
-    from smpp_ray.data.manifest import load_taxonomy
+    from smpp_ray.data.dataset import Dataset
     from smpp_ray.model.backbone import backbone_spec
     from smpp_ray.model.model import create_model
     from smpp_ray.model.preprocess import BatchPreprocessor
@@ -112,7 +112,7 @@ def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inlin
         from smpp_ray.train.image_features import ImageTowerEncoder
 
         encoder = ImageTowerEncoder(dataclasses.asdict(ModelConfig(backbone=args.backbone, pretrained=args.pretrained)),
-                                    load_taxonomy(data).to_dict(), f"{proto}/prototypes.safetensors", 0, "bfloat16",
+                                    Dataset(data).taxonomy().to_dict(), f"{proto}/prototypes.safetensors", 0, "bfloat16",
                                     device=args.device)
         decoded = [collate_batch(encoder(decode(b))) for b in raw_batches]
     else:
@@ -127,7 +127,7 @@ def bench_plain(data: str, proto: str, args: argparse.Namespace, *, decode_inlin
 
     torch.manual_seed(0)
     model = create_model(ModelConfig(backbone=args.backbone, pretrained=args.pretrained),
-                         load_taxonomy(data), f"{proto}/prototypes.safetensors").to(device)
+                         Dataset(data).taxonomy(), f"{proto}/prototypes.safetensors").to(device)
     optimizer = create_optimizer(model.trainable_parameters(), "adamw", 5e-3, 1e-4)
     scheduler = create_scheduler(optimizer, len(raw_batches) // 2, len(raw_batches) * args.epochs)
     rates, waits, seconds, step = [], [], [], 0

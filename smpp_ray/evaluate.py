@@ -18,12 +18,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from smpp_ray import storage
-from smpp_ray.gbdt.data import (
-    categorical_columns,
-    load_feature_manifest,
-    read_split,
-    select_columns,
-)
+from smpp_ray.features.manifest import FeatureSet
+from smpp_ray.gbdt.data import categorical_columns, read_split, select_columns
 from smpp_ray.metrics import regression_metrics
 from smpp_ray.summary import require_summary
 
@@ -48,7 +44,7 @@ def metadata_baseline_predictions(features_dir: str, seed: int = 0) -> dict[str,
     pred over the labelled val and test posts), ``fit_seconds`` and ``params``."""
     import lightgbm as lgb
 
-    manifest = load_feature_manifest(features_dir)
+    manifest = FeatureSet(features_dir).manifest()
     names = select_columns(manifest, METADATA_GROUPS)
     categorical = categorical_columns(manifest, names)
     train = read_split(str(features_dir), "train")

@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 
 from smpp_ray import storage
 from smpp_ray.config import Config
-from smpp_ray.data.manifest import DatasetManifest, manifest_location
+from smpp_ray.data.dataset import Dataset
+from smpp_ray.data.manifest import DatasetManifest
 from smpp_ray.scoring.bundle import MODEL_CHOICES, ScorerBundle, is_bundle
 from smpp_ray.stage_table import STAGE_FOLDERS, pipeline_layout
 
@@ -80,8 +81,8 @@ def _prepared_posts(posts: str, work: str, state, config: Config, *, keep_imagel
     from smpp_ray.data.prepare import prepare_dataset
 
     extras = tuple(state.tabular.extra_columns)
-    if storage.is_file(manifest_location(posts)):
-        manifest = DatasetManifest.read(posts)
+    if Dataset(posts).has_manifest():
+        manifest = Dataset(posts).manifest()
         if manifest.extra_columns != extras:
             raise ValueError(f"dataset {posts!r} carries extra columns {list(manifest.extra_columns)}, but the "
                              f"scorer was fitted on {list(extras)}: prepare the posts with data.extra_columns "
@@ -328,9 +329,9 @@ def _submission(source: str, bundle: ScorerBundle, data_dir: str, manifest: Data
 
 def _post_keys(data_dir: str) -> pd.DataFrame:
     """pid and row_index of every written post (every split: a test_-only folder has only test)."""
-    from smpp_ray.data.schema import SPLITS, posts_path
+    from smpp_ray.data.schema import SPLITS
 
-    files = [f for split in SPLITS for f in storage.list_parquet_files(posts_path(data_dir, split))]
+    files = [f for split in SPLITS for f in storage.list_parquet_files(Dataset(data_dir).posts(split))]
     tables = [pq.read_table(path, columns=["pid", "row_index"], filesystem=fs) for fs, path in map(storage.resolve, files)]
     if not tables:
         return pd.DataFrame({"pid": pd.Series(dtype=str), "row_index": pd.Series(dtype="int64")})
@@ -346,9 +347,9 @@ def _collect_scores(dataset) -> pd.DataFrame:
 
 def _imageless(data_dir: str) -> pd.DataFrame:
     """The prepared metadata of the posts rejected for their image alone (empty when none were kept)."""
-    from smpp_ray.data.schema import POSTS_SCHEMA, imageless_path
+    from smpp_ray.data.schema import POSTS_SCHEMA
 
-    return _read_parquet_folder(imageless_path(data_dir), POSTS_SCHEMA)
+    return _read_parquet_folder(Dataset(data_dir).imageless, POSTS_SCHEMA)
 
 
 def _read_parquet_folder(location: str, schema: pa.Schema) -> pd.DataFrame:
@@ -375,6 +376,6 @@ def _write_empty(frame: pd.DataFrame, out: str) -> None:
 
 
 def _rejects(data_dir: str) -> pd.DataFrame:
-    from smpp_ray.data.schema import REJECTS_SCHEMA, rejects_path
+    from smpp_ray.data.schema import REJECTS_SCHEMA
 
-    return _read_parquet_folder(rejects_path(data_dir), REJECTS_SCHEMA)
+    return _read_parquet_folder(Dataset(data_dir).rejects, REJECTS_SCHEMA)

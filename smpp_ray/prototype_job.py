@@ -8,8 +8,7 @@ import ray
 import ray.data
 
 from smpp_ray import storage
-from smpp_ray.data.manifest import load_taxonomy
-from smpp_ray.data.schema import posts_path
+from smpp_ray.data.dataset import Dataset
 from smpp_ray.model.backbone import PACKAGED_MODELS, backbone_spec
 from smpp_ray.model.prototypes import (
     EMBED_INPUT_COLUMNS,
@@ -37,8 +36,8 @@ def build_prototypes(data_dir: str, out_dir: str, *, backbone: str, pretrained: 
         raise ValueError(f"shots={shots}, time_buckets={time_buckets}, batch_size={batch_size} and "
                          f"num_actors={num_actors} must all be >= 1")
     data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
-    taxonomy = load_taxonomy(data_dir)
-    train_dir = posts_path(data_dir, "train")
+    taxonomy = Dataset(data_dir).taxonomy()
+    train_dir = Dataset(data_dir).posts("train")
     if not storage.list_parquet_files(train_dir):
         raise ValueError(f"train split {train_dir!r} not found (no Parquet shards) in prepared dataset {data_dir!r}")
     device = "cuda" if num_gpus_per_actor > 0 else "cpu"

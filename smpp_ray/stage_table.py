@@ -124,9 +124,8 @@ def _check_raw(config: Config, inputs: dict[str, str]) -> None:
 
 
 def _prepare(config: Config, inputs: dict[str, str], out: str, tracking: TrackingContext | None) -> StageResult:
-    from smpp_ray.data.manifest import manifest_location
+    from smpp_ray.data.dataset import Dataset
     from smpp_ray.data.prepare import prepare_dataset
-    from smpp_ray.data.schema import rejects_path
     from smpp_ray.data.taxonomy import chosen_taxonomy
 
     d = config.data
@@ -138,18 +137,18 @@ def _prepare(config: Config, inputs: dict[str, str], out: str, tracking: Trackin
                                image_root=d.image_root, data_format=d.format, columns=d.columns,
                                extra_columns=d.extra_columns)
     return {"metrics": manifest.get("counts", {}),
-            "artifacts": {"manifest": manifest_location(out), "posts": storage.join(out, "posts"),
-                          "rejects": rejects_path(out)}}
+            "artifacts": {"manifest": Dataset(out).manifest_file, "posts": Dataset(out).posts_root,
+                          "rejects": Dataset(out).rejects}}
 
 
 def _check_corpus_size(config: Config, data_dir: str, selected: Sequence[str]) -> None:
     """Splits too small for the search are refused right after prepare, not when tune meets them."""
     if "tune" not in selected:
         return
-    from smpp_ray.data.manifest import DatasetManifest
+    from smpp_ray.data.dataset import Dataset
     from smpp_ray.gbdt.data import check_split_sizes
 
-    check_split_sizes(DatasetManifest.read(data_dir).per_split, config.tune.min_val_posts, f"the prepared corpus {data_dir}")
+    check_split_sizes(Dataset(data_dir).manifest().per_split, config.tune.min_val_posts, f"the prepared corpus {data_dir}")
 
 
 def _prototypes(config: Config, inputs: dict[str, str], out: str, tracking: TrackingContext | None) -> StageResult:
@@ -186,9 +185,9 @@ def _extract(config: Config, inputs: dict[str, str], out: str, tracking: Trackin
 
     checkpoint = resolve_checkpoint(inputs["checkpoint"]) if inputs["checkpoint"] else None
     result = extract_features(inputs["data"], checkpoint, out, extract_config=config.extract)
-    from smpp_ray.features.manifest import feature_manifest_location
+    from smpp_ray.features.manifest import FeatureSet
 
-    return {"metrics": result, "artifacts": {"features": out, "feature_manifest": feature_manifest_location(out)}}
+    return {"metrics": result, "artifacts": {"features": out, "feature_manifest": FeatureSet(out).manifest_file}}
 
 
 def kept_ids_input(config: Config, train_dir: str) -> str:

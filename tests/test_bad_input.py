@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from smpp_ray.data.dataset import Dataset
 from smpp_ray.data.prepare import prepare_dataset
-from smpp_ray.data.schema import REJECTS_SCHEMA, SPLITS, posts_path
+from smpp_ray.data.schema import REJECTS_SCHEMA, SPLITS
 from smpp_ray.data.synth import synthesize_corpus
 
 POSTS, ROW = 30, 3
@@ -304,7 +305,7 @@ def test_bad_input(case: Case, ray_session, base_corpus, tmp_path):
         (ROW, source, field_name) for source, field_name, _ in case.rejects]
     for row, (_, _, word) in zip(rejects, case.rejects, strict=True):
         assert word in row["reason"], row["reason"]
-    assert sum(pq.read_table(posts_path(str(data), s)).num_rows for s in SPLITS) == counts["written"]
+    assert sum(pq.read_table(Dataset(str(data)).posts(s)).num_rows for s in SPLITS) == counts["written"]
 
 
 def test_the_table_covers_enough_cases():

@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -287,6 +288,11 @@ def test_probe_job_runs_on_both_nodes_and_logs_to_mlflow(local_cluster: LocalClu
 PIN_TO_WORKER_NODE = ["--set", "train.worker_resources=[node_b=0.5]",
                       "--set", "extract.actor_resources=[node_b=0.01]",
                       "--set", "tune.trial_resources=[node_b=0.01]"]
+#: The pipeline job's LightGBM trials and refits fit data-parallel (``tune.engine: ray_train``):
+#: two Ray Train workers, spread over the two nodes, reading Ray Data shards of the features in
+#: the bucket. One trial per family keeps the job's time.
+DATA_PARALLEL_TUNE = ["--set", "tune.engine=ray_train", "--set", "tune.train_workers=2",
+                      "--set", "tune.num_samples=1"]
 
 
 @dataclass
@@ -330,7 +336,7 @@ def pipeline_job(local_cluster: LocalCluster) -> PipelineJob:
     experiment = f"pipeline-{uuid.uuid4().hex[:6]}"
     job_id, status, logs = submit_job(local_cluster, [
         "python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml", "--out", out,
-        "--set", f"tracking.experiment={experiment}", *PIN_TO_WORKER_NODE], timeout=1200)
+        "--set", f"tracking.experiment={experiment}", *PIN_TO_WORKER_NODE, *DATA_PARALLEL_TUNE], timeout=1200)
     return PipelineJob(job_id, status, logs, out, experiment)
 
 
@@ -416,6 +422,70 @@ def test_pipeline_job_ran_on_the_isolated_node_and_tracked_through_the_server(lo
     assert parent.data.tags["smpp.driver_node_id"] != worker  # the driver ran on the head
 
 
+def _actors(cluster: LocalCluster, class_name: str) -> list[dict]:
+    """Every actor of ``class_name`` the cluster has had (dead ones included), from the State API."""
+    token = Path(cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    query = urllib.parse.urlencode({"filter_keys": "class_name", "filter_predicates": "=",
+                                    "filter_values": class_name, "limit": 1000, "detail": 1})
+    request = urllib.request.Request(f"{cluster.dashboard}/api/v0/actors?{query}",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)["data"]["result"]["result"]
+
+
+@pytest.mark.slow
+def test_pipeline_job_fit_lightgbm_data_parallel_across_both_nodes(local_cluster: LocalCluster,
+                                                                   pipeline_job: PipelineJob, monkeypatch):
+    """``tune.engine: ray_train`` on the two-node cluster, the features in the bucket: the trial's
+    rounds reached Tune from Ray Train workers on both nodes, the refits (the family's and the
+    fallback's) ran data-parallel, and their predictions score as the single-process fit of the
+    same configuration does."""
+    import numpy as np
+    import pandas as pd
+
+    from smpp_ray import metrics
+    from smpp_ray.gbdt.data import load_splits
+    from smpp_ray.gbdt.spaces import fixed_params
+    from smpp_ray.gbdt.trainables import fit_model, predict
+
+    assert pipeline_job.status == "SUCCEEDED", pipeline_job.logs
+    tune = f"{pipeline_job.out}/tune"
+    files = _bucket_files(local_cluster, tune)
+    runs = sorted({f.split("/")[2] for f in files if f.startswith("ray_results/train_runs/")})
+    assert [r.split("-")[0] for r in runs] == ["refit", "refit", "trial"], runs   # lightgbm's, the fallback's
+    (progress,) = [f for f in files if f.startswith("ray_results/lightgbm/") and f.endswith("/progress.csv")]
+    with _bucket(local_cluster).open_input_stream(f"{tune}/{progress}".removeprefix("s3://")) as stream:
+        rows = pd.read_csv(stream)
+    assert rows["rounds"].tolist() == [1, 11, 21, 31, 41, 51, 60] and np.isfinite(rows["val_score"]).all()
+
+    # The data-parallel fits' workers ran on both nodes (the pipeline's training workers are pinned
+    # to the worker node, so a Train worker on the head is a LightGBM one)
+    nodes = _alive_nodes(local_cluster)
+    head = next(node_id for node_id, n in nodes.items() if n["is_head_node"])
+    workers = _actors(local_cluster, "RayTrainWorker")
+    assert head in {a["node_id"] for a in workers}, [(a["node_id"], a["state"]) for a in workers]
+    assert {a["node_id"] for a in workers} == set(nodes)
+
+    # Quality: the data-parallel refit against one process fitting the same configuration and rounds
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, local_cluster.env[name])
+    document = _bucket_json(local_cluster, f"{tune}/metrics.json")
+    best = document["best"]["lightgbm"]
+    spec, data = load_splits(f"{pipeline_job.out}/features")
+    single = fit_model("lightgbm", {**fixed_params("lightgbm", seed=0, threads=1), **best["params"]}, best["rounds"],
+                       data["train"].X, data["train"].y, spec.categorical)
+    with _bucket(local_cluster).open_input_stream(f"{tune}/predictions.parquet".removeprefix("s3://")) as stream:
+        predictions = pd.read_parquet(stream)
+    for split in ("val", "test"):
+        scored = predictions[predictions["split"] == split].set_index("pid")
+        keys = data[split].keys["pid"].to_numpy()
+        assert set(scored.index) == set(keys) and scored.index.is_unique   # every post of the split, once
+        parallel, alone, y = scored.loc[keys, "raw_lightgbm"].to_numpy(), predict(single, data[split].X), data[split].y
+        print(split, metrics.src(y, parallel), metrics.src(y, alone), metrics.mae(y, parallel), metrics.mae(y, alone))
+        assert metrics.src(y, parallel) == pytest.approx(metrics.src(y, alone), abs=0.02), split
+        assert metrics.mae(y, parallel) == pytest.approx(metrics.mae(y, alone), rel=0.05), split
+
+
 @pytest.mark.slow
 def test_resubmitting_the_pipeline_skips_every_stage(local_cluster: LocalCluster, pipeline_job: PipelineJob):
     import mlflow
@@ -423,7 +493,8 @@ def test_resubmitting_the_pipeline_skips_every_stage(local_cluster: LocalCluster
     assert pipeline_job.status == "SUCCEEDED", pipeline_job.logs
     job_id, status, logs = submit_job(local_cluster, [
         "python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml", "--out", pipeline_job.out,
-        "--set", f"tracking.experiment={pipeline_job.experiment}", *PIN_TO_WORKER_NODE], timeout=600)
+        "--set", f"tracking.experiment={pipeline_job.experiment}", *PIN_TO_WORKER_NODE, *DATA_PARALLEL_TUNE],
+        timeout=600)
     assert status == "SUCCEEDED", logs
     for stage in PIPELINE_STAGES:
         assert re.search(rf"\] {stage}: complete for these inputs and config, skipped", logs), (stage, logs[-3000:])

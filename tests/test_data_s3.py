@@ -14,9 +14,9 @@ import pytest
 
 from smpp_ray import storage
 from smpp_ray.data import smpd
-from smpp_ray.data.manifest import MANIFEST_FILE, load_manifest, load_taxonomy
+from smpp_ray.data.dataset import MANIFEST_FILE, Dataset
 from smpp_ray.data.prepare import prepare_dataset
-from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS, posts_path, rejects_path
+from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS
 from smpp_ray.data.synth import synthesize_corpus
 
 CORPUS = {"posts": 96, "seed": 7, "image_size": 32, "test_posts": 8}
@@ -32,7 +32,7 @@ def _read_table(location: str):
 
 
 def _pids(data: str) -> dict[str, list[str]]:
-    return {s: _read_table(posts_path(data, s)).column("pid").to_pylist() for s in SPLITS}
+    return {s: _read_table(Dataset(data).posts(s)).column("pid").to_pylist() for s in SPLITS}
 
 
 def _damage(raw: str) -> None:
@@ -92,14 +92,14 @@ def test_prepare_from_s3_to_s3_matches_a_local_prepare(ray_with_s3, s3_bucket, t
     reference = prepare_dataset(local_raw, local_data, rows_per_shard=40)
 
     # Everything prepare writes is in the bucket.
-    assert storage.is_file(storage.join(data, MANIFEST_FILE)) and load_manifest(data) == manifest
+    assert storage.is_file(storage.join(data, MANIFEST_FILE)) and Dataset(data).manifest().facts == manifest
     assert manifest["raw_dir"] == raw
     for split in SPLITS:
-        shards = storage.list_parquet_files(posts_path(data, split))
+        shards = storage.list_parquet_files(Dataset(data).posts(split))
         assert shards and all(s.startswith(f"{data}/posts/split={split}/part-") for s in shards)
-        assert _read_table(posts_path(data, split)).schema.remove_metadata().equals(POSTS_SCHEMA)
-    assert len(storage.list_parquet_files(posts_path(data, "train"))) >= 2   # sharded
-    rejects = _read_table(rejects_path(data))
+        assert _read_table(Dataset(data).posts(split)).schema.remove_metadata().equals(POSTS_SCHEMA)
+    assert len(storage.list_parquet_files(Dataset(data).posts("train"))) >= 2   # sharded
+    rejects = _read_table(Dataset(data).rejects)
     assert rejects.schema.remove_metadata().equals(REJECTS_SCHEMA)
 
     # Nothing lost, and exactly the rows (and rejects) of the local run.
@@ -110,9 +110,9 @@ def test_prepare_from_s3_to_s3_matches_a_local_prepare(ray_with_s3, s3_bucket, t
     assert "cannot be decoded" in reasons[0] and "does not exist" in reasons[1]
     assert counts == reference["counts"]
     assert _pids(data) == _pids(local_data)
-    assert rejects.to_pylist() == _read_table(rejects_path(local_data)).to_pylist()
-    assert load_taxonomy(data) == load_taxonomy(local_data)
-    remote_val, local_val = _read_table(posts_path(data, "val")), _read_table(posts_path(local_data, "val"))
+    assert rejects.to_pylist() == _read_table(Dataset(local_data).rejects).to_pylist()
+    assert Dataset(data).taxonomy() == Dataset(local_data).taxonomy()
+    remote_val, local_val = _read_table(Dataset(data).posts("val")), _read_table(Dataset(local_data).posts("val"))
     assert remote_val.equals(local_val)   # same bytes per image, not only the same pids
 
 

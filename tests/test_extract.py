@@ -16,7 +16,7 @@ from test_features_tabular import T0, make_posts, write_dataset
 from smpp_ray.config import ExtractConfig, ModelConfig
 from smpp_ray.data.schema import SPLITS
 from smpp_ray.data.taxonomy_names import default_taxonomy
-from smpp_ray.features import extract_features, load_feature_manifest, select_columns
+from smpp_ray.features import FeatureSet, extract_features, select_columns
 from smpp_ray.features.extract import join_network_batch, network_feature_columns
 from smpp_ray.features.history import history_features
 from smpp_ray.features.network import NetworkFeatureExtractor, decode_batch, outputs_to_numpy
@@ -83,7 +83,7 @@ def test_tabular_only_extraction(dataset: Path, posts: pd.DataFrame, tmp_path: P
     result = extract_features(str(dataset), None, str(tmp_path), extract_config=config)
     assert result["network"] is False and result["columns_per_group"]["network"] == 0
     assert result["rows"] == posts.groupby("split").size().to_dict()
-    manifest = load_feature_manifest(str(tmp_path))
+    manifest = FeatureSet(str(tmp_path)).manifest()
     assert manifest["key_columns"] == ["pid", "uid", "postdate", "label", "category", "subcategory"]
     assert {c["group"] for c in manifest["columns"]} == {"user", "time", "text", "geo", "category", "history"}
     out = _read_all(tmp_path)
@@ -195,7 +195,7 @@ def test_ray_extraction_equals_in_process_model(ray_session, dataset: Path, chec
     assert result["steady_images_per_s"] > 0 and result["images_per_s"] > 0
     assert not (tmp_path / "_network").exists()
 
-    manifest = load_feature_manifest(str(tmp_path))
+    manifest = FeatureSet(str(tmp_path)).manifest()
     network = select_columns(manifest, ["network"])
     assert {c["name"] for c in manifest["columns"] if c["categorical"]} >= {"net_pred_subcategory", "net_pred_category"}
     out = _read_all(tmp_path).loc[posts["pid"]]  # rows in the in-process order, matched by pid

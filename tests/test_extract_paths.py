@@ -16,7 +16,7 @@ from test_extract import _in_process_outputs, _read_all, _save_tiny_checkpoint
 from test_features_tabular import make_posts, write_dataset
 
 from smpp_ray.config import ExtractConfig
-from smpp_ray.features import extract_features, load_feature_manifest, select_columns
+from smpp_ray.features import FeatureSet, extract_features, select_columns
 from smpp_ray.features.extract import (
     DECODED_BLOCK_BYTES,
     decode_block_rows,
@@ -211,7 +211,7 @@ def test_ray_gpu_decode_extraction_writes_every_post_once(ray_session, checkpoin
         values = out[[f"net_{name}_{i}" for i in range(width)]].to_numpy()
         assert np.abs(values - expected[name]).max() <= FEATURE_RTOL * np.abs(expected[name]).max(), name
     # the fused vector enters PCA-reduced, fitted on train only, like the embeddings
-    manifest = load_feature_manifest(str(out_dir))
+    manifest = FeatureSet(str(out_dir)).manifest()
     network = select_columns(manifest, ["network"])
     assert {f"net_fused_pc_{i}" for i in range(3)} <= set(network)
     assert not any(c.startswith("net_fused_") and "_pc_" not in c for c in network)

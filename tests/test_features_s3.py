@@ -25,7 +25,7 @@ from test_features_tabular import make_posts, write_dataset
 from smpp_ray import storage
 from smpp_ray.config import ExtractConfig, TuneConfig
 from smpp_ray.data.schema import SPLITS
-from smpp_ray.features import extract_features, load_feature_manifest, select_columns
+from smpp_ray.features import FeatureSet, extract_features, select_columns
 from smpp_ray.features.state import FeatureState
 from smpp_ray.gbdt import SearchInterrupted, tune_models
 from smpp_ray.gbdt.data import FeatureSpec, encode, load_splits, read_split
@@ -76,7 +76,7 @@ def test_tabular_extraction_into_s3_equals_a_local_one(s3_features, local_datase
     local = extract_features(str(local_dataset), None, str(tmp_path), extract_config=EXTRACT)
     assert result["rows"] == local["rows"] and sum(result["rows"].values()) == POSTS
     assert result["features_dir"] == features and features.startswith("s3://")
-    assert load_feature_manifest(features) == load_feature_manifest(str(tmp_path))
+    assert FeatureSet(features).manifest() == FeatureSet(str(tmp_path)).manifest()
     for split in SPLITS:
         pd.testing.assert_frame_equal(_frame(features, split), _frame(str(tmp_path), split))
     names = {storage.name(f) for f in storage.list_files(features, recursive=False)}
@@ -117,7 +117,7 @@ def test_models_load_from_s3_and_predict_what_the_stage_predicted(tuned, s3_feat
         assert np.array_equal(np.asarray(model.predict(X), dtype=np.float64), expected)
         registered = load_flavour(family, registered_source(ctx.tracking_uri, f"s3test-{family}"))
         assert np.array_equal(np.asarray(registered.predict(X), dtype=np.float64), expected)
-    assert set(select_columns(load_feature_manifest(s3_features[0]))) == set(spec.features)
+    assert set(select_columns(FeatureSet(s3_features[0]).manifest())) == set(spec.features)
 
 
 def test_interrupted_search_on_s3_resumes_from_the_bucket(s3_features, bucket):

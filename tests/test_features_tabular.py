@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from smpp_ray.data.schema import POSTS_SCHEMA, posts_path
+from smpp_ray.data.dataset import Dataset
+from smpp_ray.data.schema import POSTS_SCHEMA
 from smpp_ray.features.history import HISTORY_COLUMNS, history_features
 from smpp_ray.features.manifest import (
     GROUPS,
@@ -95,7 +96,7 @@ def make_posts(n: int, *, seed: int = 0, users: int = 6, image_size: int = 0) ->
 def write_posts(frame: pd.DataFrame, data_dir: Path, shards: int = 2) -> None:
     """Write a ``make_posts`` frame as ``DATA/posts/split=*/part-*.parquet`` in POSTS_SCHEMA."""
     for split, part in frame.groupby("split"):
-        folder = Path(posts_path(str(data_dir), split))
+        folder = Path(Dataset(str(data_dir)).posts(split))
         folder.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pandas(part.drop(columns="split"), schema=POSTS_SCHEMA, preserve_index=False)
         step = -(-table.num_rows // shards)
@@ -105,12 +106,11 @@ def write_posts(frame: pd.DataFrame, data_dir: Path, shards: int = 2) -> None:
 
 def write_dataset(frame: pd.DataFrame, data_dir: Path, shards: int = 3) -> Path:
     """A ``make_posts`` frame as a prepared dataset: the shards and a manifest with the default taxonomy."""
-    from smpp_ray.data.manifest import write_manifest
     from smpp_ray.data.schema import SCHEMA_VERSION
     from smpp_ray.data.taxonomy_names import default_taxonomy
 
     write_posts(frame, data_dir, shards=shards)
-    write_manifest(str(data_dir), {
+    Dataset(str(data_dir)).write_manifest({
         "schema_version": SCHEMA_VERSION, "taxonomy": default_taxonomy().to_dict(),
         "time_range": {"start": T0, "end": int(frame["postdate"].max())},
         "counts": {"per_split": {k: int(v) for k, v in frame.groupby("split").size().items()}}})
@@ -306,7 +306,6 @@ def test_feature_state_gives_new_posts_the_features_extraction_gave_them(tmp_pat
     extracted rows bit for bit, with class ids re-derived from names (new posts index their own
     dataset); a post of a user with no training history gets the empty history."""
     from smpp_ray.config import ExtractConfig
-    from smpp_ray.data.manifest import load_manifest, write_manifest
     from smpp_ray.data.taxonomy_names import default_taxonomy
     from smpp_ray.features.extract import extract_features
     from smpp_ray.features.state import FeatureState
@@ -320,9 +319,9 @@ def test_feature_state_gives_new_posts_the_features_extraction_gave_them(tmp_pat
     # A table corpus's extra numeric columns (one name LightGBM would refuse as it is), some missing.
     posts["extra"] = [[float(i), None if i % 4 == 0 else i * 0.5] for i in range(len(posts))]
     data = write_dataset(posts, tmp_path / "data")
-    manifest = load_manifest(str(data))
-    write_manifest(str(data), {**manifest, "concepts": sorted(posts["concept"].unique()),
-                               "extra_columns": ["views/day", "followers"]})
+    manifest = Dataset(str(data)).manifest().facts
+    Dataset(str(data)).write_manifest({**manifest, "concepts": sorted(posts["concept"].unique()),
+                                        "extra_columns": ["views/day", "followers"]})
     extract_features(str(data), None, str(tmp_path / "features"), extract_config=ExtractConfig(user_description_components=3))
     state = FeatureState.load(str(tmp_path / "features"))
     assert sum(state.tabular.tag_frequency.values()) > 0 and len(state.history.t) == (posts["split"] == "train").sum()

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "smpp_ray"
 #: File name -> the modules that own it (relative to smpp_ray/).
 OWNERS = {
     "summary.json": {"summary.py"},
-    "manifest.json": {"data/manifest.py"},
+    "manifest.json": {"data/dataset.py"},
     "feature_manifest.json": {"features/manifest.py"},
     "prototypes.safetensors": {"model/prototypes.py"},
     "members.json": {"model/prototypes.py"},
@@ -27,7 +27,9 @@ OWNERS = {
     "fallback.json": {"gbdt/fallback.py"},
     "bundle.json": {"scoring/bundle.py"},
     # the Hive-style split folders of a dataset's posts and of a features folder
-    "split=": {"data/schema.py", "features/manifest.py"},
+    "split=": {"data/dataset.py", "features/manifest.py"},
+    # the feature state folder, in a features folder (FeatureSet) and in a scorer bundle
+    "feature_state": {"features/manifest.py", "scoring/bundle.py"},
 }
 
 

@@ -95,11 +95,11 @@ def test_encoder_refuses_a_training_image_tower():
 
 
 def test_features_key_follows_what_the_features_depend_on(tmp_path):
-    from smpp_ray.data.schema import posts_path
+    from smpp_ray.data.dataset import Dataset
 
     data = str(tmp_path / "data")
     for split in ("train", "val"):
-        folder = tmp_path / posts_path(data, split)
+        folder = tmp_path / Dataset(data).posts(split)
         folder.mkdir(parents=True)
         (folder / "part-0.parquet").write_bytes(b"x" * 10)
 
@@ -112,7 +112,7 @@ def test_features_key_follows_what_the_features_depend_on(tmp_path):
     assert key() == base
     assert len({base, key(seed=1), key(dtype="float32"), key(image_size=96),
                 key(model_config=dataclasses.replace(CONFIG, pretrained="/w.pt"))}) == 5
-    (tmp_path / posts_path(data, "val") / "part-1.parquet").write_bytes(b"y")
+    (tmp_path / Dataset(data).posts("val") / "part-1.parquet").write_bytes(b"y")
     assert key() != base  # new data files: recompute
 
 

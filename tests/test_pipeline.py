@@ -67,7 +67,8 @@ def test_a_moved_feature_state_names_its_own_checkpoint_and_dataset(pipeline_run
     copy's, and a reference outside the pipeline stays absolute."""
     import shutil
 
-    from smpp_ray.features.state import STATE_FOLDER, FeatureState
+    from smpp_ray.features.manifest import STATE_FOLDER
+    from smpp_ray.features.state import FeatureState
 
     _, out, _ = pipeline_run
     recorded = json.loads((out / "features" / STATE_FOLDER / "state.json").read_text())

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from smpp_ray.data import smpd_rows
+from smpp_ray.data.dataset import Dataset
 from smpp_ray.data.images import fit_image
-from smpp_ray.data.manifest import load_manifest, load_taxonomy
 from smpp_ray.data.prepare import prepare_dataset
-from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS, Taxonomy, posts_path
+from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA, SPLITS, Taxonomy
 from smpp_ray.data.splits import assign_splits
 from smpp_ray.data.synth import synthesize_corpus
 from smpp_ray.data.taxonomy import chosen_taxonomy, infer_taxonomy
@@ -44,7 +44,7 @@ def raw_copy(raw_corpus, tmp_path) -> Path:
 
 
 def _read_split(data: Path, split: str):
-    return pq.read_table(posts_path(str(data), split))
+    return pq.read_table(Dataset(str(data)).posts(split))
 
 
 def _file_schemas(data: Path) -> list:
@@ -154,7 +154,7 @@ def test_round_trip_schema_counts_and_time_split(ray_session, raw_corpus, tmp_pa
     counts = manifest["counts"]
     assert counts["input_rows"] == POSTS + TEST_POSTS == counts["written"] + counts["rejected"]
     assert counts["rejected"] == 0 and _rejects(data) == []
-    assert load_manifest(str(data)) == manifest
+    assert Dataset(str(data)).manifest().facts == manifest
     schemas = _file_schemas(data)
     assert schemas and all(s.equals(POSTS_SCHEMA) for s in schemas)
     assert len(list((data / "posts" / "split=train").glob("part-*.parquet"))) >= 2   # sharded
@@ -173,7 +173,7 @@ def test_round_trip_schema_counts_and_time_split(ray_session, raw_corpus, tmp_pa
     assert tables["test"].column("label").null_count == TEST_POSTS    # unlabelled test_ posts
     assert tables["train"].column("label").null_count == 0
 
-    taxonomy = load_taxonomy(str(data))
+    taxonomy = Dataset(str(data)).taxonomy()
     assert taxonomy == default_taxonomy()
     rows = tables["train"].select(["category", "subcategory", "category_id", "subcategory_id"]).to_pylist()
     for row in rows:
@@ -319,7 +319,7 @@ def test_real_file_quirks_are_parsed(ray_session, raw_copy, tmp_path):
     assert quirky["photo_count"] is None and quirky["ispro"] is None and quirky["pathalias"] is None
     assert quirky["latitude"] is None and quirky["longitude"] is None and quirky["geoaccuracy"] is None
     assert quirky["subcategory"] == "Girls,Fashion" and quirky["category"] == "Fashion"
-    taxonomy = load_taxonomy(str(data))
+    taxonomy = Dataset(str(data)).taxonomy()
     assert taxonomy.subcategories[quirky["subcategory_id"]] == "Girls,Fashion"
     assert (other["latitude"], other["longitude"], other["geoaccuracy"]) == (48.858, 2.294, 16.0)
     assert other["timezone_id"] == "7" and other["user_description"] is None and other["title"] == ""

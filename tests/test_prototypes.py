@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from smpp_ray.data.schema import POSTS_SCHEMA, SCHEMA_VERSION, Taxonomy, posts_path
+from smpp_ray.data.dataset import Dataset
+from smpp_ray.data.schema import POSTS_SCHEMA, SCHEMA_VERSION, Taxonomy
 from smpp_ray.model.backbone import TINY_MODEL
 from smpp_ray.model.preprocess import BatchPreprocessor
 from smpp_ray.model.prototypes import (
@@ -163,11 +164,11 @@ def posts_table(n: int, seed: int, start_row: int = 0) -> pa.Table:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> str:
     data = tmp_path_factory.mktemp("data")
-    train = posts_path(str(data), "train")
+    train = Dataset(str(data)).posts("train")
     os.makedirs(train)
     pq.write_table(posts_table(60, seed=1), os.path.join(train, "part-00000.parquet"))
     pq.write_table(posts_table(50, seed=2, start_row=60), os.path.join(train, "part-00001.parquet"))
-    val = posts_path(str(data), "val")
+    val = Dataset(str(data)).posts("val")
     os.makedirs(val)
     pq.write_table(posts_table(10, seed=3, start_row=1000), os.path.join(val, "part-00000.parquet"))
     manifest = {"schema_version": SCHEMA_VERSION, "taxonomy": TAXONOMY.to_dict(),
@@ -177,7 +178,7 @@ def prepared(tmp_path_factory) -> str:
 
 
 def read_split(data_dir: str, split: str = "train") -> dict[str, np.ndarray]:
-    table = pq.read_table(posts_path(data_dir, split), schema=POSTS_SCHEMA).sort_by("row_index")
+    table = pq.read_table(Dataset(data_dir).posts(split), schema=POSTS_SCHEMA).sort_by("row_index")
     return {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
 
 

@@ -26,8 +26,9 @@ from PIL import Image
 
 from smpp_ray.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from smpp_ray.data import smpd_rows
+from smpp_ray.data.dataset import Dataset
 from smpp_ray.data.prepare import prepare_dataset
-from smpp_ray.data.schema import SPLITS, posts_path
+from smpp_ray.data.schema import SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "jobs" / "configs" / "smoke.yaml")
@@ -130,7 +131,7 @@ def _write_images(folder: Path, posts: list[dict]) -> None:
 def _written(data: Path) -> list[dict]:
     rows = []
     for split in SPLITS:
-        rows += pq.read_table(posts_path(str(data), split)).drop_columns(["image"]).to_pylist()
+        rows += pq.read_table(Dataset(str(data)).posts(split)).drop_columns(["image"]).to_pylist()
     return rows
 
 

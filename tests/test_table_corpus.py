@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from smpp_ray.cli import EXIT_OK, main
+from smpp_ray.data.dataset import Dataset
 from smpp_ray.data.prepare import prepare_dataset
-from smpp_ray.data.schema import SPLITS, posts_path
+from smpp_ray.data.schema import SPLITS
 from smpp_ray.data.table import column_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +58,8 @@ def _break(rows: list[dict]) -> dict[int, str]:
 def _written(data: str) -> list[dict]:
     rows = []
     for split in SPLITS:
-        fs, path = pafs.FileSystem.from_uri(posts_path(data, split)) if data.startswith("s3://") \
-            else (pafs.LocalFileSystem(), posts_path(data, split))
+        fs, path = pafs.FileSystem.from_uri(Dataset(data).posts(split)) if data.startswith("s3://") \
+            else (pafs.LocalFileSystem(), Dataset(data).posts(split))
         rows += pq.read_table(path, filesystem=fs).drop_columns(["image"]).to_pylist()
     return rows
 

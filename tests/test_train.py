@@ -298,7 +298,7 @@ KEPT_POSTS = 370  # dataset-level sample selection after epoch 0: round(0.77 * 4
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, ray_session):
     """~600 synthetic posts, prepared, plus a prototype bank built in-process (no Ray needed)."""
-    from smpp_ray.data.manifest import load_taxonomy
+    from smpp_ray.data.dataset import Dataset
     from smpp_ray.data.prepare import prepare_dataset
     from smpp_ray.data.synth import synthesize_corpus
     from smpp_ray.model.backbone import backbone_spec
@@ -310,7 +310,7 @@ def corpus(tmp_path_factory, ray_session):
     prepare_dataset(str(root / "raw"), data, val_fraction=0.15, test_fraction=0.05)
     table = pq.read_table(f"{data}/posts/split=train")
     embedded = EmbedPosts("smpp-tiny-clip")({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names})
-    bank, _ = compute_prototypes(embedded, load_taxonomy(data), shots=16, time_buckets=2, seed=0,
+    bank, _ = compute_prototypes(embedded, Dataset(data).taxonomy(), shots=16, time_buckets=2, seed=0,
                                  embed_dim=backbone_spec("smpp-tiny-clip").embed_dim, metadata={"backbone": "smpp-tiny-clip"})
     (root / "proto").mkdir()
     bank.save(str(root / "proto" / "prototypes.safetensors"))

@@ -89,7 +89,7 @@ def _train_stage(bucket: str, best: str) -> str:
 
 
 def test_prototypes_read_from_and_written_to_s3_equal_the_in_process_bank(prototypes, dataset):
-    from smpp_ray.data.manifest import load_taxonomy
+    from smpp_ray.data.dataset import Dataset
     from smpp_ray.model.prototypes import (
         MEMBERS_FILE,
         PROTOTYPES_FILE,
@@ -108,7 +108,7 @@ def test_prototypes_read_from_and_written_to_s3_equal_the_in_process_bank(protot
 
     table = pq.read_table(f"{dataset['local']}/posts/split=train")
     embedded = EmbedPosts(TINY_MODEL)({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names})
-    expected, expected_members = compute_prototypes(embedded, load_taxonomy(dataset["local"]), shots=8,
+    expected, expected_members = compute_prototypes(embedded, Dataset(dataset["local"]).taxonomy(), shots=8,
                                                     time_buckets=2, seed=0, embed_dim=64)
     assert [c["pids"] for c in members["classes"]] == [c["pids"] for c in expected_members["classes"]]
     torch.testing.assert_close(bank.visual, expected.visual, rtol=0, atol=1e-5)

@@ -1,13 +1,11 @@
-"""The one reader and writer of a prepared dataset's ``manifest.json`` (and of its taxonomy).
+"""A prepared dataset's ``manifest.json``, typed (read and written through
+:class:`smpp_ray.data.dataset.Dataset`), and the user-given class list file.
 
 Keys: ``schema_version``, ``raw_dir``, ``files``, ``counts`` {``input_rows``, ``written``,
 ``rejected``, ``per_split`` {train, val, test}, ``rejected_by_field``}, ``taxonomy``
 (:meth:`Taxonomy.to_dict`), ``concepts`` (names; ``concept_id`` indexes this list), ``split``
 {``method``, fractions, ``boundaries``}, ``time_range`` {``start``, ``end``} (unix seconds),
 ``image`` {``max_side``, ``jpeg_quality``, ``max_bytes``, ``max_pixels``} and ``run`` {``seconds``, ``posts_per_s``}.
-
-The dataset may live at any location :mod:`smpp_ray.storage` reads (a local folder or an
-``s3://`` / ``gs://`` prefix).
 """
 
 from __future__ import annotations
@@ -18,36 +16,6 @@ from typing import Any
 
 from smpp_ray import storage
 from smpp_ray.data.schema import SCHEMA_VERSION, SPLITS, Taxonomy
-
-MANIFEST_FILE = "manifest.json"
-
-
-def manifest_location(data_dir: str) -> str:
-    """Where the manifest of the dataset at ``data_dir`` lives."""
-    return storage.join(data_dir, MANIFEST_FILE)
-
-
-def write_manifest(data_dir: str, manifest: dict) -> str:
-    """Write ``manifest.json`` atomically (sorted keys, so reruns of the same data give the same
-    text); returns its location."""
-    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    return storage.write_text(manifest_location(data_dir), text)
-
-
-def load_manifest(data_dir: str) -> dict:
-    """The manifest of a prepared dataset; ValueError naming the file when absent or unreadable."""
-    location = manifest_location(data_dir)
-    if not storage.is_file(location):
-        raise ValueError(f"{location!r} does not exist: is {str(data_dir)!r} a dataset written by `smpp prepare`?")
-    try:
-        manifest = json.loads(storage.read_text(location))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{location!r} is not valid JSON: {err}") from err
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"{location!r} has schema_version {version!r}; this code reads version {SCHEMA_VERSION}. "
-                         "Rerun `smpp prepare`.")
-    return manifest
 
 
 @dataclass(frozen=True)
@@ -61,9 +29,13 @@ class DatasetManifest:
     facts: dict[str, Any]
 
     @classmethod
-    def read(cls, data_dir: str) -> DatasetManifest:
-        """The manifest at ``data_dir`` (:func:`load_manifest`'s checks and errors)."""
-        return cls(load_manifest(data_dir))
+    def checked(cls, facts: Any, location: str) -> DatasetManifest:
+        """``facts`` as read from ``location``; ValueError naming it unless this code's schema version."""
+        version = facts.get("schema_version") if isinstance(facts, dict) else None
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{location!r} has schema_version {version!r}; this code reads version {SCHEMA_VERSION}. "
+                             "Rerun `smpp prepare`.")
+        return cls(facts)
 
     @property
     def taxonomy(self) -> Taxonomy:
@@ -125,11 +97,6 @@ class DatasetManifest:
     def time_range(self) -> dict[str, int | None]:
         """``start`` / ``end`` postdates (unix seconds) of the whole dataset."""
         return dict(self.facts.get("time_range") or {})
-
-
-def load_taxonomy(data_location: str) -> Taxonomy:
-    """The class taxonomy recorded in a prepared dataset's manifest."""
-    return DatasetManifest.read(data_location).taxonomy
 
 
 def load_taxonomy_file(location: str) -> Taxonomy:

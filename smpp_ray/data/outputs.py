@@ -19,15 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from smpp_ray import console, storage
+from smpp_ray.data.dataset import IMAGELESS_DIR, MANIFEST_FILE, POSTS_DIR, REJECTS_DIR, Dataset
 from smpp_ray.data.images import load_images
-from smpp_ray.data.manifest import MANIFEST_FILE, manifest_location
-from smpp_ray.data.schema import (
-    POSTS_SCHEMA,
-    REJECTS_SCHEMA,
-    imageless_path,
-    posts_path,
-    rejects_path,
-)
+from smpp_ray.data.schema import POSTS_SCHEMA, REJECTS_SCHEMA
 from smpp_ray.summary import SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
@@ -39,7 +33,7 @@ IMAGE_BATCH_ROWS = 128
 #: What a prepare run owns in its folder, marker first (see :func:`smpp_ray.storage.swap_in`):
 #: the stage's summary goes first (it describes the dataset being replaced) and the manifest,
 #: which makes the folder a dataset, moves in last. Anything else in the folder is left alone.
-OUTPUT_ENTRIES = (SUMMARY_FILE, MANIFEST_FILE, "rejects", "imageless", "posts")
+OUTPUT_ENTRIES = (SUMMARY_FILE, MANIFEST_FILE, REJECTS_DIR, IMAGELESS_DIR, POSTS_DIR)
 
 @contextmanager
 def staged_outputs(out: str) -> Iterator[str]:
@@ -56,13 +50,13 @@ def staged_outputs(out: str) -> Iterator[str]:
 def failed_location(out: str) -> str:
     """Where a failed run keeps its rejects: ``out`` itself, unless that holds a dataset (a
     manifest), which a failure must not touch; then ``<out>.failed`` beside it."""
-    if storage.is_file(manifest_location(out)):
+    if Dataset(out).has_manifest():
         return storage.join(storage.parent(out), f"{storage.name(out)}.failed")
     return out
 
 def keep_failed_rejects(staging: str, failed_at: str) -> None:
     """Move a failed run's rejects (only: no partial shards) to ``failed_at``."""
-    storage.remove(storage.join(staging, "posts"))
+    storage.remove(Dataset(staging).posts_root)
     storage.swap_in(staging, failed_at, OUTPUT_ENTRIES)
 
 def _count_rows(folder: str) -> int:
@@ -90,7 +84,7 @@ def write_split_dataset(dataset: Any, rows: int, split: str, out: str, raw: str,
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
             return f"part-{task_index:05d}"
 
-    folder = posts_path(out, split)
+    folder = Dataset(out).posts(split)
     fs, path = storage.resolve(folder)
     started = time.perf_counter()
     if dataset is not None:
@@ -118,13 +112,13 @@ def write_imageless(posts: list[dict], out: str) -> None:
     """The posts rejected for their image alone, in raw-file order (POSTS_SCHEMA, ``image`` empty)."""
     posts = sorted(posts, key=lambda r: (r["row_index"], r["pid"]))
     table = pa.Table.from_pylist(posts, schema=POSTS_SCHEMA)
-    storage.write_bytes(storage.join(imageless_path(out), "part-00000.parquet"), _parquet_bytes(table))
+    storage.write_bytes(storage.join(Dataset(out).imageless, "part-00000.parquet"), _parquet_bytes(table))
 
 def write_rejects(rejects: list[dict], out: str) -> None:
     rejects = sorted(rejects, key=lambda r: (r["source_file"], r["row_index"]))
     rows = [{**r, "reason": _storable(r["reason"])} for r in rejects]
     table = pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
-    storage.write_bytes(storage.join(rejects_path(out), "part-00000.parquet"), _parquet_bytes(table))
+    storage.write_bytes(storage.join(Dataset(out).rejects, "part-00000.parquet"), _parquet_bytes(table))
 
 def _reject_summary(rejects: list[dict]) -> str:
     """Rejects per (file, field), most first, each with its first reason: what to fix, in one line."""
@@ -151,4 +145,4 @@ def reject_problem(input_rows: int, kept: int, rejects: list[dict], max_fraction
     problem = ("no row is left to write" if not kept else
                f"{share:.1%} of the rows were rejected, more than data.max_reject_fraction={max_fraction}")
     return (f"prepare: {problem} ({len(rejects)} of {input_rows} rows rejected). Rejects by file and "
-            f"field: {_reject_summary(rejects)}. Every rejected row is in {rejects_path(out)!r}")
+            f"field: {_reject_summary(rejects)}. Every rejected row is in {Dataset(out).rejects!r}")

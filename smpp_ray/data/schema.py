@@ -1,17 +1,6 @@
-"""The Arrow schema of prepared posts and the class taxonomy stored in ``manifest.json``.
-
-This is the contract between ``prepare`` (which writes it) and every later stage (which read
-it). A prepared dataset is a folder at any location :mod:`smpp_ray.storage` reads (a local path or
-an ``s3://`` / ``gs://`` prefix)::
-
-    DATA/manifest.json                  counts, taxonomy, split boundaries, schema version
-    DATA/posts/split=train/part-*.parquet
-    DATA/posts/split=val/part-*.parquet
-    DATA/posts/split=test/part-*.parquet
-    DATA/rejects/part-*.parquet         rejected raw rows: source file, row index, field, reason
-    DATA/imageless/part-*.parquet       (``keep_imageless`` only) posts rejected for their image
-                                        alone, metadata intact, ``image`` empty: what a fallback
-                                        regressor can still score
+"""The Arrow schema of prepared posts and rejects, and the class taxonomy stored in
+``manifest.json``: the contract between ``prepare`` (which writes them) and every later stage
+(which reads them). Where they lie in a dataset folder: :class:`smpp_ray.data.dataset.Dataset`.
 """
 
 from __future__ import annotations
@@ -19,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
-
-from smpp_ray import storage
 
 #: 2: ``user_description_text`` (the 2024+ user file's text descriptions) and ``imageless/``.
 #: 3: ``extra`` (a table corpus's extra numeric columns, named by the manifest's ``extra_columns``).
@@ -115,20 +102,3 @@ class Taxonomy:
         subs = sorted(values["subcategories"], key=lambda s: s["id"])
         return cls(tuple(c["name"] for c in cats), tuple(s["name"] for s in subs),
                    tuple(int(s["category_id"]) for s in subs))
-
-
-def posts_path(data_dir: str, split: str) -> str:
-    """Location of one split's Parquet shards (same scheme as ``data_dir``)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected train, val or test")
-    return storage.join(data_dir, "posts", f"split={split}")
-
-
-def rejects_path(data_dir: str) -> str:
-    """Location of the rejected rows' Parquet shards."""
-    return storage.join(data_dir, "rejects")
-
-
-def imageless_path(data_dir: str) -> str:
-    """Location of the posts rejected only for their image (POSTS_SCHEMA, ``image`` empty)."""
-    return storage.join(data_dir, "imageless")

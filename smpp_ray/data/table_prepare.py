@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from smpp_ray import console, storage
+from smpp_ray.data.dataset import Dataset
 from smpp_ray.data.images import MAX_IMAGE_PIXELS, collected, image_collector
-from smpp_ray.data.manifest import write_manifest
 from smpp_ray.data.outputs import (
     OUTPUT_ENTRIES,
     failed_location,
@@ -278,7 +278,7 @@ def write_dataset(rows: Any, decision: dict[str, Any], staging: str, out: str, r
         "rows_per_shard": rows_per_shard,
         "run": {"seconds": round(seconds, 2), "posts_per_s": round(input_rows / max(seconds, 1e-9), 1)},
     }
-    write_manifest(staging, manifest)
+    Dataset(staging).write_manifest(manifest)
     return manifest
 
 

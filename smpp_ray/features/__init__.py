@@ -12,14 +12,13 @@ from smpp_ray.features.manifest import (
     KEY_COLUMNS,
     MANIFEST_FILE,
     FeatureColumn,
+    FeatureSet,
     categorical_columns,
-    load_feature_manifest,
     manifest_columns,
     select_columns,
-    write_feature_manifest,
 )
 from smpp_ray.features.network import NetworkFeatureExtractor
 
-__all__ = ["GROUPS", "KEY_COLUMNS", "MANIFEST_FILE", "FeatureColumn", "NetworkFeatureExtractor",
-           "categorical_columns", "checkpoint_location", "extract_features", "load_feature_manifest",
-           "manifest_columns", "select_columns", "validate_checkpoint", "write_feature_manifest"]
+__all__ = ["GROUPS", "KEY_COLUMNS", "MANIFEST_FILE", "FeatureColumn", "FeatureSet", "NetworkFeatureExtractor",
+           "categorical_columns", "checkpoint_location", "extract_features", "manifest_columns", "select_columns",
+           "validate_checkpoint"]

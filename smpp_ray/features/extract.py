@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 
 from smpp_ray import storage
 from smpp_ray.config import ExtractConfig, parse_resources
+from smpp_ray.data.dataset import Dataset
 from smpp_ray.data.manifest import DatasetManifest
 from smpp_ray.data.reads import parquet_rows, read_parquet
 from smpp_ray.data.schema import SPLITS, Taxonomy
@@ -61,9 +62,8 @@ from smpp_ray.features.manifest import (
     GROUPS,
     KEY_COLUMNS,
     FeatureColumn,
+    FeatureSet,
     split_folder,
-    split_location,
-    write_feature_manifest,
 )
 from smpp_ray.features.neighbours import (
     EMBEDDING_OUTPUTS,
@@ -128,13 +128,13 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
     """
     started = time.perf_counter()
     data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
-    manifest = DatasetManifest.read(data_dir)
+    manifest = Dataset(data_dir).manifest()
     checkpoint = validate_checkpoint(checkpoint_dir, data_dir) if checkpoint_dir else None
 
     tabular, table, pool = metadata_features(data_dir, manifest, extract_config.user_description_components)
     feature_columns = tabular.columns
     for split in SPLITS:
-        storage.reset_dir(split_location(out_dir, split))
+        storage.reset_dir(FeatureSet(out_dir).split(split))
 
     summary: dict[str, Any] = {"network": checkpoint is not None}
     projections: dict[str, PCAProjection] = {}
@@ -159,7 +159,7 @@ def extract_features(data_dir: str, checkpoint_dir: str | None, out_dir: str, *,
     network_columns = [FeatureColumn(name, "network", categorical=name.startswith("net_pred_"))
                        for name in schema.names if name.startswith("net_")]
     columns = feature_columns + network_columns + (bank.settings.columns() if bank is not None else [])
-    write_feature_manifest(out_dir, columns)
+    FeatureSet(out_dir).write_manifest(columns)
     state = FeatureState(tabular.state, pool, projections, manifest.taxonomy, manifest.concepts,
                          checkpoint.backbone if checkpoint else None, checkpoint.path if checkpoint else None,
                          manifest.image, data_dir, bank)
@@ -223,7 +223,6 @@ def validate_checkpoint(checkpoint_dir: str, data_dir: str) -> CheckpointInfo:
     it (a dry load on CPU of the driver's cached copy, so a mismatch fails here, not inside an
     actor). The returned :attr:`CheckpointInfo.path` is the checkpoint's location.
     """
-    from smpp_ray.data.manifest import load_taxonomy
     from smpp_ray.model.backbone import backbone_spec
     from smpp_ray.model.checkpoint import (
         TRAINABLE_FILE,
@@ -241,7 +240,7 @@ def validate_checkpoint(checkpoint_dir: str, data_dir: str) -> CheckpointInfo:
         config = model_config_from_meta(meta, where=location)
     except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"checkpoint {location!r} has an unreadable meta.json: {err}") from err
-    difference = taxonomy_difference(Taxonomy.from_dict(meta["taxonomy"]), load_taxonomy(data_dir))
+    difference = taxonomy_difference(Taxonomy.from_dict(meta["taxonomy"]), Dataset(data_dir).taxonomy())
     if difference:
         raise ValueError(f"checkpoint {location!r} does not match dataset {data_dir!r}: {difference}")
     prototype_backbone = _prototype_backbone(local, meta)
@@ -300,7 +299,7 @@ def network_feature_dataset(data_dir: str, checkpoint: CheckpointInfo, cfg: Extr
     Rows: ``pid``, ``split``, the extractor's arrays and ``worker``. Nothing runs until consumed.
     ``decode_concurrency`` caps the decode tasks running at once (None: Ray Data's default).
     """
-    location = storage.join(data_dir, "posts")
+    location = Dataset(data_dir).posts_root
     posts = in_decode_blocks(read_parquet(location).select_columns(["pid", "image", "title", "tags", "split"]),
                              location, cfg, checkpoint.image_size)
     decoded = posts.map_batches(
@@ -419,7 +418,7 @@ def decode_concurrency(actors: int, actor_images_per_s: float, decode_images_per
 def _sample_batch(data_dir: str, rows: int) -> dict[str, np.ndarray]:
     """Up to ``rows`` posts from the first shards, as a numpy batch (what a decode task gets)."""
     tables: list[pa.Table] = []
-    for location in storage.list_parquet_files(storage.join(data_dir, "posts")):
+    for location in storage.list_parquet_files(Dataset(data_dir).posts_root):
         fs, path = storage.resolve(location)
         for part in pq.ParquetFile(path, filesystem=fs).iter_batches(
                 batch_size=rows, columns=["pid", "image", "title", "tags"]):
@@ -430,7 +429,7 @@ def _sample_batch(data_dir: str, rows: int) -> dict[str, np.ndarray]:
             break
     table = pa.concat_tables(tables).slice(0, rows) if tables else None
     if table is None or table.num_rows == 0:
-        raise ValueError(f"no posts under {storage.join(data_dir, 'posts')!r} to measure the decode rate on")
+        raise ValueError(f"no posts under {Dataset(data_dir).posts_root!r} to measure the decode rate on")
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
@@ -569,7 +568,7 @@ def _fit_embedding_pcas(tmp_dir: str, components: int, inputs: tuple[str, ...] =
     """One PCA per output of ``inputs`` (:data:`PCA_INPUTS`), fitted on the train split's rows
     only (streamed); keyed ``image`` / ``text`` / ``fused``."""
 
-    files = storage.list_parquet_files(split_location(tmp_dir, "train"))
+    files = storage.list_parquet_files(FeatureSet(tmp_dir).split("train"))
     if not files:
         raise ValueError(f"no training posts under {tmp_dir!r}: the embedding PCA is fitted on train only; "
                          "set extract.pca_components=0 to keep the embeddings whole")
@@ -586,7 +585,7 @@ def _fit_embedding_pcas(tmp_dir: str, components: int, inputs: tuple[str, ...] =
 def neighbour_bank(tmp_dir: str, table: pa.Table, taxonomy: Taxonomy, settings: NeighbourSettings) -> NeighbourBank:
     """The retrieval bank: the training posts' embeddings (``tmp_dir/split=train``, streamed) with
     their postdate, user, label and subcategory from the tabular ``table``."""
-    files = storage.list_parquet_files(split_location(tmp_dir, "train"))
+    files = storage.list_parquet_files(FeatureSet(tmp_dir).split("train"))
     outputs = [EMBEDDING_OUTPUTS[e] for e in settings.vector_keys]   # the image too: re-uploads
     pids: list[np.ndarray] = []
     arrays: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
@@ -649,7 +648,7 @@ def _run_join_pass(tmp_dir: str, table: pa.Table, projections: dict[str, PCAProj
     bank_ref = ray.put(bank.arrays()) if bank is not None else None
     plain = {name: (p.mean, p.components) for name, p in projections.items()}
     for split in SPLITS:
-        files = storage.list_parquet_files(split_location(tmp_dir, split))
+        files = storage.list_parquet_files(FeatureSet(tmp_dir).split(split))
         if not files:
             continue
         fs, paths = _filesystem_paths(files)
@@ -662,7 +661,7 @@ def _run_join_pass(tmp_dir: str, table: pa.Table, projections: dict[str, PCAProj
         joined = rows.map_batches(
             join_network_batch, batch_format="numpy", batch_size=None,
             fn_kwargs={"tabular_ref": [tabular_ref], "projections": plain})
-        joined.write_parquet(split_location(out_dir, split), filename_provider=_part_files(),
+        joined.write_parquet(FeatureSet(out_dir).split(split), filename_provider=_part_files(),
                              min_rows_per_file=ROWS_PER_FILE, **storage.PARQUET_CHECKSUM_WRITE)
 
 
@@ -734,7 +733,7 @@ def _check_outputs(out_dir: str, table: pa.Table) -> dict[str, int]:
     rows: dict[str, int] = {}
     for split in SPLITS:
         expected = table.filter(pc.equal(table.column("split"), split)).column("pid")
-        files = storage.list_parquet_files(split_location(out_dir, split))
+        files = storage.list_parquet_files(FeatureSet(out_dir).split(split))
         written = (pa.concat_arrays([c for fs, path in map(storage.resolve, files)
                                      for c in pq.read_table(path, columns=["pid"], filesystem=fs).column("pid").chunks])
                    if files else pa.array([], pa.string()))
@@ -749,7 +748,7 @@ def _check_outputs(out_dir: str, table: pa.Table) -> dict[str, int]:
 def _ensure_every_split_has_a_file(out_dir: str) -> pa.Schema:
     """An empty split still gets one (empty) file with the full schema, so readers see the columns."""
     fs, root = storage.resolve(out_dir)
-    files = {split: storage.list_parquet_files(split_location(out_dir, split)) for split in SPLITS}
+    files = {split: storage.list_parquet_files(FeatureSet(out_dir).split(split)) for split in SPLITS}
     any_file = next((f[0] for f in files.values() if f), None)
     if any_file is None:
         raise ValueError(f"no posts to write under {out_dir!r}: the dataset is empty")

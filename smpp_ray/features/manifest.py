@@ -1,5 +1,5 @@
-"""The feature manifest, the one reader and writer of its format: every feature column with its
-group, so ablations can switch groups off.
+"""An extracted features folder (:class:`FeatureSet`, the one owner of its layout) and its feature
+manifest: every feature column with its group, so ablations can switch groups off.
 
 ``FEATURES/feature_manifest.json``::
 
@@ -13,6 +13,7 @@ categorical values (strings too) from the train split's vocabulary (:mod:`smpp_r
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +21,7 @@ from typing import Any
 from smpp_ray import storage
 
 MANIFEST_FILE = "feature_manifest.json"
-
-
-def feature_manifest_location(features_dir: str) -> str:
-    return storage.join(features_dir, MANIFEST_FILE)
+STATE_FOLDER = "feature_state"
 
 
 def split_folder(split: str) -> str:
@@ -32,9 +30,65 @@ def split_folder(split: str) -> str:
     return f"split={split}"
 
 
-def split_location(features_dir: str, split: str) -> str:
-    """Location of one split's feature files."""
-    return storage.join(features_dir, split_folder(split))
+@dataclass(frozen=True)
+class FeatureSet:
+    """An extracted features folder (``smpp extract``'s output), the one owner of its layout::
+
+        FEATURES/feature_manifest.json   every column with its group (this module's format)
+        FEATURES/split=<split>/*.parquet the key columns and features of one split
+        FEATURES/feature_state/          what scoring a new post needs (:mod:`smpp_ray.features.state`)
+
+    Any location :mod:`smpp_ray.storage` reads; kept as given.
+    """
+
+    location: str
+
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        object.__setattr__(self, "location", str(location))
+
+    @property
+    def manifest_file(self) -> str:
+        return storage.join(self.location, MANIFEST_FILE)
+
+    def split(self, split: str) -> str:
+        """The folder of one split's feature files."""
+        return storage.join(self.location, split_folder(split))
+
+    @property
+    def state(self) -> str:
+        """The feature state folder."""
+        return storage.join(self.location, STATE_FOLDER)
+
+    def manifest(self) -> dict[str, Any]:
+        """Read and check the manifest: every key column present, every column a valid
+        :class:`FeatureColumn`, no name twice. ValueError names the file and the fault."""
+        location = self.manifest_file
+        if not storage.is_file(location):
+            raise ValueError(f"feature manifest {location!r} does not exist; run `smpp extract` first")
+        manifest = storage.read_json(location)
+        keys = manifest.get("key_columns", [])
+        missing = [k for k in KEY_COLUMNS if k not in keys]
+        if missing:
+            raise ValueError(f"{location}: key_columns {keys!r} lack {missing!r}")
+        try:
+            _check_unique([c["name"] for c in manifest.get("columns", [])])
+            for column in manifest.get("columns", []):
+                FeatureColumn(column["name"], column["group"], bool(column.get("categorical", False)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{location}: {err}") from err
+        return manifest
+
+    def columns(self, groups: Iterable[str] = ()) -> list[str]:
+        """The feature column names of ``groups`` (all when empty), in manifest order (:func:`select_columns`)."""
+        return select_columns(self.manifest(), groups)
+
+    def write_manifest(self, columns: Sequence[FeatureColumn]) -> dict[str, Any]:
+        """Write the manifest of ``columns``; returns it."""
+        manifest = build_manifest(columns)
+        storage.write_json(self.manifest_file, manifest)
+        return manifest
+
+
 GROUPS = ("network", "user", "time", "text", "geo", "category", "history", "extra", "neighbours", "user_neighbours")
 KEY_COLUMNS = ("pid", "uid", "postdate", "label", "category", "subcategory")
 
@@ -59,33 +113,6 @@ def build_manifest(columns: Sequence[FeatureColumn]) -> dict[str, Any]:
     _check_unique([c.name for c in columns])
     return {"key_columns": list(KEY_COLUMNS),
             "columns": [{"name": c.name, "group": c.group, "categorical": c.categorical} for c in columns]}
-
-
-def write_feature_manifest(features_dir: str, columns: Sequence[FeatureColumn]) -> dict[str, Any]:
-    """Write ``features_dir/feature_manifest.json`` (any location) and return the manifest."""
-    manifest = build_manifest(columns)
-    storage.write_json(storage.join(features_dir, MANIFEST_FILE), manifest)
-    return manifest
-
-
-def load_feature_manifest(features_dir: str) -> dict[str, Any]:
-    """Read and check ``features_dir/feature_manifest.json``: every key column present, every
-    column a valid :class:`FeatureColumn`, no name twice. ValueError names the file and the fault."""
-    location = storage.join(features_dir, MANIFEST_FILE)
-    if not storage.is_file(location):
-        raise ValueError(f"feature manifest {location!r} does not exist; run `smpp extract` first")
-    manifest = storage.read_json(location)
-    keys = manifest.get("key_columns", [])
-    missing = [k for k in KEY_COLUMNS if k not in keys]
-    if missing:
-        raise ValueError(f"{location}: key_columns {keys!r} lack {missing!r}")
-    try:
-        _check_unique([c["name"] for c in manifest.get("columns", [])])
-        for column in manifest.get("columns", []):
-            FeatureColumn(column["name"], column["group"], bool(column.get("categorical", False)))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{location}: {err}") from err
-    return manifest
 
 
 def manifest_columns(manifest: dict[str, Any], groups: Iterable[str] = ()) -> list[FeatureColumn]:

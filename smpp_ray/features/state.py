@@ -30,14 +30,13 @@ import pyarrow.parquet as pq
 from smpp_ray import digests, storage
 from smpp_ray.data.schema import Taxonomy
 from smpp_ray.features.history import HistoryPool, history_columns
-from smpp_ray.features.manifest import FeatureColumn
+from smpp_ray.features.manifest import STATE_FOLDER, FeatureColumn, FeatureSet
 from smpp_ray.features.neighbours import NeighbourBank, NeighbourSettings
 from smpp_ray.features.pca import PCAProjection
 from smpp_ray.features.tabular import TabularState, tabular_features
 
 logger = logging.getLogger(__name__)
 
-STATE_FOLDER = "feature_state"
 FORMAT = "smpp-feature-state"
 VERSION = 1
 _JSON, _ARRAYS, _TAGS, _HISTORY = "state.json", "arrays.npz", "tags.parquet", "history.parquet"
@@ -47,7 +46,7 @@ _USER_PCA = "user_description"
 
 def has_feature_state(features_dir: str) -> bool:
     """Whether ``features_dir`` holds a feature state (features written by another tool may not)."""
-    return storage.is_file(storage.join(features_dir, STATE_FOLDER, _JSON))
+    return storage.is_file(storage.join(FeatureSet(features_dir).state, _JSON))
 
 
 @dataclass
@@ -103,7 +102,7 @@ class FeatureState:
 
     def save(self, features_dir: str) -> str:
         """Write the state under ``features_dir`` (any location); returns the state's location."""
-        folder = storage.join(features_dir, STATE_FOLDER)
+        folder = FeatureSet(features_dir).state
         storage.reset_dir(folder)
         arrays: dict[str, np.ndarray] = {}
         for name, projection in self.embedding_pcas.items():

@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from smpp_ray import console, storage
-from smpp_ray.data.schema import POSTS_SCHEMA, SPLITS, posts_path
+from smpp_ray.data.dataset import Dataset
+from smpp_ray.data.schema import POSTS_SCHEMA, SPLITS
 from smpp_ray.features.manifest import KEY_COLUMNS, FeatureColumn
 from smpp_ray.features.pca import PCAAccumulator, PCAProjection
 
@@ -83,7 +84,7 @@ def load_post_metadata(data_dir: str) -> pd.DataFrame:
     frames = []
     schema = pa.schema([POSTS_SCHEMA.field(name) for name in METADATA_COLUMNS])
     for split in SPLITS:
-        files = storage.list_parquet_files(posts_path(data_dir, split))
+        files = storage.list_parquet_files(Dataset(data_dir).posts(split))
         tables = [pq.read_table(path, columns=list(METADATA_COLUMNS), filesystem=fs)
                   for fs, path in map(storage.resolve, files)]
         table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()

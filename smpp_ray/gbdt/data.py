@@ -36,18 +36,17 @@ import pandas as pd
 from smpp_ray import storage
 from smpp_ray.features.manifest import (
     GROUPS,
+    FeatureSet,
     categorical_columns,
-    load_feature_manifest,
     manifest_columns,
     select_columns,
-    split_location,
 )
 from smpp_ray.gbdt.output import FEATURE_SPEC_FILE
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FEATURE_DTYPE", "FEATURE_SPEC_FILE", "GROUPS", "SPLITS", "FeatureSpec", "SplitData", "build_spec",
-           "categorical_columns", "code_dtype", "encode", "group_folds", "load_feature_manifest", "load_splits",
+           "categorical_columns", "code_dtype", "encode", "group_folds", "load_splits",
            "read_split", "select_columns", "select_train_posts"]
 
 #: dtype of the numeric feature columns in the model matrix.
@@ -98,7 +97,7 @@ def verify_features(features_dir: str) -> dict[str, int]:
 
     rows = dict.fromkeys(SPLITS, 0)
     for split in SPLITS:
-        for location in storage.list_parquet_files(split_location(features_dir, split)):
+        for location in storage.list_parquet_files(FeatureSet(features_dir).split(split)):
             fs, path = storage.resolve(location)
             try:
                 with fs.open_input_file(path) as handle:
@@ -144,7 +143,7 @@ def read_split(features_dir: str, split: str, columns: list[str] | None = None, 
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected train, val or test")
-    location = split_location(features_dir, split)
+    location = FeatureSet(features_dir).split(split)
     if not storage.is_dir(location):
         raise ValueError(f"features split {location!r} does not exist; run `smpp extract` first")
     fs, path = storage.resolve(location)
@@ -225,7 +224,7 @@ def load_splits(features_dir: str, feature_groups: tuple[str, ...] = (),
     built on all of train, so a model's :class:`FeatureSpec` does not depend on the selection.
     ``_dtype`` (tests only) is the numeric features' dtype; float64 reads the files as they are.
     """
-    manifest = load_feature_manifest(features_dir)
+    manifest = FeatureSet(features_dir).manifest()
     chosen = select_columns(manifest, feature_groups)
     keys = list(SPLIT_KEYS)
     categorical = set(categorical_columns(manifest, chosen))

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from smpp_ray import storage
-from smpp_ray.features.manifest import split_location
+from smpp_ray.features.manifest import FeatureSet
 from smpp_ray.gbdt.data import SPLIT_KEYS, FeatureSpec, build_spec, encode, read_split
 from smpp_ray.gbdt.objective import Objective
 from smpp_ray.gbdt.spaces import fixed_params
@@ -60,9 +60,9 @@ class DataParallelFit:
 def feature_spec(features_dir: str, feature_groups: tuple[str, ...]) -> FeatureSpec:
     """The spec of a data-parallel search: vocabularies from the train split's categorical columns
     only (the numeric columns, the bulk, are never read on the driver)."""
-    from smpp_ray.gbdt.data import categorical_columns, load_feature_manifest, select_columns
+    from smpp_ray.gbdt.data import categorical_columns, select_columns
 
-    manifest = load_feature_manifest(features_dir)
+    manifest = FeatureSet(features_dir).manifest()
     chosen = select_columns(manifest, feature_groups)
     categorical = categorical_columns(manifest, chosen)
     train = read_split(features_dir, "train", list(categorical))
@@ -75,7 +75,7 @@ def feature_spec(features_dir: str, feature_groups: tuple[str, ...]) -> FeatureS
 def _split_dataset(features_dir: str, split: str, spec: FeatureSpec) -> Any:
     import ray.data
 
-    fs, path = storage.resolve(split_location(features_dir, split))
+    fs, path = storage.resolve(FeatureSet(features_dir).split(split))
     return ray.data.read_parquet(path, filesystem=fs).select_columns(list(dict.fromkeys([*SPLIT_KEYS, *spec.features])))
 
 
@@ -221,7 +221,7 @@ def predict_splits(booster: Any, features_dir: str, spec: FeatureSpec,
     model = booster.model_to_string()   # Ray Data puts fn_kwargs in the object store once
     frames = []
     for split in splits:
-        location = split_location(features_dir, split)
+        location = FeatureSet(features_dir).split(split)
         if not storage.list_parquet_files(location):
             continue
         scored = _split_dataset(features_dir, split, spec).map_batches(

@@ -21,7 +21,7 @@ import pandas as pd
 
 from smpp_ray import console, digests, metrics, storage, tracking
 from smpp_ray.config import TuneConfig, parse_resources
-from smpp_ray.features.manifest import load_feature_manifest, select_columns
+from smpp_ray.features.manifest import FeatureSet
 from smpp_ray.gbdt.blend import Blend, choose_blend, write_blend
 from smpp_ray.gbdt.data import FeatureSpec, check_split_sizes, verify_features
 from smpp_ray.gbdt.distributed import refit_data_parallel
@@ -75,7 +75,7 @@ def tune_models(features_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     started = time.perf_counter()
     features_dir = storage.normalize(features_dir)
     out = storage.normalize(out_dir)
-    select_columns(load_feature_manifest(features_dir), tune_config.feature_groups)  # fail before any trial
+    FeatureSet(features_dir).columns(tune_config.feature_groups)  # fail before any trial
     check_split_sizes(verify_features(features_dir), tune_config.min_val_posts, f"features {features_dir}")
     if tune_config.fit_on_selected and not selected_ids:
         raise ValueError("tune.fit_on_selected needs the kept ids of a train stage with sample selection "
@@ -173,7 +173,7 @@ def _fallback_plan(features_dir: str, searches: dict[str, SearchResult], config:
     search = searches[family]
     groups = fallback_groups(config.feature_groups)
     try:
-        usable = bool(groups) and bool(select_columns(load_feature_manifest(features_dir), groups))
+        usable = bool(groups) and bool(FeatureSet(features_dir).columns(groups))
     except ValueError:  # no column of these groups in the manifest
         usable = False
     if not usable:

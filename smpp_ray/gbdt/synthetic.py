@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from smpp_ray import storage
-from smpp_ray.features.manifest import FeatureColumn, split_location, write_feature_manifest
+from smpp_ray.features.manifest import FeatureColumn, FeatureSet
 
 CATEGORIES = ("Animal", "Food", "Travel", "Sports")
 DEVICES = ("android", "iphone", "camera", "scanner", "tablet")
@@ -59,5 +59,5 @@ def write_synthetic_features(out_dir: str | os.PathLike[str], *, rows: int = 300
         for shard, rows_idx in enumerate(np.array_split(np.arange(len(chunk)), shards)):
             buffer = io.BytesIO()
             chunk.iloc[rows_idx].to_parquet(buffer, index=False, write_page_checksum=True)
-            storage.write_bytes(storage.join(split_location(out, split), f"part-{shard:05d}.parquet"), buffer.getvalue())
-    return write_feature_manifest(out, columns)
+            storage.write_bytes(storage.join(FeatureSet(out).split(split), f"part-{shard:05d}.parquet"), buffer.getvalue())
+    return FeatureSet(out).write_manifest(columns)

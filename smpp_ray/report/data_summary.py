@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from smpp_ray import storage
+from smpp_ray.data.dataset import Dataset
 from smpp_ray.data.manifest import DatasetManifest
 from smpp_ray.data.schema import SPLITS
 from smpp_ray.redact import redact_uri
@@ -24,7 +25,7 @@ def day(seconds: Any) -> str:
 
 def rejects_by_reason(data_dir: str) -> pd.DataFrame:
     """``field, reason, rows`` of the rejected raw rows, most frequent first (empty when none)."""
-    location = storage.join(data_dir, "rejects")
+    location = Dataset(data_dir).rejects
     try:
         fs, path = storage.resolve(location)
         frame = pq.read_table(path, columns=["field", "reason"], filesystem=fs).to_pandas()

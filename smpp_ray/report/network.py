@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from smpp_ray import storage
 from smpp_ray.data.schema import Taxonomy
-from smpp_ray.features.manifest import split_location
+from smpp_ray.features.manifest import FeatureSet
 from smpp_ray.report.markup import fmt, img, table
 from smpp_ray.report.plots import category_confusion
 
@@ -16,7 +16,7 @@ from smpp_ray.report.plots import category_confusion
 def read_network_test(features_dir: str, subcategories: int) -> dict[str, np.ndarray] | None:
     """True and predicted codes of the labelled test posts, plus the 77-way probabilities
     (``prob_sub``, posts x subcategories) when the features hold them; None without network columns."""
-    fs, path = storage.resolve(split_location(features_dir, "test"))
+    fs, path = storage.resolve(FeatureSet(features_dir).split("test"))
     names = set(pq.ParquetDataset(path, filesystem=fs).schema.names)
     wanted = ["category_code", "subcategory_code", "net_pred_category", "net_pred_subcategory"]
     if not set(wanted) <= names:

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from smpp_ray import storage
-from smpp_ray.data.manifest import DatasetManifest
+from smpp_ray.data.dataset import Dataset
 from smpp_ray.gbdt.output import TuneOutput
 from smpp_ray.report import facts, leaderboard, markup, plots, posts
 from smpp_ray.report.data_summary import data_section
@@ -35,7 +35,7 @@ def write_report(layout: dict[str, str], table: pd.DataFrame, tracking_uri: str 
     ``table`` is the evaluate stage's results table (its oracle row is shown); ``baseline`` is
     :func:`smpp_ray.evaluate.metadata_baseline_predictions` (None: no baseline is drawn)."""
     summaries = facts.stage_summaries(layout)
-    manifest = DatasetManifest.read(layout["data"])
+    manifest = Dataset(layout["data"]).manifest()
     predictions = leaderboard.model_predictions(leaderboard.read_predictions(layout["tune"]), baseline)
     test = {m: f[f["split"] == "test"] for m, f in predictions.items()}
     shown = {m: test[m] for m in (leaderboard.PREDICT_DEFAULT, leaderboard.BASELINE) if m in test and len(test[m])}

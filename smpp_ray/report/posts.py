@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from smpp_ray import storage
-from smpp_ray.data.schema import posts_path
+from smpp_ray.data.dataset import Dataset
 from smpp_ray.report.markup import esc, fmt, img
 
 WORST = 8
@@ -22,7 +22,7 @@ def worst_posts(test: pd.DataFrame, count: int = WORST) -> pd.DataFrame:
 
 def read_posts(data_dir: str, pids: list[str]) -> pd.DataFrame:
     """``pid, image, title, tags`` of the given test posts (JPEG bytes as the prepare stage wrote them)."""
-    fs, path = storage.resolve(posts_path(data_dir, "test"))
+    fs, path = storage.resolve(Dataset(data_dir).posts("test"))
     frame = pq.read_table(path, columns=["pid", "image", "title", "tags"], filesystem=fs,
                           filters=[("pid", "in", pids)]).to_pandas()
     return frame.assign(pid=frame["pid"].astype(str))

@@ -99,7 +99,7 @@ class ScorerBundle:
     def from_stages(cls, train: str, features: str, tune: str) -> ScorerBundle:
         """The parts of finished train, extract and tune stages (their folders), in place (nothing
         is copied)."""
-        from smpp_ray.features.state import STATE_FOLDER
+        from smpp_ray.features.manifest import FeatureSet
         from smpp_ray.gbdt.output import TuneOutput
         from smpp_ray.model.checkpoint import best_checkpoint
         from smpp_ray.summary import require_summary
@@ -109,7 +109,7 @@ class ScorerBundle:
         digests.verify_manifest(tune)
         where = TuneOutput.at(tune)
         families = list(storage.read_json(where.blend)["weights"])
-        bundle = cls(best_checkpoint(train), storage.join(features, STATE_FOLDER),
+        bundle = cls(best_checkpoint(train), FeatureSet(features).state,
                      where.feature_spec, where.blend, {family: where.model(family) for family in families},
                      fallback=FallbackPart.from_tune(tune))
         bundle.verify_parts()

@@ -115,10 +115,10 @@ def example_posts(data_dir: str, rows: int = 2) -> pd.DataFrame:
     """An input example: the first ``rows`` posts of a prepared dataset (test split first) as SMPD fields."""
     import pyarrow.parquet as pq
 
-    from smpp_ray.data.schema import posts_path
+    from smpp_ray.data.dataset import Dataset
 
     for split in ("test", "val", "train"):
-        files = storage.list_parquet_files(posts_path(data_dir, split))
+        files = storage.list_parquet_files(Dataset(data_dir).posts(split))
         for location in files:
             fs, path = storage.resolve(location)
             table = pq.read_table(path, filesystem=fs).slice(0, rows)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import tempfile
 
-from smpp_ray import storage
 from smpp_ray.config import TuneConfig
-from smpp_ray.features.state import STATE_FOLDER, FeatureState, has_feature_state
+from smpp_ray.features.manifest import FeatureSet
+from smpp_ray.features.state import FeatureState, has_feature_state
 from smpp_ray.gbdt.output import TuneOutput
 from smpp_ray.scoring.bundle import FallbackPart, ScorerBundle
 from smpp_ray.scoring.pyfunc import example_posts, log_scorer
@@ -31,7 +31,7 @@ def register_scorer(ctx: TrackingContext, features_dir: str, tune_dir: str, conf
                     "the scorer model is not registered (the family models are)")
         return {}
     tune = TuneOutput.at(tune_dir)
-    bundle = ScorerBundle(state.checkpoint, storage.join(features_dir, STATE_FOLDER), tune.feature_spec, tune.blend,
+    bundle = ScorerBundle(state.checkpoint, FeatureSet(features_dir).state, tune.feature_spec, tune.blend,
                           {family: tune.model(family) for family in config.models},
                           fallback=FallbackPart.from_tune(tune_dir))
     with tempfile.TemporaryDirectory(prefix="smpp-scorer-") as scratch:

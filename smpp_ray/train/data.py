@@ -17,8 +17,8 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from smpp_ray import storage
+from smpp_ray.data.dataset import Dataset
 from smpp_ray.data.reads import parquet_rows, read_parquet
-from smpp_ray.data.schema import posts_path
 from smpp_ray.model.backbone import BackboneSpec
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ PREPROCESS_BATCH_ROWS = 64
 
 def count_rows(data_dir: str, split: str) -> int:
     """Rows of one split from the Parquet footers (no data pages are read)."""
-    location = posts_path(storage.normalize(data_dir), split)
+    location = Dataset(storage.normalize(data_dir)).posts(split)
     try:
         return parquet_rows(location)
     except (FileNotFoundError, OSError) as err:
@@ -57,7 +57,7 @@ def create_split_dataset(data_dir: str, split: str, spec: BackboneSpec, *, train
 
     from smpp_ray.model.preprocess import BatchPreprocessor
 
-    path = posts_path(storage.normalize(data_dir), split)
+    path = Dataset(storage.normalize(data_dir)).posts(split)
     rows = count_rows(data_dir, split)
     if rows == 0:
         raise ValueError(f"split {split!r} at {path!r} has no rows; training needs train and val posts")

@@ -36,7 +36,8 @@ import torch
 
 from smpp_ray import console, storage
 from smpp_ray.config import ModelConfig
-from smpp_ray.data.schema import Taxonomy, posts_path
+from smpp_ray.data.dataset import Dataset
+from smpp_ray.data.schema import Taxonomy
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def features_key(data_dir: str, splits: tuple[str, ...], model_config: ModelConf
     """What the stored features depend on; a different key recomputes them."""
     facts = {"backbone": model_config.backbone, "pretrained": model_config.pretrained, "seed": seed,
              "dtype": dtype, "image_size": image_size, "context_length": context_length,
-             "inputs": {split: storage.fingerprint(posts_path(data_dir, split)) for split in splits}}
+             "inputs": {split: storage.fingerprint(Dataset(data_dir).posts(split)) for split in splits}}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -155,7 +156,7 @@ def build_image_features(data_dir: str, location: str, *, splits: tuple[str, ...
     for split in splits:
         expected = count_rows(data_dir, split)
         target = storage.join(location, split)
-        (read_parquet(posts_path(data_dir, split)).select_columns(INPUT_COLUMNS)
+        (read_parquet(Dataset(data_dir).posts(split)).select_columns(INPUT_COLUMNS)
          .map_batches(preprocessor, batch_size=PREPROCESS_BATCH_ROWS, batch_format="numpy", num_cpus=1)
          .map_batches(ImageTowerEncoder, fn_constructor_kwargs=encoder_kwargs, batch_size=batch_size,
                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),

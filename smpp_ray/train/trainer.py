@@ -88,12 +88,12 @@ def train_model(data_dir: str, prototypes_dir: str | None, out_dir: str, *, mode
     from ray.train import DataConfig as RayDataConfig
     from ray.train.torch import TorchTrainer
 
-    from smpp_ray.data.manifest import load_taxonomy
+    from smpp_ray.data.dataset import Dataset
 
     _validate(model_config, train_config)
     _check_cpu_budget(train_config)
     data_dir = storage.normalize(data_dir)
-    taxonomy = load_taxonomy(data_dir)
+    taxonomy = Dataset(data_dir).taxonomy()
     prototypes_path = _prototypes_file(prototypes_dir, model_config)
     storage_path = _storage_path(out_dir, train_config)
     run_path = run_location(out_dir, train_config)
