@@ -305,11 +305,11 @@ def extract_in_process(model: Any, corpus: dict[str, dict[str, Any]], data: str,
     bank = None
     if settings.enabled:
         train_rows = metadata("train")
-        subcategories = manifest.taxonomy.subcategories
+        subcategory_ids = manifest.taxonomy.subcategory_ids
         bank = NeighbourBank.from_training_posts(
             settings, network["train"]["pid"], train_rows.column("postdate").to_numpy(),
             np.asarray(train_rows.column("uid").to_pylist(), dtype=str), train_rows.column("label").to_numpy(),
-            np.array([subcategories.index(s) for s in train_rows.column("subcategory").to_pylist()]), network["train"])
+            np.array([subcategory_ids[s] for s in train_rows.column("subcategory").to_pylist()]), network["train"])
     names: list[str] = []
     for split, arrays in network.items():
         columns = network_feature_columns(arrays, projections)

@@ -82,6 +82,16 @@ class Taxonomy:
             raise ValueError(f"taxonomy parent id {bad[0]} out of range for {len(self.categories)} categories")
 
     @property
+    def category_ids(self) -> dict[str, int]:
+        """Category name -> id."""
+        return {name: i for i, name in enumerate(self.categories)}
+
+    @property
+    def subcategory_ids(self) -> dict[str, int]:
+        """Subcategory name -> id."""
+        return {name: i for i, name in enumerate(self.subcategories)}
+
+    @property
     def num_categories(self) -> int:
         return len(self.categories)
 

@@ -150,8 +150,7 @@ def decide(keys: pa.Table, root: str, taxonomy: Taxonomy | None, min_class_posts
     taxonomy, source, inferred = resolve_taxonomy(
         taxonomy, root, list(zip(labelled["category"], labelled["subcategory"], strict=True)),
         list(zip(named["category"], named["subcategory"], strict=True)), min_class_posts)
-    cat_id = {n: i for i, n in enumerate(taxonomy.categories)}
-    sub_id = {n: i for i, n in enumerate(taxonomy.subcategories)}
+    cat_id, sub_id = taxonomy.category_ids, taxonomy.subcategory_ids
     keep = np.ones(len(valid), dtype=bool)
     # A row's class problem depends on its (category, subcategory) pair alone: checked once per pair.
     pairs = valid.groupby(["category", "subcategory"], dropna=False, observed=True, sort=False).indices

@@ -598,7 +598,7 @@ def neighbour_bank(tmp_dir: str, table: pa.Table, taxonomy: Taxonomy, settings: 
                 arrays[name].append(np.asarray(batch[name], dtype=np.float32))
     pid = np.concatenate(pids) if pids else np.zeros(0, dtype=str)
     rows = table.take(pc.index_in(pa.array(pid, pa.string()), value_set=table.column("pid")))
-    subcategory_ids = {name: i for i, name in enumerate(taxonomy.subcategories)}
+    subcategory_ids = taxonomy.subcategory_ids
     bank = NeighbourBank.from_training_posts(
         settings, pid, rows.column("postdate").to_numpy(zero_copy_only=False),
         np.asarray(rows.column("uid").to_pylist(), dtype=str),

@@ -77,8 +77,8 @@ class FeatureState:
         dataset). A name the training data never had gets -1."""
         taxonomy = self.taxonomy or Taxonomy((), (), ())
         vocabularies = {
-            "category": {name: i for i, name in enumerate(taxonomy.categories)},
-            "subcategory": {name: i for i, name in enumerate(taxonomy.subcategories)},
+            "category": taxonomy.category_ids,
+            "subcategory": taxonomy.subcategory_ids,
             "concept": {name: i for i, name in enumerate(self.concepts)},
         }
         out = meta.copy()

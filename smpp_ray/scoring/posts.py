@@ -103,8 +103,7 @@ class _Classes:
 
     @classmethod
     def of(cls, taxonomy: Taxonomy) -> _Classes:
-        return cls(taxonomy, {n: i for i, n in enumerate(taxonomy.categories)},
-                   {n: i for i, n in enumerate(taxonomy.subcategories)})
+        return cls(taxonomy, taxonomy.category_ids, taxonomy.subcategory_ids)
 
     def problem(self, category: str | None, subcategory: str | None) -> tuple[str, str] | None:
         from smpp_ray.data.splits import class_problem
