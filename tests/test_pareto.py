@@ -56,20 +56,22 @@ def test_the_multi_objective_searcher_learns_each_trials_selected_round():
     objective = Objective("src+mae", mae_baseline=1.0)
     # (rounds, src, mae): round 5 has the best score but is below min_rounds; round 20 is selected
     # by the objective; round 30 is the last report, which Tune would hand over as it is
+    # "c": its last round, the one Tune hands to on_trial_complete only, is its best
     curves = {"a": [(5, 0.9, 0.2), (20, 0.6, 0.5), (30, 0.3, 0.9)],
-              "b": [(10, 0.2, 0.3), (20, 0.1, 0.5)]}
+              "b": [(10, 0.2, 0.3), (20, 0.1, 0.5)],
+              "c": [(10, 0.3, 0.8), (20, 0.5, 0.6)]}
     for trial_id, curve in curves.items():
         assert set(searcher.suggest(trial_id)) == {"x"}
-        for rounds, src, mae in curve:
-            searcher.on_trial_result(trial_id, {"rounds": rounds, "val_src": src, "val_mae": mae,
-                                                SCORE: objective.score(src, mae), "training_iteration": rounds})
-        last = curve[-1]
-        searcher.on_trial_complete(trial_id, {"rounds": last[0], "val_src": last[1], "val_mae": last[2]})
+        reports = [{"rounds": rounds, "val_src": src, "val_mae": mae, SCORE: objective.score(src, mae),
+                    "training_iteration": rounds} for rounds, src, mae in curve]
+        for report in reports[:-1]:   # as Tune does: the report that ends a trial goes to completion only
+            searcher.on_trial_result(trial_id, report)
+        searcher.on_trial_complete(trial_id, reports[-1])
     study = searcher._ot_study
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
-    assert [t.values for t in study.trials] == [[0.6, 0.5], [0.2, 0.3]]
-    # Both are on the study's own front: neither beats the other on both metrics
-    assert len(study.best_trials) == 2
+    assert [t.values for t in study.trials] == [[0.6, 0.5], [0.2, 0.3], [0.5, 0.6]]
+    # "a" and "b" are on the study's own front ("c" has a worse MAE than "a" and a lower SRC)
+    assert sorted(t.number for t in study.best_trials) == [0, 1]
 
 
 def test_a_trial_without_a_scored_round_is_not_a_point_on_the_front():

@@ -39,19 +39,27 @@ class ParetoOptunaSearch(OptunaSearch):
         # Tune passes its own scalar metric (val_score, for ASHA); the study keeps both of its own.
         return super().set_search_properties(None, None, config, **spec)
 
+    def _record(self, trial_id: str, result: dict[str, Any] | None) -> None:
+        if result and SCORE in result:
+            reports = self._reports.setdefault(trial_id, [])
+            if not reports or reports[-1].get("rounds") != result.get("rounds"):
+                reports.append({key: float(result[key]) for key in ("rounds", *METRICS, SCORE) if key in result})
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if SCORE in result:
-            self._reports.setdefault(trial_id, []).append(
-                {key: float(result[key]) for key in ("rounds", *METRICS, SCORE) if key in result})
+        self._record(trial_id, result)
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        # Tune does not pass a trial's last report (the one that ends it) to on_trial_result,
+        # only here: it may be the selected round.
+        self._record(trial_id, result)
         chosen = best_round(self._reports.pop(trial_id, []), self._min_rounds)
-        if result is not None and chosen is not None and not error:
-            result = {**result, **{key: chosen[key] for key in METRICS}}
-        elif chosen is None:
-            # No scored round (constant predictions throughout): no point on the front. Optuna
-            # cannot prune in a multi-objective study, so the trial is told as failed (told
-            # nothing, it would stay "running" in the study for good).
+        if error or chosen is None:
+            # A failed trial, or one without a scored round (constant predictions throughout),
+            # is no point on the front (the summary leaves both out too). Optuna cannot prune in
+            # a multi-objective study, so it is told as failed (told nothing, it would stay
+            # "running" in the study for good).
             result, error = None, True
+        else:
+            result = {**(result or {}), **{key: chosen[key] for key in METRICS}}
         super().on_trial_complete(trial_id, result=result, error=error)

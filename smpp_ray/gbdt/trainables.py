@@ -20,6 +20,7 @@ holds its peak.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import warnings
 from collections.abc import Sequence
@@ -262,7 +263,11 @@ def _catboost_metric_names() -> dict[str, str]:
 
 
 def _release_freed_memory() -> None:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    """Free what the last trial left in reference cycles, then hand the C heap's free pages back
+    to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    # A cycle (an exception's traceback through a fit's frames) can hold a whole train matrix
+    # until the collector's next full pass, which a long-lived actor may not reach for many trials
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
