@@ -6,7 +6,9 @@ temporary state folder. The worker node runs in its own mount namespace with pri
 /tmp, /dev/shm and runs/ (``up --isolate-worker``): it sees none of the head's files, as a second
 host would, so a stage that reads a driver-local file fails there. Train workers, extraction
 actors and Tune trials are pinned to that node (``*_resources=[node_b=...]``), every artifact goes
-to ``s3://smpp/...``, and the tests read the bucket, the MLflow server and /proc back.
+to ``s3://smpp/...``, and the tests read the bucket, the MLflow server and /proc back. The
+pipeline job's LightGBM fits are data-parallel (``tune.engine: ray_train``): their Ray Train
+workers are spread over both nodes, not pinned.
 
 To test another job on the same cluster, add a slow test *above* test_down_stops_everything_up_started
 (tests run in file order and that one stops the module's cluster) that calls e.g.
@@ -27,6 +29,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -288,11 +291,14 @@ def test_probe_job_runs_on_both_nodes_and_logs_to_mlflow(local_cluster: LocalClu
 PIN_TO_WORKER_NODE = ["--set", "train.worker_resources=[node_b=0.5]",
                       "--set", "extract.actor_resources=[node_b=0.01]",
                       "--set", "tune.trial_resources=[node_b=0.01]"]
-#: The pipeline job's LightGBM trials and refits fit data-parallel (``tune.engine: ray_train``):
-#: two Ray Train workers, spread over the two nodes, reading Ray Data shards of the features in
-#: the bucket. One trial per family keeps the job's time.
+#: The pipeline job's LightGBM trial and refit fit data-parallel (``tune.engine: ray_train``): two
+#: Ray Train workers, spread over the two nodes, reading Ray Data shards of the features in the
+#: bucket. Each data-parallel fit is ~55 s of Ray Train start-up here, so the job keeps to one
+#: trial per family and to the image's feature groups (the network and retrieval features): its
+#: fallback is then the label prior, not a third data-parallel fit.
+DATA_PARALLEL_GROUPS = ("network", "neighbours", "user_neighbours")
 DATA_PARALLEL_TUNE = ["--set", "tune.engine=ray_train", "--set", "tune.train_workers=2",
-                      "--set", "tune.num_samples=1"]
+                      "--set", "tune.num_samples=1", "--set", f"tune.feature_groups=[{','.join(DATA_PARALLEL_GROUPS)}]"]
 
 
 @dataclass
@@ -437,9 +443,8 @@ def _actors(cluster: LocalCluster, class_name: str) -> list[dict]:
 def test_pipeline_job_fit_lightgbm_data_parallel_across_both_nodes(local_cluster: LocalCluster,
                                                                    pipeline_job: PipelineJob, monkeypatch):
     """``tune.engine: ray_train`` on the two-node cluster, the features in the bucket: the trial's
-    rounds reached Tune from Ray Train workers on both nodes, the refits (the family's and the
-    fallback's) ran data-parallel, and their predictions score as the single-process fit of the
-    same configuration does."""
+    rounds reached Tune from Ray Train workers on both nodes, the refit ran data-parallel, and its
+    predictions agree with the single-process fit of the same configuration."""
     import numpy as np
     import pandas as pd
 
@@ -452,7 +457,7 @@ def test_pipeline_job_fit_lightgbm_data_parallel_across_both_nodes(local_cluster
     tune = f"{pipeline_job.out}/tune"
     files = _bucket_files(local_cluster, tune)
     runs = sorted({f.split("/")[2] for f in files if f.startswith("ray_results/train_runs/")})
-    assert [r.split("-")[0] for r in runs] == ["refit", "refit", "trial"], runs   # lightgbm's, the fallback's
+    assert [r.split("-")[0] for r in runs] == ["refit", "trial"], runs
     (progress,) = [f for f in files if f.startswith("ray_results/lightgbm/") and f.endswith("/progress.csv")]
     with _bucket(local_cluster).open_input_stream(f"{tune}/{progress}".removeprefix("s3://")) as stream:
         rows = pd.read_csv(stream)
@@ -471,18 +476,25 @@ def test_pipeline_job_fit_lightgbm_data_parallel_across_both_nodes(local_cluster
         monkeypatch.setenv(name, local_cluster.env[name])
     document = _bucket_json(local_cluster, f"{tune}/metrics.json")
     best = document["best"]["lightgbm"]
-    spec, data = load_splits(f"{pipeline_job.out}/features")
+    spec, data = load_splits(f"{pipeline_job.out}/features", DATA_PARALLEL_GROUPS)
     single = fit_model("lightgbm", {**fixed_params("lightgbm", seed=0, threads=1), **best["params"]}, best["rounds"],
                        data["train"].X, data["train"].y, spec.categorical)
-    with _bucket(local_cluster).open_input_stream(f"{tune}/predictions.parquet".removeprefix("s3://")) as stream:
-        predictions = pd.read_parquet(stream)
+    with _bucket(local_cluster).open_input_file(f"{tune}/predictions.parquet".removeprefix("s3://")) as file:
+        predictions = pd.read_parquet(file)
     for split in ("val", "test"):
         scored = predictions[predictions["split"] == split].set_index("pid")
         keys = data[split].keys["pid"].to_numpy()
         assert set(scored.index) == set(keys) and scored.index.is_unique   # every post of the split, once
         parallel, alone, y = scored.loc[keys, "raw_lightgbm"].to_numpy(), predict(single, data[split].X), data[split].y
-        print(split, metrics.src(y, parallel), metrics.src(y, alone), metrics.mae(y, parallel), metrics.mae(y, alone))
-        assert metrics.src(y, parallel) == pytest.approx(metrics.src(y, alone), abs=0.02), split
+        print(f"{split}: {len(y)} posts, agreement SRC {metrics.src(alone, parallel):.3f}; SRC {metrics.src(y, parallel):.3f}"
+              f" vs {metrics.src(y, alone):.3f}, MAE {metrics.mae(y, parallel):.3f} vs {metrics.mae(y, alone):.3f}",
+              file=sys.stderr)
+        # The two fits differ only where LightGBM's data-parallel learner bins and splits from the
+        # workers' summed histograms (and Ray Data may deal the rows differently each run): they
+        # rank the posts alike (measured 0.96). Against the label, this corpus's 36-post splits
+        # make SRC coarse (measured differences 0.007 and 0.030), so it is held to 0.08
+        assert metrics.src(alone, parallel) > 0.9, split
+        assert metrics.src(y, parallel) == pytest.approx(metrics.src(y, alone), abs=0.08), split
         assert metrics.mae(y, parallel) == pytest.approx(metrics.mae(y, alone), rel=0.05), split
 
 
