@@ -136,9 +136,9 @@ def _prepare(config: Config, inputs: dict[str, str], out: str, tracking: Trackin
                                taxonomy=chosen_taxonomy(d.taxonomy), min_class_posts=d.min_class_posts,
                                image_root=d.image_root, data_format=d.format, columns=d.columns,
                                extra_columns=d.extra_columns)
+    dataset = Dataset(out)
     return {"metrics": manifest.get("counts", {}),
-            "artifacts": {"manifest": Dataset(out).manifest_file, "posts": Dataset(out).posts_root,
-                          "rejects": Dataset(out).rejects}}
+            "artifacts": {"manifest": dataset.manifest_file, "posts": dataset.posts_root, "rejects": dataset.rejects}}
 
 
 def _check_corpus_size(config: Config, data_dir: str, selected: Sequence[str]) -> None:

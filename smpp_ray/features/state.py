@@ -143,8 +143,8 @@ class FeatureState:
         """The state at ``location`` (the state folder, or the features folder holding it)."""
         location = storage.normalize(location)
         if not storage.is_file(storage.join(location, _JSON)):
-            if storage.is_file(storage.join(location, STATE_FOLDER, _JSON)):
-                location = storage.join(location, STATE_FOLDER)
+            if has_feature_state(location):
+                location = FeatureSet(location).state
             else:
                 raise ValueError(f"no feature state at {location!r}: expected {STATE_FOLDER}/{_JSON} written by "
                                  "`smpp extract` (rerun extract with this version to write it)")

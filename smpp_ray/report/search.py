@@ -4,11 +4,11 @@ Pareto front of the two (the trials no other trial beats on both) and the trial
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from smpp_ray import storage
 from smpp_ray.gbdt.output import TuneOutput
+from smpp_ray.gbdt.spaces import FAMILIES
 from smpp_ray.report import plots
 from smpp_ray.report.markup import esc, fmt, img, table
 from smpp_ray.summary import StageSummary
@@ -25,11 +25,11 @@ def search_section(tune_dir: str, tune_summary: StageSummary | None) -> str:
              "round. The front holds the trials that no other trial beats on both val SRC and val MAE: the "
              "trade-off the challenge's two rankings face, which one objective hides. With the default objective "
              "(the mean of SRC and the MAE skill, higher on both) the chosen trial is always on it.</p>"]
-    families = [f for f in (tune.get("models") or ("lightgbm", "catboost")) if storage.is_file(where.search(f))]
+    families = [f for f in (tune.get("models") or FAMILIES) if storage.is_file(where.search(f))]
     if not families:
         return "<p>No search results in the tune folder.</p>"
     for family in families:
-        search: dict[str, Any] = json.loads(storage.read_text(where.search(family)))
+        search: dict[str, Any] = storage.read_json(where.search(family))
         front = search.get("pareto_front") or []
         chosen = search.get("best_trial_id")
         parts.append(f"<h3>{esc(family)}: {fmt(len(search.get('trials') or []))} trials, "
